@@ -1,0 +1,235 @@
+"""Batched multi-LoRA linear layers: every row of a batch with its own adapter or blend.
+
+:class:`MultiLoRA` wraps the targeted ``nn.Linear`` modules of a base model in
+:class:`MultiLoRALinear`. Each wrapped layer owns preallocated *slot* tensors
+
+* ``A``: ``[S, R, d_in]``  (slot ``s`` holds ``lora_A`` of one adapter, zero-padded to rank ``R``)
+* ``Bt``: ``[S, R, d_out]`` (``lora_B`` transposed, already multiplied by the adapter's scaling)
+
+and, for a batch whose row ``b`` carries ``K`` (slot, weight) pairs, computes
+
+    y[b] = W x[b] + sum_k  w[b, k] * scaling_{s} * B_{s} A_{s} x[b],   s = idx[b, k]
+
+with two batched matmuls over gathered slot tensors (the BGMV pattern of
+Punica, Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), not
+a Python loop over adapters. A plain adapter is one pair with weight 1; a blend
+is several pairs, computed live (no merged weights). Rows without an adapter
+carry weight 0. The formula is the one of issue #2; LoRA itself is Hu et al.
+2021 (arXiv:2106.09685).
+
+What this module does not do: decide which adapter sits in which slot (that is
+:mod:`app.engine.slots`), or validate adapters (:mod:`app.registry.validation`).
+Only the engine thread may call it: it mutates the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from app.registry.adapter import AdapterWeights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoRABatch:
+    """Per-row adapter routing for one forward pass.
+
+    Attributes:
+        idx: slot indices, ``[rows, K]`` int64, on the model's device.
+        weights: blend weights, ``[rows, K]`` in the model's dtype; 0 where a row has fewer than K terms.
+        uniform_slot: if every row uses exactly one and the same slot with weight 1, that slot
+            (lets layers use one dense matmul instead of gathers); else ``None``.
+    """
+
+    idx: torch.Tensor
+    weights: torch.Tensor
+    uniform_slot: int | None = None
+
+    @classmethod
+    def from_rows(
+        cls, rows: list[list[tuple[int, float]]], *, device: torch.device, dtype: torch.dtype
+    ) -> LoRABatch | None:
+        """Build the routing of a batch from each row's (slot, weight) pairs.
+
+        Args:
+            rows: one list per batch row; ``[]`` means the base model for that row.
+
+        Returns:
+            ``None`` if no row uses an adapter (the layers then skip LoRA entirely).
+        """
+        k = max((len(r) for r in rows), default=0)
+        if k == 0:
+            return None
+        idx = torch.zeros(len(rows), k, dtype=torch.long)
+        w = torch.zeros(len(rows), k, dtype=torch.float32)
+        for i, pairs in enumerate(rows):
+            for j, (slot, weight) in enumerate(pairs):
+                idx[i, j] = slot
+                w[i, j] = weight
+        uniform = None
+        if k == 1 and all(len(r) == 1 and r[0][1] == 1.0 for r in rows) and len({r[0][0] for r in rows}) == 1:
+            uniform = rows[0][0][0]
+        return cls(idx.to(device), w.to(device=device, dtype=dtype), uniform)
+
+
+class MultiLoRALinear(nn.Module):
+    """An ``nn.Linear`` plus per-row LoRA terms read from slot tensors.
+
+    Input ``x``: ``[rows, T, d_in]`` (or ``[T, d_in]`` for a single row); output ``[rows, T, d_out]``.
+    """
+
+    def __init__(self, base: nn.Linear, owner: MultiLoRA, slots: int, rank: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        self._owner = [owner]  # a list so nn.Module does not register the owner as a child
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        w = base.weight
+        self.register_buffer("A", torch.zeros(slots, rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("Bt", torch.zeros(slots, rank, self.out_features, dtype=w.dtype, device=w.device))
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight of projections
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def resize(self, slots: int, rank: int) -> None:
+        """Grow the slot tensors to ``[slots, rank, ...]``, keeping existing contents."""
+        s0, r0, _ = self.A.shape
+        if slots == s0 and rank == r0:
+            return
+        a = torch.zeros(slots, rank, self.in_features, dtype=self.A.dtype, device=self.A.device)
+        bt = torch.zeros(slots, rank, self.out_features, dtype=self.Bt.dtype, device=self.Bt.device)
+        a[:s0, :r0] = self.A
+        bt[:s0, :r0] = self.Bt
+        self.A, self.Bt = a, bt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        batch = self._owner[0].batch
+        if batch is None:
+            return y
+        if batch.uniform_slot is not None:
+            s = batch.uniform_slot
+            return y + (x @ self.A[s].transpose(0, 1)) @ self.Bt[s]
+        squeeze = x.dim() == 2
+        if squeeze:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        rows, k = batch.idx.shape
+        r = self.A.shape[1]
+        # [rows, K*R, d_in] and [rows, K*R, d_out]: the gathered slots of every row's terms.
+        a = self.A[batch.idx].reshape(rows, k * r, self.in_features)
+        bt = self.Bt[batch.idx].reshape(rows, k * r, self.out_features)
+        xa = torch.bmm(x, a.transpose(1, 2))  # [rows, T, K*R]
+        xa = xa * batch.weights.repeat_interleave(r, dim=1).unsqueeze(1)
+        y = y + torch.bmm(xa, bt)
+        return y.squeeze(0) if squeeze else y
+
+
+class MultiLoRA:
+    """Owns the :class:`MultiLoRALinear` layers of one base model and their slot capacity.
+
+    Layers are wrapped lazily, the first time an adapter targets them, so modules no
+    adapter uses cost nothing. Capacity grows by doubling up to ``max_slots`` slots and to
+    the largest rank written (mixed ranks are zero-padded to that rank).
+
+    Args:
+        model: the base model (mutated in place: targeted linears are replaced).
+        max_slots: most adapter slots on the device (``--max-loras``).
+        initial_slots: slots allocated at first.
+    """
+
+    def __init__(self, model: nn.Module, max_slots: int, initial_slots: int = 4) -> None:
+        self.model = model
+        self.max_slots = max_slots
+        self.slots = min(initial_slots, max_slots)
+        self.rank = 0
+        self.layers: dict[str, MultiLoRALinear] = {}
+        self.batch: LoRABatch | None = None
+        self._modules = dict(model.named_modules())
+
+    # ------------------------------------------------------------------ capacity
+    def ensure_capacity(self, slots: int, rank: int) -> None:
+        """Grow every wrapped layer to at least ``slots`` slots and rank ``rank``.
+
+        Raises:
+            ValueError: ``slots`` exceeds ``max_slots``.
+        """
+        if slots > self.max_slots:
+            raise ValueError(f"{slots} slots requested, max_slots is {self.max_slots}")
+        new_slots = self.slots
+        while new_slots < slots:
+            new_slots = min(new_slots * 2, self.max_slots)
+        new_rank = max(self.rank, rank)
+        if (new_slots, new_rank) != (self.slots, self.rank):
+            for layer in self.layers.values():
+                layer.resize(new_slots, new_rank)
+            self.slots, self.rank = new_slots, new_rank
+
+    def _wrap(self, path: str) -> MultiLoRALinear:
+        layer = self.layers.get(path)
+        if layer is not None:
+            return layer
+        base = self._modules.get(path)
+        if not isinstance(base, nn.Linear):
+            raise KeyError(f"{path} is not an nn.Linear of the base model")
+        parent_path, _, child = path.rpartition(".")
+        parent = self._modules[parent_path] if parent_path else self.model
+        layer = MultiLoRALinear(base, self, max(self.slots, 1), max(self.rank, 1))
+        setattr(parent, child, layer)
+        self.layers[path] = layer
+        return layer
+
+    # ------------------------------------------------------------------ slots
+    def write_slot(self, slot: int, adapter: AdapterWeights) -> None:
+        """Copy ``adapter``'s factors into ``slot`` of every layer (zeros where it has none).
+
+        ``lora_B`` is stored transposed and pre-multiplied by the module's scaling.
+
+        Raises:
+            KeyError: the adapter names a module that is not a linear of the base model.
+        """
+        self.ensure_capacity(slot + 1, adapter.max_rank)
+        for path in adapter.modules:
+            self._wrap(path)
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                m = adapter.modules.get(path)
+                layer.A[slot].zero_()
+                layer.Bt[slot].zero_()
+                if m is None:
+                    continue
+                r = m.rank
+                layer.A[slot, :r].copy_(m.A.to(layer.A.dtype))
+                layer.Bt[slot, :r].copy_((m.B.float() * m.scaling).t().to(layer.Bt.dtype))
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero ``slot`` in every layer."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                if slot < layer.A.shape[0]:
+                    layer.A[slot].zero_()
+                    layer.Bt[slot].zero_()
+
+    @contextlib.contextmanager
+    def routing(self, batch: LoRABatch | None) -> Iterator[None]:
+        """Apply ``batch``'s per-row routing to every forward inside the ``with`` block."""
+        previous, self.batch = self.batch, batch
+        try:
+            yield
+        finally:
+            self.batch = previous
+
+    def slot_bytes(self) -> int:
+        """Device memory held by the slot tensors, in bytes."""
+        return sum(l.A.numel() * l.A.element_size() + l.Bt.numel() * l.Bt.element_size() for l in self.layers.values())

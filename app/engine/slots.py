@@ -1,0 +1,126 @@
+"""When an adapter is on the device: the LRU slot cache over :class:`~app.engine.lora.MultiLoRA`.
+
+A fixed number of slots (``--max-loras``) live on the compute device. An
+adapter *version* (``name@version``) is loaded into a free slot on first use;
+when none is free, the least recently used slot that no running request holds
+is evicted (the design of vLLM's ``LRUCacheWorkerLoRAManager``). Requests pin
+their slots with :meth:`SlotCache.acquire` and unpin with
+:meth:`SlotCache.release`, so an adapter in use is never evicted, and a
+replaced adapter's old version stays resident until its last request ends.
+
+Not here: where adapters come from (the registry) or the LoRA math (:mod:`app.engine.lora`).
+Not thread-safe on purpose: only the engine thread calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.engine.lora import MultiLoRA
+from app.registry.adapter import AdapterWeights
+
+logger = logging.getLogger(__name__)
+
+
+class NoFreeSlotError(RuntimeError):
+    """Every slot is pinned by a running request; the caller should wait and retry."""
+
+
+@dataclass
+class SlotStats:
+    """Counters of the cache since start (exported as Prometheus metrics)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_seconds_total: float = 0.0
+
+
+class SlotCache:
+    """Maps adapter versions to device slots with LRU eviction of unpinned slots.
+
+    Args:
+        lora: the model's multi-LoRA layers.
+        on_load: called with (adapter key, seconds) after each load into a slot.
+    """
+
+    def __init__(self, lora: MultiLoRA, on_load: Callable[[str, float], None] | None = None) -> None:
+        self.lora = lora
+        self.capacity = lora.max_slots
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
+        self._refs: dict[int, int] = {}
+        self._free = list(range(self.capacity - 1, -1, -1))  # pop() gives slot 0 first
+        self._on_load = on_load
+        self.stats = SlotStats()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._slot_of
+
+    def keys(self) -> list[str]:
+        """Resident adapter versions, least recently used first."""
+        return list(self._slot_of)
+
+    @property
+    def resident(self) -> int:
+        """Number of adapter versions currently on the device."""
+        return len(self._slot_of)
+
+    def free_or_evictable(self) -> int:
+        """How many more distinct adapters could be acquired right now."""
+        return len(self._free) + sum(1 for s in self._slot_of.values() if self._refs.get(s, 0) == 0)
+
+    def acquire(self, adapter: AdapterWeights) -> int:
+        """Pin ``adapter`` in a slot, loading it if needed, and return the slot index.
+
+        Raises:
+            NoFreeSlotError: it is not resident and every slot is pinned.
+        """
+        slot = self._slot_of.get(adapter.key)
+        if slot is not None:
+            self.stats.hits += 1
+            self._slot_of.move_to_end(adapter.key)
+        else:
+            self.stats.misses += 1
+            slot = self._take_slot()
+            t0 = time.perf_counter()
+            self.lora.write_slot(slot, adapter)
+            dt = time.perf_counter() - t0
+            self.stats.load_seconds_total += dt
+            self._slot_of[adapter.key] = slot
+            logger.debug("loaded %s into slot %d in %.1f ms", adapter.key, slot, dt * 1e3)
+            if self._on_load is not None:
+                self._on_load(adapter.key, dt)
+        self._refs[slot] = self._refs.get(slot, 0) + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Unpin one use of ``slot`` (it stays resident until evicted)."""
+        n = self._refs.get(slot, 0) - 1
+        if n < 0:
+            raise RuntimeError(f"slot {slot} released more often than acquired")
+        self._refs[slot] = n
+
+    def drop(self, key: str) -> bool:
+        """Forget ``key`` if resident and unpinned (after delete/replace); returns whether it was dropped."""
+        slot = self._slot_of.get(key)
+        if slot is None or self._refs.get(slot, 0) > 0:
+            return False
+        del self._slot_of[key]
+        self.lora.clear_slot(slot)
+        self._free.append(slot)
+        return True
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for key, slot in self._slot_of.items():  # least recently used first
+            if self._refs.get(slot, 0) == 0:
+                del self._slot_of[key]
+                self.stats.evictions += 1
+                logger.debug("evicted %s from slot %d", key, slot)
+                return slot
+        raise NoFreeSlotError(f"all {self.capacity} adapter slots are in use by running requests")

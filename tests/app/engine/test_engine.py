@@ -1,0 +1,212 @@
+"""The engine end to end on tiny random models: mixed-stance batches against peft, run alone, token for token."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+
+from app.engine.engine import Engine
+from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from app.engine.sampling import SamplingParams
+from app.errors import AdapterNotFoundError, InvalidBlendError, QueueFullError
+from app.registry.adapter import AdapterRecord
+from tests.app.engine.test_lora import read_adapter
+from tests.conftest import save_peft_adapter
+
+
+class FakeStore:
+    """name -> adapter folder; enough of AdapterStore for the engine."""
+
+    def __init__(self, dirs):
+        self.dirs = dict(dirs)
+        self.version = {n: 1 for n in dirs}
+
+    def get(self, name):
+        if name not in self.dirs:
+            raise AdapterNotFoundError(name)
+        return AdapterRecord(name, self.version[name], 4, 8, [], 0, "", 0.0, str(self.dirs[name]))
+
+    def load_weights(self, record):
+        return read_adapter(self.dirs[record.name], record.key)
+
+
+def reference_greedy(model, prompt, n, adapter_dir=None):
+    """Greedy decoding without KV cache or batching: the slow, obviously right way (peft for the adapter)."""
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt) :]
+
+
+def make_engine(model, tokenizer, store, **kw):
+    kw.setdefault("max_loras", 4)
+    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, store=store, **kw)  # no EOS in range
+    eng.start()
+    return eng
+
+
+async def collect(eng, prompt, params, stance):
+    toks, text, fin = [], "", None
+    async for ev in eng.generate(prompt, params, stance):
+        if isinstance(ev, TokenEvent):
+            toks.append(ev.token_id)
+            text += ev.text
+        elif isinstance(ev, FinishEvent):
+            fin = ev
+            text += ev.text
+        elif isinstance(ev, ErrorEvent):
+            raise ev.error
+    return toks, text, fin
+
+
+@pytest.fixture
+def adapters(tiny_model, arch, tmp_path):
+    return {
+        "a1": save_peft_adapter(tiny_model, tmp_path / "a1", arch, rank=4, seed=1),
+        "a2": save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, alpha=16, seed=2),
+    }
+
+
+def test_mixed_batch_equals_each_adapter_alone(tiny_model, tokenizer, adapters):
+    prompts = [[1, 45, 80, 99], [1, 300, 12], [1, 7, 8, 9, 10, 11], [1, 200]]
+    stances = ["a1", "a2", "tiny", "a1"]
+    n = 12
+    refs = [reference_greedy(tiny_model, p, n, adapters.get(s)) for p, s in zip(prompts, stances)]
+    assert len({tuple(r) for r in refs}) > 1  # stances really differ
+
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+
+    async def run():
+        jobs = [
+            collect(eng, p, SamplingParams(max_tokens=n, temperature=0), eng.resolve_stance(s))
+            for p, s in zip(prompts, stances)
+        ]
+        return await asyncio.gather(*jobs)
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        eng.stop()
+    for (toks, _, fin), ref in zip(outs, refs):
+        assert toks == ref
+        assert fin.reason == "length" and fin.completion_tokens == n
+    assert eng.scheduler.num_running == 0
+
+
+def test_output_does_not_depend_on_batch_neighbours(tiny_model, tokenizer, adapters):
+    """A request joining mid-way (continuous batching) gets the tokens it gets alone."""
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    p = SamplingParams(max_tokens=10, temperature=0)
+
+    async def run():
+        alone = await collect(eng, [1, 5, 6, 7], p, eng.resolve_stance("a2"))
+        long_job = asyncio.create_task(
+            collect(eng, [1, 99, 98], SamplingParams(max_tokens=40, temperature=0), eng.resolve_stance("a1"))
+        )
+        await asyncio.sleep(0.05)
+        joined = await collect(eng, [1, 5, 6, 7], SamplingParams(max_tokens=10, temperature=0), eng.resolve_stance("a2"))
+        await long_job
+        return alone, joined
+
+    try:
+        alone, joined = asyncio.run(run())
+    finally:
+        eng.stop()
+    assert alone[0] == joined[0]
+
+
+def test_blend_and_sampling_seed(tiny_model, tokenizer, adapters):
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    blend = eng.resolve_stance("tiny", {"a1": 0.5, "a2": -0.5})
+    assert blend.label == "blend" and [w for _, w in blend.terms] == [0.5, -0.5]
+    sp = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+
+    async def run():
+        a = await collect(eng, [1, 4, 5], SamplingParams(**sp), blend)
+        b, c = await asyncio.gather(
+            collect(eng, [1, 4, 5], SamplingParams(**sp), blend),
+            collect(eng, [1, 9, 9, 9], SamplingParams(max_tokens=8, temperature=1.0), eng.resolve_stance("a1")),
+        )
+        return a, b
+
+    try:
+        a, b = asyncio.run(run())
+    finally:
+        eng.stop()
+    assert a[0] == b[0]  # same seed, same tokens, whatever shares the batch
+
+
+def test_resolve_errors(tiny_model, tokenizer, adapters):
+    eng = Engine(copy.deepcopy(tiny_model), tokenizer, "tiny", {2}, store=FakeStore(adapters))
+    with pytest.raises(AdapterNotFoundError) as e:
+        eng.resolve_stance("nope")
+    assert e.value.param == "model"
+    with pytest.raises(InvalidBlendError):
+        eng.resolve_stance("tiny", {"a1": 1.0, "ghost": 0.5})
+    with pytest.raises(InvalidBlendError):
+        eng.resolve_stance("tiny", {"a1": float("nan")})
+    with pytest.raises(InvalidBlendError):
+        eng.resolve_stance("tiny", {f"a{i}": 1.0 for i in range(9)})
+    with pytest.raises(InvalidBlendError):
+        eng.resolve_stance("tiny", {})
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_stop_strings_and_cancel(tiny_model, tokenizer, arch, adapters):
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    prompt = [1, 30, 31]
+    ref = reference_greedy(tiny_model, prompt, 20, adapters["a1"])
+    full = tokenizer.decode(ref, skip_special_tokens=True)
+    # a 2-character stop string whose first occurrence is mid-text
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if full.find(full[i : i + 2]) == i)
+
+    async def run():
+        toks, text, fin = await collect(eng, prompt, SamplingParams(max_tokens=20, temperature=0, stop=[stop]), eng.resolve_stance("a1"))
+        # cancellation: close the stream after the first token
+        gen = eng.generate(prompt, SamplingParams(max_tokens=500, temperature=0), eng.resolve_stance("tiny"))
+        async for ev in gen:
+            break
+        await gen.aclose()
+        await asyncio.sleep(0.2)
+        return text, fin
+
+    try:
+        text, fin = asyncio.run(run())
+        # (byte-fallback noise of a random model decodes differently in prefixes, so no exact text check here;
+        # test_detokenizer.py checks the exact cut on real text)
+        assert fin.reason == "stop" and stop not in text and fin.completion_tokens < 20
+        assert eng.scheduler.num_running == 0
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_queue_full_raises_429_error(tiny_model, tokenizer, arch):
+    eng = Engine(copy.deepcopy(tiny_model), tokenizer, "tiny", {2}, store=None, max_waiting=2)  # not started
+
+    async def run():
+        gens = [eng.generate([1, 2, 3], SamplingParams(max_tokens=2), eng.resolve_stance("tiny")) for _ in range(3)]
+        tasks = [asyncio.ensure_future(g.__anext__()) for g in gens]
+        await asyncio.sleep(0.05)
+        return tasks
+
+    async def main():
+        tasks = await run()
+        done = [t for t in tasks if t.done()]
+        assert len(done) == 1 and isinstance(done[0].exception(), QueueFullError)
+        for t in tasks:
+            t.cancel()
+
+    asyncio.run(main())
+    assert eng.scheduler.num_waiting == 2
+    time.sleep(0)

@@ -1,0 +1,151 @@
+"""Batched multi-LoRA layers against peft (one adapter per row) and against a hand-merged blend."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.engine.lora import LoRABatch, MultiLoRA
+from app.engine.slots import NoFreeSlotError, SlotCache
+from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+from tests.conftest import TARGETS, save_peft_adapter
+
+
+def read_adapter(path, key: str) -> AdapterWeights:
+    """Parse a peft adapter folder by hand (independent of the registry code)."""
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
+    modules = {}
+    for name, a in tensors.items():
+        if ".lora_A." not in name:
+            continue
+        mod = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+        b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        modules[mod] = LoRAModuleWeights(A=a, B=b, scaling=scaling)
+    return AdapterWeights(key=key, modules=modules)
+
+
+def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def hand_merged_logits(base, adapters, weights, input_ids):
+    """Reference blend: W' = W + sum_i w_i * s_i * B_i A_i in every targeted linear, then a plain forward."""
+    model = copy.deepcopy(base)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for ad, w in zip(adapters, weights):
+            for path, m in ad.modules.items():
+                mods[path].weight += w * m.scaling * (m.B @ m.A)
+        return model(input_ids=input_ids).logits
+
+
+@pytest.fixture
+def two_adapters(tiny_model, arch, tmp_path):
+    d1 = save_peft_adapter(tiny_model, tmp_path / "a1", arch, rank=4, alpha=8, seed=1)
+    d2 = save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, alpha=4, seed=2, use_rslora=True)
+    return d1, d2
+
+
+def test_mixed_batch_matches_peft_per_row(tiny_model, arch, two_adapters):
+    d1, d2 = two_adapters
+    ids = torch.randint(3, 512, (3, 7), generator=torch.Generator().manual_seed(0))
+    ref1 = peft_logits(tiny_model, d1, ids[0:1])
+    ref2 = peft_logits(tiny_model, d2, ids[1:2])
+    with torch.no_grad():
+        ref_base = tiny_model(input_ids=ids[2:3]).logits
+
+    model = copy.deepcopy(tiny_model)
+    lora = MultiLoRA(model, max_slots=4)
+    lora.write_slot(0, read_adapter(d1, "a1@1"))
+    lora.write_slot(1, read_adapter(d2, "a2@1"))
+    batch = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad(), lora.routing(batch):
+        out = model(input_ids=ids).logits
+
+    # The adapters really change the output, so the comparison below can fail.
+    assert not torch.allclose(ref1, ref_base[:, :, :], atol=1e-3)
+    torch.testing.assert_close(out[0:1], ref1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1:2], ref2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[2:3], ref_base, atol=1e-5, rtol=1e-4)
+
+
+def test_uniform_fast_path_matches_gather_path(tiny_model, arch, two_adapters):
+    d1, _ = two_adapters
+    ids = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(1))
+    model = copy.deepcopy(tiny_model)
+    lora = MultiLoRA(model, max_slots=2)
+    lora.write_slot(1, read_adapter(d1, "a1@1"))
+    fast = LoRABatch.from_rows([[(1, 1.0)], [(1, 1.0)]], device=torch.device("cpu"), dtype=torch.float32)
+    assert fast.uniform_slot == 1
+    slow = LoRABatch(fast.idx, fast.weights, None)
+    with torch.no_grad():
+        with lora.routing(fast):
+            a = model(input_ids=ids).logits
+        with lora.routing(slow):
+            b = model(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a, peft_logits(tiny_model, d1, ids), atol=1e-5, rtol=1e-4)
+
+
+def test_blend_matches_hand_merged_reference(tiny_model, arch, two_adapters):
+    d1, d2 = two_adapters
+    a1, a2 = read_adapter(d1, "a1@1"), read_adapter(d2, "a2@1")
+    ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(2))
+    weights = (0.7, -1.3)  # negative weights and sum != 1 are allowed
+    ref = hand_merged_logits(tiny_model, [a1, a2], weights, ids[0:1])
+    model = copy.deepcopy(tiny_model)
+    lora = MultiLoRA(model, max_slots=4)
+    lora.write_slot(2, a1)
+    lora.write_slot(3, a2)
+    rows = [[(2, weights[0]), (3, weights[1])], [(3, 1.0)]]  # row 1: a different stance in the same batch
+    with torch.no_grad(), lora.routing(LoRABatch.from_rows(rows, device=torch.device("cpu"), dtype=torch.float32)):
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out[0:1], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1:2], peft_logits(tiny_model, d2, ids[1:2]), atol=1e-5, rtol=1e-4)
+
+
+def test_zero_weight_blend_is_base(tiny_model, two_adapters):
+    d1, _ = two_adapters
+    ids = torch.randint(3, 512, (1, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids).logits
+    model = copy.deepcopy(tiny_model)
+    lora = MultiLoRA(model, max_slots=2)
+    lora.write_slot(0, read_adapter(d1, "a1@1"))
+    with torch.no_grad(), lora.routing(LoRABatch.from_rows([[(0, 0.0)]], device=torch.device("cpu"), dtype=torch.float32)):
+        out = model(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
+    ads = [
+        read_adapter(save_peft_adapter(tiny_model, tmp_path / f"a{i}", arch, seed=i, targets=TARGETS[arch][:2]), f"a{i}@1")
+        for i in range(3)
+    ]
+    loads = []
+    cache = SlotCache(MultiLoRA(copy.deepcopy(tiny_model), max_slots=2), on_load=lambda k, s: loads.append(k))
+    s0 = cache.acquire(ads[0])
+    s1 = cache.acquire(ads[1])
+    assert s0 != s1
+    with pytest.raises(NoFreeSlotError):
+        cache.acquire(ads[2])  # both pinned
+    cache.release(s0)
+    s2 = cache.acquire(ads[2])  # evicts a0, the only unpinned one
+    assert s2 == s0 and "a0@1" not in cache and cache.stats.evictions == 1
+    assert cache.acquire(ads[1]) == s1 and cache.stats.hits == 1
+    assert loads == ["a0@1", "a1@1", "a2@1"]
+    with pytest.raises(RuntimeError):
+        cache.release(s0)
+        cache.release(s0)
