@@ -30,7 +30,7 @@ from app.engine.request import (
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.slots import SlotCache
-from app.errors import AdapterNotFoundError, InvalidBlendError, InvalidRequestError
+from app.errors import AdapterNotFoundError, InvalidBlendError, InvalidRequestError, QueueFullError
 from app.metrics import Metrics
 from app.registry.adapter import AdapterRecord, AdapterWeights
 from app.registry.cache import WeightCache
@@ -89,7 +89,7 @@ class Engine:
         self.metrics = metrics
         self.device = next(model.parameters()).device
         self.lora = MultiLoRA(model, max_slots=max_loras)
-        self.slots = SlotCache(self.lora, on_load=self._on_slot_load)
+        self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, max_cpu_loras)
         self.scheduler = Scheduler(
             model, tokenizer, self.lora, self.slots, self.eos_token_ids,
@@ -206,15 +206,15 @@ class Engine:
             )
         params.max_tokens = min(params.max_tokens, room)
 
-    async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, stance: Stance
-    ) -> AsyncIterator[Event]:
-        """Run one request and yield its events until a :class:`FinishEvent` or :class:`ErrorEvent`.
+    def open(self, prompt_ids: list[int], params: SamplingParams, stance: Stance) -> RequestStream:
+        """Queue one request now and return the stream of its events.
 
-        Closing the iterator early (client disconnect) cancels the request at the next engine step.
+        Must be called from a running event loop. Submitting eagerly lets the API answer 429
+        before it starts a streaming response.
 
         Raises:
-            QueueFullError: the waiting queue is full (raised before anything is yielded).
+            QueueFullError: the waiting queue is full.
+            InvalidRequestError: the prompt is empty or too long.
         """
         self.check_lengths(prompt_ids, params)
         loop = asyncio.get_running_loop()
@@ -228,19 +228,28 @@ class Engine:
                 req.cancelled = True
 
         req = GenerationRequest(prompt_ids=prompt_ids, params=params, stance=stance, sink=sink)
-        self.scheduler.submit(req)
-        done = False
         try:
-            while True:
-                ev = await queue.get()
-                if isinstance(ev, (FinishEvent, ErrorEvent)):
-                    done = True
+            self.scheduler.submit(req)
+        except QueueFullError:
+            if self.metrics is not None:
+                self.metrics.requests.labels(stance.label, "rejected").inc()
+            raise
+        return RequestStream(req, queue)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, stance: Stance
+    ) -> AsyncIterator[Event]:
+        """:meth:`open` then yield every event until the request ends (closing early cancels it)."""
+        stream = self.open(prompt_ids, params, stance)
+        try:
+            async for ev in stream:
                 yield ev
-                if done:
-                    return
         finally:
-            if not done:
-                req.cancelled = True
+            stream.cancel()
+
+    def _on_slot_event(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_cache.labels(kind).inc()
 
     def _on_slot_load(self, key: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -249,3 +258,28 @@ class Engine:
 
 def _no_store(record: AdapterRecord) -> AdapterWeights:
     raise AdapterNotFoundError(record.name)
+
+
+class RequestStream:
+    """Async iterator over one request's events; ends after its :class:`FinishEvent` or :class:`ErrorEvent`."""
+
+    def __init__(self, req: GenerationRequest, queue: asyncio.Queue[Event]) -> None:
+        self.request = req
+        self._queue = queue
+        self.done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.done:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        if isinstance(ev, (FinishEvent, ErrorEvent)):
+            self.done = True
+        return ev
+
+    def cancel(self) -> None:
+        """Stop the request at the engine's next step, unless it already ended."""
+        if not self.done:
+            self.request.cancelled = True

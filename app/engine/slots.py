@@ -46,15 +46,22 @@ class SlotCache:
     Args:
         lora: the model's multi-LoRA layers.
         on_load: called with (adapter key, seconds) after each load into a slot.
+        on_event: called with ``"hit"``, ``"miss"`` or ``"eviction"`` (for metrics).
     """
 
-    def __init__(self, lora: MultiLoRA, on_load: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        lora: MultiLoRA,
+        on_load: Callable[[str, float], None] | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
         self.lora = lora
         self.capacity = lora.max_slots
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
         self._refs: dict[int, int] = {}
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() gives slot 0 first
         self._on_load = on_load
+        self._on_event = on_event or (lambda kind: None)
         self.stats = SlotStats()
 
     def __contains__(self, key: str) -> bool:
@@ -82,9 +89,11 @@ class SlotCache:
         slot = self._slot_of.get(adapter.key)
         if slot is not None:
             self.stats.hits += 1
+            self._on_event("hit")
             self._slot_of.move_to_end(adapter.key)
         else:
             self.stats.misses += 1
+            self._on_event("miss")
             slot = self._take_slot()
             t0 = time.perf_counter()
             self.lora.write_slot(slot, adapter)
@@ -121,6 +130,7 @@ class SlotCache:
             if self._refs.get(slot, 0) == 0:
                 del self._slot_of[key]
                 self.stats.evictions += 1
+                self._on_event("eviction")
                 logger.debug("evicted %s from slot %d", key, slot)
                 return slot
         raise NoFreeSlotError(f"all {self.capacity} adapter slots are in use by running requests")

@@ -1,0 +1,40 @@
+"""Operational routes: ``/health`` (process up), ``/ready`` (model loaded), ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.deps import MetricsDep, StateDep
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """200 while the process runs, even before the model has loaded."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(state: StateDep) -> JSONResponse:
+    """200 once the base model is loaded and the engine runs; 503 before (or if loading failed)."""
+    if state.engine is None:
+        body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse(
+        {
+            "status": "ready",
+            "model": state.engine.model_name,
+            "device": str(state.engine.device),
+            "load_seconds": state.load_seconds,
+            "adapters": len(state.store) if state.store is not None else 0,
+        }
+    )
+
+
+@router.get("/metrics")
+async def metrics(m: MetricsDep) -> Response:
+    """Prometheus text exposition."""
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

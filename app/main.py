@@ -1,0 +1,130 @@
+"""The FastAPI application: :func:`create_app` and its lifespan.
+
+The lifespan builds the heavy objects once: it starts loading the base model
+in a background thread (so ``/health`` answers at once and ``/ready`` turns 200
+when loading ends), then opens the adapter store (registering every adapter on
+disk again), builds the engine and starts its scheduler thread. Shutdown stops
+the engine. Routes live in :mod:`app.api.routes`; errors map to HTTP in
+:mod:`app.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.api.routes import adapters, health, openai
+from app.config import Settings
+from app.deps import ServiceState
+from app.errors import install_error_handlers
+from app.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+ModelFactory = Callable[[Settings], Any]
+
+
+def build_engine(state: ServiceState, loaded: Any) -> None:
+    """Open the store and start the engine around an already loaded model (``LoadedModel``)."""
+    from app.engine.engine import Engine
+    from app.registry.store import AdapterStore
+    from app.registry.validation import linear_shapes
+
+    s = state.settings
+    store = AdapterStore(
+        s.adapters_dir,
+        linear_shapes(loaded.model),
+        max_rank=s.max_lora_rank,
+        max_bytes=s.max_adapter_bytes,
+        reserved_names={loaded.name},
+    )
+    records = store.scan()
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.name,
+        loaded.eos_token_ids,
+        store=store,
+        max_loras=s.max_loras,
+        max_cpu_loras=s.max_cpu_loras,
+        max_batch_size=s.max_batch_size,
+        max_waiting=s.max_waiting,
+        prefill_chunk_tokens=s.prefill_chunk_tokens,
+        max_model_len=s.max_model_len,
+        metrics=state.metrics,
+        aliases=(s.model, loaded.source),
+    )
+    engine.start()
+    state.metrics.adapters_registered.set(len(records))
+    state.store = store
+    state.engine = engine
+    logger.info(
+        "ready: model %s on %s (%s), %d adapters registered from %s: %s",
+        loaded.name, loaded.device, loaded.dtype, len(records), s.adapters_dir,
+        ", ".join(r.name for r in records) or "none",
+    )
+
+
+def _load(state: ServiceState, factory: ModelFactory) -> None:
+    t0 = time.perf_counter()
+    try:
+        loaded = factory(state.settings)
+        build_engine(state, loaded)
+        state.load_seconds = time.perf_counter() - t0
+        logger.info("start-up took %.1f s", state.load_seconds)
+    except Exception as e:
+        logger.exception("model loading failed")
+        state.load_error = f"{type(e).__name__}: {e}"
+
+
+def create_app(settings: Settings | None = None, *, model_factory: ModelFactory | None = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: configuration (default: from the environment).
+        model_factory: returns a ``LoadedModel`` for the settings (default:
+            :func:`app.engine.model_loader.load_base_model`); tests pass tiny models here.
+    """
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServiceState(settings=settings, metrics=Metrics(), started_at=time.time())
+        app.state.service = state
+        if settings.admin_key:
+            logger.info("admin endpoints require the admin key (Authorization: Bearer ...)")
+        else:
+            logger.warning(
+                "no STANCESERVE_ADMIN_KEY set: adapter upload/delete are allowed from loopback clients only"
+            )
+        factory = model_factory
+        if factory is None:
+            from app.engine.model_loader import load_base_model
+
+            factory = load_base_model
+        loader = threading.Thread(target=_load, args=(state, factory), name="stanceserve-load", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            loader.join(timeout=0.1)
+            if state.engine is not None:
+                state.engine.stop()
+
+    app = FastAPI(
+        title="stanceserve",
+        version="0.1.0",
+        description="One resident base model; every request picks a LoRA stance or a weighted blend.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    app.include_router(adapters.router)
+    return app
