@@ -1,0 +1,497 @@
+"""The on-disk adapter store and its in-memory index.
+
+Layout under ``root`` (``Settings.adapters_dir``)::
+
+    root/<name>/adapter_config.json        peft config (as validated)
+    root/<name>/adapter_model.safetensors  LoRA factors
+    root/<name>/stance.json                {version, created, description, metadata, sha256, size}
+
+Writes are never half-visible: a new version is written and fsynced in
+``root/.tmp-<name>-<hex>/`` and swapped in with renames (``<name>`` ->
+``.old-<name>-<hex>``, tmp -> ``<name>``, then the old one is removed). A delete renames
+``<name>`` to ``.del-<name>-<hex>`` before removing it. :meth:`AdapterStore.scan` rolls an
+interrupted swap back (a ``.old-`` folder whose ``<name>`` is missing is renamed back) and
+removes stale ``.tmp-`` / ``.del-`` / ``.old-`` folders.
+
+The store does not put weights on a device or cache them (that is :mod:`app.engine`), and
+does not parse uploads (:mod:`app.registry.upload`). One process owns a root; the store
+is thread-safe within it (one lock).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
+from app.registry.adapter import AdapterRecord, AdapterWeights
+from app.registry.validation import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    NAME_RE,
+    load_adapter_weights,
+    validate_name,
+)
+
+logger = logging.getLogger(__name__)
+
+STANCE_FILE = "stance.json"
+TRAINING_METRICS_FILE = "training_metrics.json"
+_TMP, _OLD, _DEL = ".tmp-", ".old-", ".del-"
+_MAX_SIDE_JSON = 1024 * 1024  # largest stance.json / training_metrics.json read
+_CHUNK = 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy ``src`` to the new file ``dst`` (fsynced); return its sha256 hex digest and size."""
+    digest, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return digest.hexdigest(), size
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or folder, logging (not raising) on failure."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not remove %s: %s", path, exc)
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """A small JSON object file, or None if missing, too big or invalid (logged)."""
+    try:
+        if not path.is_file():
+            return None
+        if path.stat().st_size > _MAX_SIDE_JSON:
+            logger.warning("%s is larger than %d bytes; ignored", path, _MAX_SIDE_JSON)
+            return None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("%s is unreadable; ignored: %s", path, exc)
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _stance_version(folder: Path) -> int:
+    stance = _read_json_object(folder / STANCE_FILE) or {}
+    version = stance.get("version", 1)
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else 1
+
+
+def _split_hidden(entry: str, prefix: str) -> str | None:
+    """The adapter name in ``<prefix><name>-<hex>``, or None."""
+    name, sep, _tag = entry[len(prefix) :].rpartition("-")
+    return name if sep and NAME_RE.fullmatch(name) else None
+
+
+def training_metadata(folder: Path) -> dict[str, Any]:
+    """``{"training": <summary>}`` from ``folder/training_metrics.json`` if it has a ``summary`` object, else ``{}``."""
+    metrics = _read_json_object(Path(folder) / TRAINING_METRICS_FILE)
+    summary = (metrics or {}).get("summary")
+    return {"training": summary} if isinstance(summary, dict) else {}
+
+
+class AdapterStore:
+    """The registered adapters: folders under ``root`` plus an index of their records.
+
+    Args:
+        root: the store folder (created if missing).
+        base_shapes: :func:`app.registry.validation.linear_shapes` of the base model.
+        max_rank: largest LoRA rank accepted (``Settings.max_lora_rank``).
+        max_bytes: largest ``adapter_model.safetensors`` + config, in bytes
+            (``Settings.max_adapter_bytes``).
+        reserved_names: names no adapter may take (the base model's served name).
+
+    Versions only grow within one process, also across delete and re-add, so an
+    :attr:`AdapterRecord.key` (``name@version``) never names two different weights.
+    Records returned are copies; mutating them does not change the store.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        base_shapes: dict[str, tuple[int, int]],
+        *,
+        max_rank: int,
+        max_bytes: int,
+        reserved_names: Iterable[str] = frozenset(),
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.base_shapes = dict(base_shapes)
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+        self.reserved_names = frozenset(reserved_names)
+        self._lock = threading.RLock()
+        self._index: dict[str, AdapterRecord] = {}
+        self._last_version: dict[str, int] = {}
+        self._inflight: set[str] = set()  # .tmp- folders being written
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, name: str) -> AdapterRecord:
+        """The record of ``name``. Raises AdapterNotFoundError."""
+        with self._lock:
+            record = self._index.get(name)
+            if record is None:
+                raise AdapterNotFoundError(name)
+            return copy.deepcopy(record)
+
+    def list(self) -> list[AdapterRecord]:
+        """All records, sorted by name."""
+        with self._lock:
+            return [copy.deepcopy(self._index[n]) for n in sorted(self._index)]
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._index
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def load_weights(self, record: AdapterRecord, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+        """Read the weights of ``record`` from ``record.path``, keyed ``record.key``.
+
+        Raises:
+            AdapterNotFoundError: the folder is gone, or holds another version than
+                ``record.version`` (it was replaced or deleted meanwhile); get the new record.
+            AdapterValidationError: the files on disk no longer validate.
+        """
+        folder = Path(record.path)
+        before = _stance_version(folder) if folder.is_dir() else None
+        if before != record.version:
+            raise AdapterNotFoundError(record.key)
+        try:
+            weights, _ = load_adapter_weights(folder, record.key, self.base_shapes, max_rank=self.max_rank, dtype=dtype)
+        except AdapterValidationError:
+            if not folder.is_dir() or _stance_version(folder) != record.version:
+                raise AdapterNotFoundError(record.key) from None
+            raise
+        # Versions only grow, so an unchanged version after the read means no swap happened during it.
+        if _stance_version(folder) != record.version:
+            raise AdapterNotFoundError(record.key)
+        return weights
+
+    # ----------------------------------------------------------------- writes
+
+    def add(
+        self,
+        name: str,
+        staged_dir: Path,
+        *,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        replace: bool = False,
+    ) -> tuple[AdapterRecord, AdapterWeights]:
+        """Validate the adapter in ``staged_dir`` and store it as ``name``.
+
+        ``staged_dir`` is only read (e.g. the output of
+        :func:`app.registry.upload.stage_upload`); its config and safetensors are copied.
+        The new version is ``old version + 1`` on replace, else 1 (or one past a version of
+        ``name`` deleted earlier in this process).
+
+        Returns:
+            ``(record, weights)``: the new record and its weights (fp32, CPU, keyed
+            ``record.key``), so the caller need not read them again.
+
+        Raises:
+            AdapterValidationError: bad or reserved ``name`` (``param="name"``), metadata
+                that is not a JSON object (``param="metadata"``), or an invalid adapter
+                (see :func:`load_adapter_weights`).
+            AdapterTooLargeError: the files exceed ``max_bytes``.
+            AdapterExistsError: ``name`` is taken (registered or a folder on disk) and
+                ``replace`` is false.
+
+        On any error the store folder and the index are as before.
+        """
+        validate_name(name)
+        if name in self.reserved_names:
+            raise AdapterValidationError(f"adapter name {name!r} is reserved (it names the base model)", param="name")
+        if description is not None and not isinstance(description, str):
+            raise AdapterValidationError("description must be a string", param="description")
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise AdapterValidationError(f"metadata must be a JSON object ({exc})", param="metadata") from None
+        with self._lock:
+            if not replace and self._taken(name):
+                raise AdapterExistsError(name)
+
+        staged = Path(staged_dir)
+        model_src = staged / MODEL_FILE
+        try:
+            size = sum((staged / f).stat().st_size for f in (CONFIG_FILE, MODEL_FILE))
+        except OSError:
+            size = 0  # a missing file: load_adapter_weights names it
+        if size > self.max_bytes:
+            raise AdapterTooLargeError(
+                f"{MODEL_FILE}: adapter is {size} bytes, more than the {self.max_bytes}-byte limit (max_adapter_bytes)",
+                param=MODEL_FILE,
+            )
+        weights, config = load_adapter_weights(staged, f"{name}@staged", self.base_shapes, max_rank=self.max_rank)
+        src_stat = model_src.stat()
+
+        tmp = self.root / f"{_TMP}{name}-{uuid.uuid4().hex}"
+        with self._lock:
+            self._inflight.add(tmp.name)
+        old_dir: Path | None = None
+        try:
+            tmp.mkdir()
+            _write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode("utf-8"))
+            sha256, size = _copy_hashed(model_src, tmp / MODEL_FILE)
+            if _file_id(model_src.stat()) != _file_id(src_stat) or size != src_stat.st_size:
+                raise AdapterValidationError(f"{MODEL_FILE}: changed while it was being added; retry", param=MODEL_FILE)
+            with self._lock:
+                if not replace and self._taken(name):
+                    raise AdapterExistsError(name)
+                previous = self._index.get(name)
+                version = max(previous.version if previous else 0, self._last_version.get(name, 0)) + 1
+                created = time.time()
+                stance = {
+                    "version": version,
+                    "created": created,
+                    "description": description,
+                    "metadata": metadata,
+                    "sha256": sha256,
+                    "size": size,
+                }
+                _write_file(tmp / STANCE_FILE, json.dumps(stance, indent=2).encode("utf-8"))
+                _fsync_dir(tmp)
+                old_dir = self._swap_in(name, tmp)
+                record = self._make_record(name, version, created, description, metadata, sha256, size, weights, config)
+                self._index[name] = record
+                self._last_version[name] = version
+                result = copy.deepcopy(record)
+        except BaseException:
+            _remove(tmp)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.discard(tmp.name)
+        if old_dir is not None:
+            _remove(old_dir)
+        logger.info("adapter %s stored (rank %d, %d bytes)", result.key, result.rank, size)
+        return result, AdapterWeights(key=result.key, modules=weights.modules)
+
+    def register_path(
+        self,
+        name: str,
+        path: Path,
+        *,
+        replace: bool = False,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[AdapterRecord, AdapterWeights]:
+        """Validate the adapter folder ``path`` on the server's disk and copy it into the store as ``name``.
+
+        The vLLM ``load_lora_adapter`` case. ``path`` is left as it is. Without
+        ``metadata``, the ``summary`` of a ``training_metrics.json`` beside the adapter is
+        kept as ``{"training": summary}``. Same result and errors as :meth:`add`, plus
+        AdapterValidationError (``param="path"``) if ``path`` is not a folder.
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            raise AdapterValidationError(f"adapter path {str(path)!r} is not a folder on the server", param="path")
+        if metadata is None:
+            metadata = training_metadata(folder)
+        return self.add(name, folder, description=description, metadata=metadata, replace=replace)
+
+    def delete(self, name: str) -> AdapterRecord:
+        """Unregister ``name`` and remove its folder (renamed away first, so never half-deleted under its name).
+
+        Raises:
+            AdapterNotFoundError: ``name`` is not registered.
+        """
+        with self._lock:
+            record = self._index.get(name)
+            if record is None:
+                raise AdapterNotFoundError(name)
+            folder = self.root / name
+            tomb = self.root / f"{_DEL}{name}-{uuid.uuid4().hex}"
+            try:
+                os.rename(folder, tomb)
+            except FileNotFoundError:
+                tomb = None
+            _fsync_dir(self.root)
+            del self._index[name]
+            self._last_version[name] = max(self._last_version.get(name, 0), record.version)
+        if tomb is not None:
+            _remove(tomb)
+        logger.info("adapter %s deleted", record.key)
+        return record
+
+    # ------------------------------------------------------------------ scan
+
+    def scan(self) -> list[AdapterRecord]:
+        """(Re)build the index from the folders under ``root``; return the records sorted by name.
+
+        First rolls back interrupted replaces (``.old-<name>-*`` whose ``<name>`` is missing
+        is renamed back; with several, the highest ``stance.json`` version wins) and
+        removes stale ``.tmp-``, ``.del-`` and leftover ``.old-`` folders. Other dot-entries
+        are ignored. Every other folder is validated with :func:`load_adapter_weights`;
+        invalid ones, bad names and reserved names are logged and skipped, never fatal. A
+        folder without ``stance.json`` is version 1, created at the safetensors' mtime,
+        with metadata from ``training_metrics.json`` (see :func:`training_metadata`).
+        """
+        with self._lock:
+            self._recover()
+            index: dict[str, AdapterRecord] = {}
+            for entry in sorted(self.root.iterdir()):
+                name = entry.name
+                if name.startswith(".") or not entry.is_dir():
+                    continue
+                if NAME_RE.fullmatch(name) is None:
+                    logger.warning("skipping %s: not a valid adapter name", entry)
+                    continue
+                if name in self.reserved_names:
+                    logger.warning("skipping %s: the name is reserved for the base model", entry)
+                    continue
+                try:
+                    index[name] = self._read_record(name, entry)
+                except AdapterValidationError as exc:
+                    logger.warning("skipping invalid adapter %s: %s", entry, exc.message)
+                except Exception as exc:  # one bad folder must not stop start-up
+                    logger.warning("skipping unreadable adapter %s: %s: %s", entry, type(exc).__name__, exc)
+            self._index = index
+            for name, record in index.items():
+                self._last_version[name] = max(self._last_version.get(name, 0), record.version)
+            logger.info("adapter store %s: %d adapters registered", self.root, len(index))
+            return [copy.deepcopy(index[n]) for n in sorted(index)]
+
+    # -------------------------------------------------------------- internals
+
+    def _taken(self, name: str) -> bool:
+        target = self.root / name
+        return name in self._index or target.exists() or target.is_symlink()
+
+    def _swap_in(self, name: str, tmp: Path) -> Path | None:
+        """Rename ``tmp`` to ``root/name``, moving an existing one to ``.old-``; return that (to remove)."""
+        target = self.root / name
+        old_dir: Path | None = None
+        if target.exists() or target.is_symlink():
+            old_dir = self.root / f"{_OLD}{name}-{uuid.uuid4().hex}"
+            os.rename(target, old_dir)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old_dir is not None:
+                os.rename(old_dir, target)
+            raise
+        _fsync_dir(self.root)
+        return old_dir
+
+    def _recover(self) -> None:
+        entries = [e for e in self.root.iterdir() if e.name.startswith(".")]
+        olds: dict[str, list[Path]] = {}
+        for entry in entries:
+            if entry.name.startswith(_OLD) and (name := _split_hidden(entry.name, _OLD)) is not None:
+                olds.setdefault(name, []).append(entry)
+        for name, paths in olds.items():
+            target = self.root / name
+            if not (target.exists() or target.is_symlink()):
+                best = max(paths, key=_stance_version)
+                os.rename(best, target)
+                _fsync_dir(self.root)
+                paths.remove(best)
+                logger.warning("recovered adapter %s from interrupted replace (%s)", name, best.name)
+            for path in paths:
+                logger.info("removing leftover %s", path)
+                _remove(path)
+        for entry in entries:
+            if entry.name.startswith((_TMP, _DEL)) and entry.name not in self._inflight:
+                logger.info("removing stale %s", entry)
+                _remove(entry)
+
+    def _read_record(self, name: str, folder: Path) -> AdapterRecord:
+        weights, config = load_adapter_weights(folder, f"{name}@scan", self.base_shapes, max_rank=self.max_rank)
+        model_file = folder / MODEL_FILE
+        size = model_file.stat().st_size
+        sha256 = _sha256(model_file)
+        stance = _read_json_object(folder / STANCE_FILE)
+        if stance is None:
+            version, created = 1, model_file.stat().st_mtime
+            description, metadata = None, training_metadata(folder)
+        else:
+            version = _stance_version(folder)
+            created = stance.get("created")
+            if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
+                created = model_file.stat().st_mtime
+            description = stance.get("description") if isinstance(stance.get("description"), str) else None
+            metadata = stance.get("metadata") if isinstance(stance.get("metadata"), dict) else {}
+            if stance.get("sha256") not in (None, sha256):
+                logger.warning("%s: %s differs from the sha256 in stance.json", folder, MODEL_FILE)
+        return self._make_record(name, version, float(created), description, metadata, sha256, size, weights, config)
+
+    def _make_record(
+        self, name, version, created, description, metadata, sha256, size, weights: AdapterWeights, config
+    ) -> AdapterRecord:
+        """The record of version ``version`` of ``name`` (``weights``/``config`` as validated)."""
+        base_model = config.get("base_model_name_or_path")
+        return AdapterRecord(
+            name=name,
+            version=version,
+            rank=weights.max_rank,
+            alpha=float(config["lora_alpha"]),
+            target_modules=sorted({path.rsplit(".", 1)[-1] for path in weights.modules}),
+            size_bytes=size,
+            sha256=sha256,
+            created=created,
+            path=str(self.root / name),
+            base_model=base_model if isinstance(base_model, str) else None,
+            description=description,
+            metadata=dict(metadata),
+        )
+

@@ -1,0 +1,177 @@
+"""End to end: the real server process on the embedded SmolLM2, driven by the official ``openai`` client.
+
+Uploads two peft adapters, sends concurrent chat requests in different stances
+and one blend, checks each greedy output against peft alone, and checks the
+Prometheus counters moved by the right amounts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.config import Settings
+from tests.conftest import TARGETS, save_peft_adapter
+
+pytestmark = pytest.mark.slow
+
+KEY = "e2e-key"
+N_TOKENS = 16
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me one tip for learning to cook.",
+    "Why is the sky blue?",
+    "Name a famous scientist.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from app.engine.model_loader import load_base_model
+
+    loaded = load_base_model(Settings(device="cpu", dtype="float32"))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def adapters(smol, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e-adapters")
+    model = smol.model
+    return {
+        "curious": save_peft_adapter(model, root / "curious", "llama", rank=8, alpha=16, seed=5, scale_b=0.06),
+        "expert": save_peft_adapter(model, root / "expert", "llama", rank=4, alpha=8, seed=6, scale_b=0.06,
+                                    targets=TARGETS["llama"][:4]),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    store = tmp_path_factory.mktemp("e2e-store")
+    env = {**os.environ, "STANCESERVE_ADMIN_KEY": KEY, "STANCESERVE_ADAPTERS_DIR": str(store), "HF_HUB_OFFLINE": "1"}
+    log = open(store.parent / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port), "--device", "cpu"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+    )
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {Path(log.name).read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > 300:
+                raise RuntimeError("server not ready in 300 s")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def peft_greedy(smol, adapter_dir: Path | None, prompt: str) -> str:
+    from peft import PeftModel
+
+    model = smol.model if adapter_dir is None else PeftModel.from_pretrained(copy.deepcopy(smol.model), adapter_dir)
+    tok = smol.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=N_TOKENS, do_sample=False, eos_token_id=sorted(smol.eos_token_ids),
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def metric(text: str, sample: str, **labels) -> float:
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_serve_upload_stances_blend_metrics(server, smol, adapters):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    base_name = client.models.list().data[0].id
+    assert base_name == "SmolLM2-135M-Instruct"
+
+    for name, d in adapters.items():
+        files = [("files", (f, (d / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+        r = httpx.post(f"{server}/v1/adapters", data={"name": name, "description": f"e2e {name}"}, files=files,
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 201, r.text
+    assert {m.id for m in client.models.list().data} == {base_name, "curious", "expert"}
+    before = httpx.get(f"{server}/metrics").text
+
+    jobs = [(m, p) for p in PROMPTS for m in (base_name, "curious", "expert")]
+    blend = {"curious": 0.7, "expert": 0.3}
+
+    def ask(model, prompt, stances=None):
+        extra = {"stances": stances} if stances else None
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=N_TOKENS, temperature=0, extra_body=extra)
+        return r.choices[0].message.content, r.usage
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = {pool.submit(ask, m, p): (m, p) for m, p in jobs}
+        blend_future = pool.submit(ask, base_name, PROMPTS[0], blend)
+        results = {futures[f]: f.result() for f in futures}
+        blend_text, _ = blend_future.result()
+
+    stances = (base_name, "curious", "expert")
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # every pair of stances answers differently somewhere
+        assert any(results[(stances[a], p)][0] != results[(stances[b], p)][0] for p in PROMPTS), (a, b)
+    for prompt in PROMPTS:
+        outs = {m: results[(m, prompt)][0] for m in stances}
+        assert outs[base_name] == peft_greedy(smol, None, prompt)
+        assert outs["curious"] == peft_greedy(smol, adapters["curious"], prompt)
+        assert outs["expert"] == peft_greedy(smol, adapters["expert"], prompt)
+    assert blend_text not in {results[(m, PROMPTS[0])][0] for m in ("curious", "expert")}
+
+    # streaming through the official client gives the same text
+    stream = client.chat.completions.create(model="curious", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                            max_tokens=N_TOKENS, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == results[("curious", PROMPTS[1])][0]
+
+    after = httpx.get(f"{server}/metrics").text
+    gen = {m: sum(results[(m, p)][1].completion_tokens for p in PROMPTS) for m in (base_name, "curious", "expert")}
+    for label, m in (("base", base_name), ("curious", "curious"), ("expert", "expert")):
+        # the streamed request generated what its non-streamed twin did
+        extra = results[("curious", PROMPTS[1])][1].completion_tokens if label == "curious" else 0
+        delta = metric(after, "stanceserve_generation_tokens_total", stance=label) - metric(before, "stanceserve_generation_tokens_total", stance=label)
+        assert delta == gen[m] + extra
+        n_req = metric(after, "stanceserve_requests_total", stance=label) - metric(before, "stanceserve_requests_total", stance=label)
+        assert n_req == len(PROMPTS) + (1 if label == "curious" else 0)
+        assert metric(after, "stanceserve_time_to_first_token_seconds_count", stance=label) >= len(PROMPTS)
+    assert metric(after, "stanceserve_requests_total", stance="blend") == 1
+    assert metric(after, "stanceserve_adapters_registered") == 2
+    assert metric(after, "stanceserve_requests_running") == 0
