@@ -210,3 +210,28 @@ def test_queue_full_raises_429_error(tiny_model, tokenizer, arch):
     asyncio.run(main())
     assert eng.scheduler.num_waiting == 2
     time.sleep(0)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_running_request_finishes_on_the_version_it_started_with(tiny_model, tokenizer, arch, adapters):
+    """Replace an adapter while a request on it decodes: that request keeps the old weights."""
+    store = FakeStore(adapters)
+    eng = make_engine(tiny_model, tokenizer, store)
+    prompt, n = [1, 40, 41, 42], 60
+    old_ref = reference_greedy(tiny_model, prompt, n, adapters["a1"])
+    new_ref = reference_greedy(tiny_model, prompt, 5, adapters["a2"])
+
+    async def run():
+        old = asyncio.create_task(collect(eng, prompt, SamplingParams(max_tokens=n, temperature=0), eng.resolve_stance("a1")))
+        await asyncio.sleep(0.05)
+        store.dirs["a1"], store.version["a1"] = adapters["a2"], 2  # "replace=true"
+        eng.forget_adapter("a1")
+        new = await collect(eng, prompt, SamplingParams(max_tokens=5, temperature=0), eng.resolve_stance("a1"))
+        return await old, new
+
+    try:
+        (old_toks, _, old_fin), (new_toks, _, _) = asyncio.run(run())
+    finally:
+        eng.stop()
+    assert old_fin.completion_tokens == n and old_toks == old_ref
+    assert new_toks == new_ref
