@@ -143,3 +143,49 @@ class Batch:
         for layer in _cache_layers(self.cache):
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+class PrefillGroup:
+    """Newcomers whose prompts are being prefilled, possibly over several steps (chunked prefill).
+
+    The prompts are left-padded to a common length ``T``; each :meth:`next_chunk` hands out the
+    next ``chunk`` columns. When all ``T`` columns are done the group becomes a :class:`Batch`
+    (:meth:`to_batch`) and joins the running rows.
+
+    Attributes:
+        seqs: the rows.
+        ids, mask, pos: ``[rows, T]`` padded prompt ids, attention mask and position ids.
+        done: columns prefilled so far, in tokens.
+    """
+
+    def __init__(self, seqs: list[Sequence], pad_id: int, device: torch.device, config) -> None:
+        self.seqs = seqs
+        self.ids, self.mask, self.pos = Batch.prefill_inputs([s.req.prompt_ids for s in seqs], pad_id, device)
+        self.cache = DynamicCache(config=config)
+        self.done = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.length
+
+    def next_chunk(self, budget_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next chunk's tensors, at most ``budget_tokens`` padded tokens (at least one column).
+
+        Returns:
+            ``input_ids`` ``[rows, c]``, ``attention_mask`` ``[rows, done + c]``, ``position_ids`` ``[rows, c]``.
+        """
+        c = max(1, min(self.length - self.done, budget_tokens // max(1, len(self.seqs))))
+        a, b = self.done, self.done + c
+        self.done = b
+        return self.ids[:, a:b], self.mask[:, :b], self.pos[:, a:b]
+
+    def to_batch(self) -> Batch:
+        """The prefilled rows as a running :class:`Batch` (call once :attr:`finished`)."""
+        return Batch(self.seqs, self.cache, self.mask)

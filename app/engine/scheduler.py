@@ -2,12 +2,16 @@
 
 Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 
-1. drop cancelled rows; admit waiting requests while the batch has room
-   (``max_batch_size``), their adapters fit in free slots, and their prompts fit
-   the step's prefill token budget (``prefill_chunk_tokens``; one request is
-   always admitted); prefill them together and sample their first tokens;
-2. merge them into the running batch and run one decode step for every row;
-3. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
+1. drop cancelled rows; if no group is prefilling, admit waiting requests as a
+   new group while the batch has room (``max_batch_size``), their adapters fit
+   in free slots, and the group's padded prompts fit one prefill chunk
+   (``prefill_chunk_tokens``; a longer single prompt goes alone);
+2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` padded
+   tokens (chunked prefill: a long prompt never stalls the running rows for
+   more than one chunk per step); when its prompts are done, sample their first
+   tokens and merge them into the running batch;
+3. run one decode step for every running row;
+4. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
    their adapter slots.
 
 Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from app.engine.batch import Batch, Sequence
+from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.request import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
@@ -81,15 +85,19 @@ class Scheduler:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
         self._batch = Batch([], DynamicCache(), torch.zeros(0, 0, dtype=torch.long, device=self.device))
+        self._group: PrefillGroup | None = None  # newcomers being prefilled, chunk by chunk
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        #: cumulative timings of the model steps (for benchmarks): seconds, tokens, steps, rows
+        self.timings = {"prefill_s": 0.0, "prefill_tokens": 0, "prefill_steps": 0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
         self._control: collections.deque = collections.deque()
 
     # ------------------------------------------------------------------ public
     @property
     def num_running(self) -> int:
-        return len(self._batch)
+        """Rows decoding plus rows being prefilled."""
+        return len(self._batch) + (len(self._group) if self._group is not None else 0)
 
     @property
     def num_waiting(self) -> int:
@@ -155,7 +163,7 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not (self._stop or self._waiting or self._control or len(self._batch)):
+                while not (self._stop or self._waiting or self._control or self.num_running):
                     self._cv.wait()
                 if self._stop:
                     break
@@ -171,12 +179,15 @@ class Scheduler:
         self._fail_all(NotReadyError("engine stopped"))
 
     def step(self) -> None:
-        """One scheduling step: admit + prefill newcomers, then decode every running row once."""
+        """One scheduling step: admit newcomers and prefill one chunk of them, then decode every running row once."""
         self.steps += 1
         self._drop_cancelled()
-        newcomers = self._admit()
-        if newcomers:
-            self._prefill(newcomers)
+        if self._group is None:
+            newcomers = self._admit()
+            if newcomers:
+                self._group = PrefillGroup(newcomers, self.pad_id, self.device, self.model.config)
+        if self._group is not None:
+            self._prefill_chunk()
         if len(self._batch):
             self._decode()
 
@@ -184,7 +195,7 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         seqs: list[Sequence] = []
         budget = self.prefill_chunk_tokens
-        while self._waiting and len(self._batch) + len(seqs) < self.max_batch_size:
+        while self._waiting and self.num_running + len(seqs) < self.max_batch_size:
             with self._cv:
                 req = self._waiting[0]
             if req.cancelled:
@@ -193,8 +204,9 @@ class Scheduler:
                 self._finish_unstarted(req, "cancelled")
                 continue
             n = len(req.prompt_ids)
-            if seqs and n > budget:
-                break
+            longest = max([n] + [len(s.req.prompt_ids) for s in seqs])
+            if seqs and (len(seqs) + 1) * longest > budget:
+                break  # the group's padded prefill would exceed one chunk: leave it for the next group
             pairs = self._acquire(req)
             if pairs is None:
                 if len(self._batch) or seqs:
@@ -208,7 +220,6 @@ class Scheduler:
                 continue
             with self._cv:
                 self._waiting.popleft()
-            budget -= n
             p = req.params
             seqs.append(
                 Sequence(
@@ -242,20 +253,34 @@ class Scheduler:
             )
         return out.logits[:, -1, :]
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        ids, mask, pos = Batch.prefill_inputs([s.req.prompt_ids for s in seqs], self.pad_id, self.device)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(seqs, ids, mask, pos, cache)
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the group; when its prompts are done, sample first tokens and merge."""
+        g = self._group
+        assert g is not None
+        t0 = time.perf_counter()
+        ids, mask, pos = g.next_chunk(self.prefill_chunk_tokens)
+        logits = self._forward(g.seqs, ids, mask, pos, g.cache)
+        self.timings["prefill_s"] += time.perf_counter() - t0
+        self.timings["prefill_tokens"] += int(ids.numel())
+        self.timings["prefill_steps"] += 1
+        if not g.finished:
+            return
+        self._group = None
+        seqs = g.seqs
         if self.metrics is not None:
             for s in seqs:
                 self.metrics.prompt_tokens.labels(s.req.stance.label).inc(len(s.req.prompt_ids))
-        self._batch.extend(Batch(seqs, cache, mask))
+        self._batch.extend(g.to_batch())
         start = len(self._batch) - len(seqs)
         self._consume(seqs, logits, list(range(start, start + len(seqs))))
 
     def _decode(self) -> None:
+        t0 = time.perf_counter()
         ids, mask, pos = self._batch.decode_inputs()
         logits = self._forward(self._batch.seqs, ids, mask, pos, self._batch.cache)
+        self.timings["decode_s"] += time.perf_counter() - t0
+        self.timings["decode_steps"] += 1
+        self.timings["decode_rows"] += len(self._batch)
         seqs = self._batch.seqs
         for s in seqs:
             s.next_pos += 1
@@ -322,6 +347,7 @@ class Scheduler:
             self.metrics.requests.labels(req.stance.label, reason).inc()
 
     def _drop_cancelled(self) -> None:
+        # (rows still prefilling finish when their group joins the batch: at most one chunk later)
         keep = []
         for i, s in enumerate(self._batch.seqs):
             if s.req.cancelled:
@@ -331,7 +357,8 @@ class Scheduler:
         self._batch.keep(keep)
 
     def _fail_all(self, error: BaseException) -> None:
-        for s in self._batch.seqs:
+        group, self._group = (self._group.seqs if self._group is not None else []), None
+        for s in self._batch.seqs + group:
             for slot, _ in s.slots:
                 self.slots.release(slot)
             self._error(s.req, error)

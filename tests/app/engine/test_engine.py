@@ -77,14 +77,15 @@ def adapters(tiny_model, arch, tmp_path):
     }
 
 
-def test_mixed_batch_equals_each_adapter_alone(tiny_model, tokenizer, adapters):
-    prompts = [[1, 45, 80, 99], [1, 300, 12], [1, 7, 8, 9, 10, 11], [1, 200]]
+@pytest.mark.parametrize("chunk", [512, 5])  # 5: prompts prefilled over several steps (chunked prefill)
+def test_mixed_batch_equals_each_adapter_alone(tiny_model, tokenizer, adapters, chunk):
+    prompts = [[1, 45, 80, 99], [1, 300, 12], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [1, 200]]
     stances = ["a1", "a2", "tiny", "a1"]
     n = 12
     refs = [reference_greedy(tiny_model, p, n, adapters.get(s)) for p, s in zip(prompts, stances)]
     assert len({tuple(r) for r in refs}) > 1  # stances really differ
 
-    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters), prefill_chunk_tokens=chunk)
 
     async def run():
         jobs = [
@@ -101,6 +102,8 @@ def test_mixed_batch_equals_each_adapter_alone(tiny_model, tokenizer, adapters):
         assert toks == ref
         assert fin.reason == "length" and fin.completion_tokens == n
     assert eng.scheduler.num_running == 0
+    if chunk == 5:  # the 13-token prompt alone needs 3 chunks of at most 5 tokens
+        assert eng.scheduler.timings["prefill_steps"] >= len(prompts) + 2
 
 
 def test_output_does_not_depend_on_batch_neighbours(tiny_model, tokenizer, adapters):
