@@ -185,7 +185,8 @@ def fetch_model(
 # `stanceserve --help` stays fast.
 # --------------------------------------------------------------------------- #
 COMMAND_MODULES: tuple[str, ...] = (
-    "training.cli",  # train, eval
+    "app.bench.cli",  # bench
+    "training.cli",  # train, eval, inspect
 )
 
 

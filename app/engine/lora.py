@@ -177,7 +177,6 @@ class MultiLoRA:
         self.rank = 0
         self.layers: dict[str, MultiLoRALinear] = {}
         self.batch: LoRABatch | None = None
-        self._modules = dict(model.named_modules())
 
     # ------------------------------------------------------------------ capacity
     def ensure_capacity(self, slots: int, rank: int) -> None:
@@ -201,11 +200,16 @@ class MultiLoRA:
         layer = self.layers.get(path)
         if layer is not None:
             return layer
-        base = self._modules.get(path)
+        try:
+            base = self.model.get_submodule(path)
+        except AttributeError:
+            base = None
+        if isinstance(base, MultiLoRALinear):  # wrapped by an earlier engine on the same model
+            base = base.base_layer
         if not isinstance(base, nn.Linear):
             raise KeyError(f"{path} is not an nn.Linear of the base model")
         parent_path, _, child = path.rpartition(".")
-        parent = self._modules[parent_path] if parent_path else self.model
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
         layer = MultiLoRALinear(base, self, max(self.slots, 1), max(self.rank, 1))
         setattr(parent, child, layer)
         self.layers[path] = layer
@@ -254,3 +258,16 @@ class MultiLoRA:
     def slot_bytes(self) -> int:
         """Device memory held by the slot tensors, in bytes."""
         return sum(l.A.numel() * l.A.element_size() + l.Bt.numel() * l.Bt.element_size() for l in self.layers.values())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put every :class:`MultiLoRALinear` of ``model`` back to its base ``nn.Linear`` (in place); returns ``model``.
+
+    For handing a model the engine wrapped to other code (peft baselines, training).
+    """
+    for path, module in list(model.named_modules()):
+        if isinstance(module, MultiLoRALinear):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, child, module.base_layer)
+    return model

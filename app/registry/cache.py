@@ -29,6 +29,7 @@ class WeightCache:
         self.max_items = max_items
         self._items: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}  # one lock per key being read from disk
         self.hits = 0
         self.misses = 0
 
@@ -48,16 +49,30 @@ class WeightCache:
         Raises:
             whatever the loader raises (e.g. :class:`~app.errors.AdapterValidationError` for a corrupted file).
         """
+        key = record.key
         with self._lock:
-            w = self._items.get(record.key)
+            w = self._items.get(key)
             if w is not None:
                 self.hits += 1
-                self._items.move_to_end(record.key)
+                self._items.move_to_end(key)
                 return w
-            self.misses += 1
-        w = self._load(record)  # outside the lock: disk reads may be slow
-        self.put(w)
-        return w
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        # Per-key lock: concurrent requests for the same cold adapter read it from disk once;
+        # other keys load in parallel (the global lock is not held during the read).
+        with key_lock:
+            with self._lock:
+                w = self._items.get(key)
+                if w is not None:
+                    self.hits += 1
+                    return w
+                self.misses += 1
+            try:
+                w = self._load(record)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            self.put(w)
+            return w
 
     def discard_name(self, name: str) -> None:
         """Forget every version of adapter ``name``."""

@@ -90,12 +90,15 @@ def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     Keys are module paths as ``model.named_modules()`` gives them
     (``model.layers.0.self_attn.q_proj``), which is also the key peft matches
     ``target_modules`` / ``rank_pattern`` against. ``lm_head`` is left out: it is not
-    served with LoRA (it is often tied to the embeddings).
+    served with LoRA (it is often tied to the embeddings). A linear already wrapped by
+    the engine's multi-LoRA layer (or by peft) sits at ``<path>.base_layer``; it is
+    reported under ``<path>``, so the result is the same before and after wrapping.
     """
     shapes: dict[str, tuple[int, int]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
+        path = path.removesuffix(".base_layer")
         if path == "lm_head" or path.endswith(".lm_head"):
             continue
         shapes[path] = (int(module.in_features), int(module.out_features))

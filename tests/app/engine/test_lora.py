@@ -149,3 +149,15 @@ def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
     with pytest.raises(RuntimeError):
         cache.release(s0)
         cache.release(s0)
+
+
+@pytest.mark.parametrize("arch", ["phi"])
+def test_linear_shapes_unchanged_by_wrapping(tiny_model, arch, tmp_path):
+    from app.registry.validation import linear_shapes
+
+    before = linear_shapes(tiny_model)
+    model = copy.deepcopy(tiny_model)
+    lora = MultiLoRA(model, max_slots=2)
+    lora.write_slot(0, read_adapter(save_peft_adapter(tiny_model, tmp_path / "a", arch), "a@1"))
+    assert any(".base_layer" in n for n, _ in model.named_modules())
+    assert linear_shapes(model) == before

@@ -1,0 +1,189 @@
+"""``stanceserve bench``: the multi-LoRA benchmark, JSON to stdout and to a file.
+
+Runs, in one process and side by side: base only; N concurrent requests on one
+adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
+(serial ``set_adapter``, peft ``adapter_names`` batches); cold adapter loads;
+many registered adapters over few device slots; TTFT of a request arriving
+while others decode. Then a ``summary`` with the ratios the targets of issue #4
+are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
+step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from app.cli import app, console
+
+logger = logging.getLogger(__name__)
+
+ALL = ["engine", "baselines", "cold", "many", "busy"]
+
+
+def _machine(bm: Any) -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "device": str(bm.device), "dtype": str(bm.dtype).replace("torch.", "")}
+    if bm.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(bm.device)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def _default_hbm_gbps(bm: Any) -> float | None:
+    if bm.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(bm.device)
+    return 4800.0 if "H200" in name else 3350.0 if "H100" in name else None
+
+
+def _median_run(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["output_tok_per_s"])
+    out = dict(runs[len(runs) // 2])
+    out["output_tok_per_s_all"] = [r["output_tok_per_s"] for r in runs]
+    out["decode_step_s_median"] = round(statistics.median(r["decode_step_s"] for r in runs if r["decode_step_s"]), 5)
+    return out
+
+
+@app.command()
+def bench(
+    config: Annotated[str | None, typer.Option(help="qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b | phi-2 (with --dummy-weights); default: the embedded model")] = None,
+    dummy_weights: Annotated[bool, typer.Option(help="Build --config with random weights (required with --config).")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    requests: Annotated[int, typer.Option(help="Concurrent requests per engine scenario.")] = 16,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request (EOS ignored).")] = 32,
+    rank: Annotated[int, typer.Option(help="LoRA rank of the benchmark adapters.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Runs of each engine scenario, interleaved; the median is reported.")] = 3,
+    scenarios: Annotated[str, typer.Option(help=f"Comma-separated subset of {','.join(ALL)}.")] = ",".join(ALL),
+    cold_loads: Annotated[int, typer.Option(help="Adapters registered one by one in the cold-load scenario.")] = 20,
+    many_adapters: Annotated[int, typer.Option(help="Registered adapters in the many-adapters scenario.")] = 1000,
+    many_requests: Annotated[int, typer.Option(help="Requests in the many-adapters scenario.")] = 64,
+    max_loras: Annotated[int, typer.Option(help="Device slots.")] = 32,
+    hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
+    out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
+) -> None:
+    """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
+    from app.bench.models import build_model, random_adapter
+    from app.bench.scenarios import (
+        EngineBench, baseline_peft_mixed_batch, baseline_serial_set_adapter, blend, cold_load, many_adapters as many,
+        peft_model, stance,
+    )
+    from app.engine.request import Stance
+
+    if config and not dummy_weights:
+        raise typer.BadParameter("--config needs --dummy-weights (no hub downloads here)", param_hint="--config")
+    wanted = [s.strip() for s in scenarios.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in ALL]
+    if bad:
+        raise typer.BadParameter(f"unknown scenario(s) {bad}; choose from {ALL}", param_hint="--scenarios")
+    logging.basicConfig(level=logging.WARNING)
+    t_start = time.perf_counter()
+    bm = build_model(config, device=device, dtype=dtype)
+    n = requests
+    adapters = [random_adapter(bm.model, bm.arch, f"a{i}@1", rank=rank, alpha=2.0 * rank, seed=i) for i in range(n)]
+    result: dict[str, Any] = {
+        "model": bm.name, "weight_bytes": bm.weight_bytes, "machine": _machine(bm),
+        "settings": {"requests": n, "prompt_len": prompt_len, "max_tokens": max_tokens, "rank": rank,
+                     "repeats": repeats, "max_loras": max_loras},
+        "scenarios": {},
+    }
+    sc = result["scenarios"]
+    work = Path(tempfile.mkdtemp(prefix="stanceserve-bench-"))
+    eb = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_loras=max_loras, max_batch_size=n)
+    try:
+        if "engine" in wanted:
+            mixes = {
+                "base": [Stance.base()] * n,
+                "one_adapter": [stance(adapters[0])] * n,
+                "distinct_adapters": [stance(a) for a in adapters],
+                "blend3": [blend([adapters[(i + j) % n] for j in range(3)]) for i in range(n)],
+            }
+            for mix in mixes.values():  # warm-up: slots loaded, kernels warm
+                eb.run(mix[: max(2, n // 4)])
+            runs: dict[str, list[dict]] = {k: [] for k in mixes}
+            for r in range(repeats):
+                for k, mix in mixes.items():
+                    console.print(f"[dim]engine {k} run {r + 1}/{repeats}[/dim]")
+                    runs[k].append(eb.run(mix))
+            for k in mixes:
+                sc[k] = _median_run(runs[k])
+        if "busy" in wanted:
+            console.print("[dim]busy TTFT[/dim]")
+            sc["busy_ttft"] = eb.busy_ttft(background=n - 1)
+        if "cold" in wanted:
+            console.print("[dim]cold loads[/dim]")
+            sc["cold_load"] = cold_load(eb, bm, work, n=cold_loads, rank=rank, alpha=2.0 * rank)
+    finally:
+        eb.close()
+    if "baselines" in wanted:
+        pm = peft_model(bm, adapters, work, rank, 2.0 * rank)
+        prompts = [eb.prompt() for _ in range(n)]
+        names = [f"a{i}" for i in range(n)]
+        console.print("[dim]baseline: peft adapter_names batch[/dim]")
+        sc["baseline_peft_adapter_names"] = baseline_peft_mixed_batch(pm, bm, prompts, names, max_tokens)
+        console.print("[dim]baseline: serial set_adapter[/dim]")
+        sc["baseline_serial_set_adapter"] = baseline_serial_set_adapter(pm, bm, prompts, names, max_tokens)
+        del pm
+    if "many" in wanted:
+        console.print(f"[dim]{many_adapters} registered adapters, {max_loras} slots[/dim]")
+        sc["many_adapters"] = many(bm, work, n_adapters=many_adapters, slots=max_loras, requests=many_requests,
+                                   concurrency=n, prompt_len=prompt_len, max_tokens=max_tokens, rank=8,
+                                   max_cpu_loras=4 * max_loras)
+    result["summary"] = _summary(sc, bm, hbm_gbps or _default_hbm_gbps(bm))
+    result["total_s"] = round(time.perf_counter() - t_start, 1)
+    text = json.dumps(result, indent=2)
+    out.write_text(text + "\n")
+    typer.echo(text)
+
+
+def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
+    """The ratios issue #4 states its targets in (informative: nothing is asserted)."""
+    s: dict[str, Any] = {}
+
+    def tps(k: str) -> float | None:
+        return sc[k]["output_tok_per_s"] if k in sc else None
+
+    one, distinct = tps("one_adapter"), tps("distinct_adapters")
+    if one and distinct:
+        s["distinct_vs_one_adapter"] = round(distinct / one, 3)
+    if distinct and tps("baseline_serial_set_adapter"):
+        s["distinct_vs_serial_set_adapter"] = round(distinct / tps("baseline_serial_set_adapter"), 2)
+    if distinct and tps("baseline_peft_adapter_names"):
+        s["distinct_vs_peft_adapter_names"] = round(distinct / tps("baseline_peft_adapter_names"), 2)
+    if "blend3" in sc and "one_adapter" in sc:
+        s["blend3_vs_one_adapter_decode_step"] = round(
+            sc["blend3"]["decode_step_s_median"] / sc["one_adapter"]["decode_step_s_median"], 3)
+    if "cold_load" in sc:
+        s["cold_slot_load_s_p50"] = sc["cold_load"]["slot_load_s_p50"]
+    if "busy_ttft" in sc:
+        s["busy_vs_idle_ttft_p50"] = sc["busy_ttft"]["ratio_p50"]
+    s["targets_met"] = {
+        k: ok for k, ok in {
+            "distinct >= 0.85x one adapter": s.get("distinct_vs_one_adapter", 0) >= 0.85 if "distinct_vs_one_adapter" in s else None,
+            "distinct >= 5x serial set_adapter": s["distinct_vs_serial_set_adapter"] >= 5 if "distinct_vs_serial_set_adapter" in s else None,
+            "distinct >= 1.5x peft adapter_names": s["distinct_vs_peft_adapter_names"] >= 1.5 if "distinct_vs_peft_adapter_names" in s else None,
+            "blend3 step <= 1.3x one adapter": s["blend3_vs_one_adapter_decode_step"] <= 1.3 if "blend3_vs_one_adapter_decode_step" in s else None,
+            "cold slot load p50 <= 50 ms": s["cold_slot_load_s_p50"] <= 0.05 if "cold_slot_load_s_p50" in s else None,
+            "busy TTFT p50 <= 2x idle": s["busy_vs_idle_ttft_p50"] <= 2 if "busy_vs_idle_ttft_p50" in s else None,
+        }.items() if ok is not None
+    }
+    if hbm_gbps:
+        bound = bm.weight_bytes / (hbm_gbps * 1e9)
+        s["hbm_gbps"] = hbm_gbps
+        s["decode_step_bound_s"] = round(bound, 6)
+        for k in ("base", "one_adapter", "distinct_adapters", "blend3"):
+            if k in sc and sc[k].get("decode_step_s_median"):
+                s[f"{k}_bandwidth_fraction"] = round(bound / sc[k]["decode_step_s_median"], 3)
+    return s
