@@ -98,7 +98,13 @@ def serve(
         Path | None, typer.Option(help="Cache of the embedded model (default ~/.cache/stanceserve).")
     ] = None,
     max_loras: Annotated[int | None, typer.Option(help="Adapter slots resident on the compute device.")] = None,
+    max_cpu_loras: Annotated[
+        int | None, typer.Option(help="Parsed adapters kept in CPU memory (default: all); the rest are read from disk.")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Most sequences decoded in one step.")] = None,
+    prefill_chunk_tokens: Annotated[
+        int | None, typer.Option(help="Most (padded) prompt tokens prefilled per engine step.")
+    ] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error.")] = None,
 ) -> None:
@@ -113,7 +119,9 @@ def serve(
         adapters_dir=adapters_dir,
         cache_dir=cache_dir,
         max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
         max_batch_size=max_batch_size,
+        prefill_chunk_tokens=prefill_chunk_tokens,
         max_lora_rank=max_lora_rank,
         log_level=log_level,
     )

@@ -86,7 +86,7 @@ def save_peft_adapter(
     alpha: float = 8.0,
     seed: int = 1,
     targets: list[str] | None = None,
-    scale_b: float = 0.5,
+    scale_b: float = 0.1,
     use_rslora: bool = False,
 ) -> Path:
     """Make a peft LoRA adapter for ``model`` with random non-zero A and B, and save it.

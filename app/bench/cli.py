@@ -119,6 +119,14 @@ def bench(
                     runs[k].append(eb.run(mix))
             for k in mixes:
                 sc[k] = _median_run(runs[k])
+            # switching stance between consecutive requests: alternating vs the same adapter, one at a time
+            same = [eb.run([stance(adapters[0])], concurrency=1)["wall_s"] for _ in range(6)]
+            alt = [eb.run([stance(adapters[i % 2])], concurrency=1)["wall_s"] for i in range(6)]
+            sc["stance_switching"] = {
+                "requests": 6, "same_adapter_latency_s_p50": round(statistics.median(same), 4),
+                "alternating_adapters_latency_s_p50": round(statistics.median(alt), 4),
+                "ratio": round(statistics.median(alt) / statistics.median(same), 3),
+            }
         if "busy" in wanted:
             console.print("[dim]busy TTFT[/dim]")
             sc["busy_ttft"] = eb.busy_ttft(background=n - 1)

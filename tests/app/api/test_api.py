@@ -55,8 +55,8 @@ def peft_dirs(tmp_path_factory):
     base = build_tiny_model("llama")
     root = tmp_path_factory.mktemp("peft")
     return {
-        "calm": save_peft_adapter(base, root / "calm", "llama", rank=4, seed=11),
-        "bold": save_peft_adapter(base, root / "bold", "llama", rank=8, alpha=16, seed=12),
+        "calm": save_peft_adapter(base, root / "calm", "llama", rank=4, seed=11, scale_b=0.5),
+        "bold": save_peft_adapter(base, root / "bold", "llama", rank=8, alpha=16, seed=12, scale_b=0.5),
     }
 
 

@@ -161,3 +161,28 @@ def test_linear_shapes_unchanged_by_wrapping(tiny_model, arch, tmp_path):
     lora.write_slot(0, read_adapter(save_peft_adapter(tiny_model, tmp_path / "a", arch), "a@1"))
     assert any(".base_layer" in n for n, _ in model.named_modules())
     assert linear_shapes(model) == before
+
+
+@pytest.mark.slow
+def test_real_smollm2_mixed_batch_logits_match_peft(tmp_path):
+    """The embedded SmolLM2: one forward over rows of two adapters and the base equals peft per row."""
+    from app.config import Settings
+    from app.engine.model_loader import load_base_model
+
+    base = load_base_model(Settings(device="cpu", dtype="float32")).model
+    d1 = save_peft_adapter(base, tmp_path / "a1", "llama", rank=8, alpha=16, seed=3, scale_b=0.05)
+    d2 = save_peft_adapter(base, tmp_path / "a2", "llama", rank=4, alpha=8, seed=4, scale_b=0.05, targets=["q_proj", "v_proj"])
+    ids = torch.randint(100, 40000, (3, 12), generator=torch.Generator().manual_seed(0))
+    refs = [peft_logits(base, d1, ids[0:1]), peft_logits(base, d2, ids[1:2])]
+    with torch.no_grad():
+        refs.append(base(input_ids=ids[2:3]).logits)
+    model = copy.deepcopy(base)
+    lora = MultiLoRA(model, max_slots=4)
+    lora.write_slot(0, read_adapter(d1, "a1@1"))
+    lora.write_slot(1, read_adapter(d2, "a2@1"))
+    rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad(), lora.routing(rows):
+        out = model(input_ids=ids).logits
+    assert (refs[0] - refs[2]).abs().max() > 0.1  # the adapter matters
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(out[i : i + 1], ref, atol=2e-4, rtol=1e-4)
