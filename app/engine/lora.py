@@ -3,16 +3,16 @@
 :class:`MultiLoRA` wraps the targeted ``nn.Linear`` modules of a base model in
 :class:`MultiLoRALinear`. Each wrapped layer owns preallocated *slot* tensors
 
-* ``A``: ``[S, R, d_in]``  (slot ``s`` holds ``lora_A`` of one adapter, zero-padded to rank ``R``)
+* ``At``: ``[S, d_in, R]`` (slot ``s`` holds ``lora_A`` of one adapter, transposed, zero-padded to rank ``R``)
 * ``Bt``: ``[S, R, d_out]`` (``lora_B`` transposed, already multiplied by the adapter's scaling)
 
 and, for a batch whose row ``b`` carries ``K`` (slot, weight) pairs, computes
 
     y[b] = W x[b] + sum_k  w[b, k] * scaling_{s} * B_{s} A_{s} x[b],   s = idx[b, k]
 
-with two batched matmuls over gathered slot tensors (the BGMV pattern of
-Punica, Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), not
-a Python loop over adapters. A plain adapter is one pair with weight 1; a blend
+for all rows at once: gathered matmuls in prefill, ``embedding_bag`` gather-reductions in
+decode (the BGMV pattern of Punica, Chen et al. 2023, arXiv:2310.18547, and S-LoRA,
+arXiv:2311.03285), never a Python loop over adapters. A plain adapter is one pair with weight 1; a blend
 is several pairs, computed live (no merged weights). Rows without an adapter
 carry weight 0. The formula is the one of issue #2; LoRA itself is Hu et al.
 2021 (arXiv:2106.09685).
@@ -219,19 +219,23 @@ class MultiLoRA:
     """Owns the :class:`MultiLoRALinear` layers of one base model and their slot capacity.
 
     Layers are wrapped lazily, the first time an adapter targets them, so modules no
-    adapter uses cost nothing. Capacity grows by doubling up to ``max_slots`` slots and to
-    the largest rank written (mixed ranks are zero-padded to that rank).
+    adapter uses cost nothing. Slots are preallocated (``initial_slots``, default all
+    ``max_slots``, as vLLM does with ``max_loras``) so loading an adapter into a free slot is a
+    plain copy; with fewer initial slots capacity grows by doubling. The rank grows to the largest
+    rank written (mixed ranks are zero-padded to it): a larger-rank adapter triggers one resize.
+    Memory: ``slots * rank * sum(d_in + d_out)`` elements over the wrapped layers
+    (SmolLM2-135M, 32 slots, rank 16, 7 targets: 625 MB in fp32).
 
     Args:
         model: the base model (mutated in place: targeted linears are replaced).
         max_slots: most adapter slots on the device (``--max-loras``).
-        initial_slots: slots allocated at first.
+        initial_slots: slots allocated at first (default ``max_slots``).
     """
 
-    def __init__(self, model: nn.Module, max_slots: int, initial_slots: int = 4) -> None:
+    def __init__(self, model: nn.Module, max_slots: int, initial_slots: int | None = None) -> None:
         self.model = model
         self.max_slots = max_slots
-        self.slots = min(initial_slots, max_slots)
+        self.slots = min(initial_slots or max_slots, max_slots)
         self.rank = 0
         self.layers: dict[str, MultiLoRALinear] = {}
         self.batch: LoRABatch | None = None

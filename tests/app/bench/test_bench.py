@@ -1,0 +1,50 @@
+"""Benchmark building blocks: dummy-weight configs match the published model sizes; scenarios run on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.bench.models import CONFIGS, BenchModel, random_adapter
+from app.bench.scenarios import EngineBench, blend, pct, stance
+from app.engine.request import Stance
+from tests.conftest import build_tiny_model, load_tokenizer
+
+#: Parameter counts published on each model card (approximate, in billions).
+PUBLISHED = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61, "phi-2": 2.78}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_dummy_configs_have_the_published_size(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(CONFIGS[name])
+    cfg = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):  # no memory, no init
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(n - PUBLISHED[name]) / PUBLISHED[name] < 0.03, n
+
+
+def test_pct_nearest_rank():
+    assert pct([], 0.5) is None
+    assert pct([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert pct(list(range(101)), 0.99) == 99
+
+
+def test_engine_scenarios_run_on_a_tiny_model():
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    ads = [random_adapter(model, "llama", f"a{i}@1", rank=4, seed=i) for i in range(4)]
+    assert len(ads[0].modules) == 2 * 7
+    eb = EngineBench(bm, prompt_len=8, max_tokens=5, max_loras=8, max_batch_size=4)
+    try:
+        for mix in ([Stance.base()] * 4, [stance(a) for a in ads], [blend(ads[:3])] * 4):
+            r = eb.run(mix)
+            assert r["output_tokens"] == 20 and r["output_tok_per_s"] > 0 and r["ttft_s_p50"] > 0
+            assert r["decode_rows_per_step"] is not None
+        busy = eb.busy_ttft(probes=2, background=3)
+        assert busy["ratio_p50"] > 0
+    finally:
+        eb.close()
+    assert not any(".base_layer" in n for n, _ in model.named_modules())  # unwrapped again
