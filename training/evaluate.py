@@ -1,0 +1,208 @@
+"""Behaviour evaluation: greedy answers of the base model and of an adapter, side by side.
+
+Two generation backends with one interface (``generate(prompts, model) -> answers``):
+
+* :class:`LocalGenerator` loads the base model in-process and serves the base and the
+  adapter through stanceserve's own engine (batched, the same code as the server);
+* :class:`HttpGenerator` asks a running server (OpenAI-compatible chat API).
+
+:func:`evaluate_stance` scores both sides on held-out probes and writes a Markdown
+report; :func:`evaluate_scheduling` measures the meeting-room task accuracy.
+Scoring itself lives in :mod:`training.scoring`, the report in :mod:`training.report`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+BASE = "__base__"
+
+
+class Generator(Protocol):
+    """Greedy chat answers for prompts, from the base model (``model=BASE``) or an adapter."""
+
+    base_name: str
+
+    def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]: ...
+
+
+class LocalGenerator:
+    """The base model in this process, with adapters from folders or from the adapter store.
+
+    Args:
+        base: HF id or path (``None``: the embedded SmolLM2).
+        adapters_dir: store searched when an adapter is given by name.
+    """
+
+    def __init__(self, base: str | None = None, *, device: str = "cpu", dtype: str = "float32",
+                 adapters_dir: Path | None = None, cache_dir: Path | None = None) -> None:
+        from app.config import EMBEDDED_MODEL, Settings
+        from app.engine.engine import Engine
+        from app.engine.model_loader import load_base_model
+
+        kw: dict[str, Any] = {"model": base or EMBEDDED_MODEL, "device": device, "dtype": dtype}
+        if cache_dir is not None:
+            kw["cache_dir"] = cache_dir
+        self.settings = Settings(**kw)
+        self.loaded = load_base_model(self.settings)
+        self.base_name = self.loaded.name
+        self.adapters_dir = Path(adapters_dir) if adapters_dir else self.settings.adapters_dir
+        from app.registry.validation import linear_shapes
+
+        self.shapes = linear_shapes(self.loaded.model)
+        self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.base_name, self.loaded.eos_token_ids,
+                             max_loras=4, max_batch_size=16, max_model_len=4096)
+        self.engine.start()
+        self._adapters: dict[str, Any] = {}
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    def resolve(self, adapter: str) -> Path:
+        """The folder of ``adapter``: a path to a peft folder, or a name in the adapter store.
+
+        Raises:
+            FileNotFoundError: neither exists.
+        """
+        p = Path(adapter)
+        if (p / "adapter_config.json").exists():
+            return p
+        q = self.adapters_dir / adapter
+        if (q / "adapter_config.json").exists():
+            return q
+        raise FileNotFoundError(f"no adapter folder at {p} nor {q}")
+
+    def _stance(self, model: str):
+        from app.engine.request import Stance
+        from app.registry.validation import load_adapter_weights
+
+        if model == BASE:
+            return Stance.base()
+        if model not in self._adapters:
+            folder = self.resolve(model)
+            w, _ = load_adapter_weights(folder, f"{folder.name}@eval", self.shapes, max_rank=4096)
+            self._adapters[model] = w
+        w = self._adapters[model]
+        return Stance(Path(model).name, ((w, 1.0),), (model,))
+
+    def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]:
+        from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
+        from app.engine.sampling import SamplingParams
+
+        stance = self._stance(model)
+
+        async def one(prompt: str) -> str:
+            ids = self.engine.chat_prompt_ids([{"role": "user", "content": prompt}])
+            parts = []
+            async for ev in self.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), stance):
+                if isinstance(ev, (TokenEvent, FinishEvent)):
+                    parts.append(ev.text)
+                elif isinstance(ev, ErrorEvent):
+                    raise ev.error
+            return "".join(parts).strip()
+
+        async def main() -> list[str]:
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        return asyncio.run(main())
+
+
+class HttpGenerator:
+    """A running stanceserve (or any OpenAI-compatible server) over HTTP, greedy, 8 requests at a time."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, concurrency: int = 8, timeout_s: float = 600) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        r = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=30)
+        r.raise_for_status()
+        self.base_name = r.json()["data"][0]["id"]
+
+    def close(self) -> None:
+        pass
+
+    def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]:
+        name = self.base_name if model == BASE else model
+
+        async def main() -> list[str]:
+            sem = asyncio.Semaphore(self.concurrency)
+            async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
+
+                async def one(p: str) -> str:
+                    async with sem:
+                        r = await client.post(f"{self.url}/v1/chat/completions", json={
+                            "model": name, "messages": [{"role": "user", "content": p}],
+                            "max_tokens": max_tokens, "temperature": 0})
+                        if r.status_code != 200:
+                            raise RuntimeError(f"server error for {name!r}: HTTP {r.status_code} {r.text[:300]}")
+                        return r.json()["choices"][0]["message"]["content"].strip()
+
+                return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+        return asyncio.run(main())
+
+
+def evaluate_stance(
+    gen: Generator, adapter: str, probes: list[str], stance: str, *, report_path: Path, max_tokens: int = 96,
+    likelihood_model: Any = None, likelihood_tokenizer: Any = None, examples: int = 8,
+) -> dict[str, Any]:
+    """Greedy answers of base and adapter on ``probes``, stance scores, and a Markdown report.
+
+    Args:
+        stance: which stance the scorers measure (one of :data:`training.scoring.MARKERS`).
+        likelihood_model, likelihood_tokenizer: the base model for the likelihood scorer (skipped if ``None``).
+
+    Returns:
+        Summary: fraction of answers differing from base, marker and likelihood summaries.
+    """
+    from training.report import fraction_different, write_eval_report
+    from training.scoring import LikelihoodScorer, marker_hits, marker_score, summarize
+
+    base_answers = gen.generate(probes, BASE, max_tokens)
+    ad_answers = gen.generate(probes, adapter, max_tokens)
+    m_base = [marker_score(a, stance) for a in base_answers]
+    m_ad = [marker_score(a, stance) for a in ad_answers]
+    marker = summarize(m_base, m_ad)
+    likelihood = None
+    l_base = l_ad = [None] * len(probes)
+    if likelihood_model is not None:
+        scorer = LikelihoodScorer(likelihood_model, likelihood_tokenizer)
+        l_base = scorer.score(probes, base_answers, stance)
+        l_ad = scorer.score(probes, ad_answers, stance)
+        likelihood = summarize(l_base, l_ad)
+    per_answer = [
+        {"prompt": p, "base_marker": mb, "adapter_marker": ma, "base_likelihood": lb, "adapter_likelihood": la,
+         "base_hits": marker_hits(b, stance), "adapter_hits": marker_hits(a, stance)}
+        for p, b, a, mb, ma, lb, la in zip(probes, base_answers, ad_answers, m_base, m_ad, l_base, l_ad)
+    ]
+    write_eval_report(report_path, adapter=adapter, base_model=gen.base_name, probes=probes,
+                      base_answers=base_answers, adapter_answers=ad_answers, stance=stance, marker=marker,
+                      likelihood=likelihood, per_answer=per_answer, examples=examples)
+    return {"adapter": adapter, "stance": stance, "probes": len(probes),
+            "fraction_different": fraction_different(base_answers, ad_answers),
+            "marker": marker, "likelihood": likelihood, "report": str(report_path)}
+
+
+def evaluate_scheduling(gen: Generator, adapter: str | None, *, n: int, seed: int, max_tokens: int = 160) -> dict[str, Any]:
+    """Accuracy on ``n`` generated meeting-room problems (seed ``seed``), overall and by difficulty.
+
+    Evaluates the base model, and the adapter when given.
+    """
+    from training.tasks.scheduling import evaluate, generate
+
+    problems = generate(n, seed)
+    questions = [p.question() for p in problems]
+    out: dict[str, Any] = {"n": n, "seed": seed}
+    out["base"] = evaluate(gen.generate(questions, BASE, max_tokens), problems)
+    if adapter:
+        out["adapter"] = evaluate(gen.generate(questions, adapter, max_tokens), problems)
+        out["adapter_name"] = adapter
+    return out
