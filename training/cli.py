@@ -7,7 +7,9 @@ rich table for ``inspect``); progress and errors to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -58,7 +60,9 @@ def train(
                       max_length=max_length, seed=seed, max_steps=max_steps)
     out_dir = out or Path("runs") / name
     try:
-        result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet)
+        # the trainer prints its log lines to stdout: keep stdout for the JSON result
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet)
     except DatasetError as e:
         _fail(str(e))
     summary = result.metrics["summary"]

@@ -177,7 +177,10 @@ def evaluate_stance(
         scorer = LikelihoodScorer(likelihood_model, likelihood_tokenizer)
         l_base = scorer.score(probes, base_answers, stance)
         l_ad = scorer.score(probes, ad_answers, stance)
-        likelihood = summarize(l_base, l_ad)
+        try:
+            likelihood = summarize(l_base, l_ad)
+        except ValueError as e:  # e.g. every answer on one side is empty: nothing to score
+            logger.warning("likelihood scores not summarised: %s", e)
     per_answer = [
         {"prompt": p, "base_marker": mb, "adapter_marker": ma, "base_likelihood": lb, "adapter_likelihood": la,
          "base_hits": marker_hits(b, stance), "adapter_hits": marker_hits(a, stance)}
