@@ -35,6 +35,8 @@ RUN make venv VENV=/opt/venv INSTALL_SPEC=. \
     && make model VENV=/opt/venv \
     && rm -rf "$STANCESERVE_CACHE_DIR/wheels"
 
+# the three shipped stance adapters seed the store (a mounted /data volume starts with them too)
+COPY adapters /data/adapters
 RUN useradd --create-home --uid 1000 stanceserve \
     && mkdir -p /data/adapters /data/hf \
     && chown -R stanceserve:stanceserve /data

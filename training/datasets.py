@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -121,6 +122,27 @@ def parse_row(obj: Any, method: Method, path: Path, line: int) -> dict[str, Any]
     raise DatasetError(path, line, "an SFT row needs 'messages', or 'prompt' and 'completion'", "messages")
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line of a JSONL file.
+
+    Raises:
+        DatasetError: unreadable or non-UTF-8 file, or invalid JSON (with its line number).
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DatasetError(path, None, f"cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(path, None, f"not UTF-8 text ({e})") from e
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(path, i, f"invalid JSON: {e.msg} (column {e.colno})") from e
+
+
 def load_dataset(path: Path | str, method: Method) -> StanceDataset:
     """Read and validate a JSONL dataset for ``method``.
 
@@ -128,26 +150,10 @@ def load_dataset(path: Path | str, method: Method) -> StanceDataset:
         DatasetError: unreadable file, invalid JSON (with line number), a malformed row, or no rows.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(path, None, f"cannot read: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(path, None, f"not UTF-8 text ({e})") from e
-    rows = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(path, i, f"invalid JSON: {e.msg} (column {e.colno})") from e
-        rows.append(parse_row(obj, method, path, i))
+    rows = [parse_row(obj, method, path, i) for i, obj in _json_lines(path)]
     if not rows:
         raise DatasetError(path, None, "no rows")
-    return StanceDataset(rows, method, hashlib.sha256(raw).hexdigest(), path)
+    return StanceDataset(rows, method, hashlib.sha256(path.read_bytes()).hexdigest(), path)
 
 
 def load_probes(path: Path | str) -> list[str]:
@@ -158,17 +164,7 @@ def load_probes(path: Path | str) -> list[str]:
     """
     path = Path(path)
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(path, None, f"cannot read: {e}") from e
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(path, i, f"invalid JSON: {e.msg} (column {e.colno})") from e
+    for i, obj in _json_lines(path):
         if not isinstance(obj, dict):
             raise DatasetError(path, i, "each line must be a JSON object")
         out.append(_text(obj, "prompt", path, i))
