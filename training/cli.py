@@ -37,6 +37,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Per-step batch size.")] = 2,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
     beta: Annotated[float, typer.Option(help="DPO beta.")] = 0.1,
+    sft_weight: Annotated[float, typer.Option(help="DPO: weight of an extra NLL loss on the chosen answers (RPO); 0 = plain DPO.")] = 0.0,
     max_length: Annotated[int, typer.Option(help="Longest example in tokens.")] = 384,
     max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: run all epochs).")] = -1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
@@ -57,7 +58,7 @@ def train(
         _fail(f"--method must be sft or dpo, got {method!r}")
     cfg = TrainConfig(method=method, rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
                       epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, beta=beta,
-                      max_length=max_length, seed=seed, max_steps=max_steps)
+                      max_length=max_length, seed=seed, max_steps=max_steps, sft_weight=sft_weight)
     out_dir = out or Path("runs") / name
     try:
         # the trainer prints its log lines to stdout: keep stdout for the JSON result

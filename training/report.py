@@ -21,6 +21,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+#: A few marker phrases per stance, quoted in the report (the full lists are in training/scoring.py).
+_EXAMPLE_MARKERS = {
+    "curious-uncertainty": '"I wonder", "I\'m not sure", "What do you think?"',
+    "confident-expertise": '"The answer is", "Specifically", "In short"',
+    "engaged-difficulty": '"The tricky part", "This is hard because", "First, ... Then, ..."',
+}
+
+
 def fraction_different(base_answers: Sequence[str], adapter_answers: Sequence[str]) -> float:
     """Fraction (0..1) of probes whose adapter answer differs from the base answer.
 
@@ -147,9 +155,9 @@ def write_eval_report(
     if likelihood is not None:
         lines += _summary_rows("likelihood score", likelihood)
     how = (
-        f"The **marker score** counts phrases typical of `{stance}` (for example \"I wonder\", "
-        "\"The tricky part\", \"In short\") minus phrases of the opposite stance, per 100 words "
-        "(floor -10). It is lexical: it ignores meaning and is easy to game. "
+        f"The **marker score** counts phrases typical of `{stance}` (for example "
+        f"{_EXAMPLE_MARKERS.get(stance, 'see training/scoring.py')}) minus phrases of the opposite stance, per "
+        "100 words (floor -10). It is lexical: it ignores meaning and is easy to game. "
     )
     if likelihood is not None:
         how += (

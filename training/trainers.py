@@ -45,6 +45,9 @@ class TrainConfig:
         save_dtype: dtype of the saved adapter tensors.
         bf16_autocast: train fp32 weights under bf16 autocast (faster on CPUs with AVX512-BF16 / AMX).
         precompute_ref: DPO: compute the reference model's log-probs once before training.
+        sft_weight: DPO: add this weight times the NLL of the chosen answer to the DPO loss (TRL's
+            ``loss_type=["sigmoid", "sft"]``; the RPO objective of Pang et al. 2024, arXiv:2404.19733),
+            which teaches the chosen answers' form, not only the preference; 0 = plain DPO.
     """
 
     method: Method = "dpo"
@@ -63,6 +66,7 @@ class TrainConfig:
     max_steps: int = -1
     bf16_autocast: bool = False
     precompute_ref: bool = True
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -164,7 +168,8 @@ def train_adapter(
         from trl import DPOConfig, DPOTrainer
 
         # the reference log-probs (adapter off) are computed once, not in every epoch
-        args = DPOConfig(beta=config.beta, precompute_ref_log_probs=config.precompute_ref, **common)
+        loss = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]} if config.sft_weight else {}
+        args = DPOConfig(beta=config.beta, precompute_ref_log_probs=config.precompute_ref, **loss, **common)
         trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                              peft_config=peft_cfg, callbacks=[recorder])
     else:

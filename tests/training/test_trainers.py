@@ -42,9 +42,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return {"dpo": d / "dpo.jsonl", "sft": d / "sft.jsonl", "probes": d / "probes.jsonl"}
 
 
-@pytest.mark.parametrize("method", ["dpo", "sft"])
-def test_training_changes_weights_and_writes_a_servable_adapter(tiny_base, data, method, tmp_path):
-    cfg = TrainConfig(method=method, rank=4, alpha=8, epochs=1, batch_size=2, grad_accum=1, lr=1e-2, save_dtype="float32")
+@pytest.mark.parametrize(("method", "sft_weight"), [("dpo", 0.0), ("dpo", 1.0), ("sft", 0.0)])
+def test_training_changes_weights_and_writes_a_servable_adapter(tiny_base, data, method, sft_weight, tmp_path):
+    cfg = TrainConfig(method=method, rank=4, alpha=8, epochs=1, batch_size=2, grad_accum=1, lr=1e-2,
+                      save_dtype="float32", sft_weight=sft_weight)
     res = train_adapter(data[method], "tiny-stance", tmp_path / "out", cfg, base=str(tiny_base), progress=False,
                         command="stanceserve train ...")
     out = res.out_dir
@@ -63,6 +64,8 @@ def test_training_changes_weights_and_writes_a_servable_adapter(tiny_base, data,
     if method == "dpo":
         assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(m["steps"][-1])
         assert m["summary"]["final_reward_margin"] is not None
+        # plain DPO starts at log(2); with the chosen-answer NLL added (RPO) the loss is far larger
+        assert (m["steps"][0]["loss"] > 2.0) == (sft_weight > 0)
     assert (out / "training_curves.png").stat().st_size > 1000
 
 
