@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -37,11 +37,9 @@ class ServiceState:
     metrics: Metrics
     engine: Engine | None = None
     store: AdapterStore | None = None
-    model_source: str = ""
     load_error: str | None = None
     load_seconds: float | None = None
     started_at: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

@@ -32,7 +32,7 @@ from app.engine.scheduler import Scheduler
 from app.engine.slots import SlotCache
 from app.errors import AdapterNotFoundError, InvalidBlendError, InvalidRequestError, QueueFullError
 from app.metrics import Metrics
-from app.registry.adapter import AdapterRecord, AdapterWeights
+from app.registry.adapter import AdapterRecord, AdapterWeights, adapter_name
 from app.registry.cache import WeightCache
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class Engine:
         self.weights.discard_name(name)
 
         def drop() -> None:
-            for key in [k for k in self.slots.keys() if k.rsplit("@", 1)[0] == name]:
+            for key in [k for k in self.slots.keys() if adapter_name(k) == name]:
                 self.slots.drop(key)
 
         self.scheduler.call(drop)

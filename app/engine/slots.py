@@ -76,10 +76,6 @@ class SlotCache:
         """Number of adapter versions currently on the device."""
         return len(self._slot_of)
 
-    def free_or_evictable(self) -> int:
-        """How many more distinct adapters could be acquired right now."""
-        return len(self._free) + sum(1 for s in self._slot_of.values() if self._refs.get(s, 0) == 0)
-
     def acquire(self, adapter: AdapterWeights) -> int:
         """Pin ``adapter`` in a slot, loading it if needed, and return the slot index.
 

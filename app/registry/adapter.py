@@ -18,6 +18,11 @@ from typing import Any
 import torch
 
 
+def adapter_name(key: str) -> str:
+    """The adapter name of a version key ``"{name}@{version}"``."""
+    return key.rsplit("@", 1)[0]
+
+
 @dataclass(frozen=True)
 class LoRAModuleWeights:
     """The LoRA factors of one target linear module.

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from app.registry.adapter import AdapterRecord, AdapterWeights
+from app.registry.adapter import AdapterRecord, AdapterWeights, adapter_name
 
 
 class WeightCache:
@@ -77,7 +77,7 @@ class WeightCache:
     def discard_name(self, name: str) -> None:
         """Forget every version of adapter ``name``."""
         with self._lock:
-            for key in [k for k in self._items if k.rsplit("@", 1)[0] == name]:
+            for key in [k for k in self._items if adapter_name(k) == name]:
                 del self._items[key]
 
     def _trim(self) -> None:
