@@ -270,8 +270,6 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
         staged.append(save_peft_folder(a, workdir / f"cold-upload-{i}", rank=rank, alpha=alpha))
     eng = bench.engine
     add_s, first_s, slot_s = [], [], []
-    loads: list[float] = []
-    eng.slots._on_load = lambda key, s: loads.append(s)
     for i, folder in enumerate(staged):
         t0 = time.perf_counter()
         rec, weights = store.add(f"cold{i}", folder)
@@ -280,9 +278,8 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
         r = asyncio.run(bench._one(Stance(rec.name, ((weights, 1.0),)), max_tokens=1))
         add_s.append(t1 - t0)
         first_s.append(t1 - t0 + r["ttft"])
-        slot_s.append(loads[-1])
+        slot_s.append(eng.slots.stats.last_load_seconds)  # this request's load: every load here is cold
         eng.scheduler.call(lambda k=weights.key: eng.slots.drop(k))  # free the slot again: every load is cold
-    eng.slots._on_load = eng._on_slot_load
     return {
         "adapters": n, "rank": rank,
         "slot_load_s_p50": _r(pct(slot_s, 0.5)), "slot_load_s_p99": _r(pct(slot_s, 0.99)),

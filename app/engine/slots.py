@@ -38,6 +38,7 @@ class SlotStats:
     misses: int = 0
     evictions: int = 0
     load_seconds_total: float = 0.0
+    last_load_seconds: float | None = None  # duration of the latest load into a slot (seconds)
 
 
 class SlotCache:
@@ -95,6 +96,7 @@ class SlotCache:
             self.lora.write_slot(slot, adapter)
             dt = time.perf_counter() - t0
             self.stats.load_seconds_total += dt
+            self.stats.last_load_seconds = dt
             self._slot_of[adapter.key] = slot
             logger.debug("loaded %s into slot %d in %.1f ms", adapter.key, slot, dt * 1e3)
             if self._on_load is not None:
