@@ -95,6 +95,8 @@ def eval_cmd(
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
     likelihood: Annotated[bool, typer.Option(help="Also run the likelihood-based stance scorer (loads the base model).")] = True,
     out: Annotated[Path | None, typer.Option(help="Report (Markdown) or result (JSON) path.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="Training JSONL whose chosen answers (DPO) or completions (SFT) calibrate the scorers.")] = None,
 ) -> None:
     """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy)."""
     from training.evaluate import HttpGenerator, LocalGenerator, evaluate_scheduling, evaluate_stance
@@ -110,7 +112,7 @@ def eval_cmd(
             if out:
                 out.write_text(json.dumps(res, indent=2) + "\n")
         else:
-            from training.datasets import DatasetError, load_probes
+            from training.datasets import DatasetError, load_probes, load_reference_answers
             from training.scoring import MARKERS
 
             st = stance or Path(adapter).name
@@ -118,6 +120,7 @@ def eval_cmd(
                 _fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
             try:
                 prompts = load_probes(probes)
+                ref = load_reference_answers(reference) if reference else None
             except DatasetError as e:
                 _fail(str(e))
             lm = tok = None
@@ -131,7 +134,8 @@ def eval_cmd(
                     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu"))
                     lm, tok = loaded.model, loaded.tokenizer
             res = evaluate_stance(gen, adapter, prompts, st, report_path=out or Path(f"eval-{Path(adapter).name}.md"),
-                                  max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok)
+                                  max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok,
+                                  reference=ref)
     finally:
         gen.close()
     typer.echo(json.dumps(res, indent=2))

@@ -173,6 +173,27 @@ def load_probes(path: Path | str) -> list[str]:
     return out
 
 
+def load_reference_answers(path: Path | str) -> list[tuple[str, str]]:
+    """``(user prompt, target answer)`` pairs of a training file, to calibrate stance scorers.
+
+    The target answer is a DPO row's ``chosen`` side, or an SFT row's completion (last
+    assistant turn; the prompt is then the last user turn). The format is read per row.
+
+    Raises:
+        DatasetError: as :func:`load_dataset`.
+    """
+    path = Path(path)
+    out = []
+    for i, obj in _json_lines(path):
+        method: Method = "dpo" if isinstance(obj, dict) and "chosen" in obj else "sft"
+        row = parse_row(obj, method, path, i)
+        user = [t["content"] for t in row["prompt"] if t["role"] == "user"][-1]
+        out.append((user, row["chosen" if method == "dpo" else "completion"][0]["content"]))
+    if not out:
+        raise DatasetError(path, None, "no rows")
+    return out
+
+
 #: The datasets shipped with the package.
 DATA_DIR = Path(__file__).resolve().parent / "data"
 STANCES = ("curious-uncertainty", "confident-expertise", "engaged-difficulty")

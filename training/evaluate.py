@@ -153,15 +153,22 @@ class HttpGenerator:
 def evaluate_stance(
     gen: Generator, adapter: str, probes: list[str], stance: str, *, report_path: Path, max_tokens: int = 96,
     likelihood_model: Any = None, likelihood_tokenizer: Any = None, examples: int = 8,
+    reference: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Greedy answers of base and adapter on ``probes``, stance scores, and a Markdown report.
 
     Args:
         stance: which stance the scorers measure (one of :data:`training.scoring.MARKERS`).
         likelihood_model, likelihood_tokenizer: the base model for the likelihood scorer (skipped if ``None``).
+        reference: optional ``(prompt, answer)`` pairs written in the stance (the training set's
+            chosen answers, :func:`training.datasets.load_reference_answers`), scored the same way
+            to show what each scorer gives the target text: an adapter that imitates its data well
+            scores near it, so a reference that does not clear the base p90 means that scorer cannot
+            separate this stance from the base model.
 
     Returns:
-        Summary: fraction of answers differing from base, marker and likelihood summaries.
+        Summary: fraction of answers differing from base, marker and likelihood summaries; with a
+        reference, each summary also has ``"reference": {"n", "mean", "above_base_p90", "separated"}``.
     """
     from training.report import fraction_different, write_eval_report
     from training.scoring import LikelihoodScorer, marker_hits, marker_score, summarize
@@ -171,6 +178,8 @@ def evaluate_stance(
     m_base = [marker_score(a, stance) for a in base_answers]
     m_ad = [marker_score(a, stance) for a in ad_answers]
     marker = summarize(m_base, m_ad)
+    if reference:
+        marker["reference"] = _reference_summary(m_base, [marker_score(a, stance) for _, a in reference])
     likelihood = None
     l_base = l_ad = [None] * len(probes)
     if likelihood_model is not None:
@@ -179,6 +188,9 @@ def evaluate_stance(
         l_ad = scorer.score(probes, ad_answers, stance)
         try:
             likelihood = summarize(l_base, l_ad)
+            if reference:
+                l_ref = scorer.score([p for p, _ in reference], [a for _, a in reference], stance)
+                likelihood["reference"] = _reference_summary(l_base, l_ref)
         except ValueError as e:  # e.g. every answer on one side is empty: nothing to score
             logger.warning("likelihood scores not summarised: %s", e)
     per_answer = [
@@ -192,6 +204,15 @@ def evaluate_stance(
     return {"adapter": adapter, "stance": stance, "probes": len(probes),
             "fraction_different": fraction_different(base_answers, ad_answers),
             "marker": marker, "likelihood": likelihood, "report": str(report_path)}
+
+
+def _reference_summary(base_scores: list[float], reference_scores: list[float]) -> dict[str, Any]:
+    """How the reference answers score against the base answers' distribution (see :func:`evaluate_stance`)."""
+    from training.scoring import summarize
+
+    s = summarize(base_scores, reference_scores)
+    return {"n": s["n_adapter"], "mean": s["adapter_mean"], "above_base_p90": s["adapter_above_base_p90"],
+            "separated": s["separated"]}
 
 
 def evaluate_scheduling(gen: Generator, adapter: str | None, *, n: int, seed: int, max_tokens: int = 160) -> dict[str, Any]:

@@ -83,6 +83,16 @@ def _summary_rows(name: str, summary: dict) -> list[str]:
         f"| {name}: adapter median | {_num(summary.get('adapter_median'))} |",
         f"| {name}: adapter answers above base p90 | {_pct(summary.get('adapter_above_base_p90'))} |",
         f"| {name}: separated (adapter mean > base p90) | {_num(summary.get('separated'))} |",
+        *_reference_rows(name, summary.get("reference")),
+    ]
+
+
+def _reference_rows(name: str, ref: dict | None) -> list[str]:
+    if not ref:
+        return []
+    return [
+        f"| {name}: reference answers mean ({ref.get('n')} written in the stance) | {_num(ref.get('mean'))} |",
+        f"| {name}: reference answers above base p90 | {_pct(ref.get('above_base_p90'))} |",
     ]
 
 
@@ -171,6 +181,12 @@ def write_eval_report(
         "of stance. *Separated* means the adapter's mean score is above the 90th percentile of the base "
         "answers' scores."
     )
+    if marker.get("reference") or (likelihood or {}).get("reference"):
+        how += (
+            " *Reference answers* are answers written in the stance (the training set's chosen side), "
+            "scored the same way: what a scorer gives the target text itself. Where they do not clear "
+            "the base p90, that scorer cannot tell this stance from the base model, whatever the adapter does."
+        )
     lines += [
         "",
         "## How the scores work",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.datasets import STANCES, DatasetError, load_dataset, load_probes, stance_files
+from training.datasets import STANCES, DatasetError, load_dataset, load_probes, load_reference_answers, stance_files
 
 
 def write(tmp_path, lines, name="d.jsonl"):
@@ -55,6 +55,19 @@ def test_malformed_rows_name_file_line_and_field(tmp_path, method, bad, field, t
         load_dataset(p, method)
     assert e.value.line == 3 and e.value.field == field
     assert f"{p}:3" in str(e.value) and text in str(e.value)
+
+
+def test_reference_answers_from_dpo_and_sft_rows(tmp_path):
+    p = write(tmp_path, [
+        {"prompt": "Why?", "chosen": "Because of X.", "rejected": "Maybe."},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                      {"role": "assistant", "content": "a2"}]},
+        {"prompt": "p", "completion": "c"},
+    ])
+    assert load_reference_answers(p) == [("Why?", "Because of X."), ("u2", "a2"), ("p", "c")]
+    with pytest.raises(DatasetError, match=r":2: .*missing field 'rejected'"):
+        load_reference_answers(write(tmp_path, [{"prompt": "p", "completion": "c"}, {"prompt": "p", "chosen": "c"}], "b.jsonl"))
 
 
 def test_invalid_json_and_empty_file(tmp_path):

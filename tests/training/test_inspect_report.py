@@ -124,7 +124,8 @@ def test_write_eval_report(tmp_path):
         "n_base": 3, "n_adapter": 3, "base_mean": 0.125, "base_median": 0.0, "base_p90": 1.5,
         "adapter_mean": 23.456, "adapter_median": 20.0, "adapter_above_base_p90": 2 / 3, "separated": True,
     }  # fmt: skip
-    likelihood = dict(marker, base_mean=-0.031, adapter_mean=0.777, separated=False)
+    likelihood = dict(marker, base_mean=-0.031, adapter_mean=0.777, separated=False,
+                      reference={"n": 12, "mean": 0.5, "above_base_p90": 0.25, "separated": False})
     per_answer = [
         {"base_marker": 0.0, "adapter_marker": 50.0, "base_hits": [], "adapter_hits": ["wonder", "maybe", "?"],
          "base_likelihood": -0.1, "adapter_likelihood": 0.25},
@@ -145,6 +146,10 @@ def test_write_eval_report(tmp_path):
     assert "| marker score: adapter answers above base p90 | 67% |" in text
     assert "| likelihood score: adapter mean | 0.777 |" in text
     assert "| likelihood score: separated (adapter mean > base p90) | no |" in text
+    assert "| likelihood score: reference answers mean (12 written in the stance) | 0.500 |" in text
+    assert "| likelihood score: reference answers above base p90 | 25% |" in text
+    assert "marker score: reference" not in text  # only the summaries that have one
+    assert "*Reference answers* are answers written in the stance" in text
     assert "How the scores work" in text
     # Two examples only, side by side with scores and hits.
     assert "### Probe 1" in text and "### Probe 2" in text and "### Probe 3" not in text
