@@ -77,8 +77,16 @@ def bench(
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
     from app.bench.models import build_model, random_adapter
     from app.bench.scenarios import (
-        EngineBench, baseline_peft_mixed_batch, baseline_serial_set_adapter, blend, cold_load, many_adapters as many,
-        peft_model, stance,
+        EngineBench,
+        baseline_peft_mixed_batch,
+        baseline_serial_set_adapter,
+        blend,
+        cold_load,
+        peft_model,
+        stance,
+    )
+    from app.bench.scenarios import (
+        many_adapters as many,
     )
     from app.engine.request import Stance
 

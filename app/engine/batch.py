@@ -49,7 +49,7 @@ class Sequence:
 
 def _cache_layers(cache: DynamicCache) -> list:
     layers = getattr(cache, "layers", None)
-    if layers is None or any(not hasattr(l, "keys") for l in layers):
+    if layers is None or any(not hasattr(layer, "keys") for layer in layers):
         raise TypeError("continuous batching needs a DynamicCache with per-layer keys/values")
     return layers
 

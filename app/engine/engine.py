@@ -15,8 +15,6 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import torch
-
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.lora import MultiLoRA
 from app.engine.request import (

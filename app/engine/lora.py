@@ -311,7 +311,7 @@ class MultiLoRA:
 
     def slot_bytes(self) -> int:
         """Device memory held by the slot tensors, in bytes."""
-        return sum(l.At.numel() * l.At.element_size() + l.Bt.numel() * l.Bt.element_size() for l in self.layers.values())
+        return sum(m.At.numel() * m.At.element_size() + m.Bt.numel() * m.Bt.element_size() for m in self.layers.values())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from training.datasets import STANCES, DatasetError, load_dataset, load_probes, 
 
 def write(tmp_path, lines, name="d.jsonl"):
     p = tmp_path / name
-    p.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    p.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     return p
 
 

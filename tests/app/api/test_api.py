@@ -168,9 +168,9 @@ def test_streaming_sse_and_completions(client):
         "stream": True, "stream_options": {"include_usage": True},
     }) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["usage"]["completion_tokens"] == 5 and chunks[-1]["choices"] == []
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
