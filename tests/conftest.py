@@ -1,8 +1,9 @@
 """Shared fixtures: tiny random models of each supported architecture, and peft adapters for them.
 
-Nothing is downloaded. The tokenizer is the 512-token TinyStories tokenizer in
-``../shared/models/stories260k`` (beside the checkout), given a ChatML chat
-template so chat requests work; the tiny models use the same vocabulary size.
+Nothing is downloaded. The tokenizer is the 512-token TinyStories tokenizer of the real
+stories260k model vendored in ``tests/fixtures/stories260k`` (1 MB, MIT; provenance in its
+SOURCE.md), given a ChatML chat template so chat requests work; the tiny models use the same
+vocabulary size. Vendored so the tests need nothing outside the checkout.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-STORIES_DIR = REPO.parent / "shared" / "models" / "stories260k"
+STORIES_DIR = REPO / "tests" / "fixtures" / "stories260k"
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
