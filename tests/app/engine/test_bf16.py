@@ -1,7 +1,7 @@
-"""The same engine code on CUDA (bf16): runs only where a GPU is present (CI has none).
+"""The same engine code in bf16, on CPU always and on CUDA where a GPU is present (CI has none).
 
-Checks the batched multi-LoRA layer against peft per row on the GPU, in bf16 with a bf16-sized
-tolerance, and that the engine serves a mixed batch of stances and a blend there.
+Checks the batched multi-LoRA layer against peft per row in bf16 with a bf16-sized tolerance
+(prefill and decode paths), and that the engine serves a mixed batch of stances and a blend.
 """
 
 from __future__ import annotations
@@ -20,32 +20,34 @@ from tests.app.engine.test_engine import FakeStore
 from tests.app.engine.test_lora import peft_logits, read_adapter
 from tests.conftest import save_peft_adapter
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
-def test_cuda_bf16_mixed_batch_matches_peft(tiny_model, arch, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_mixed_batch_matches_peft(tiny_model, arch, device, tmp_path):
     d1 = save_peft_adapter(tiny_model, tmp_path / "a1", arch, rank=4, seed=1)
     d2 = save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, seed=2)
-    gpu = copy.deepcopy(tiny_model).to("cuda", torch.bfloat16)
-    ids = torch.randint(3, 512, (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
-    refs = [peft_logits(gpu, d1, ids[0:1]), peft_logits(gpu, d2, ids[1:2])]
+    model_bf16 = copy.deepcopy(tiny_model).to(device, torch.bfloat16)
+    ids = torch.randint(3, 512, (3, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    refs = [peft_logits(model_bf16, d1, ids[0:1]), peft_logits(model_bf16, d2, ids[1:2])]
     with torch.no_grad():
-        refs.append(gpu(input_ids=ids[2:3]).logits)
-    lora = MultiLoRA(gpu, max_slots=4)
+        refs.append(model_bf16(input_ids=ids[2:3]).logits)
+    lora = MultiLoRA(model_bf16, max_slots=4)
     lora.write_slot(0, read_adapter(d1, "a1@1"))
     lora.write_slot(1, read_adapter(d2, "a2@1"))
     rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=ids.device, dtype=torch.bfloat16)
     for t in (9, 1):  # prefill path, then the decode (embedding_bag) path
         with torch.no_grad(), lora.routing(rows):
-            out = gpu(input_ids=ids[:, :t]).logits.float()
+            out = model_bf16(input_ids=ids[:, :t]).logits.float()
         for i, ref in enumerate(refs):
             torch.testing.assert_close(out[i, :t], ref[0, :t].float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama"])
-def test_cuda_engine_serves_stances_and_blends(tiny_model, tokenizer, arch, tmp_path):
+def test_bf16_engine_serves_stances_and_blends(tiny_model, tokenizer, arch, device, tmp_path):
     dirs = {n: save_peft_adapter(tiny_model, tmp_path / n, arch, seed=i) for i, n in enumerate(("a1", "a2"))}
-    model = copy.deepcopy(tiny_model).to("cuda", torch.bfloat16)
+    model = copy.deepcopy(tiny_model).to(device, torch.bfloat16)
     eng = Engine(model, tokenizer, "tiny", {10_000}, store=FakeStore(dirs), max_loras=4)
     eng.start()
 
