@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from app.engine.engine import Engine
-from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.request import FinishEvent
 from app.engine.sampling import SamplingParams
 from tests.app.engine.test_engine import FakeStore
-from tests.app.engine.test_lora import peft_logits, read_adapter
+from tests.app.engine.test_lora import mixed_batch_and_alone
 from tests.conftest import save_peft_adapter
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
@@ -29,18 +28,10 @@ def test_bf16_mixed_batch_matches_peft(tiny_model, arch, device, tmp_path):
     d2 = save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, seed=2)
     model_bf16 = copy.deepcopy(tiny_model).to(device, torch.bfloat16)
     ids = torch.randint(3, 512, (3, 9), generator=torch.Generator().manual_seed(0)).to(device)
-    refs = [peft_logits(model_bf16, d1, ids[0:1]), peft_logits(model_bf16, d2, ids[1:2])]
-    with torch.no_grad():
-        refs.append(model_bf16(input_ids=ids[2:3]).logits)
-    lora = MultiLoRA(model_bf16, max_slots=4)
-    lora.write_slot(0, read_adapter(d1, "a1@1"))
-    lora.write_slot(1, read_adapter(d2, "a2@1"))
-    rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=ids.device, dtype=torch.bfloat16)
     for t in (9, 1):  # prefill path, then the decode (embedding_bag) path
-        with torch.no_grad(), lora.routing(rows):
-            out = model_bf16(input_ids=ids[:, :t]).logits.float()
-        for i, ref in enumerate(refs):
-            torch.testing.assert_close(out[i, :t], ref[0, :t].float(), atol=3e-2, rtol=3e-2)
+        out, alone = mixed_batch_and_alone(model_bf16, d1, d2, ids[:, :t], torch.bfloat16)
+        for i, ref in enumerate(alone):
+            torch.testing.assert_close(out[i].float(), ref[0].float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,6 +39,25 @@ def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def mixed_batch_and_alone(base, d1, d2, input_ids, dtype=torch.float32):
+    """Rows ``[adapter d1, adapter d2, no adapter]`` of ``input_ids`` (``[3, T]``) in one forward
+    through :class:`MultiLoRA` on a copy of ``base``, and each row run alone (peft for the adapters).
+
+    Returns:
+        ``(batched logits [3, T, V], [d1 alone, d2 alone, base alone])``, each alone ``[1, T, V]``.
+    """
+    alone = [peft_logits(base, d1, input_ids[0:1]), peft_logits(base, d2, input_ids[1:2])]
+    with torch.no_grad():
+        alone.append(base(input_ids=input_ids[2:3]).logits)
+    model = copy.deepcopy(base)
+    lora = MultiLoRA(model, max_slots=4)
+    lora.write_slot(0, read_adapter(d1, "a1@1"))
+    lora.write_slot(1, read_adapter(d2, "a2@1"))
+    rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=input_ids.device, dtype=dtype)
+    with torch.no_grad(), lora.routing(rows):
+        return model(input_ids=input_ids).logits, alone
+
+
 def hand_merged_logits(base, adapters, weights, input_ids):
     """Reference blend: W' = W + sum_i w_i * s_i * B_i A_i in every targeted linear, then a plain forward."""
     model = copy.deepcopy(base)
@@ -60,18 +79,7 @@ def two_adapters(tiny_model, arch, tmp_path):
 def test_mixed_batch_matches_peft_per_row(tiny_model, arch, two_adapters):
     d1, d2 = two_adapters
     ids = torch.randint(3, 512, (3, 7), generator=torch.Generator().manual_seed(0))
-    ref1 = peft_logits(tiny_model, d1, ids[0:1])
-    ref2 = peft_logits(tiny_model, d2, ids[1:2])
-    with torch.no_grad():
-        ref_base = tiny_model(input_ids=ids[2:3]).logits
-
-    model = copy.deepcopy(tiny_model)
-    lora = MultiLoRA(model, max_slots=4)
-    lora.write_slot(0, read_adapter(d1, "a1@1"))
-    lora.write_slot(1, read_adapter(d2, "a2@1"))
-    batch = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=torch.device("cpu"), dtype=torch.float32)
-    with torch.no_grad(), lora.routing(batch):
-        out = model(input_ids=ids).logits
+    out, (ref1, ref2, ref_base) = mixed_batch_and_alone(tiny_model, d1, d2, ids)
 
     # The adapters really change the output, so the comparison below can fail.
     assert not torch.allclose(ref1, ref_base[:, :, :], atol=1e-3)
@@ -175,16 +183,7 @@ def test_real_smollm2_mixed_batch_logits_match_peft(tmp_path):
     d1 = save_peft_adapter(base, tmp_path / "a1", "llama", rank=8, alpha=16, seed=3, scale_b=0.05)
     d2 = save_peft_adapter(base, tmp_path / "a2", "llama", rank=4, alpha=8, seed=4, scale_b=0.05, targets=["q_proj", "v_proj"])
     ids = torch.randint(100, 40000, (3, 12), generator=torch.Generator().manual_seed(0))
-    refs = [peft_logits(base, d1, ids[0:1]), peft_logits(base, d2, ids[1:2])]
-    with torch.no_grad():
-        refs.append(base(input_ids=ids[2:3]).logits)
-    model = copy.deepcopy(base)
-    lora = MultiLoRA(model, max_slots=4)
-    lora.write_slot(0, read_adapter(d1, "a1@1"))
-    lora.write_slot(1, read_adapter(d2, "a2@1"))
-    rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=torch.device("cpu"), dtype=torch.float32)
-    with torch.no_grad(), lora.routing(rows):
-        out = model(input_ids=ids).logits
+    out, refs = mixed_batch_and_alone(base, d1, d2, ids)
     assert (refs[0] - refs[2]).abs().max() > 0.1  # the adapter matters
     for i, ref in enumerate(refs):
         torch.testing.assert_close(out[i : i + 1], ref, atol=2e-4, rtol=1e-4)
