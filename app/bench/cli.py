@@ -82,11 +82,9 @@ def bench(
         baseline_serial_set_adapter,
         blend,
         cold_load,
+        many_adapters as many,
         peft_model,
         stance,
-    )
-    from app.bench.scenarios import (
-        many_adapters as many,
     )
     from app.engine.request import Stance
 

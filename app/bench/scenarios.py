@@ -278,7 +278,7 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
         r = asyncio.run(bench._one(Stance(rec.name, ((weights, 1.0),)), max_tokens=1))
         add_s.append(t1 - t0)
         first_s.append(t1 - t0 + r["ttft"])
-        slot_s.append(eng.slots.stats.last_load_seconds)  # this request's load: every load here is cold
+        slot_s.append(eng.slots.stats.last_load_seconds)  # this request's own load
         eng.scheduler.call(lambda k=weights.key: eng.slots.drop(k))  # free the slot again: every load is cold
     return {
         "adapters": n, "rank": rank,
