@@ -5,15 +5,17 @@ All metrics live in one :class:`Metrics` object with its own
 ``stance`` label is the adapter name, ``"base"``, or ``"blend"`` for every
 weighted blend, so label cardinality is bounded by the registered adapters.
 Names follow Prometheus conventions: snake_case, base units, ``_total`` for
-counters. This module only records; it does not time anything itself except
-the tokens-per-second window.
+counters. Series of a deleted adapter are dropped by
+:meth:`Metrics.forget_stance`. This module only records; it does not time
+anything itself except the tokens-per-second window, whose memory is a few
+counters per stance (one per second of the window), not one entry per token.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,28 +27,90 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
+#: Shared ``stance`` labels that no adapter deletion removes (see :meth:`Metrics.forget_stance`).
+SHARED_STANCES = frozenset({"base", "blend"})
+
+_EMPTY = -(2**62)  # second index of a ring slot never written
+
+
+class _Ring:
+    """Per-stance token counts of the last few whole seconds: ``size`` buckets, bucket ``k % size`` holds second ``k``."""
+
+    __slots__ = ("counts", "seconds")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size
+        self.seconds = [_EMPTY] * size
+
 
 class _TokenRate(Collector):
-    """``stanceserve_generation_tokens_per_second``: generated tokens per second over the last ``window_s`` seconds."""
+    """``stanceserve_generation_tokens_per_second``: generated tokens per second over the last ``window_s`` seconds.
+
+    Memory is O(``window_s``) per stance whatever the traffic: each stance keeps a
+    ring of ``ceil(window_s) + 1`` counters, one per whole second (``floor(t)``), and
+    :meth:`add` only increments the counter of its second. The rate at ``now`` is
+    the tokens of the seconds that overlap ``(now - window_s, now]`` divided by
+    ``window_s``; the oldest, partly covered second counts in proportion to its
+    overlap (tokens assumed spread evenly within it), so the gauge is exact for
+    steady traffic and within one second's tokens otherwise. Stances stay listed
+    (at rate 0) until :meth:`forget`.
+
+    Args:
+        window_s: averaging window, in seconds (> 0).
+
+    Raises:
+        ValueError: ``window_s`` is not positive.
+    """
 
     def __init__(self, window_s: float = 10.0) -> None:
-        self.window_s = window_s
-        self._events: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0 seconds, got {window_s!r}")
+        self.window_s = float(window_s)
+        self.size = math.ceil(self.window_s) + 1
+        self._rings: dict[str, _Ring] = {}
         self._lock = threading.Lock()
 
     def add(self, stance: str, n: int, now: float | None = None) -> None:
+        """Count ``n`` tokens generated for ``stance`` at ``now`` (``time.monotonic()`` seconds by default).
+
+        A time older than the ring holds for that second's slot is dropped (it is out of the window).
+        """
+        second = math.floor(time.monotonic() if now is None else now)
+        i = second % self.size
         with self._lock:
-            self._events[stance].append((time.monotonic() if now is None else now, n))
+            ring = self._rings.get(stance)
+            if ring is None:
+                ring = self._rings[stance] = _Ring(self.size)
+            held = ring.seconds[i]
+            if held == second:
+                ring.counts[i] += n
+            elif held < second:  # the slot holds an expired second: reuse it
+                ring.seconds[i] = second
+                ring.counts[i] = n
 
     def rates(self, now: float | None = None) -> dict[str, float]:
+        """Tokens per second of every stance seen (and not forgotten), over ``(now - window_s, now]``."""
         now = time.monotonic() if now is None else now
+        lo = now - self.window_s
         out = {}
         with self._lock:
-            for stance, q in self._events.items():
-                while q and q[0][0] < now - self.window_s:
-                    q.popleft()
-                out[stance] = sum(n for _, n in q) / self.window_s
+            for stance, ring in self._rings.items():
+                total = 0.0
+                for second, count in zip(ring.seconds, ring.counts):
+                    if count:
+                        total += count * min(1.0, max(0.0, second + 1 - lo))
+                out[stance] = total / self.window_s
         return out
+
+    def forget(self, stance: str) -> None:
+        """Drop ``stance``'s ring, so the gauge no longer lists it (no-op if unknown)."""
+        with self._lock:
+            self._rings.pop(stance, None)
+
+    def stances(self) -> list[str]:
+        """The stances that have a ring."""
+        with self._lock:
+            return list(self._rings)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily(
@@ -112,6 +176,32 @@ class Metrics:
         )
         self.token_rate = _TokenRate(window_s)
         r.register(self.token_rate)
+
+    def _per_stance(self) -> tuple[Histogram | Counter, ...]:
+        """The labelled metrics that carry a ``stance`` label (the tokens/s gauge aside)."""
+        return (self.request_latency, self.ttft, self.itl, self.prompt_tokens, self.generation_tokens, self.requests)
+
+    def forget_stance(self, name: str, *, force: bool = False) -> None:
+        """Remove every series of stance ``name`` from every per-stance metric.
+
+        Call it when an adapter is deleted, so ``/metrics`` stops listing it: the
+        latency/TTFT/ITL histograms, the prompt/generation token counters, the
+        request counter (every ``status`` of that stance) and the tokens/s gauge.
+        A request still running on the adapter that finishes afterwards records a
+        fresh series. Unknown names are a no-op.
+
+        Args:
+            name: the ``stance`` label (the adapter name).
+            force: also remove the shared labels ``"base"`` and ``"blend"``
+                (:data:`SHARED_STANCES`); without it they are kept, since an adapter
+                that happens to bear one of these names shares its series with them.
+        """
+        if name in SHARED_STANCES and not force:
+            return
+        for metric in self._per_stance():
+            # partial match on the stance label: every label combination of it, read under the metric's lock
+            metric.remove_by_labels({"stance": name})
+        self.token_rate.forget(name)
 
     def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float]) -> None:
         """Make the running/waiting/loaded gauges read live values at scrape time."""
