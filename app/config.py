@@ -8,10 +8,11 @@ touch the disk.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The model id that means "the SmolLM2-135M-Instruct GGUF shipped in the
@@ -53,6 +54,20 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None,
         description="Bearer key for mutating endpoints. Unset: only loopback clients may mutate.",
+    )
+    trusted_proxies: list[
+        Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_network(v.strip(), strict=False)))]
+    ] = Field(
+        default_factory=list,
+        description="IPs or CIDRs of reverse proxies in front of the server, kept in CIDR form (default: none). "
+        "Only when the TCP peer is one of them is the client address read from X-Forwarded-For (the rightmost "
+        "address that is not a trusted proxy) or Forwarded: for=; the loopback-only admin rule (no admin_key) then "
+        "checks that address. The proxy must set X-Forwarded-For or Forwarded. "
+        "Env: a JSON list, STANCESERVE_TRUSTED_PROXIES='[\"127.0.0.1\"]'.",
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024,
+        description="Largest request body on every route except adapter uploads, in bytes.",
     )
 
     # --- adapters --------------------------------------------------------
