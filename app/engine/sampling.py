@@ -1,21 +1,44 @@
-"""Next-token choice: greedy, or sampling with temperature, top-k and top-p (nucleus).
+"""Next-token choice for a batch of rows, each with its own sampling parameters.
 
-Each request has its own :class:`SamplingParams` and, when seeded, its own
-``torch.Generator``, so a seeded request gives the same tokens whatever else
-shares its batch. Top-p is Holtzman et al. 2019 (arXiv:1904.09751). This module
-does not know about adapters, batching or stop strings.
+Per row, in this order (as vLLM does):
+
+1. raw logits of the step (``[vocab]``, the model's dtype);
+2. repetition penalty (CTRL, Keskar et al. 2019, arXiv:1909.05858; as HF's
+   ``RepetitionPenaltyLogitsProcessor``) over every token seen in the prompt or the output;
+3. frequency and presence penalties (OpenAI API docs) over the output tokens only;
+4. ``logit_bias``;
+5. the ``min_tokens`` mask (EOS ids and ``stop_token_ids`` at ``-inf`` until enough output);
+6. greedy rows: argmax; other rows: temperature, top-k, top-p (Holtzman et al. 2019,
+   arXiv:1904.09751), then one draw with the row's own ``torch.Generator``.
+
+Steps 2-5 run in float32 on a copy, and only for rows that use them; they apply to greedy
+rows too. Logprobs follow vLLM's default "raw" mode: ``log_softmax`` in float32 of the raw
+logits of step 1, before penalties, bias, masks and temperature.
+
+Each row is independent: a seeded row gets the same tokens whatever shares its batch, and a
+row whose logits are non-finite, or whose processing or sampling fails, gets a
+:class:`~app.errors.GenerationError` while its neighbours get their tokens.
+
+This module does not know about adapters, the KV cache, stop strings (the scheduler matches
+them, and ends rows on EOS and ``stop_token_ids``), nor does it validate request ranges
+beyond what keeps the engine safe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from app.errors import GenerationError
+
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
 
 @dataclass
 class SamplingParams:
-    """How one request picks its tokens.
+    """How one request picks its tokens. Every default means "off".
 
     Attributes:
         max_tokens: most new tokens to generate.
@@ -24,7 +47,16 @@ class SamplingParams:
         top_k: keep the k most likely tokens (0 = off).
         seed: seeds this request's own generator, for reproducible sampling.
         stop: strings that end the completion (not included in the output).
-        ignore_eos: keep generating past end-of-sequence tokens (benchmarks).
+        ignore_eos: keep generating past end-of-sequence tokens (benchmarks); EOS is then not
+            masked by ``min_tokens`` either.
+        presence_penalty: OpenAI, in [-2, 2]: subtracted once from every token already in the output.
+        frequency_penalty: OpenAI, in [-2, 2]: subtracted per occurrence of a token in the output.
+        repetition_penalty: CTRL, > 0 (1 = off): divides positive / multiplies negative logits
+            of every token in the prompt or the output.
+        logit_bias: token id -> value added to its logit (OpenAI range [-100, 100]).
+        stop_token_ids: token ids that end the completion (the scheduler acts on them).
+        min_tokens: until this many output tokens exist, EOS and ``stop_token_ids`` are banned.
+        logprobs: ``None``: none; k in [0, 20]: the chosen token's logprob and the top k.
     """
 
     max_tokens: int = 256
@@ -34,6 +66,13 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +85,21 @@ class SamplingParams:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed)
         return g
+
+
+@dataclass
+class TokenChoice:
+    """One row's chosen token.
+
+    Attributes:
+        token_id: the chosen token.
+        logprob: its raw log-probability (``None`` unless ``logprobs`` was asked).
+        top_logprobs: the k most likely ``(token_id, logprob)``, by decreasing logprob (raw mode).
+    """
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -71,25 +125,164 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return x
 
 
-def choose_tokens(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """Pick the next token of every row.
+def needs_processing(p: SamplingParams, n_output: int) -> bool:
+    """Whether steps 2-5 (penalties, bias, min_tokens) change anything for a row with ``n_output`` tokens."""
+    return bool(
+        p.repetition_penalty != 1.0
+        or (n_output and (p.presence_penalty or p.frequency_penalty))
+        or p.logit_bias
+        or n_output < p.min_tokens
+    )
+
+
+def _ids(ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[n]`` int64 ids on ``device``, dropping ids outside ``[0, vocab)`` (the model cannot emit them)."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return t[(t >= 0) & (t < vocab)].to(device)
+
+
+def process_logits(
+    x: torch.Tensor,
+    p: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    eos_token_ids: Collection[int] = frozenset(),
+) -> torch.Tensor:
+    """Steps 2-5 on one row, in place: repetition, frequency/presence penalties, logit_bias, min_tokens.
 
     Args:
-        logits: ``[rows, vocab]`` last-position logits.
-        params: one :class:`SamplingParams` per row.
-        generators: one generator per row (``None``: the global RNG).
+        x: ``[vocab]`` float32 logits, modified in place.
+        p: the row's parameters.
+        prompt_ids: the row's prompt tokens.
+        output_ids: the tokens generated so far.
+        eos_token_ids: the model's end-of-sequence ids.
 
     Returns:
-        one token id per row.
+        ``x``. Raises ``ValueError`` for a ``logit_bias`` id outside the vocabulary.
     """
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    out: list[int] = []
+    vocab, dev = x.numel(), x.device
+    if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
+        # CTRL: logit / p if logit > 0 else logit * p, for every token seen in prompt or output
+        # gather-then-scatter at the ids (as HF): repeated ids write the same value
+        t, rp = _ids([*prompt_ids, *output_ids], vocab, dev), p.repetition_penalty
+        v = x[t]
+        x[t] = torch.where(v > 0, v / rp, v * rp)
+    if output_ids and (p.presence_penalty or p.frequency_penalty):
+        # OpenAI: logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty
+        t = _ids(output_ids, vocab, dev)
+        c = torch.zeros(vocab, dtype=x.dtype, device=dev).index_add_(0, t, torch.ones_like(t, dtype=x.dtype))[t]
+        x[t] = x[t] - (c * p.frequency_penalty + p.presence_penalty)  # c >= 1 at every t
+    if p.logit_bias:
+        keys = [int(k) for k in p.logit_bias]
+        bad = [k for k in keys if not 0 <= k < vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        vals = torch.tensor([float(v) for v in p.logit_bias.values()], dtype=x.dtype)
+        x.index_add_(0, torch.tensor(keys, dtype=torch.long, device=dev), vals.to(dev))
+    if len(output_ids) < p.min_tokens:
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        if banned:
+            x[_ids(sorted(banned), vocab, dev)] = float("-inf")
+    return x
+
+
+def _sample(row: torch.Tensor, p: SamplingParams, g: torch.Generator | None) -> torch.Tensor:
+    """Draw one token from ``[vocab]`` logits whose max is finite; returns a ``[1]`` tensor.
+
+    The row is shifted so its max is 0 before temperature: then no temperature overflows to
+    ``+inf`` and the softmax is always a valid distribution (no device-side assert on CUDA).
+    """
+    x = row.float()
+    x = filter_logits(x - x.max(), p.temperature, p.top_k, p.top_p)
+    return torch.multinomial(torch.softmax(x, dim=-1), 1, generator=g)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    eos_token_ids: Collection[int] = frozenset(),
+) -> list[TokenChoice | GenerationError]:
+    """Pick the next token of every row (see the module docstring for the order of steps).
+
+    A row gets a :class:`GenerationError` in its place when its raw logits contain NaN or
+    ``+inf`` or have no finite entry, when its logits after steps 2-5 have no finite maximum,
+    when ``logprobs`` is outside [0, 20], or when processing or sampling raises. The other
+    rows are unaffected. Rows that use no penalty, bias, min_tokens or logprobs cost one
+    batched max (finiteness check and greedy argmax at once) and, when sampled, one draw.
+
+    Args:
+        logits: ``[rows, vocab]`` last-position logits; not modified.
+        params: one :class:`SamplingParams` per row.
+        generators: one generator per row (``None``: the global RNG).
+        prompt_ids: per row, the prompt's token ids (for the repetition penalty).
+        output_ids: per row, the tokens generated so far (penalties, min_tokens).
+        eos_token_ids: the model's end-of-sequence ids (banned while below ``min_tokens``).
+
+    Returns:
+        one :class:`TokenChoice` or :class:`GenerationError` per row.
+    """
+    rows, vocab = logits.shape
+    if not len(params) == len(generators) == len(prompt_ids) == len(output_ids) == rows:
+        raise ValueError("logits, params, generators, prompt_ids and output_ids must have one entry per row")
+    out: list[TokenChoice | GenerationError | None] = [None] * rows
+
+    # steps 2-5 on a float32 copy of only the rows that use them
+    need = [i for i in range(rows) if needs_processing(params[i], len(output_ids[i]))]
+    pos = {i: j for j, i in enumerate(need)}
+    reductions = [logits.max(dim=-1)]  # NaN and +inf propagate through max: one check for all
+    if need:
+        sub = logits[torch.tensor(need, device=logits.device)].to(torch.float32)
+        for j, i in enumerate(need):
+            try:
+                process_logits(sub[j], params[i], prompt_ids[i], output_ids[i], eos_token_ids)
+            except Exception as e:  # one row's fault must not fail the batch
+                out[i] = GenerationError(f"logits processing failed: {e}")
+        reductions.append(sub.max(dim=-1))
+    flags = torch.cat([torch.stack([torch.isfinite(m).long(), a]) for m, a in reductions], dim=1).tolist()
+    raw_ok, argmax = flags[0][:rows], flags[1][:rows]
+    for j, i in enumerate(need):  # processed rows: their own finiteness and argmax
+        if raw_ok[i] and not flags[0][rows + j] and out[i] is None:
+            out[i] = GenerationError("non-finite logits after penalties, logit_bias and min_tokens")
+        argmax[i] = flags[1][rows + j]
+    for i in range(rows):
+        k = params[i].logprobs
+        if not raw_ok[i]:
+            out[i] = GenerationError("non-finite logits (NaN, +inf, or no finite entry)")
+        elif k is not None and not 0 <= k <= MAX_LOGPROBS and out[i] is None:
+            out[i] = GenerationError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {k}")
+
+    # greedy rows take the argmax; sampled rows draw with their own generator (one sync at the end)
+    tokens: dict[int, int] = {}
+    drawn: dict[int, torch.Tensor] = {}
     for i, p in enumerate(params):
-        if p.greedy:
-            out.append(int(greedy[i]))
+        if out[i] is not None:
             continue
-        probs = torch.softmax(filter_logits(logits[i], p.temperature, p.top_k, p.top_p), dim=-1)
-        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
-    return out
+        if p.greedy:
+            tokens[i] = int(argmax[i])
+            continue
+        try:
+            drawn[i] = _sample(sub[pos[i]] if i in pos else logits[i], p, generators[i])
+        except Exception as e:  # idem
+            out[i] = GenerationError(f"sampling failed: {e}")
+    if drawn:
+        tokens.update(zip(drawn, torch.cat(list(drawn.values())).tolist()))
+
+    # raw logprobs, batched over the rows that asked
+    lp_rows = [i for i in tokens if params[i].logprobs is not None]
+    top: dict[int, list[tuple[int, float]]] = {}
+    chosen: dict[int, float] = {}
+    if lp_rows:
+        lps = torch.log_softmax(logits[torch.tensor(lp_rows, device=logits.device)].float(), dim=-1)
+        ids = torch.tensor([tokens[i] for i in lp_rows], device=logits.device)
+        chosen = dict(zip(lp_rows, lps.gather(1, ids[:, None])[:, 0].tolist()))
+        kmax = min(max(params[i].logprobs or 0 for i in lp_rows), vocab)
+        if kmax:
+            vals, idx = torch.topk(lps, kmax, dim=-1)
+            for i, v, t in zip(lp_rows, vals.tolist(), idx.tolist()):
+                top[i] = list(zip(t, v))[: params[i].logprobs]
+    for i, tok in tokens.items():
+        out[i] = TokenChoice(tok, chosen.get(i), top.get(i, []))
+    return out  # type: ignore[return-value]  # every row is filled
