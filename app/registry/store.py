@@ -11,7 +11,13 @@ Writes are never half-visible: a new version is written and fsynced in
 ``.old-<name>-<hex>``, tmp -> ``<name>``, then the old one is removed). A delete renames
 ``<name>`` to ``.del-<name>-<hex>`` before removing it. :meth:`AdapterStore.scan` rolls an
 interrupted swap back (a ``.old-`` folder whose ``<name>`` is missing is renamed back) and
-removes stale ``.tmp-`` / ``.del-`` / ``.old-`` folders.
+removes stale ``.tmp-`` / ``.del-`` / ``.old-`` / ``.upload-`` folders.
+
+Uploads are staged in ``root/.upload-<hex>/`` (:meth:`AdapterStore.staging`), on the
+store's own filesystem, never in the system temp folder; one left by a killed upload is
+removed by the next :meth:`AdapterStore.scan`. ``stance.json`` and
+``training_metrics.json`` are read through :func:`app.registry.jsonread.loads_limited`
+(size and nesting depth checked before parsing).
 
 The store does not put weights on a device or cache them (that is :mod:`app.engine`), and
 does not parse uploads (:mod:`app.registry.upload`). One process owns a root; the store
@@ -21,16 +27,15 @@ is thread-safe within it (one lock).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,15 @@ import torch
 
 from app.errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
 from app.registry.adapter import AdapterRecord, AdapterWeights
+from app.registry.files import copy_hashed, file_id, fsync_dir, remove_path, sha256_file, write_file
+from app.registry.jsonread import MAX_JSON_DEPTH
+from app.registry.sidefiles import (
+    STANCE_FILE,
+    check_description_metadata,
+    read_json_object,
+    stance_version,
+    training_metadata,
+)
 from app.registry.validation import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -48,98 +62,13 @@ from app.registry.validation import (
 
 logger = logging.getLogger(__name__)
 
-STANCE_FILE = "stance.json"
-TRAINING_METRICS_FILE = "training_metrics.json"
-_TMP, _OLD, _DEL = ".tmp-", ".old-", ".del-"
-_MAX_SIDE_JSON = 1024 * 1024  # largest stance.json / training_metrics.json read
-_CHUNK = 1024 * 1024
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the renames are still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy ``src`` to the new file ``dst`` (fsynced); return its sha256 hex digest and size."""
-    digest, size = hashlib.sha256(), 0
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        while chunk := fin.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return digest.hexdigest(), size
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _file_id(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def _remove(path: Path) -> None:
-    """Remove a file or folder, logging (not raising) on failure."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError as exc:
-        logger.warning("could not remove %s: %s", path, exc)
-
-
-def _read_json_object(path: Path) -> dict[str, Any] | None:
-    """A small JSON object file, or None if missing, too big or invalid (logged)."""
-    try:
-        if not path.is_file():
-            return None
-        if path.stat().st_size > _MAX_SIDE_JSON:
-            logger.warning("%s is larger than %d bytes; ignored", path, _MAX_SIDE_JSON)
-            return None
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        logger.warning("%s is unreadable; ignored: %s", path, exc)
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _stance_version(folder: Path) -> int:
-    stance = _read_json_object(folder / STANCE_FILE) or {}
-    version = stance.get("version", 1)
-    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else 1
+_TMP, _OLD, _DEL, _UPLOAD = ".tmp-", ".old-", ".del-", ".upload-"
 
 
 def _split_hidden(entry: str, prefix: str) -> str | None:
     """The adapter name in ``<prefix><name>-<hex>``, or None."""
     name, sep, _tag = entry[len(prefix) :].rpartition("-")
     return name if sep and NAME_RE.fullmatch(name) else None
-
-
-def training_metadata(folder: Path) -> dict[str, Any]:
-    """``{"training": <summary>}`` from ``folder/training_metrics.json`` if it has a ``summary`` object, else ``{}``."""
-    metrics = _read_json_object(Path(folder) / TRAINING_METRICS_FILE)
-    summary = (metrics or {}).get("summary")
-    return {"training": summary} if isinstance(summary, dict) else {}
 
 
 class AdapterStore:
@@ -152,6 +81,10 @@ class AdapterStore:
         max_bytes: largest ``adapter_model.safetensors`` + config, in bytes
             (``Settings.max_adapter_bytes``).
         reserved_names: names no adapter may take (the base model's served name).
+        max_json_depth: deepest nesting of arrays/objects accepted in JSON read from
+            outside (``adapter_config.json``, ``training_metrics.json``, metadata);
+            ``stance.json``, which wraps the metadata, may be one level deeper.
+            ValueError if below 1.
 
     Versions only grow within one process, also across delete and re-add, so an
     :attr:`AdapterRecord.key` (``name@version``) never names two different weights.
@@ -166,17 +99,21 @@ class AdapterStore:
         max_rank: int,
         max_bytes: int,
         reserved_names: Iterable[str] = frozenset(),
+        max_json_depth: int = MAX_JSON_DEPTH,
     ) -> None:
+        if max_json_depth < 1:
+            raise ValueError(f"max_json_depth must be at least 1, got {max_json_depth}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.base_shapes = dict(base_shapes)
         self.max_rank = max_rank
         self.max_bytes = max_bytes
         self.reserved_names = frozenset(reserved_names)
+        self.max_json_depth = max_json_depth
         self._lock = threading.RLock()
         self._index: dict[str, AdapterRecord] = {}
         self._last_version: dict[str, int] = {}
-        self._inflight: set[str] = set()  # .tmp- folders being written
+        self._inflight: set[str] = set()  # .tmp- and .upload- folders being written
 
     # ------------------------------------------------------------------ reads
 
@@ -210,17 +147,17 @@ class AdapterStore:
             AdapterValidationError: the files on disk no longer validate.
         """
         folder = Path(record.path)
-        before = _stance_version(folder) if folder.is_dir() else None
+        before = self._version_of(folder) if folder.is_dir() else None
         if before != record.version:
             raise AdapterNotFoundError(record.key)
         try:
-            weights, _ = load_adapter_weights(folder, record.key, self.base_shapes, max_rank=self.max_rank, dtype=dtype)
+            weights, _ = self._load(folder, record.key, dtype)
         except AdapterValidationError:
-            if not folder.is_dir() or _stance_version(folder) != record.version:
+            if not folder.is_dir() or self._version_of(folder) != record.version:
                 raise AdapterNotFoundError(record.key) from None
             raise
         # Versions only grow, so an unchanged version after the read means no swap happened during it.
-        if _stance_version(folder) != record.version:
+        if self._version_of(folder) != record.version:
             raise AdapterNotFoundError(record.key)
         return weights
 
@@ -248,8 +185,10 @@ class AdapterStore:
 
         Raises:
             AdapterValidationError: bad or reserved ``name`` (``param="name"``), metadata
-                that is not a JSON object (``param="metadata"``), or an invalid adapter
-                (see :func:`load_adapter_weights`).
+                that is not a JSON object or is nested deeper than ``max_json_depth``
+                (``param="metadata"``), a description that is not a string, description
+                and metadata together over 1 MiB of JSON, or an invalid adapter (see
+                :func:`load_adapter_weights`).
             AdapterTooLargeError: the files exceed ``max_bytes``.
             AdapterExistsError: ``name`` is taken (registered or a folder on disk) and
                 ``replace`` is false.
@@ -259,13 +198,7 @@ class AdapterStore:
         validate_name(name)
         if name in self.reserved_names:
             raise AdapterValidationError(f"adapter name {name!r} is reserved (it names the base model)", param="name")
-        if description is not None and not isinstance(description, str):
-            raise AdapterValidationError("description must be a string", param="description")
-        metadata = dict(metadata or {})
-        try:
-            json.dumps(metadata, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise AdapterValidationError(f"metadata must be a JSON object ({exc})", param="metadata") from None
+        metadata = check_description_metadata(description, metadata, max_depth=self.max_json_depth)
         with self._lock:
             if not replace and self._taken(name):
                 raise AdapterExistsError(name)
@@ -281,7 +214,7 @@ class AdapterStore:
                 f"{MODEL_FILE}: adapter is {size} bytes, more than the {self.max_bytes}-byte limit (max_adapter_bytes)",
                 param=MODEL_FILE,
             )
-        weights, config = load_adapter_weights(staged, f"{name}@staged", self.base_shapes, max_rank=self.max_rank)
+        weights, config = self._load(staged, f"{name}@staged")
         src_stat = model_src.stat()
 
         tmp = self.root / f"{_TMP}{name}-{uuid.uuid4().hex}"
@@ -290,9 +223,9 @@ class AdapterStore:
         old_dir: Path | None = None
         try:
             tmp.mkdir()
-            _write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode("utf-8"))
-            sha256, size = _copy_hashed(model_src, tmp / MODEL_FILE)
-            if _file_id(model_src.stat()) != _file_id(src_stat) or size != src_stat.st_size:
+            write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode("utf-8"))
+            sha256, size = copy_hashed(model_src, tmp / MODEL_FILE)
+            if file_id(model_src.stat()) != file_id(src_stat) or size != src_stat.st_size:
                 raise AdapterValidationError(f"{MODEL_FILE}: changed while it was being added; retry", param=MODEL_FILE)
             with self._lock:
                 if not replace and self._taken(name):
@@ -308,21 +241,21 @@ class AdapterStore:
                     "sha256": sha256,
                     "size": size,
                 }
-                _write_file(tmp / STANCE_FILE, json.dumps(stance, indent=2).encode("utf-8"))
-                _fsync_dir(tmp)
+                write_file(tmp / STANCE_FILE, json.dumps(stance, indent=2).encode("utf-8"))
+                fsync_dir(tmp)
                 old_dir = self._swap_in(name, tmp)
                 record = self._make_record(name, version, created, description, metadata, sha256, size, weights, config)
                 self._index[name] = record
                 self._last_version[name] = version
                 result = copy.deepcopy(record)
         except BaseException:
-            _remove(tmp)
+            remove_path(tmp)
             raise
         finally:
             with self._lock:
                 self._inflight.discard(tmp.name)
         if old_dir is not None:
-            _remove(old_dir)
+            remove_path(old_dir)
         logger.info("adapter %s stored (rank %d, %d bytes)", result.key, result.rank, size)
         return result, AdapterWeights(key=result.key, modules=weights.modules)
 
@@ -346,8 +279,36 @@ class AdapterStore:
         if not folder.is_dir():
             raise AdapterValidationError(f"adapter path {str(path)!r} is not a folder on the server", param="path")
         if metadata is None:
-            metadata = training_metadata(folder)
+            metadata = training_metadata(folder, max_depth=self.max_json_depth)
         return self.add(name, folder, description=description, metadata=metadata, replace=replace)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh empty folder ``root/.upload-<hex>/`` to stage an upload in; removed on exit, always.
+
+        On the store's own filesystem (so nothing is left in the system temp folder, and
+        the data is copied within one disk). Use::
+
+            with store.staging() as tmp:
+                staged = stage_upload(files, tmp / "adapter", max_bytes=...)
+                store.add(name, staged, ...)
+
+        The folder is never listed or registered; :meth:`scan` leaves it alone while it is
+        in use and removes one left behind by a killed process.
+
+        Raises:
+            OSError: the folder cannot be created (disk full, read-only root).
+        """
+        folder = self.root / f"{_UPLOAD}{uuid.uuid4().hex}"
+        with self._lock:
+            self._inflight.add(folder.name)
+        try:
+            folder.mkdir()
+            yield folder
+        finally:
+            remove_path(folder)
+            with self._lock:
+                self._inflight.discard(folder.name)
 
     def delete(self, name: str) -> AdapterRecord:
         """Unregister ``name`` and remove its folder (renamed away first, so never half-deleted under its name).
@@ -365,11 +326,11 @@ class AdapterStore:
                 os.rename(folder, tomb)
             except FileNotFoundError:
                 tomb = None
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             del self._index[name]
             self._last_version[name] = max(self._last_version.get(name, 0), record.version)
         if tomb is not None:
-            _remove(tomb)
+            remove_path(tomb)
         logger.info("adapter %s deleted", record.key)
         return record
 
@@ -380,9 +341,11 @@ class AdapterStore:
 
         First rolls back interrupted replaces (``.old-<name>-*`` whose ``<name>`` is missing
         is renamed back; with several, the highest ``stance.json`` version wins) and
-        removes stale ``.tmp-``, ``.del-`` and leftover ``.old-`` folders. Other dot-entries
-        are ignored. Every other folder is validated with :func:`load_adapter_weights`;
-        invalid ones, bad names and reserved names are logged and skipped, never fatal. A
+        removes stale ``.tmp-``, ``.del-``, ``.upload-`` (killed uploads, see
+        :meth:`staging`) and leftover ``.old-`` folders, except those in use by this
+        process (each removal is logged at info level). Other dot-entries are ignored.
+        Every other folder is validated with :func:`load_adapter_weights`; invalid ones,
+        bad names and reserved names are logged and skipped, never fatal. A
         folder without ``stance.json`` is version 1, created at the safetensors' mtime,
         with metadata from ``training_metrics.json`` (see :func:`training_metadata`).
         """
@@ -413,6 +376,16 @@ class AdapterStore:
 
     # -------------------------------------------------------------- internals
 
+    def _load(self, folder: Path, key: str, dtype: torch.dtype = torch.float32) -> tuple[AdapterWeights, dict]:
+        """:func:`load_adapter_weights` with this store's limits."""
+        return load_adapter_weights(
+            folder, key, self.base_shapes, max_rank=self.max_rank, dtype=dtype, max_json_depth=self.max_json_depth
+        )
+
+    def _version_of(self, folder: Path) -> int:
+        """The ``version`` in ``folder/stance.json``; 1 if it is missing or unreadable (logged)."""
+        return stance_version(folder, self.max_json_depth + 1)
+
     def _taken(self, name: str) -> bool:
         target = self.root / name
         return name in self._index or target.exists() or target.is_symlink()
@@ -430,7 +403,7 @@ class AdapterStore:
             if old_dir is not None:
                 os.rename(old_dir, target)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return old_dir
 
     def _recover(self) -> None:
@@ -442,30 +415,30 @@ class AdapterStore:
         for name, paths in olds.items():
             target = self.root / name
             if not (target.exists() or target.is_symlink()):
-                best = max(paths, key=_stance_version)
+                best = max(paths, key=self._version_of)
                 os.rename(best, target)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 paths.remove(best)
                 logger.warning("recovered adapter %s from interrupted replace (%s)", name, best.name)
             for path in paths:
                 logger.info("removing leftover %s", path)
-                _remove(path)
+                remove_path(path)
         for entry in entries:
-            if entry.name.startswith((_TMP, _DEL)) and entry.name not in self._inflight:
+            if entry.name.startswith((_TMP, _DEL, _UPLOAD)) and entry.name not in self._inflight:
                 logger.info("removing stale %s", entry)
-                _remove(entry)
+                remove_path(entry)
 
     def _read_record(self, name: str, folder: Path) -> AdapterRecord:
-        weights, config = load_adapter_weights(folder, f"{name}@scan", self.base_shapes, max_rank=self.max_rank)
+        weights, config = self._load(folder, f"{name}@scan")
         model_file = folder / MODEL_FILE
         size = model_file.stat().st_size
-        sha256 = _sha256(model_file)
-        stance = _read_json_object(folder / STANCE_FILE)
+        sha256 = sha256_file(model_file)
+        stance = read_json_object(folder / STANCE_FILE, self.max_json_depth + 1)
         if stance is None:
             version, created = 1, model_file.stat().st_mtime
-            description, metadata = None, training_metadata(folder)
+            description, metadata = None, training_metadata(folder, max_depth=self.max_json_depth)
         else:
-            version = _stance_version(folder)
+            version = self._version_of(folder)
             created = stance.get("created")
             if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
                 created = model_file.stat().st_mtime

@@ -17,7 +17,6 @@ Only plain LoRA on ``nn.Linear`` layers is served: ``delta_W = scaling * B @ A``
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from app.errors import AdapterValidationError
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+from app.registry.jsonread import MAX_JSON_DEPTH, loads_limited
 
 CONFIG_FILE = "adapter_config.json"
 MODEL_FILE = "adapter_model.safetensors"
@@ -149,20 +149,20 @@ def _check_pattern(config: dict[str, Any], field: str, check, expected: str) -> 
     return pattern
 
 
-def parse_adapter_config(raw: bytes, *, max_rank: int) -> dict[str, Any]:
+def parse_adapter_config(raw: bytes, *, max_rank: int, max_json_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     """Parse and check the bytes of ``adapter_config.json``; return the config dict.
 
+    The nesting depth is checked before parsing (:func:`app.registry.jsonread.loads_limited`).
+
     Raises:
-        AdapterValidationError: (``param="adapter_config.json"``) for invalid JSON, a
-            ``peft_type`` other than ``LORA``, ``r`` / ``rank_pattern`` values outside
+        AdapterValidationError: (``param="adapter_config.json"``) for more than
+            :data:`MAX_CONFIG_BYTES` bytes, invalid UTF-8 or JSON, nesting deeper than
+            ``max_json_depth`` levels, a ``peft_type`` other than ``LORA``, ``r`` / ``rank_pattern`` values outside
             ``[1, max_rank]``, a non-numeric ``lora_alpha`` / ``alpha_pattern`` value, or a
             feature that is not served (DoRA, ``bias`` != ``"none"``, ``modules_to_save``,
             LoRA bias, other peft variants, base-modifying inits such as unconverted PiSSA).
     """
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(CONFIG_FILE, f"not valid JSON ({exc})") from None
+    config = loads_limited(raw, max_depth=max_json_depth, param=CONFIG_FILE, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise _fail(CONFIG_FILE, f"must be a JSON object, got {type(config).__name__}")
 
@@ -253,6 +253,7 @@ def load_adapter_weights(
     *,
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    max_json_depth: int = MAX_JSON_DEPTH,
 ) -> tuple[AdapterWeights, dict[str, Any]]:
     """Read, check and return the LoRA factors of the adapter folder ``path``.
 
@@ -262,6 +263,7 @@ def load_adapter_weights(
         base_shapes: :func:`linear_shapes` of the base model.
         max_rank: largest accepted rank (``Settings.max_lora_rank``).
         dtype: floating dtype of the returned tensors.
+        max_json_depth: deepest nesting of arrays/objects accepted in ``adapter_config.json``.
 
     Returns:
         ``(weights, config)``: per module path, ``A`` of shape ``[r_m, d_in]``, ``B`` of
@@ -285,9 +287,12 @@ def load_adapter_weights(
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
         hint = f" (found {', '.join(pickles)}: {PICKLE_HINT})" if pickles else ""
         raise _fail(MODEL_FILE, f"missing from {path.name or path}{hint}")
-    if config_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise _fail(CONFIG_FILE, f"larger than {MAX_CONFIG_BYTES} bytes")
-    config = parse_adapter_config(config_path.read_bytes(), max_rank=max_rank)
+    try:
+        with open(config_path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # one byte over, so parse_adapter_config sees it is too big
+    except OSError as exc:
+        raise _fail(CONFIG_FILE, f"unreadable ({exc})") from None
+    config = parse_adapter_config(raw, max_rank=max_rank, max_json_depth=max_json_depth)
 
     factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     try:
