@@ -133,6 +133,47 @@ class ForbiddenError(StanceServeError):
     code = "forbidden"
 
 
+class ContextLengthExceededError(StanceServeError):
+    """Prompt plus ``max_tokens`` do not fit the model's context (HTTP 400, OpenAI's ``context_length_exceeded``)."""
+
+    status_code = 400
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(StanceServeError):
+    """An OpenAI request field that stanceserve does not implement was set (HTTP 400).
+
+    Refused rather than ignored, so a client never gets an answer that silently differs from what it asked for.
+    """
+
+    status_code = 400
+    code = "unsupported_parameter"
+
+
+class RequestTooLargeError(StanceServeError):
+    """The request body exceeds the route's byte limit (HTTP 413); raised while the body streams in."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+class GenerationError(StanceServeError):
+    """One request's generation failed inside the engine (HTTP 500); its neighbours in the batch go on.
+
+    Examples: non-finite logits (a blend that overflows), a sampling failure, a detokenizer error.
+    """
+
+    status_code = 500
+    code = "generation_failed"
+
+
+class InternalError(StanceServeError):
+    """An unexpected failure (HTTP 500). The message carries the request id that is also in the server log."""
+
+    status_code = 500
+    code = "internal_error"
+
+
 class NotReadyError(StanceServeError):
     """The model is not loaded yet or the engine stopped (HTTP 503)."""
 
@@ -147,15 +188,36 @@ class ModelLoadError(StanceServeError):
     code = "model_load_failed"
 
 
+#: ``code`` of the error body for HTTP errors raised by the framework itself (unknown route, wrong method...).
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limited", 503: "not_ready",
+}
+
+
+def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The error contract ``{"error": {"message", "type", "code", "param"}}`` for an HTTP status."""
+    return {
+        "error": {"message": message, "type": _HTTP_CODES.get(status, "error"), "code": code or _HTTP_CODES.get(
+            status, "http_error"), "param": param}
+    }
+
+
 def install_error_handlers(app: Any) -> None:
-    """Map every :class:`StanceServeError` and request-validation error to a JSON response.
+    """Map every error to the one JSON contract: domain errors, validation errors, HTTP errors, and crashes.
+
+    Unhandled exceptions are logged with a fresh request id (also in the response) and answered
+    500 ``internal_error``; nothing but ``{"error": {...}}`` ever leaves the service.
 
     Args:
         app: the FastAPI application.
     """
+    import uuid
+
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(StanceServeError)
     async def _domain(_: Request, exc: StanceServeError) -> JSONResponse:
@@ -172,6 +234,19 @@ def install_error_handlers(app: Any) -> None:
         message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
         body = InvalidRequestError(message, param=param).to_body()
         body["error"]["details"] = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": str(e.get("type"))}
+            for e in errors[:20]
         ]
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        body = error_body(exc.status_code, str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        rid = f"err-{uuid.uuid4().hex[:16]}"
+        logger.error("unhandled error in %s %s (request id %s)", request.method, request.url.path, rid, exc_info=exc)
+        err = InternalError(f"internal error (request id {rid}); the server log has the details")
+        return JSONResponse(err.to_body(), status_code=500, headers={"X-Request-ID": rid})

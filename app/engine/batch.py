@@ -14,6 +14,7 @@ adapters, or talk to clients (:mod:`app.engine.scheduler` does).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,23 @@ class Batch:
             a.values = torch.cat([_pad_left(a.values, n - la, 2), _pad_left(b.values, n - lb, 2)], dim=0)
         self.mask = torch.cat([_pad_left(self.mask, n - la, 1), _pad_left(other.mask, n - lb, 1)], dim=0)
         self.seqs = self.seqs + other.seqs
+
+    def truncate(self, length: int) -> None:
+        """Roll the cache and mask back to their first ``length`` columns (undo a failed step's appends)."""
+        self.mask = self.mask[:, :length]
+        for layer in _cache_layers(self.cache):
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+
+    def select(self, rows: list[int]) -> Batch:
+        """A new batch of ``rows`` with its own copy of their cache (this batch is left untouched)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in _cache_layers(self.cache)]
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        return Batch([self.seqs[i] for i in rows], cache, self.mask.index_select(0, index))
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into :attr:`seqs`), then trim all-padding columns on the left."""

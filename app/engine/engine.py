@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from app.config import MAX_BLEND_ADAPTERS
+from app.config import MAX_BLEND_ADAPTERS, MAX_BLEND_WEIGHT
 from app.engine.lora import MultiLoRA
 from app.engine.request import (
     BLEND_LABEL,
@@ -28,7 +28,14 @@ from app.engine.request import (
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.slots import SlotCache
-from app.errors import AdapterNotFoundError, InvalidBlendError, InvalidRequestError, QueueFullError
+from app.errors import (
+    AdapterNotFoundError,
+    ContextLengthExceededError,
+    InvalidBlendError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+)
 from app.metrics import Metrics
 from app.registry.adapter import AdapterRecord, AdapterWeights, adapter_name
 from app.registry.cache import WeightCache
@@ -56,6 +63,8 @@ class Engine:
         max_loras: adapter slots on the device.
         max_cpu_loras: parsed adapters kept on CPU (``None``: all).
         max_model_len: longest prompt + completion, in tokens.
+        max_prompt_tokens: longest prompt, in tokens (default and at most ``max_model_len - 1``).
+        max_blend_weight: largest ``|w|`` of a blend term.
         metrics: Prometheus metrics, or ``None``.
         aliases: other strings accepted as the base model's name (e.g. its path).
     """
@@ -74,6 +83,8 @@ class Engine:
         max_waiting: int = 256,
         prefill_chunk_tokens: int = 512,
         max_model_len: int = 2048,
+        max_prompt_tokens: int | None = None,
+        max_blend_weight: float = MAX_BLEND_WEIGHT,
         metrics: Metrics | None = None,
         aliases: tuple[str, ...] = (),
     ) -> None:
@@ -84,6 +95,13 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
         self.max_model_len = max_model_len
+        self.max_prompt_tokens = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
+        self.max_blend_weight = max_blend_weight
+        #: width of the logits (the output embedding's rows), in tokens
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._token_texts: dict[int, str] = {}
+        #: longest vocabulary entry, in characters: bounds the characters one token can cover
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self.metrics = metrics
         self.device = next(model.parameters()).device
         self.lora = MultiLoRA(model, max_slots=max_loras)
@@ -115,17 +133,74 @@ class Engine:
         """Token ids of ``messages`` under the model's chat template, with the assistant turn opened.
 
         Models without a chat template get a plain ``role: content`` transcript ending in ``assistant:``.
+        Blocking (templating and tokenisation of up to megabytes): call it off the event loop.
+
+        Raises:
+            ContextLengthExceededError: the text is so long it cannot fit ``max_prompt_tokens``
+                (checked on its length in characters, before tokenising), or its tokens do not fit.
         """
         tok = self.tokenizer
+        self._check_chars(sum(len(m["content"]) for m in messages))
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
+            return self._tokenize(text, add_special_tokens=False)
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return list(tok(text)["input_ids"])
+        return self._tokenize(text, add_special_tokens=True)
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a raw completion prompt (the tokenizer's own special tokens, e.g. BOS, added)."""
-        return list(self.tokenizer(prompt)["input_ids"])
+        """Token ids of a raw completion prompt (the tokenizer's own special tokens, e.g. BOS, added).
+
+        Blocking: call it off the event loop. Raises as :meth:`chat_prompt_ids`.
+        """
+        self._check_chars(len(prompt))
+        return self._tokenize(prompt, add_special_tokens=True)
+
+    def _tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        self._check_chars(len(text))
+        ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        if len(ids) > self.max_prompt_tokens:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens} "
+                f"(the model's context is {self.max_model_len} tokens)",
+                param="prompt",
+            )
+        return ids
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (for logprobs), cached."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids a request names (``logit_bias``, ``stop_token_ids``) must exist in the vocabulary.
+
+        Raises:
+            InvalidRequestError: ``param`` names the field.
+        """
+        for field_name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", param=field_name
+                )
+
+    def _check_chars(self, n_chars: int) -> None:
+        """Refuse a text that cannot fit ``max_prompt_tokens`` without tokenising it.
+
+        No token of the vocabulary covers more than ``max_token_chars`` characters (BPE, byte-level BPE
+        and SentencePiece tokens decode to at most their own string's length), so a text of more than
+        ``max_prompt_tokens * max_token_chars`` characters has more tokens than allowed; a factor 2 is
+        kept as a margin for normalisers.
+        """
+        limit = 2 * self.max_prompt_tokens * self.max_token_chars
+        if n_chars > limit:
+            raise ContextLengthExceededError(
+                f"the prompt has {n_chars} characters, more than {self.max_prompt_tokens} tokens can hold; "
+                f"this server accepts at most {self.max_prompt_tokens} prompt tokens",
+                param="prompt",
+            )
 
     # ------------------------------------------------------------------ stances
     def is_base(self, model: str) -> bool:
@@ -140,7 +215,10 @@ class Engine:
 
         Raises:
             AdapterNotFoundError: ``model`` is neither the base model nor a registered adapter.
-            InvalidBlendError: the blend is empty, has more than 8 terms, a non-finite weight or an unknown name.
+            InvalidBlendError: the blend is empty, has more than 8 terms, a non-finite weight or one above
+                ``max_blend_weight`` in size, or an unknown name.
+
+        Blocking (a cold adapter is read from disk): call it off the event loop.
         """
         if stances is not None:
             if not self.is_base(model):
@@ -155,6 +233,12 @@ class Engine:
             for name, w in stances.items():
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
                     raise InvalidBlendError(f"weight of {name!r} must be a finite number, got {w!r}", param=f"stances.{name}")
+                if abs(w) > self.max_blend_weight:
+                    raise InvalidBlendError(
+                        f"weight of {name!r} is {w!r}; blend weights must lie in "
+                        f"[-{self.max_blend_weight:g}, {self.max_blend_weight:g}]",
+                        param=f"stances.{name}",
+                    )
                 try:
                     rec = self._record(name, param=f"stances.{name}")
                 except AdapterNotFoundError as e:
@@ -189,33 +273,60 @@ class Engine:
         self.weights.put(weights)
 
     # ------------------------------------------------------------------ generation
-    def check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Clamp ``params.max_tokens`` to the context left after the prompt.
+    def check_lengths(self, prompt_ids: list[int], params: SamplingParams, *, explicit_max_tokens: bool = False) -> None:
+        """Fit ``params.max_tokens`` to the context left after the prompt.
+
+        A default ``max_tokens`` is clamped to the room left; one the client gave explicitly must fit
+        (as vLLM and OpenAI answer ``context_length_exceeded``).
 
         Raises:
-            InvalidRequestError: the prompt is empty or alone fills ``max_model_len``.
+            InvalidRequestError: the prompt is empty (``param="prompt"``).
+            ContextLengthExceededError: the prompt alone fills ``max_model_len`` (``param="prompt"``), or
+                prompt + explicit ``max_tokens`` exceed it (``param="max_tokens"``).
         """
         if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", param="messages")
+            raise InvalidRequestError("the prompt is empty", param="prompt")
         room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}", param="messages"
+        if room < 1 or len(prompt_ids) > self.max_prompt_tokens:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens "
+                f"and this server accepts at most {self.max_prompt_tokens} prompt tokens",
+                param="prompt",
             )
-        params.max_tokens = min(params.max_tokens, room)
+        if params.max_tokens > room:
+            if explicit_max_tokens:
+                raise ContextLengthExceededError(
+                    f"this model's maximum context length is {self.max_model_len} tokens; you requested "
+                    f"{len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                    f"{params.max_tokens} for the completion)",
+                    param="max_tokens",
+                )
+            params.max_tokens = room
 
-    def open(self, prompt_ids: list[int], params: SamplingParams, stance: Stance) -> RequestStream:
+    def open(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stance: Stance,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        request_id: str | None = None,
+        explicit_max_tokens: bool = False,
+    ) -> RequestStream:
         """Queue one request now and return the stream of its events.
 
-        Must be called from a running event loop. Submitting eagerly lets the API answer 429
-        before it starts a streaming response.
+        Args:
+            loop: the event loop that will read the stream (default: the running loop). Passing it lets
+                a worker thread open the request.
+            request_id: id used in logs and error messages (default: a fresh ``req-N``).
 
         Raises:
             QueueFullError: the waiting queue is full.
-            InvalidRequestError: the prompt is empty or too long.
+            NotReadyError: the engine is stopped.
+            InvalidRequestError, ContextLengthExceededError: see :meth:`check_lengths`.
         """
-        self.check_lengths(prompt_ids, params)
-        loop = asyncio.get_running_loop()
+        self.check_lengths(prompt_ids, params, explicit_max_tokens=explicit_max_tokens)
+        loop = loop or asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         req: GenerationRequest
 
@@ -226,13 +337,15 @@ class Engine:
                 req.cancelled = True
 
         req = GenerationRequest(prompt_ids=prompt_ids, params=params, stance=stance, sink=sink)
+        if request_id is not None:
+            req.request_id = request_id
         try:
             self.scheduler.submit(req)
         except QueueFullError:
             if self.metrics is not None:
                 self.metrics.requests.labels(stance.label, "rejected").inc()
             raise
-        return RequestStream(req, queue)
+        return RequestStream(req, queue, self.scheduler)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, stance: Stance
@@ -259,11 +372,18 @@ def _no_store(record: AdapterRecord) -> AdapterWeights:
 
 
 class RequestStream:
-    """Async iterator over one request's events; ends after its :class:`FinishEvent` or :class:`ErrorEvent`."""
+    """Async iterator over one request's events; ends after its :class:`FinishEvent` or :class:`ErrorEvent`.
 
-    def __init__(self, req: GenerationRequest, queue: asyncio.Queue[Event]) -> None:
+    It never waits forever: if the engine thread is gone, the stream ends with a ``NotReadyError`` event
+    within ``poll_s`` seconds.
+    """
+
+    poll_s = 1.0
+
+    def __init__(self, req: GenerationRequest, queue: asyncio.Queue[Event], scheduler: Scheduler | None = None) -> None:
         self.request = req
         self._queue = queue
+        self._scheduler = scheduler
         self.done = False
 
     def __aiter__(self) -> RequestStream:
@@ -272,7 +392,14 @@ class RequestStream:
     async def __anext__(self) -> Event:
         if self.done:
             raise StopAsyncIteration
-        ev = await self._queue.get()
+        while True:
+            try:
+                ev = await asyncio.wait_for(self._queue.get(), self.poll_s)
+                break
+            except TimeoutError:
+                if self._scheduler is not None and not self._scheduler.alive and self._queue.empty():
+                    ev = ErrorEvent(NotReadyError("the engine stopped before this request ended"))
+                    break
         if isinstance(ev, (FinishEvent, ErrorEvent)):
             self.done = True
         return ev

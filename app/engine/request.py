@@ -44,10 +44,19 @@ class Stance:
 
 @dataclass
 class TokenEvent:
-    """One generated token; ``text`` is the newly safe text (may be empty while held back)."""
+    """One generated token.
+
+    Attributes:
+        token_id: the token.
+        text: the newly safe text (may be empty while held back for a stop string or a partial character).
+        logprob: the token's log-probability (natural log) when the request asked for logprobs, else ``None``.
+        top_logprobs: the most likely (token id, logprob) pairs of that step, most likely first.
+    """
 
     token_id: int
     text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -14,6 +14,14 @@ Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 4. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
    their adapter slots.
 
+Fault isolation: anything that goes wrong for one row (its admission, a
+forward pass it is part of, non-finite logits, sampling, detokenisation) ends
+that request alone with one :class:`ErrorEvent` and frees its slots; its
+neighbours go on and produce the tokens they would have produced without it. A
+batched forward that fails is retried without the faulty rows (found by
+running each row alone). A fault no row explains fails the running rows, never
+the thread; ``fault_hook`` lets tests make a chosen row fail at a chosen stage.
+
 Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
 rows of different stances and blends share every step. Not here: HTTP,
 tokenisation of chat messages, adapter validation.
@@ -25,6 +33,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,9 +43,9 @@ from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.request import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
-from app.engine.sampling import choose_tokens
+from app.engine.sampling import TokenChoice, choose_tokens
 from app.engine.slots import NoFreeSlotError, SlotCache
-from app.errors import InvalidRequestError, NotReadyError, QueueFullError
+from app.errors import InternalError, InvalidRequestError, NotReadyError, QueueFullError, StanceServeError
 from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -84,8 +93,12 @@ class Scheduler:
         self.pad_id = int(pad if pad is not None else min(self.eos_token_ids, default=0))
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
-        self._batch = Batch([], DynamicCache(), torch.zeros(0, 0, dtype=torch.long, device=self.device))
+        self._batch = self._empty_batch()
         self._group: PrefillGroup | None = None  # newcomers being prefilled, chunk by chunk
+        #: admitted rows (slots pinned) waiting to be prefilled as their own group: a failed group's rows
+        self._pending: collections.deque[list[Sequence]] = collections.deque()
+        #: tests only: ``fault_hook(stage, request)`` may raise to make that row fail at that stage
+        self.fault_hook: Callable[[str, GenerationRequest], None] | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -97,7 +110,8 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         """Rows decoding plus rows being prefilled."""
-        return len(self._batch) + (len(self._group) if self._group is not None else 0)
+        pending = sum(len(g) for g in self._pending)
+        return len(self._batch) + (len(self._group) if self._group is not None else 0) + pending
 
     @property
     def num_waiting(self) -> int:
@@ -159,6 +173,11 @@ class Scheduler:
         return box.get("result")
 
     # ------------------------------------------------------------------ loop
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (false before :meth:`start` and after :meth:`stop`)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
@@ -169,23 +188,30 @@ class Scheduler:
                     break
                 control = list(self._control)
                 self._control.clear()
-            for fn in control:
-                fn()
             try:
+                for fn in control:
+                    fn()
                 self.step()
-            except Exception as e:  # a failed step fails its rows, never the server
-                logger.exception("engine step failed")
-                self._fail_all(e)
-        self._fail_all(NotReadyError("engine stopped"))
+            except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
+                logger.exception("engine step failed outside any one row; failing the running rows")
+                try:
+                    self._fail_all(e, waiting=False)
+                except Exception:  # noqa: BLE001 - the loop must survive even its own bookkeeping
+                    logger.exception("failing the running rows failed too")
+                    self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
+        self._fail_all(NotReadyError("engine stopped"), waiting=True)
 
     def step(self) -> None:
         """One scheduling step: admit newcomers and prefill one chunk of them, then decode every running row once."""
         self.steps += 1
         self._drop_cancelled()
         if self._group is None:
-            newcomers = self._admit()
-            if newcomers:
-                self._group = PrefillGroup(newcomers, self.pad_id, self.device, self.model.config)
+            if self._pending:
+                self._group = PrefillGroup(self._pending.popleft(), self.pad_id, self.device, self.model.config)
+            else:
+                newcomers = self._admit()
+                if newcomers:
+                    self._group = PrefillGroup(newcomers, self.pad_id, self.device, self.model.config)
         if self._group is not None:
             self._prefill_chunk()
         if len(self._batch):
@@ -207,7 +233,14 @@ class Scheduler:
             longest = max([n] + [len(s.req.prompt_ids) for s in seqs])
             if seqs and (len(seqs) + 1) * longest > budget:
                 break  # the group's padded prefill would exceed one chunk: leave it for the next group
-            pairs = self._acquire(req)
+            try:
+                self._inject("admission", req)
+                pairs = self._acquire(req)
+            except Exception as e:  # noqa: BLE001 - this request alone fails (e.g. its adapter cannot load)
+                with self._cv:
+                    self._waiting.popleft()
+                self._error(req, e)
+                continue
             if pairs is None:
                 if len(self._batch) or seqs:
                     break  # no free slot now: wait for running rows to finish
@@ -221,30 +254,47 @@ class Scheduler:
             with self._cv:
                 self._waiting.popleft()
             p = req.params
-            seqs.append(
-                Sequence(
+            try:
+                seq = Sequence(
                     req=req,
                     slots=pairs,
                     detok=IncrementalDetokenizer(self.tokenizer, p.stop),
                     generator=p.make_generator(self.device),
                     next_pos=n,
                 )
-            )
+            except Exception as e:  # noqa: BLE001 - e.g. a seed the generator refuses
+                self._release(pairs)
+                self._error(req, e)
+                continue
+            seqs.append(seq)
         return seqs
 
     def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
+        """Pin every adapter of the request's stance; ``None`` (nothing pinned) when a slot is not free now.
+
+        Raises:
+            whatever loading an adapter into a slot raises (nothing stays pinned then).
+        """
         taken: list[tuple[int, float]] = []
         try:
             for adapter, weight in req.stance.terms:
                 taken.append((self.slots.acquire(adapter), float(weight)))
         except NoFreeSlotError:
-            for slot, _ in taken:
-                self.slots.release(slot)
+            self._release(taken)
             return None
+        except BaseException:
+            self._release(taken)
+            raise
         return taken
 
+    def _release(self, pairs: list[tuple[int, float]]) -> None:
+        for slot, _ in pairs:
+            self.slots.release(slot)
+
     # ------------------------------------------------------------------ model steps
-    def _forward(self, seqs: list[Sequence], ids, mask, pos, cache) -> torch.Tensor:
+    def _forward(self, seqs: list[Sequence], ids, mask, pos, cache, stage: str) -> torch.Tensor:
+        for s in seqs:
+            self._inject(stage, s.req)
         routing = LoRABatch.from_rows([s.slots for s in seqs], device=self.device, dtype=self.dtype)
         with self.lora.routing(routing):
             out = self.model(
@@ -254,12 +304,25 @@ class Scheduler:
         return out.logits[:, -1, :]
 
     def _prefill_chunk(self) -> None:
-        """Prefill the next chunk of the group; when its prompts are done, sample first tokens and merge."""
+        """Prefill the next chunk of the group; when its prompts are done, sample first tokens and merge.
+
+        A failed forward of a group of several rows cannot say which row is at fault: the group is split
+        and each row is prefilled again alone, from its first token, so only the faulty row fails.
+        """
         g = self._group
         assert g is not None
         t0 = time.perf_counter()
         ids, mask, pos = g.next_chunk(self.prefill_chunk_tokens)
-        logits = self._forward(g.seqs, ids, mask, pos, g.cache)
+        try:
+            logits = self._forward(g.seqs, ids, mask, pos, g.cache, "prefill")
+        except Exception as e:  # noqa: BLE001 - isolate the faulty row (see docstring)
+            self._group = None
+            if len(g.seqs) == 1:
+                self._fail_row(g.seqs[0], e)
+            else:
+                logger.warning("prefill of %d rows failed (%s); prefilling each alone", len(g.seqs), e)
+                self._pending.extendleft([s] for s in reversed(g.seqs))
+            return
         self.timings["prefill_s"] += time.perf_counter() - t0
         self.timings["prefill_tokens"] += int(ids.numel())
         self.timings["prefill_steps"] += 1
@@ -271,35 +334,88 @@ class Scheduler:
             for s in seqs:
                 self.metrics.prompt_tokens.labels(s.req.stance.label).inc(len(s.req.prompt_ids))
         self._batch.extend(g.to_batch())
-        start = len(self._batch) - len(seqs)
-        self._consume(seqs, logits, list(range(start, start + len(seqs))))
+        self._consume(self._batch.seqs[len(self._batch) - len(seqs):], logits, len(self._batch) - len(seqs))
 
     def _decode(self) -> None:
+        """One decode step of every running row.
+
+        When the batched forward fails, the KV cache is rolled back to its length before the step, each
+        row is tried alone on a copy of its cache to find the faulty ones, those fail, and the step runs
+        again for the others, so a bad row never costs its neighbours a token or changes one.
+        """
         t0 = time.perf_counter()
+        length = self._batch.length
         ids, mask, pos = self._batch.decode_inputs()
-        logits = self._forward(self._batch.seqs, ids, mask, pos, self._batch.cache)
+        try:
+            logits = self._forward(self._batch.seqs, ids, mask, pos, self._batch.cache, "decode")
+        except Exception as e:  # noqa: BLE001 - isolate the faulty rows (see docstring)
+            self._batch.truncate(length)
+            bad = self._probe_rows(e)
+            if not bad:
+                raise  # no row fails alone: a batch-level fault, failed by the loop
+            self._batch.keep([i for i in range(len(self._batch)) if i not in bad])
+            if len(self._batch):
+                self._decode()
+            return
         self.timings["decode_s"] += time.perf_counter() - t0
         self.timings["decode_steps"] += 1
         self.timings["decode_rows"] += len(self._batch)
         seqs = self._batch.seqs
         for s in seqs:
             s.next_pos += 1
-        self._consume(seqs, logits, list(range(len(seqs))))
+        self._consume(seqs, logits, 0)
 
-    def _consume(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]) -> None:
-        """Sample one token per row of ``logits`` (rows align with ``seqs``), emit, and retire finished rows."""
-        tokens = choose_tokens(logits, [s.req.params for s in seqs], [s.generator for s in seqs])
+    def _probe_rows(self, error: BaseException) -> set[int]:
+        """Rows of the batch whose decode step fails alone; each is failed with its own error."""
+        bad: set[int] = set()
+        for i, s in enumerate(self._batch.seqs):
+            sub = self._batch.select([i])
+            ids, mask, pos = sub.decode_inputs()
+            try:
+                self._forward(sub.seqs, ids, mask, pos, sub.cache, "decode")
+            except Exception as e:  # noqa: BLE001 - this row is at fault
+                bad.add(i)
+                self._fail_row(s, e)
+        if bad:
+            logger.warning("decode step failed (%s); %d of %d rows fail alone", error, len(bad), len(self._batch))
+        return bad
+
+    def _consume(self, seqs: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
+        """Sample one token per row of ``logits`` and emit it; retire finished and failed rows.
+
+        Args:
+            seqs: the rows, ``seqs[i]`` is batch row ``first_row + i`` and logits row ``i``.
+            logits: ``[len(seqs), vocab]`` last-position logits.
+        """
+        faults: dict[int, BaseException] = {}
+        for i, s in enumerate(seqs):
+            try:
+                self._inject("sampling", s.req)
+            except Exception as e:  # noqa: BLE001
+                faults[i] = e
+        choices = choose_tokens(
+            logits, [s.req.params for s in seqs], [s.generator for s in seqs],
+            [s.req.prompt_ids for s in seqs], [s.out_ids for s in seqs], self.eos_token_ids,
+        )
         now = time.perf_counter()
-        finished = set()
-        for s, tok, row in zip(seqs, tokens, rows):
-            self._on_token(s, tok, now)
+        gone = set()
+        for i, (s, choice) in enumerate(zip(seqs, choices)):
+            fault = faults.get(i, choice if isinstance(choice, BaseException) else None)
+            if fault is None:
+                try:
+                    self._on_token(s, choice, now)
+                except Exception as e:  # noqa: BLE001 - e.g. the detokenizer fails on this row's text
+                    fault = e
+            if fault is not None:
+                self._fail_row(s, fault)
             if s.finish_reason is not None:
-                finished.add(row)
-        if finished:
-            self._batch.keep([i for i in range(len(self._batch)) if i not in finished])
+                gone.add(first_row + i)
+        if gone:
+            self._batch.keep([i for i in range(len(self._batch)) if i not in gone])
 
-    def _on_token(self, s: Sequence, tok: int, now: float) -> None:
+    def _on_token(self, s: Sequence, choice: TokenChoice, now: float) -> None:
         req, p = s.req, s.req.params
+        tok = choice.token_id
         label = req.stance.label
         if s.first_token_at is None:
             s.first_token_at = now
@@ -312,26 +428,44 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.generation_tokens.labels(label).inc()
             self.metrics.token_rate.add(label, 1)
-        if tok in self.eos_token_ids and not p.ignore_eos:
-            s.out_ids.append(tok)
+        s.out_ids.append(tok)
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            if p.logprobs is not None:  # the stop token is not text, but its logprob is still reported
+                req.sink(TokenEvent(tok, "", choice.logprob, choice.top_logprobs))
             self._finish(s, "stop")
             return
-        s.out_ids.append(tok)
+        self._inject("detokenize", req)
         text = s.detok.add(tok)
         if s.detok.stopped:
             if text:
-                req.sink(TokenEvent(tok, text))
+                req.sink(TokenEvent(tok, text, choice.logprob, choice.top_logprobs))
             self._finish(s, "stop")
             return
-        req.sink(TokenEvent(tok, text))
+        req.sink(TokenEvent(tok, text, choice.logprob, choice.top_logprobs))
         if len(s.out_ids) >= p.max_tokens:
             self._finish(s, "length")
+
+    # ------------------------------------------------------------------ faults
+    def _inject(self, stage: str, req: GenerationRequest) -> None:
+        """Fault injection for tests: ``fault_hook(stage, request)`` may raise to fail that row at that stage.
+
+        Stages: ``admission``, ``prefill``, ``decode``, ``sampling``, ``detokenize``.
+        """
+        if self.fault_hook is not None:
+            self.fault_hook(stage, req)
+
+    def _fail_row(self, s: Sequence, error: BaseException) -> None:
+        """End one row with an error: release its slots; the caller drops it from the batch."""
+        if s.finish_reason is not None:
+            return
+        s.finish_reason = "error"
+        self._release(s.slots)
+        self._error(s.req, error)
 
     # ------------------------------------------------------------------ endings
     def _finish(self, s: Sequence, reason: str) -> None:
         s.finish_reason = reason
-        for slot, _ in s.slots:
-            self.slots.release(slot)
+        self._release(s.slots)
         req = s.req
         tail = "" if reason == "cancelled" else s.detok.flush()
         ttft = None if s.first_token_at is None else s.first_token_at - req.arrival
@@ -356,20 +490,31 @@ class Scheduler:
                 keep.append(i)
         self._batch.keep(keep)
 
-    def _fail_all(self, error: BaseException) -> None:
-        group, self._group = (self._group.seqs if self._group is not None else []), None
-        for s in self._batch.seqs + group:
-            for slot, _ in s.slots:
-                self.slots.release(slot)
-            self._error(s.req, error)
-        self._batch.keep([])
-        with self._cv:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for req in waiting:
-            self._error(req, error)
+    def _empty_batch(self) -> Batch:
+        return Batch([], DynamicCache(), torch.zeros(0, 0, dtype=torch.long, device=self.device))
+
+    def _fail_all(self, error: BaseException, *, waiting: bool) -> None:
+        """Fail every running and prefilling row (and, with ``waiting``, every queued request)."""
+        rows = self._batch.seqs + (self._group.seqs if self._group is not None else [])
+        rows += [s for group in self._pending for s in group]
+        self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
+        for s in rows:
+            self._fail_row(s, error)
+        if waiting:
+            with self._cv:
+                queued = list(self._waiting)
+                self._waiting.clear()
+            for req in queued:
+                self._error(req, error)
 
     def _error(self, req: GenerationRequest, error: BaseException) -> None:
-        req.sink(ErrorEvent(error))
+        """Send ``req`` its one :class:`ErrorEvent`; an unexpected error becomes a logged ``internal_error``."""
+        if not isinstance(error, StanceServeError):
+            logger.error("request %s failed: %s: %s", req.request_id, type(error).__name__, error, exc_info=error)
+            error = InternalError(f"internal error while generating (request id {req.request_id})")
+        try:
+            req.sink(ErrorEvent(error))
+        except Exception:  # noqa: BLE001 - a dead listener must not stop the engine
+            logger.exception("could not deliver the error of request %s", req.request_id)
         if self.metrics is not None:
             self.metrics.requests.labels(req.stance.label, "error").inc()

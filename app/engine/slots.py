@@ -82,6 +82,8 @@ class SlotCache:
 
         Raises:
             NoFreeSlotError: it is not resident and every slot is pinned.
+            whatever writing the adapter into the slot raises (e.g. ``KeyError`` for a module the base model
+                lacks); the slot is then free again.
         """
         slot = self._slot_of.get(adapter.key)
         if slot is not None:
@@ -93,7 +95,12 @@ class SlotCache:
             self._on_event("miss")
             slot = self._take_slot()
             t0 = time.perf_counter()
-            self.lora.write_slot(slot, adapter)
+            try:
+                self.lora.write_slot(slot, adapter)
+            except BaseException:  # the slot is neither loaded nor lost: zero it and give it back
+                self.lora.clear_slot(slot)
+                self._free.append(slot)
+                raise
             dt = time.perf_counter() - t0
             self.stats.load_seconds_total += dt
             self.stats.last_load_seconds = dt
