@@ -34,7 +34,7 @@ _EMPTY = -(2**62)  # second index of a ring slot never written
 
 
 class _Ring:
-    """Per-stance token counts of the last few whole seconds: ``size`` buckets, bucket ``k % size`` holds second ``k``."""
+    """One stance's token counts of its last ``size`` whole seconds: slot ``k % size`` holds second ``k``."""
 
     __slots__ = ("counts", "seconds")
 

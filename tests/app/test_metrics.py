@@ -1,4 +1,4 @@
-"""Metrics: the tokens/s gauge keeps O(window) memory and gives the right rate; forget_stance drops a stance's series."""
+"""Metrics: the tokens/s gauge keeps O(window) memory and the right rate; forget_stance drops a stance's series."""
 
 from __future__ import annotations
 
