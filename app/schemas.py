@@ -2,17 +2,58 @@
 
 The chat and text completion shapes follow OpenAI's API so the official
 ``openai`` client works unchanged; stanceserve's extras (``stances``,
-``top_k``, ``ignore_eos``) arrive through the client's ``extra_body``. Unknown
-OpenAI fields are ignored. This module holds shapes and field checks only.
+``top_k``, ``ignore_eos``...) arrive through the client's ``extra_body``. Every
+sampling field is checked against the range the engine can take; OpenAI fields
+that stanceserve does not implement are refused (HTTP 400
+``unsupported_parameter``), never silently ignored; fields OpenAI does not
+define are logged as ignored, as vLLM does. This module holds shapes and field
+checks only.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import logging
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.engine.sampling import SamplingParams
+from app.errors import InvalidRequestError, UnsupportedParameterError
+
+logger = logging.getLogger(__name__)
+
+
+#: Seeds ``torch.Generator.manual_seed`` accepts: a signed or unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+#: Most choices one request may ask for (``n``); each is a row of the batch.
+MAX_N = 16
+#: Most logprobs per token (OpenAI's ``top_logprobs`` maximum).
+MAX_LOGPROBS = 20
+_INT32 = 2**31 - 1
+
+#: OpenAI request fields that change what the answer must be and that stanceserve does not implement.
+#: A request that sets one (to anything but its "off" value) gets HTTP 400 ``unsupported_parameter``.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    # field: values that mean "off" and are accepted
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+}
+#: OpenAI fields accepted and ignored because they do not change the answer (bookkeeping only).
+IGNORED_OPENAI_FIELDS = frozenset(
+    {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
+)
 
 
 class ChatMessage(BaseModel):
@@ -34,25 +75,42 @@ class StreamOptions(BaseModel):
 
 
 class _GenerationFields(BaseModel):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions, each checked against the range the engine can take."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(..., description="The base model's name, or a registered adapter (stance) name.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=_INT32, description="Most tokens to generate; prompt + max_tokens must fit the context."
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off (stanceserve/vLLM extra).")
-    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    top_k: int = Field(0, ge=-1, le=_INT32, description="0 or -1 = off (stanceserve/vLLM extra).")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="Seed for reproducible sampling: a 64-bit integer, signed or not."
+    )
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=64, description="Token ids that end the completion (vLLM extra)."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"Number of choices (at most {MAX_N}).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's presence penalty.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's frequency penalty.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="CTRL repetition penalty over prompt and output tokens (vLLM extra)."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=1024, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
+    min_tokens: int = Field(0, ge=0, le=_INT32, description="End-of-sequence is masked until this many tokens (vLLM extra).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
     stances: dict[str, float] | None = Field(
         None,
         description='Weighted blend of adapters, e.g. {"curious-uncertainty": 0.7, "confident-expertise": 0.3}. '
-        "Every targeted layer computes W x + sum_i w_i (alpha_i/r_i) B_i A_i x. At most 8 adapters.",
+        "Every targeted layer computes W x + sum_i w_i (alpha_i/r_i) B_i A_i x. At most 8 adapters; "
+        "|w| at most the server's max_blend_weight (default 16).",
     )
 
     @field_validator("stop")
@@ -63,26 +121,88 @@ class _GenerationFields(BaseModel):
             raise ValueError("at most 4 stop strings")
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
+        if any(len(s) > 256 for s in stops):
+            raise ValueError("stop strings must be at most 256 characters")
         return stops
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 0 <= t <= _INT32 for t in v):
+            raise ValueError("token ids must be non-negative")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit() or int(key) > _INT32:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias of token {key} must lie in [-100, 100], got {bias}")
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _GenerationFields:
+        extra = self.model_extra or {}
+        for name, off in UNSUPPORTED_FIELDS.items():
+            if name in extra and extra[name] not in off:
+                raise UnsupportedParameterError(
+                    f"{name!r} is not supported by this server; remove it (accepted only as {off[-1]!r})", param=name
+                )
+        unknown = sorted(k for k in extra if k not in UNSUPPORTED_FIELDS and k not in IGNORED_OPENAI_FIELDS)
+        if unknown:
+            logger.warning("request fields ignored (not part of the API): %s", ", ".join(unknown[:20]))
+        return self
+
+    def logprobs_count(self) -> int | None:
+        """How many top logprobs per token the client wants (``None``: no logprobs)."""
+        return None
+
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's :class:`SamplingParams` for this request."""
+        """The engine's :class:`SamplingParams` for this request (choice 0; see :meth:`choice_seed`)."""
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             seed=self.seed,
             stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            stop_token_ids=list(self.stop_token_ids or []),
+            min_tokens=self.min_tokens,
+            logprobs=self.logprobs_count(),
         )
+
+    def explicit_max_tokens(self) -> bool:
+        return self.max_tokens is not None
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice ``index`` of an ``n > 1`` request: ``seed + index``, wrapped into the 64-bit range."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
 
 
 class ChatCompletionRequest(_GenerationFields):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=_INT32, description="OpenAI's newer name for max_tokens.")
+    logprobs: bool = Field(False, description="Return the log-probability of each output token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="With logprobs: the most likely tokens to list per position."
+    )
+
+    def logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         p = super().sampling(default_max_tokens)
@@ -90,12 +210,18 @@ class ChatCompletionRequest(_GenerationFields):
             p.max_tokens = self.max_completion_tokens
         return p
 
+    def explicit_max_tokens(self) -> bool:
+        return self.max_tokens is not None or self.max_completion_tokens is not None
+
 
 class CompletionRequest(_GenerationFields):
     """``POST /v1/completions``: ``prompt`` is a string (or a one-element list of strings)."""
 
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return the logprobs of each token and of this many top tokens."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -103,6 +229,9 @@ class CompletionRequest(_GenerationFields):
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt per request is supported")
         return v
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -114,6 +243,33 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    """One candidate token of a position (OpenAI chat format)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    """The chosen token of a position and its most likely alternatives (OpenAI chat format)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: parallel lists, one entry per output token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -122,6 +278,7 @@ class ChatCompletionMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatCompletionMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -135,10 +292,33 @@ class ChatCompletionResponse(BaseModel):
     stances: dict[str, float] | None = None
 
 
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -150,6 +330,30 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     stances: dict[str, float] | None = None
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed text completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of every non-2xx response (OpenAI's)."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
 
 
 class ModelCard(BaseModel):

@@ -6,9 +6,11 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app.api.responses import OPS_ERRORS, errors
 from app.deps import MetricsDep, StateDep
+from app.errors import NotReadyError
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], responses=OPS_ERRORS)
 
 
 @router.get("/health")
@@ -17,12 +19,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses=errors(503))
 async def ready(state: StateDep) -> JSONResponse:
-    """200 once the base model is loaded and the engine runs; 503 before (or if loading failed)."""
+    """200 once the base model is loaded and the engine runs; 503 ``not_ready`` before (or if loading failed)."""
     if state.engine is None:
-        body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
-        return JSONResponse(body, status_code=503)
+        if state.load_error:
+            raise NotReadyError(f"model failed to load: {state.load_error}")
+        raise NotReadyError("model is loading")
     return JSONResponse(
         {
             "status": "ready",

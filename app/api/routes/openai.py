@@ -2,184 +2,361 @@
 
 ``model`` is the base model's name or a registered adapter; a blend goes in the
 extra field ``stances``. Streaming uses server-sent events with OpenAI's chunk
-shapes and a final ``data: [DONE]``. These handlers translate HTTP to engine
-calls and back; the engine does the work.
+shapes and a final ``data: [DONE]``. ``n > 1`` runs ``n`` rows in the batch
+(choice ``i`` seeded with ``seed + i``).
+
+These handlers translate HTTP to engine calls and back. Everything that can
+take long (JSON parsing, chat templating, tokenisation, stance resolution with
+a cold adapter read) runs in a worker thread, never on the event loop; the
+engine does the generating.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
+from app.api.offload import OffloadedJSONRoute
+from app.api.responses import INFERENCE_ERRORS, SSE_RESPONSE
 from app.deps import EngineDep, SettingsDep, StoreDep
 from app.engine.engine import Engine, RequestStream
-from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
-from app.errors import StanceServeError
+from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from app.errors import InvalidRequestError, StanceServeError
 from app.schemas import (
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
+    TokenLogprob,
+    TopLogprob,
     Usage,
+    choice_seed,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OffloadedJSONRoute, responses=INFERENCE_ERRORS)
+
+GenerationBody = ChatCompletionRequest | CompletionRequest
 
 
-async def _watch_disconnect(request: Request, stream: RequestStream) -> None:
-    """Cancel ``stream`` if the client of a non-streaming request goes away."""
-    while not stream.done:
+# ---------------------------------------------------------------------------- opening requests
+def _open_choices(
+    engine: Engine, body: GenerationBody, default_max_tokens: int, max_messages: int, rid: str, loop
+) -> tuple[list[RequestStream], int]:
+    """Blocking part of a request, run in a worker thread: prompt ids, stance, and one engine row per choice.
+
+    Returns:
+        the ``n`` streams, and the prompt length in tokens.
+
+    Raises:
+        StanceServeError: with ``param`` naming the request's field (``messages`` for chat, ``prompt`` for
+            completions).
+    """
+    chat = isinstance(body, ChatCompletionRequest)
+    try:
+        if chat:
+            if len(body.messages) > max_messages:
+                raise InvalidRequestError(
+                    f"{len(body.messages)} messages; this server accepts at most {max_messages}", param="messages"
+                )
+            prompt_ids = engine.chat_prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages])
+        else:
+            prompt_ids = engine.text_prompt_ids(body.prompt_text())
+        base = body.sampling(default_max_tokens)
+        engine.check_token_ids(base)
+        stance = engine.resolve_stance(body.model, body.stances)
+        streams: list[RequestStream] = []
+        try:
+            for i in range(body.n):
+                params = body.sampling(default_max_tokens)
+                params.seed = choice_seed(params.seed, i)
+                streams.append(engine.open(
+                    prompt_ids, params, stance, loop=loop, request_id=rid if body.n == 1 else f"{rid}-{i}",
+                    explicit_max_tokens=body.explicit_max_tokens(),
+                ))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
+        return streams, len(prompt_ids)
+    except StanceServeError as e:
+        if chat and e.param == "prompt":
+            e.param = "messages"
+        raise
+
+
+async def _open(engine: Engine, body: GenerationBody, settings, rid: str) -> tuple[list[RequestStream], int]:
+    loop = asyncio.get_running_loop()
+    return await run_in_threadpool(
+        _open_choices, engine, body, settings.default_max_tokens, settings.max_messages, rid, loop
+    )
+
+
+# ---------------------------------------------------------------------------- collecting events
+@dataclass
+class _Choice:
+    """What one choice produced so far."""
+
+    parts: list[str] = field(default_factory=list)
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish: FinishEvent | None = None
+
+
+def _raise(ev: ErrorEvent) -> None:
+    if isinstance(ev.error, StanceServeError):
+        raise ev.error
+    raise RuntimeError(f"generation failed: {ev.error}") from ev.error
+
+
+async def _watch_disconnect(request: Request, streams: list[RequestStream]) -> None:
+    """Cancel ``streams`` if the client of a non-streaming request goes away."""
+    while not all(s.done for s in streams):
         if await request.is_disconnected():
-            stream.cancel()
+            for s in streams:
+                s.cancel()
             return
         await asyncio.sleep(0.25)
 
 
-async def _collect(request: Request, stream: RequestStream) -> tuple[str, FinishEvent]:
-    watcher = asyncio.create_task(_watch_disconnect(request, stream))
-    parts: list[str] = []
+async def _collect_one(stream: RequestStream) -> _Choice:
+    out = _Choice()
+    async for ev in stream:
+        if isinstance(ev, TokenEvent):
+            out.parts.append(ev.text)
+            out.tokens.append(ev)
+        elif isinstance(ev, FinishEvent):
+            out.parts.append(ev.text)
+            out.finish = ev
+        elif isinstance(ev, ErrorEvent):
+            _raise(ev)
+    if out.finish is None:
+        raise RuntimeError("stream ended without a finish event")
+    return out
+
+
+async def _collect(request: Request, streams: list[RequestStream]) -> list[_Choice]:
+    watcher = asyncio.create_task(_watch_disconnect(request, streams))
     try:
-        async for ev in stream:
-            if isinstance(ev, TokenEvent):
-                parts.append(ev.text)
-            elif isinstance(ev, FinishEvent):
-                parts.append(ev.text)
-                return "".join(parts), ev
-            elif isinstance(ev, ErrorEvent):
-                if isinstance(ev.error, StanceServeError):
-                    raise ev.error
-                raise RuntimeError(f"generation failed: {ev.error}") from ev.error
+        return list(await asyncio.gather(*(_collect_one(s) for s in streams)))
     finally:
         watcher.cancel()
-        stream.cancel()
-    raise RuntimeError("stream ended without a finish event")
+        for s in streams:
+            s.cancel()
 
 
-def _usage(fin: FinishEvent) -> Usage:
-    return Usage(
-        prompt_tokens=fin.prompt_tokens,
-        completion_tokens=fin.completion_tokens,
-        total_tokens=fin.prompt_tokens + fin.completion_tokens,
-    )
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Events of all ``streams`` as ``(choice index, event)``, in arrival order."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
+    async def pump(i: int, s: RequestStream) -> None:
+        async for ev in s:
+            await queue.put((i, ev))
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-async def _stream_sse(
-    stream: RequestStream, chunk: Callable[[str | None, str | None], dict], include_usage: bool, usage_base: dict
-) -> AsyncIterator[str]:
-    """SSE lines for a stream; ``chunk(text, finish_reason)`` builds one OpenAI chunk."""
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    open_ = len(streams)
     try:
-        first = chunk(None, None)
-        if first:
-            yield _sse(first)
-        async for ev in stream:
-            if isinstance(ev, TokenEvent):
-                if ev.text:
-                    yield _sse(chunk(ev.text, None))
-            elif isinstance(ev, FinishEvent):
-                reason = "length" if ev.reason == "length" else "stop"
-                if ev.text:
-                    yield _sse(chunk(ev.text, None))
-                yield _sse(chunk(None, reason))
-                if include_usage:
-                    yield _sse({**usage_base, "choices": [], "usage": _usage(ev).model_dump()})
-            elif isinstance(ev, ErrorEvent):
-                err = ev.error if isinstance(ev.error, StanceServeError) else StanceServeError(str(ev.error))
-                yield _sse(err.to_body())
-        yield "data: [DONE]\n\n"
+        while open_:
+            i, ev = await queue.get()
+            if isinstance(ev, (FinishEvent, ErrorEvent)):
+                open_ -= 1
+            yield i, ev
     finally:
-        stream.cancel()
-
-
-def _stance_and_stream(
-    engine: Engine, body: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int], default_max: int
-) -> tuple[Stance, RequestStream]:
-    stance = engine.resolve_stance(body.model, body.stances)
-    return stance, engine.open(prompt_ids, body.sampling(default_max), stance)
-
-
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
-    """Chat completion in the stance named by ``model`` (or the blend in ``stances``)."""
-    prompt_ids = engine.chat_prompt_ids([{"role": m.role, "content": m.text()} for m in body.messages])
-    _, stream = _stance_and_stream(engine, body, prompt_ids, settings.default_max_tokens)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if body.stream:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-        sent_role = False
-
-        def chunk(text: str | None, finish: str | None) -> dict:
-            nonlocal sent_role
-            delta: dict[str, str] = {}
-            if not sent_role:
-                delta["role"] = "assistant"
-                sent_role = True
-                if text is None and finish is None:
-                    delta["content"] = ""
-            if text is not None:
-                delta["content"] = text
-            return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream_sse(stream, chunk, include_usage, base), media_type="text/event-stream")
-    text, fin = await _collect(request, stream)
-    return ChatCompletionResponse(
-        id=rid,
-        created=created,
-        model=body.model,
-        choices=[ChatChoice(message=ChatCompletionMessage(content=text), finish_reason=_reason(fin))],
-        usage=_usage(fin),
-        stances=body.stances,
-    )
-
-
-@router.post("/completions", response_model=CompletionResponse)
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
-    """Text completion of ``prompt`` (no chat template) in the chosen stance."""
-    prompt = body.prompt_text()
-    prompt_ids = engine.text_prompt_ids(prompt)
-    _, stream = _stance_and_stream(engine, body, prompt_ids, settings.default_max_tokens)
-    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if body.stream:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-
-        def chunk(text: str | None, finish: str | None) -> dict:
-            if text is None and finish is None:
-                return {}
-            return {**base, "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream_sse(stream, chunk, include_usage, base), media_type="text/event-stream")
-    text, fin = await _collect(request, stream)
-    if body.echo:
-        text = prompt + text
-    return CompletionResponse(
-        id=rid,
-        created=created,
-        model=body.model,
-        choices=[CompletionChoice(text=text, finish_reason=_reason(fin))],
-        usage=_usage(fin),
-        stances=body.stances,
-    )
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.cancel()
 
 
 def _reason(fin: FinishEvent) -> str:
     return "length" if fin.reason == "length" else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+# ---------------------------------------------------------------------------- logprobs formats
+def _chat_logprobs(engine: Engine, tokens: list[TokenEvent]) -> ChatLogprobs:
+    def entry(tok: int, lp: float) -> dict[str, Any]:
+        text = engine.token_text(tok)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    content = [
+        TokenLogprob(**entry(t.token_id, t.logprob), top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top_logprobs])
+        for t in tokens
+        if t.logprob is not None
+    ]
+    return ChatLogprobs(content=content)
+
+
+def _completion_logprobs(engine: Engine, tokens: list[TokenEvent], offset: int = 0) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for t in tokens:
+        if t.logprob is None:
+            continue
+        text = engine.token_text(t.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({engine.token_text(i): lp for i, lp in t.top_logprobs})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+# ---------------------------------------------------------------------------- SSE
+def _sse(obj: BaseModel | dict) -> str:
+    data = obj.model_dump_json(exclude_unset=True) if isinstance(obj, BaseModel) else _json(obj)
+    return f"data: {data}\n\n"
+
+
+def _json(obj: dict) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+async def _stream_chat(
+    engine: Engine, streams: list[RequestStream], body: ChatCompletionRequest, rid: str, created: int, prompt_tokens: int
+) -> AsyncIterator[str]:
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    want_lp = body.logprobs
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    completion = 0
+    for i in range(len(streams)):
+        yield _sse(ChatCompletionChunk(
+            **head, choices=[ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), finish_reason=None)]
+        ))
+    async for i, ev in _merged(streams):
+        if isinstance(ev, TokenEvent):
+            if ev.text or (want_lp and ev.logprob is not None):
+                choice = ChatChunkChoice(index=i, delta=ChatDelta(content=ev.text), finish_reason=None)
+                if want_lp:
+                    choice.logprobs = _chat_logprobs(engine, [ev])
+                yield _sse(ChatCompletionChunk(**head, choices=[choice]))
+        elif isinstance(ev, FinishEvent):
+            completion += ev.completion_tokens
+            if ev.text:
+                yield _sse(ChatCompletionChunk(
+                    **head, choices=[ChatChunkChoice(index=i, delta=ChatDelta(content=ev.text), finish_reason=None)]
+                ))
+            yield _sse(ChatCompletionChunk(
+                **head, choices=[ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=_reason(ev))]
+            ))
+        elif isinstance(ev, ErrorEvent):
+            yield _sse(_error_body(ev))
+            break
+    else:
+        if include_usage:
+            yield _sse(ChatCompletionChunk(**head, choices=[], usage=_usage(prompt_tokens, completion)))
+    yield "data: [DONE]\n\n"
+
+
+async def _stream_completion(
+    engine: Engine, streams: list[RequestStream], body: CompletionRequest, rid: str, created: int, prompt_tokens: int
+) -> AsyncIterator[str]:
+    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    want_lp = body.logprobs is not None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    completion = 0
+    async for i, ev in _merged(streams):
+        if isinstance(ev, TokenEvent):
+            if ev.text or (want_lp and ev.logprob is not None):
+                choice = CompletionChoice(index=i, text=ev.text, finish_reason=None)
+                if want_lp:
+                    choice.logprobs = _completion_logprobs(engine, [ev])
+                yield _sse(CompletionChunk(**head, choices=[choice]))
+        elif isinstance(ev, FinishEvent):
+            completion += ev.completion_tokens
+            yield _sse(CompletionChunk(**head, choices=[CompletionChoice(index=i, text=ev.text, finish_reason=_reason(ev))]))
+        elif isinstance(ev, ErrorEvent):
+            yield _sse(_error_body(ev))
+            break
+    else:
+        if include_usage:
+            yield _sse(CompletionChunk(**head, choices=[], usage=_usage(prompt_tokens, completion)))
+    yield "data: [DONE]\n\n"
+
+
+def _error_body(ev: ErrorEvent) -> dict:
+    err = ev.error if isinstance(ev.error, StanceServeError) else StanceServeError(str(ev.error))
+    return err.to_body()
+
+
+# ---------------------------------------------------------------------------- routes
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE_RESPONSE)
+async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    """Chat completion in the stance named by ``model`` (or the blend in ``stances``)."""
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    streams, prompt_tokens = await _open(engine, body, settings, rid)
+    if body.stream:
+        gen = _stream_chat(engine, streams, body, rid, created, prompt_tokens)
+        return StreamingResponse(gen, media_type="text/event-stream")
+    choices = await _collect(request, streams)
+    return ChatCompletionResponse(
+        id=rid,
+        created=created,
+        model=body.model,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ChatCompletionMessage(content="".join(c.parts)),
+                logprobs=_chat_logprobs(engine, c.tokens) if body.logprobs else None,
+                finish_reason=_reason(c.finish),
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=_usage(prompt_tokens, sum(c.finish.completion_tokens for c in choices)),
+        stances=body.stances,
+    )
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=SSE_RESPONSE)
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    """Text completion of ``prompt`` (no chat template) in the chosen stance."""
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    streams, prompt_tokens = await _open(engine, body, settings, rid)
+    if body.stream:
+        gen = _stream_completion(engine, streams, body, rid, created, prompt_tokens)
+        return StreamingResponse(gen, media_type="text/event-stream")
+    choices = await _collect(request, streams)
+    prefix = body.prompt_text() if body.echo else ""
+    return CompletionResponse(
+        id=rid,
+        created=created,
+        model=body.model,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=prefix + "".join(c.parts),
+                logprobs=_completion_logprobs(engine, c.tokens, len(prefix)) if body.logprobs is not None else None,
+                finish_reason=_reason(c.finish),
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=_usage(prompt_tokens, sum(c.finish.completion_tokens for c in choices)),
+        stances=body.stances,
+    )
 
 
 @router.get("/models", response_model=ModelList)
