@@ -221,7 +221,7 @@ def install_error_handlers(app: Any) -> None:
 
     @app.exception_handler(StanceServeError)
     async def _domain(_: Request, exc: StanceServeError) -> JSONResponse:
-        if exc.status_code >= 500:
+        if exc.status_code == 500:
             logger.error("%s: %s", type(exc).__name__, exc.message)
         return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers())
 

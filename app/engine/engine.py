@@ -62,7 +62,7 @@ class Engine:
         store: the adapter store (may be ``None`` for a base-only engine).
         max_loras: adapter slots on the device.
         max_cpu_loras: parsed adapters kept on CPU (``None``: all).
-        max_model_len: longest prompt + completion, in tokens.
+        max_model_len: longest prompt + completion, in tokens (at most the model's ``max_position_embeddings``).
         max_prompt_tokens: longest prompt, in tokens (default and at most ``max_model_len - 1``).
         max_blend_weight: largest ``|w|`` of a blend term.
         metrics: Prometheus metrics, or ``None``.
@@ -94,6 +94,10 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < max_model_len:
+            logger.warning("max_model_len %d is past the model's %d positions: using %d", max_model_len, positions, positions)
+            max_model_len = positions
         self.max_model_len = max_model_len
         self.max_prompt_tokens = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
         self.max_blend_weight = max_blend_weight

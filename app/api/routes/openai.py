@@ -363,7 +363,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 async def list_models(engine: EngineDep, store: StoreDep, settings: SettingsDep) -> ModelList:
     """The base model, then every registered adapter with the base as ``parent``."""
     now = int(time.time())
-    cards = [ModelCard(id=engine.model_name, created=now, root=settings.model, max_model_len=settings.max_model_len)]
+    cards = [ModelCard(id=engine.model_name, created=now, root=settings.model, max_model_len=engine.max_model_len)]
     for rec in store.list():
         cards.append(ModelCard(id=rec.name, created=int(rec.created), root=rec.name, parent=engine.model_name))
     return ModelList(data=cards)
