@@ -34,6 +34,7 @@ ModelFactory = Callable[[Settings], Any]
 def build_engine(state: ServiceState, loaded: Any) -> None:
     """Open the store and start the engine around an already loaded model (``LoadedModel``)."""
     from app.catalog import StanceCatalog
+    from app.engine.config import EngineConfig
     from app.engine.engine import Engine
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
@@ -53,15 +54,8 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         loaded.tokenizer,
         loaded.name,
         loaded.eos_token_ids,
+        config=EngineConfig.from_settings(s),
         store=store,
-        max_loras=s.max_loras,
-        max_cpu_loras=s.max_cpu_loras,
-        max_batch_size=s.max_batch_size,
-        max_waiting=s.max_waiting,
-        prefill_chunk_tokens=s.prefill_chunk_tokens,
-        max_model_len=s.max_model_len,
-        max_prompt_tokens=s.max_prompt_tokens,
-        max_blend_weight=s.max_blend_weight,
         metrics=state.metrics,
         aliases=(s.model, loaded.source),
     )

@@ -15,7 +15,8 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from app.config import MAX_BLEND_ADAPTERS, MAX_BLEND_WEIGHT
+from app.config import MAX_BLEND_ADAPTERS
+from app.engine.config import EngineConfig
 from app.engine.lora import MultiLoRA
 from app.engine.request import (
     BLEND_LABEL,
@@ -59,14 +60,18 @@ class Engine:
         tokenizer: its tokenizer.
         model_name: the name clients pass as ``model`` for the base model.
         eos_token_ids: ids that end generation.
+        config: slot counts, batch and queue sizes, context limits, blend bound (default:
+            :class:`~app.engine.config.EngineConfig`'s, i.e. the settings' defaults). ``max_model_len`` is
+            clamped to the model's ``max_position_embeddings``; ``max_prompt_tokens`` defaults to, and is at
+            most, ``max_model_len - 1``.
         store: the adapter store (may be ``None`` for a base-only engine).
-        max_loras: adapter slots on the device.
-        max_cpu_loras: parsed adapters kept on CPU (``None``: all).
-        max_model_len: longest prompt + completion, in tokens (at most the model's ``max_position_embeddings``).
-        max_prompt_tokens: longest prompt, in tokens (default and at most ``max_model_len - 1``).
-        max_blend_weight: largest ``|w|`` of a blend term.
         metrics: Prometheus metrics, or ``None``.
         aliases: other strings accepted as the base model's name (e.g. its path).
+        overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_loras=4``); ``TypeError`` on
+            an unknown name.
+
+    Attributes:
+        config: the effective configuration (``max_model_len`` after clamping).
     """
 
     def __init__(
@@ -76,18 +81,13 @@ class Engine:
         model_name: str,
         eos_token_ids: set[int],
         *,
+        config: EngineConfig | None = None,
         store: AdapterSource | None = None,
-        max_loras: int = 32,
-        max_cpu_loras: int | None = None,
-        max_batch_size: int = 16,
-        max_waiting: int = 256,
-        prefill_chunk_tokens: int = 512,
-        max_model_len: int = 2048,
-        max_prompt_tokens: int | None = None,
-        max_blend_weight: float = MAX_BLEND_WEIGHT,
         metrics: Metrics | None = None,
         aliases: tuple[str, ...] = (),
+        **overrides: Any,
     ) -> None:
+        config = (config or EngineConfig()).replace(**overrides)
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -95,12 +95,15 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_model_len = config.max_model_len
         if isinstance(positions, int) and 0 < positions < max_model_len:
             logger.warning("max_model_len %d is past the model's %d positions: using %d", max_model_len, positions, positions)
+            config = config.replace(max_model_len=positions)
             max_model_len = positions
+        self.config = config
         self.max_model_len = max_model_len
-        self.max_prompt_tokens = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
-        self.max_blend_weight = max_blend_weight
+        self.max_prompt_tokens = min(config.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
+        self.max_blend_weight = config.max_blend_weight
         #: width of the logits (the output embedding's rows), in tokens
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._token_texts: dict[int, str] = {}
@@ -108,13 +111,11 @@ class Engine:
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self.metrics = metrics
         self.device = next(model.parameters()).device
-        self.lora = MultiLoRA(model, max_slots=max_loras)
+        self.lora = MultiLoRA(model, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
-        self.weights = WeightCache(store.load_weights if store is not None else _no_store, max_cpu_loras)
+        self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
         self.scheduler = Scheduler(
-            model, tokenizer, self.lora, self.slots, self.eos_token_ids,
-            max_batch_size=max_batch_size, max_waiting=max_waiting,
-            prefill_chunk_tokens=prefill_chunk_tokens, metrics=metrics,
+            model, tokenizer, self.lora, self.slots, self.eos_token_ids, config=config, metrics=metrics,
         )
         if metrics is not None:
             metrics.bind_gauges(

@@ -40,6 +40,7 @@ import torch
 from transformers import DynamicCache
 
 from app.engine.batch import Batch, PrefillGroup, Sequence
+from app.engine.config import EngineConfig
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.request import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
@@ -59,10 +60,12 @@ class Scheduler:
         tokenizer: for detokenisation.
         lora, slots: the multi-LoRA layers and their slot cache.
         eos_token_ids: token ids that end a sequence.
-        max_batch_size: most rows per step.
-        max_waiting: queue length past which :meth:`submit` raises :class:`QueueFullError`.
-        prefill_chunk_tokens: prompt-token budget of one step's prefill.
+        config: sizes (default: :class:`~app.engine.config.EngineConfig`'s, i.e. the settings' defaults); the
+            scheduler reads ``max_batch_size`` (most rows per step), ``max_waiting`` (queue length past which
+            :meth:`submit` raises :class:`QueueFullError`) and ``prefill_chunk_tokens`` (prompt-token budget
+            of one step's prefill).
         metrics: where to record; ``None`` records nothing.
+        overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_batch_size=4``).
     """
 
     def __init__(
@@ -73,19 +76,20 @@ class Scheduler:
         slots: SlotCache,
         eos_token_ids: set[int],
         *,
-        max_batch_size: int = 16,
-        max_waiting: int = 256,
-        prefill_chunk_tokens: int = 512,
+        config: EngineConfig | None = None,
         metrics: Metrics | None = None,
+        **overrides: Any,
     ) -> None:
+        config = (config or EngineConfig()).replace(**overrides)
+        self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.lora = lora
         self.slots = slots
         self.eos_token_ids = set(eos_token_ids)
-        self.max_batch_size = max_batch_size
-        self.max_waiting = max_waiting
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_batch_size = config.max_batch_size
+        self.max_waiting = config.max_waiting
+        self.prefill_chunk_tokens = config.prefill_chunk_tokens
         self.metrics = metrics
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

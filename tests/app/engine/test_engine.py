@@ -49,8 +49,11 @@ def reference_greedy(model, prompt, n, adapter_dir=None):
 
 
 def make_engine(model, tokenizer, store, **kw):
-    kw.setdefault("max_loras", 4)
-    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, store=store, **kw)  # no EOS in range
+    """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots)."""
+    from app.engine.config import EngineConfig
+
+    config = EngineConfig(max_loras=4).replace(**kw)
+    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store)  # no EOS in range
     eng.start()
     return eng
 
