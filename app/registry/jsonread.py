@@ -9,11 +9,11 @@ or not JSON) with :class:`~app.errors.AdapterValidationError` naming the file or
 field at fault. :func:`parse_metadata` applies it to the upload form's ``metadata`` field.
 
 The registry reads every external JSON document through here: ``adapter_config.json``
-(:mod:`app.registry.validation`), ``stance.json`` and ``training_metrics.json``
+(:mod:`app.registry.peft_reader`), ``stance.json`` and ``training_metrics.json``
 (:mod:`app.registry.store`) and the upload's ``metadata`` string.
 
 This module does not check what a document means (a config's fields are
-:func:`app.registry.validation.parse_adapter_config`), does not read files, and does not
+:func:`app.registry.validation.config_problems`), does not read files, and does not
 limit the size of numbers or strings beyond ``max_bytes``; integers longer than Python's
 digit limit (``sys.get_int_max_str_digits``) are refused as invalid JSON.
 """

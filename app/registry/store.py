@@ -43,8 +43,9 @@ import torch
 
 from app.errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
 from app.registry.adapter import AdapterRecord, AdapterWeights
-from app.registry.files import copy_hashed, file_id, fsync_dir, remove_path, sha256_file, write_file
+from app.registry.files import copy_hashed, fsync_dir, remove_path, write_file
 from app.registry.jsonread import MAX_JSON_DEPTH
+from app.registry.peft_reader import PeftAdapter, read_peft_adapter
 from app.registry.sidefiles import (
     STANCE_FILE,
     check_description_metadata,
@@ -56,7 +57,8 @@ from app.registry.validation import (
     CONFIG_FILE,
     MODEL_FILE,
     NAME_RE,
-    load_adapter_weights,
+    check_adapter,
+    to_adapter_weights,
     validate_name,
 )
 
@@ -188,7 +190,7 @@ class AdapterStore:
                 that is not a JSON object or is nested deeper than ``max_json_depth``
                 (``param="metadata"``), a description that is not a string, description
                 and metadata together over 1 MiB of JSON, or an invalid adapter (see
-                :func:`load_adapter_weights`).
+                :func:`app.registry.validation.load_adapter_weights`).
             AdapterTooLargeError: the files exceed ``max_bytes``.
             AdapterExistsError: ``name`` is taken (registered or a folder on disk) and
                 ``replace`` is false.
@@ -208,14 +210,14 @@ class AdapterStore:
         try:
             size = sum((staged / f).stat().st_size for f in (CONFIG_FILE, MODEL_FILE))
         except OSError:
-            size = 0  # a missing file: load_adapter_weights names it
+            size = 0  # a missing file: read_peft_adapter names it
         if size > self.max_bytes:
             raise AdapterTooLargeError(
                 f"{MODEL_FILE}: adapter is {size} bytes, more than the {self.max_bytes}-byte limit (max_adapter_bytes)",
                 param=MODEL_FILE,
             )
-        weights, config = self._load(staged, f"{name}@staged")
-        src_stat = model_src.stat()
+        weights, adapter = self._load(staged, f"{name}@staged")
+        config = adapter.config
 
         tmp = self.root / f"{_TMP}{name}-{uuid.uuid4().hex}"
         with self._lock:
@@ -225,7 +227,7 @@ class AdapterStore:
             tmp.mkdir()
             write_file(tmp / CONFIG_FILE, json.dumps(config, indent=2).encode("utf-8"))
             sha256, size = copy_hashed(model_src, tmp / MODEL_FILE)
-            if file_id(model_src.stat()) != file_id(src_stat) or size != src_stat.st_size:
+            if sha256 != adapter.sha256 or size != adapter.size_bytes:
                 raise AdapterValidationError(f"{MODEL_FILE}: changed while it was being added; retry", param=MODEL_FILE)
             with self._lock:
                 if not replace and self._taken(name):
@@ -344,7 +346,8 @@ class AdapterStore:
         removes stale ``.tmp-``, ``.del-``, ``.upload-`` (killed uploads, see
         :meth:`staging`) and leftover ``.old-`` folders, except those in use by this
         process (each removal is logged at info level). Other dot-entries are ignored.
-        Every other folder is validated with :func:`load_adapter_weights`; invalid ones,
+        Every other folder is read once (:func:`~app.registry.peft_reader.read_peft_adapter`) and
+        validated (:func:`~app.registry.validation.check_adapter`); invalid ones,
         bad names and reserved names are logged and skipped, never fatal. A
         folder without ``stance.json`` is version 1, created at the safetensors' mtime,
         with metadata from ``training_metrics.json`` (see :func:`training_metadata`).
@@ -376,11 +379,15 @@ class AdapterStore:
 
     # -------------------------------------------------------------- internals
 
-    def _load(self, folder: Path, key: str, dtype: torch.dtype = torch.float32) -> tuple[AdapterWeights, dict]:
-        """:func:`load_adapter_weights` with this store's limits."""
-        return load_adapter_weights(
-            folder, key, self.base_shapes, max_rank=self.max_rank, dtype=dtype, max_json_depth=self.max_json_depth
-        )
+    def _load(self, folder: Path, key: str, dtype: torch.dtype = torch.float32) -> tuple[AdapterWeights, PeftAdapter]:
+        """Read ``folder`` once, check it against the base model with this store's limits, convert it.
+
+        Returns the engine weights (keyed ``key``) and the adapter read (config, sha256, size).
+        Raises AdapterValidationError (see :func:`app.registry.validation.load_adapter_weights`).
+        """
+        adapter = read_peft_adapter(folder, max_json_depth=self.max_json_depth)
+        check_adapter(adapter, self.base_shapes, max_rank=self.max_rank)
+        return to_adapter_weights(adapter, key, dtype=dtype), adapter
 
     def _version_of(self, folder: Path) -> int:
         """The ``version`` in ``folder/stance.json``; 1 if it is missing or unreadable (logged)."""
@@ -429,10 +436,9 @@ class AdapterStore:
                 remove_path(entry)
 
     def _read_record(self, name: str, folder: Path) -> AdapterRecord:
-        weights, config = self._load(folder, f"{name}@scan")
+        weights, adapter = self._load(folder, f"{name}@scan")
         model_file = folder / MODEL_FILE
-        size = model_file.stat().st_size
-        sha256 = sha256_file(model_file)
+        config, size, sha256 = adapter.config, adapter.size_bytes, adapter.sha256
         stance = read_json_object(folder / STANCE_FILE, self.max_json_depth + 1)
         if stance is None:
             version, created = 1, model_file.stat().st_mtime
@@ -467,4 +473,3 @@ class AdapterStore:
             description=description,
             metadata=dict(metadata),
         )
-

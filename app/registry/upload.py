@@ -6,8 +6,9 @@ into a fresh folder, from either the two files themselves or one ``.zip`` /
 sub-folder). It refuses pickle weights, unsafe archive members (absolute paths, ``..``,
 links, devices) and anything larger than ``max_bytes`` uncompressed.
 
-It does not look inside the files: checking the adapter against the base model is
-:func:`app.registry.validation.load_adapter_weights`, and storing it is
+It does not look inside the files: reading them is
+:func:`app.registry.peft_reader.read_peft_adapter`, checking the adapter against the base
+model :func:`app.registry.validation.validate_adapter`, and storing it is
 :class:`app.registry.store.AdapterStore`. It never extracts a member under its archive
 name: only the two expected files are written, under their fixed names.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from app.errors import AdapterTooLargeError, AdapterValidationError
-from app.registry.validation import CONFIG_FILE, MODEL_FILE, PICKLE_HINT, PICKLE_SUFFIXES
+from app.registry.peft_reader import CONFIG_FILE, MODEL_FILE, PICKLE_HINT, PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

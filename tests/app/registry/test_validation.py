@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from peft.utils.other import get_pattern_key as peft_pattern_key
 
 from app.errors import AdapterValidationError
 from app.registry.validation import (
     linear_shapes,
     load_adapter_weights,
     module_scaling,
-    peft_pattern_key,
     validate_name,
 )
 from tests.app.registry.helpers import (
