@@ -1,16 +1,20 @@
 """Where does a LoRA adapter change the base model, and by how much?
 
-:func:`adapter_update_norms` reads a peft LoRA adapter folder (``adapter_config.json`` +
-``adapter_model.safetensors``) and gives, for each targeted linear module, the Frobenius
-norm of its weight update ``delta_W = scaling * B @ A`` (LoRA, Hu et al. 2021,
+:func:`adapter_update_norms` reads a peft LoRA adapter folder through the server's own
+reader (:func:`app.registry.peft_reader.read_peft_adapter`: ``adapter_config.json`` +
+``adapter_model.safetensors``, read once) and gives, for each targeted linear module, the
+Frobenius norm of its weight update ``delta_W = scaling * B @ A`` (LoRA, Hu et al. 2021,
 arXiv:2106.09685; peft ``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
 rsLoRA, Kalajdzievski 2023, arXiv:2312.03732; ``rank_pattern`` / ``alpha_pattern`` are
-honoured through :func:`app.registry.validation.module_scaling`). :func:`norms_table`
+honoured through :func:`app.registry.peft_reader.module_scaling`). :func:`norms_table`
 and :func:`plot_heatmap` lay the norms out as layers x projections.
 
-This module only reads adapters; it needs no base model (shapes are not checked against
-one: use :func:`app.registry.validation.load_adapter_weights` for that) and refuses the
-same non-plain-LoRA variants the server refuses (DoRA, LoRA biases, ...), whose update is
+This module reads no file itself (no JSON or safetensors parsing of its own) and needs no
+base model (shapes are not checked against one: use
+:func:`app.registry.validation.validate_adapter` for that). It refuses the same
+non-plain-LoRA configs and tensors the server refuses
+(:func:`app.registry.validation.config_problems` and
+:func:`~app.registry.validation.tensor_problems`: DoRA, LoRA biases, ...), whose update is
 not ``scaling * B @ A``. A norm says how large an update is, not what it does: compare
 modules of one adapter, or adapters of one base model trained alike.
 """
@@ -25,12 +29,11 @@ from typing import Any
 
 import torch
 
-from app.registry.validation import CONFIG_FILE, MODEL_FILE, module_scaling, parse_adapter_config
+from app.registry.peft_reader import CONFIG_FILE, MODEL_FILE, module_scaling, read_peft_adapter
+from app.registry.validation import config_problems, tensor_problems
 
 logger = logging.getLogger(__name__)
 
-_TENSOR_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_PEFT_PREFIX = "base_model.model."
 # "...layers.3.self_attn.q_proj", "transformer.h.3.attn.c_attn", "blocks.3.fc1"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 # Display order of common projection names; others follow alphabetically.
@@ -86,35 +89,30 @@ def adapter_update_norms(adapter_dir: Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: if either file is missing.
-        app.errors.AdapterValidationError: for a config the server would refuse (see
-            :func:`app.registry.validation.parse_adapter_config`).
-        ValueError: for tensors that are not ``lora_A`` / ``lora_B`` weights, an A without
-            its B, or factor shapes that do not fit together.
+        app.errors.AdapterValidationError: for a file the reader cannot read (see
+            :func:`app.registry.peft_reader.read_peft_adapter`) or a config the server
+            would refuse (see :func:`app.registry.validation.config_problems`).
+        ValueError: for tensors that are not ``lora_A`` / ``lora_B`` weights, a repeated
+            factor, an A without its B, no LoRA tensor at all (see
+            :func:`app.registry.validation.tensor_problems`; the message is the problem's),
+            or factor shapes that do not fit together.
     """
     adapter_dir = Path(adapter_dir)
-    config_path, model_path = adapter_dir / CONFIG_FILE, adapter_dir / MODEL_FILE
-    for p in (config_path, model_path):
+    for p in (adapter_dir / CONFIG_FILE, adapter_dir / MODEL_FILE):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found")
-    config = parse_adapter_config(config_path.read_bytes(), max_rank=_MAX_RANK)
-
-    from safetensors import safe_open
-
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(model_path), framework="pt", device="cpu") as f:
-        for name in f.keys():
-            m = _TENSOR_RE.match(name)
-            if m is None:
-                raise ValueError(f"{MODEL_FILE}: tensor {name!r} is not a lora_A / lora_B weight")
-            module = m.group("module").removeprefix(_PEFT_PREFIX)
-            factors.setdefault(module, {})[m.group("kind")] = f.get_tensor(name)
+    adapter = read_peft_adapter(adapter_dir)
+    refused = config_problems(adapter.config, max_rank=_MAX_RANK)
+    if refused:
+        raise refused[0].error()
+    refused = tensor_problems(adapter)
+    if refused:
+        raise ValueError(str(refused[0]))
 
     rows = []
-    for module, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{MODEL_FILE}: module {module!r} has {sorted(pair)} but needs lora_A and lora_B")
-        A, B = pair["lora_A"], pair["lora_B"]
-        r, scaling = module_scaling(config, module)
+    for module, pair in adapter.tensors.items():
+        A, B = pair.A, pair.B
+        r, scaling = module_scaling(adapter.config, module)
         if A.shape[0] != r:
             logger.warning("module %s: lora_A has rank %d but the config says %d", module, A.shape[0], r)
         rows.append(
