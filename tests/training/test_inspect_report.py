@@ -82,6 +82,43 @@ def test_adapter_update_norms_errors(tmp_path):
         adapter_update_norms(tmp_path)
 
 
+def test_inspect_reads_only_through_the_registry_reader(tmp_path, monkeypatch):
+    """training.inspect_adapter parses no file itself: app.registry.peft_reader reads the adapter, once."""
+    import inspect as pyinspect
+
+    import app.registry.peft_reader as peft_reader
+    import training.inspect_adapter as inspect_adapter
+
+    source = pyinspect.getsource(inspect_adapter)
+    for own_reading in ("safetensors import", "safe_open", "load_file", "json.load", "import json", "read_bytes", "open("):
+        assert own_reading not in source, own_reading
+
+    d = save_peft_adapter(build_tiny_model("llama"), tmp_path / "a", "llama")
+    calls = []
+
+    def spy(path, **kw):
+        calls.append(path)
+        return peft_reader.read_peft_adapter(path, **kw)
+
+    monkeypatch.setattr(inspect_adapter, "read_peft_adapter", spy)
+    rows = adapter_update_norms(d)
+    assert calls == [d] and len(rows) == 2 * len(TARGETS["llama"])
+
+
+def test_adapter_update_norms_refuses_what_the_server_refuses(tmp_path):
+    from app.errors import AdapterValidationError
+    from tests.app.registry.helpers import edit_config, edit_tensors, key
+
+    d = save_peft_adapter(build_tiny_model("llama"), tmp_path / "a", "llama")
+    q0 = "model.layers.0.self_attn.q_proj"
+    edit_tensors(d, lambda t: t.pop(key(q0, "lora_B")))
+    with pytest.raises(ValueError, match="no matching lora_B"):
+        adapter_update_norms(d)
+    edit_config(d, use_dora=True)
+    with pytest.raises(AdapterValidationError, match="use_dora"):
+        adapter_update_norms(d)
+
+
 def test_table_and_heatmap(tmp_path):
     model = build_tiny_model("phi")
     d = save_peft_adapter(model, tmp_path / "a", "phi")

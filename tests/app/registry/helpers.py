@@ -77,3 +77,27 @@ def key(module: str, kind: str = "lora_A") -> str:
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
+#: (config changes, fragment of the message): each is refused.
+REFUSED_CONFIGS = [
+    ({"use_dora": True}, "use_dora"),
+    ({"bias": "all"}, "'bias'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"peft_type": "IA3"}, "peft_type"),
+    ({"r": 4.0}, "'r'"),
+    ({"r": 0}, "'r'"),
+    ({"r": True}, "'r'"),
+    ({"lora_alpha": "16"}, "lora_alpha"),
+    ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern"),
+    ({"rank_pattern": {"q_proj(": 2}}, "not a valid regex"),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
+    ({"use_rslora": "yes"}, "use_rslora"),
+]
+
+#: (extra tensor name, fragment of the message): each is refused.
+REFUSED_TENSORS = [
+    ("base_model.model.model.embed_tokens.lora_embedding_A", "embeddings"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", "DoRA"),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", "bias"),
+    ("base_model.model.model.norm.weight", "only"),
+]

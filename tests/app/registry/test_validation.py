@@ -19,6 +19,8 @@ from app.registry.validation import (
 )
 from tests.app.registry.helpers import (
     Q0,
+    REFUSED_CONFIGS,
+    REFUSED_TENSORS,
     base_model,
     edit_config,
     edit_tensors,
@@ -251,24 +253,7 @@ def test_missing_config(llama_adapter):
     refused(llama_adapter, CFG, "missing")
 
 
-@pytest.mark.parametrize(
-    "changes, fragment",
-    [
-        ({"use_dora": True}, "use_dora"),
-        ({"bias": "all"}, "'bias'"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"lora_bias": True}, "lora_bias"),
-        ({"peft_type": "IA3"}, "peft_type"),
-        ({"r": 4.0}, "'r'"),
-        ({"r": 0}, "'r'"),
-        ({"r": True}, "'r'"),
-        ({"lora_alpha": "16"}, "lora_alpha"),
-        ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern"),
-        ({"rank_pattern": {"q_proj(": 2}}, "not a valid regex"),
-        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),
-        ({"use_rslora": "yes"}, "use_rslora"),
-    ],
-)
+@pytest.mark.parametrize("changes, fragment", REFUSED_CONFIGS)
 def test_refused_config_fields(llama_adapter, changes, fragment):
     edit_config(llama_adapter, **changes)
     refused(llama_adapter, CFG, fragment)
@@ -287,15 +272,7 @@ def test_bad_json(llama_adapter, raw):
     refused(llama_adapter, CFG)
 
 
-@pytest.mark.parametrize(
-    "extra, fragment",
-    [
-        ("base_model.model.model.embed_tokens.lora_embedding_A", "embeddings"),
-        ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", "DoRA"),
-        ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", "bias"),
-        ("base_model.model.model.norm.weight", "only"),
-    ],
-)
+@pytest.mark.parametrize("extra, fragment", REFUSED_TENSORS)
 def test_refused_tensors(llama_adapter, extra, fragment):
     edit_tensors(llama_adapter, lambda t: t.update({extra: torch.zeros(4, 64)}))
     refused(llama_adapter, MODEL, extra, fragment)
