@@ -28,14 +28,18 @@ from typing import Any
 
 import torch
 
-from app.bench.models import BenchModel, random_adapter, save_peft_folder
+from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.lora import unwrap
 from app.engine.request import BLEND_LABEL, FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.registry.adapter import AdapterWeights
+from bench.models import BenchModel, random_adapter, save_peft_folder
 
 logger = logging.getLogger(__name__)
+
+#: the service's engine defaults (declared in app.config.Settings)
+_DEFAULTS = EngineConfig()
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -85,17 +89,17 @@ class EngineBench:
         max_tokens: tokens generated per request.
     """
 
-    def __init__(self, bm: BenchModel, *, prompt_len: int, max_tokens: int, max_loras: int = 32,
-                 max_batch_size: int = 16, store: Any = None, max_cpu_loras: int | None = None,
-                 prefill_chunk_tokens: int = 1024) -> None:
+    def __init__(self, bm: BenchModel, *, prompt_len: int, max_tokens: int, max_loras: int = _DEFAULTS.max_loras,
+                 max_batch_size: int = _DEFAULTS.max_batch_size, store: Any = None,
+                 max_cpu_loras: int | None = None, prefill_chunk_tokens: int = 1024) -> None:
         self.bm = bm
         self.prompt_len = prompt_len
         self.max_tokens = max_tokens
-        self.engine = Engine(
-            bm.model, bm.tokenizer, bm.name, bm.eos_token_ids, store=store, max_loras=max_loras,
-            max_cpu_loras=max_cpu_loras, max_batch_size=max_batch_size, max_waiting=10_000,
+        config = EngineConfig(
+            max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_batch_size=max_batch_size, max_waiting=10_000,
             prefill_chunk_tokens=prefill_chunk_tokens, max_model_len=prompt_len + max_tokens + 16,
         )
+        self.engine = Engine(bm.model, bm.tokenizer, bm.name, bm.eos_token_ids, config=config, store=store)
         self.engine.start()
         self._rng = random.Random(0)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.bench.models import CONFIGS, BenchModel, random_adapter
-from app.bench.scenarios import EngineBench, blend, pct, stance
 from app.engine.request import Stance
+from bench.models import CONFIGS, BenchModel, random_adapter
+from bench.scenarios import EngineBench, blend, pct, stance
 from tests.conftest import build_tiny_model, load_tokenizer
 
 #: Parameter counts published on each model card (approximate, in billions).

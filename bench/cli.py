@@ -1,4 +1,4 @@
-"""``stanceserve bench``: the multi-LoRA benchmark, JSON to stdout and to a file.
+"""``stanceserve bench`` (or ``python -m bench``): the multi-LoRA benchmark, JSON to stdout and to a file.
 
 Runs, in one process and side by side: base only; N concurrent requests on one
 adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
@@ -7,6 +7,11 @@ many registered adapters over few device slots; TTFT of a request arriving
 while others decode. Then a ``summary`` with the ratios the targets of issue #4
 are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
 step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it.
+
+A typer app of its own, run by the thin ``bench`` command of :mod:`app.cli` from a
+source checkout (this folder is not installed with the package); it does not import
+:mod:`app.cli`. Defaults shared with the service (device, dtype, slots) are read from
+:class:`app.config.Settings`.
 """
 
 from __future__ import annotations
@@ -22,12 +27,18 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from rich.console import Console
 
-from app.cli import app, console
+from app.config import Settings
+from app.engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
 ALL = ["engine", "baselines", "cold", "many", "busy"]
+
+app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
+console = Console(stderr=True)  # progress
+_DEVICE, _DTYPE = Settings.model_fields["device"].default, Settings.model_fields["dtype"].default
 
 
 def _machine(bm: Any) -> dict[str, Any]:
@@ -59,8 +70,8 @@ def _median_run(runs: list[dict]) -> dict:
 def bench(
     config: Annotated[str | None, typer.Option(help="qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b | phi-2 (with --dummy-weights); default: the embedded model")] = None,
     dummy_weights: Annotated[bool, typer.Option(help="Build --config with random weights (required with --config).")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = _DEVICE,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = _DTYPE,
     requests: Annotated[int, typer.Option(help="Concurrent requests per engine scenario.")] = 16,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 64,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request (EOS ignored).")] = 32,
@@ -70,13 +81,14 @@ def bench(
     cold_loads: Annotated[int, typer.Option(help="Adapters registered one by one in the cold-load scenario.")] = 20,
     many_adapters: Annotated[int, typer.Option(help="Registered adapters in the many-adapters scenario.")] = 1000,
     many_requests: Annotated[int, typer.Option(help="Requests in the many-adapters scenario.")] = 64,
-    max_loras: Annotated[int, typer.Option(help="Device slots.")] = 32,
+    max_loras: Annotated[int, typer.Option(help="Device slots.")] = EngineConfig().max_loras,
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
-    from app.bench.models import build_model, random_adapter
-    from app.bench.scenarios import (
+    from app.engine.request import Stance
+    from bench.models import build_model, random_adapter
+    from bench.scenarios import (
         EngineBench,
         baseline_peft_mixed_batch,
         baseline_serial_set_adapter,
@@ -86,7 +98,6 @@ def bench(
         peft_model,
         stance,
     )
-    from app.engine.request import Stance
 
     if config and not dummy_weights:
         raise typer.BadParameter("--config needs --dummy-weights (no hub downloads here)", param_hint="--config")

@@ -1,1 +1,0 @@
-"""The multi-LoRA serving benchmark behind ``stanceserve bench`` (see :mod:`app.bench.cli`)."""
