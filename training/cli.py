@@ -1,64 +1,69 @@
 """``stanceserve train | eval | inspect | scheduling-data``: the researcher's loop on the command line.
 
-Registered on the ``stanceserve`` typer app (see :data:`app.cli.COMMAND_MODULES`).
-Heavy imports happen inside the commands. Results go to stdout as JSON (or a
-rich table for ``inspect``); progress and errors to stderr.
+A typer app of its own, run by the thin commands of :mod:`app.cli` (which import
+this module only when one of these commands runs, so the server never imports
+``training``). ``train``'s hyperparameter options are generated from
+:class:`training.trainers.TrainConfig` (defaults and help from its fields, see
+:func:`app.cli_options.dataclass_options`); its run options (data, output,
+device, registration) are declared here. Heavy imports happen inside the
+commands. Results go to stdout as JSON (or a rich table for ``inspect``);
+progress and errors to stderr. This module does not import :mod:`app.cli`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect as _inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
-from app.cli import app, console
+from app.cli_options import dataclass_options, from_cli, with_options
+from training.trainers import TrainConfig, train_adapter
+
+app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
+console = Console(stderr=True)  # progress and errors
+
+#: Help of the TrainConfig fields its docstring does not document.
+# TODO(training.trainers owner): move these into TrainConfig (field(metadata={"help": ...}) or its docstring).
+_EXTRA_HELP = {
+    "method": "sft (supervised fine-tuning) or dpo (preference pairs).",
+    "max_steps": "Stop after this many optimizer steps (-1: run all epochs).",
+}
+#: train_adapter's own defaults (device, dtype), so they are declared once, there.
+_RUN_DEFAULTS = {n: p.default for n, p in _inspect.signature(train_adapter).parameters.items()}
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(1)
 
 
 @app.command()
+@with_options(dataclass_options(TrainConfig, extra_help=_EXTRA_HELP, panel="Hyperparameters (TrainConfig)"))
 def train(
     data: Annotated[Path, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")],
     name: Annotated[str, typer.Option(help="Stance name (the adapter's name on the server).")],
-    method: Annotated[str, typer.Option(help="sft | dpo")] = "dpo",
     base: Annotated[str | None, typer.Option(help="HF causal LM id or path (default: the embedded SmolLM2 the server uses).")] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 16,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling alpha/r).")] = 32.0,
-    targets: Annotated[str, typer.Option(help="Comma-separated target modules.")] = "q_proj,k_proj,v_proj,o_proj",
-    epochs: Annotated[float, typer.Option(help="Training epochs.")] = 5.0,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-5,
-    batch_size: Annotated[int, typer.Option(help="Per-step batch size.")] = 2,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
-    beta: Annotated[float, typer.Option(help="DPO beta.")] = 0.1,
-    sft_weight: Annotated[float, typer.Option(help="DPO: weight of an extra NLL loss on the chosen answers (RPO); 0 = plain DPO.")] = 0.0,
-    max_length: Annotated[int, typer.Option(help="Longest example in tokens.")] = 384,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: run all epochs).")] = -1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME).")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | auto")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | auto")] = _RUN_DEFAULTS["dtype"],
     register: Annotated[str | None, typer.Option(help="Upload the result to this server URL, e.g. http://127.0.0.1:8000.")] = None,
     admin_key: Annotated[str | None, typer.Option(help="Admin key for --register (or STANCESERVE_ADMIN_KEY).", envvar="STANCESERVE_ADMIN_KEY")] = None,
     description: Annotated[str | None, typer.Option(help="Description stored with the adapter.")] = None,
     replace: Annotated[bool, typer.Option(help="With --register: replace an existing adapter of that name.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    **hyperparameters: Any,
 ) -> None:
     """Train a LoRA stance adapter with TRL (SFT or DPO) and optionally register it with a running server."""
     from training.datasets import DatasetError
-    from training.trainers import TrainConfig, train_adapter
 
-    if method not in ("sft", "dpo"):
-        _fail(f"--method must be sft or dpo, got {method!r}")
-    cfg = TrainConfig(method=method, rank=rank, alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
-                      epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, beta=beta,
-                      max_length=max_length, seed=seed, max_steps=max_steps, sft_weight=sft_weight)
+    cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
     out_dir = out or Path("runs") / name
     try:
         # the trainer prints its log lines to stdout: keep stdout for the JSON result
@@ -74,7 +79,7 @@ def train(
 
         try:
             report["registered"] = register_adapter(register, name, result.out_dir, admin_key=admin_key,
-                                                    description=description or f"{method} stance adapter {name}",
+                                                    description=description or f"{cfg.method} stance adapter {name}",
                                                     replace=replace)
         except RegistrationError as e:
             _fail(str(e))
@@ -147,8 +152,6 @@ def inspect(
     png: Annotated[Path | None, typer.Option(help="Heatmap path (default ADAPTER/update_norms.png).")] = None,
 ) -> None:
     """Per-layer, per-projection norms of the adapter's weight update B·A (scaled), as a table and a heatmap."""
-    from rich.console import Console
-
     from training.inspect_adapter import adapter_update_norms, norms_table, plot_heatmap
 
     if not (adapter / "adapter_config.json").exists():
