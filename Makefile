@@ -1,6 +1,6 @@
 # stanceserve developer tasks. Everything runs from the project venv (.venv).
 #
-#   make venv    create .venv and install the project (+dev extras); re-runs when pyproject.toml changes
+#   make venv    create .venv and install the project (+dev, train, bench extras); re-runs when pyproject.toml changes
 #   make model   download and cache the embedded SmolLM2-135M-Instruct (no-op when cached)
 #   make serve   run the service on http://$(HOST):$(PORT)
 #   make test    run the test suite (slow tests included), PYTEST_ARGS="..." to pass options
@@ -16,7 +16,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
-# What `pip install` gets after torch; the Docker image sets INSTALL_SPEC=. (no dev extras, not editable).
+# What `pip install` gets after torch. [dev] pulls the [train] and [bench] extras too, so
+# `make test` has everything; the Docker image sets INSTALL_SPEC=. (the server only, not editable).
 INSTALL_SPEC ?= -e '.[dev]'
 STAMP := $(VENV)/.stanceserve-installed
 HOST ?= 127.0.0.1
@@ -52,8 +53,8 @@ test: venv model
 	exit $$rc
 
 lint: venv
-	$(BIN)/python -m compileall -q app training tests
-	@if [ -x $(BIN)/ruff ]; then $(BIN)/ruff check app training tests; else echo "ruff not installed: skipped"; fi
+	$(BIN)/python -m compileall -q app training bench tests
+	@if [ -x $(BIN)/ruff ]; then $(BIN)/ruff check app training bench tests; else echo "ruff not installed: skipped"; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
