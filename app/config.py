@@ -118,6 +118,9 @@ class Settings(BaseSettings):
         512, ge=16, description="Most prompt tokens prefilled per engine step, so decodes are not stalled."
     )
 
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads torch uses for the model (default: torch's own choice, one per core)."
+    )
     log_level: str = Field("info", description="Log level: debug | info | warning | error.")
 
 

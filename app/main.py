@@ -73,6 +73,10 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
 def _load(state: ServiceState, factory: ModelFactory) -> None:
     t0 = time.perf_counter()
     try:
+        if state.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(state.settings.torch_threads)
         loaded = factory(state.settings)
         build_engine(state, loaded)
         state.load_seconds = time.perf_counter() - t0
@@ -80,6 +84,28 @@ def _load(state: ServiceState, factory: ModelFactory) -> None:
     except Exception as e:
         logger.exception("model loading failed")
         state.load_error = f"{type(e).__name__}: {e}"
+
+
+async def _warm_routes(app: FastAPI) -> None:
+    """Send one in-process request that walks every router, before the server takes traffic.
+
+    FastAPI builds a router's route state (its pydantic fields) lazily, on the event loop, at the first
+    request that reaches it: 20-200 ms during which ``/health`` and every stream stall. An unknown path
+    visits every router, so it builds them all now.
+    """
+    scope = {
+        "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/-/warm-up",
+        "raw_path": b"/-/warm-up", "root_path": "", "query_string": b"", "headers": [],
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, model_factory: ModelFactory | None = None) -> FastAPI:
@@ -109,6 +135,7 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
             factory = load_base_model
         loader = threading.Thread(target=_load, args=(state, factory), name="stanceserve-load", daemon=True)
         loader.start()
+        await _warm_routes(app)
         try:
             yield
         finally:
