@@ -203,6 +203,23 @@ def error_body(status: int, message: str, *, code: str | None = None, param: str
     }
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Any) -> str:
+    """``Allow`` of a 405: every method some route serves on the request's path.
+
+    Starlette's router names only the methods of the first route that matched the path, so ``GET`` and
+    ``POST /v1/adapters`` (two routes) would answer ``Allow: GET``.
+    """
+    from starlette.routing import Match
+
+    routes = request.app.router.routes
+    return ", ".join(
+        m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
+    )
+
+
 def install_error_handlers(app: Any) -> None:
     """Map every error to the one JSON contract: domain errors, validation errors, HTTP errors, and crashes.
 
@@ -240,9 +257,12 @@ def install_error_handlers(app: Any) -> None:
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         body = error_body(exc.status_code, str(exc.detail))
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers["Allow"] = allowed
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -12,12 +12,13 @@ checks only.
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
+import json
 import logging
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from app.config import MAX_BLEND_ADAPTERS
 from app.engine.sampling import SamplingParams
 from app.errors import InvalidRequestError, UnsupportedParameterError
 
@@ -31,6 +32,13 @@ MAX_N = 16
 #: Most logprobs per token (OpenAI's ``top_logprobs`` maximum).
 MAX_LOGPROBS = 20
 _INT32 = 2**31 - 1
+#: Smallest ``repetition_penalty``: the penalty divides positive logits, and a tiny one (say 1e-309, a valid
+#: float > 0) makes them infinite, failing the request with HTTP 500.
+MIN_REPETITION_PENALTY = 0.01
+#: ``top_p`` values below this are passed on as this: the engine compares in float32, where a top_p under
+#: ~1e-45 (say 5e-324, a valid float > 0) reads as 0 and drops even the top token (HTTP 500). Any top_p this
+#: small keeps only the most likely token, as 1e-6 does.
+MIN_TOP_P = 1e-6
 
 #: OpenAI request fields that change what the answer must be and that stanceserve does not implement.
 #: A request that sets one (to anything but its "off" value) gets HTTP 400 ``unsupported_parameter``.
@@ -74,10 +82,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# What the validators below check, said in the OpenAPI schema (``WithJsonSchema`` documents, it does not validate:
+# the validators word the errors). The vocabulary, the registered stances and ``max_blend_weight`` are the server's.
+_STOP_TEXT = {"type": "string", "minLength": 1, "maxLength": 256}
+_STOP_SCHEMA = {"anyOf": [_STOP_TEXT, {"type": "array", "items": _STOP_TEXT, "maxItems": 4}, {"type": "null"}]}
+_TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": _INT32}
+#: Keys: ASCII digits, 9 at most so every id the pattern allows is under 2**31 (no vocabulary nears 10**9 tokens).
+_LOGIT_BIAS_SCHEMA = {
+    "type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}, "maxProperties": 1024,
+}
+_STANCES_SCHEMA = {
+    "type": "object", "additionalProperties": {"type": "number"},
+    "minProperties": 1, "maxProperties": MAX_BLEND_ADAPTERS,
+}
+
+
+def _document_refusals(schema: dict[str, Any]) -> None:
+    """Put the refused OpenAI fields (:data:`UNSUPPORTED_FIELDS`) in a request's schema, each taking only its "off"
+    values: the body otherwise allows any extra field, and a client would learn of the refusal only from the 400."""
+    props = schema.setdefault("properties", {})
+    for name, off in UNSUPPORTED_FIELDS.items():
+        text = f"Not supported: accepted only as {json.dumps(off[-1])}."
+        props.setdefault(name, {"enum": list(off), "description": text})
+
+
 class _GenerationFields(BaseModel):
     """Fields shared by chat and text completions, each checked against the range the engine can take."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, json_schema_extra=_document_refusals)
 
     model: str = Field(..., description="The base model's name, or a registered adapter (stance) name.")
     max_tokens: int | None = Field(
@@ -89,8 +122,10 @@ class _GenerationFields(BaseModel):
     seed: int | None = Field(
         None, ge=SEED_MIN, le=SEED_MAX, description="Seed for reproducible sampling: a 64-bit integer, signed or not."
     )
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    stop_token_ids: list[int] | None = Field(
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = Field(
+        None, description="Up to 4 stop strings."
+    )
+    stop_token_ids: list[Annotated[int, WithJsonSchema(_TOKEN_ID_SCHEMA)]] | None = Field(
         None, max_length=64, description="Token ids that end the completion (vLLM extra)."
     )
     stream: bool = False
@@ -99,14 +134,15 @@ class _GenerationFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's presence penalty.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's frequency penalty.")
     repetition_penalty: float = Field(
-        1.0, gt=0.0, le=10.0, description="CTRL repetition penalty over prompt and output tokens (vLLM extra)."
+        1.0, ge=MIN_REPETITION_PENALTY, le=10.0,
+        description="CTRL repetition penalty over prompt and output tokens (vLLM extra).",
     )
-    logit_bias: dict[str, float] | None = Field(
+    logit_bias: Annotated[dict[str, float], WithJsonSchema(_LOGIT_BIAS_SCHEMA)] | None = Field(
         None, max_length=1024, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
     )
     min_tokens: int = Field(0, ge=0, le=_INT32, description="End-of-sequence is masked until this many tokens (vLLM extra).")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
-    stances: dict[str, float] | None = Field(
+    stances: Annotated[dict[str, float], WithJsonSchema(_STANCES_SCHEMA)] | None = Field(
         None,
         description='Weighted blend of adapters, e.g. {"curious-uncertainty": 0.7, "confident-expertise": 0.3}. '
         "Every targeted layer computes W x + sum_i w_i (alpha_i/r_i) B_i A_i x. At most 8 adapters; "
@@ -136,7 +172,7 @@ class _GenerationFields(BaseModel):
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.isdigit() or int(key) > _INT32:
+            if not (key.isascii() and key.isdigit()) or int(key) > _INT32:
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias of token {key} must lie in [-100, 100], got {bias}")
@@ -164,7 +200,7 @@ class _GenerationFields(BaseModel):
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens,
             temperature=self.temperature,
-            top_p=self.top_p,
+            top_p=max(self.top_p, MIN_TOP_P),
             top_k=max(self.top_k, 0),
             seed=self.seed,
             stop=list(self.stop or []),
@@ -189,8 +225,17 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return (seed + index - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
 
 
+def _chat_schema_extra(schema: dict[str, Any]) -> None:
+    _document_refusals(schema)
+    # the rule of :meth:`ChatCompletionRequest.logprobs_count`: ``top_logprobs`` (a number) needs ``logprobs: true``
+    schema["if"] = {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]}
+    schema["then"] = {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}
+
+
 class ChatCompletionRequest(_GenerationFields):
     """``POST /v1/chat/completions``."""
+
+    model_config = ConfigDict(json_schema_extra=_chat_schema_extra)
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=_INT32, description="OpenAI's newer name for max_tokens.")
@@ -217,7 +262,10 @@ class ChatCompletionRequest(_GenerationFields):
 class CompletionRequest(_GenerationFields):
     """``POST /v1/completions``: ``prompt`` is a string (or a one-element list of strings)."""
 
-    prompt: str | list[str]
+    #: the schema of the list says "exactly one" (checked by :meth:`_one_prompt`, which words the error)
+    prompt: str | Annotated[
+        list[str], WithJsonSchema({"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1})
+    ]
     echo: bool = False
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Return the logprobs of each token and of this many top tokens."
@@ -394,10 +442,14 @@ class AdapterList(BaseModel):
     data: list[AdapterInfo]
 
 
+#: Stance names, as the registry checks them (``app.registry.validation.NAME_RE``); for the OpenAPI schema.
+STANCE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class LoadLoRARequest(BaseModel):
     """vLLM's ``POST /v1/load_lora_adapter``: an adapter folder on the server's disk."""
 
-    lora_name: str
+    lora_name: str = Field(..., json_schema_extra={"pattern": STANCE_NAME_PATTERN})
     lora_path: str
 
 

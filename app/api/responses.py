@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from app.schemas import ErrorResponse
 
 _WHY = {
@@ -36,7 +38,43 @@ INFERENCE_ERRORS = errors(400, 404, 405, 413, 422, 429, 500, 503)
 ADMIN_ERRORS = errors(400, 401, 403, 404, 405, 409, 413, 422, 500, 503)
 OPS_ERRORS = errors(405, 500)
 
-#: Streaming responses (``"stream": true``) are server-sent events.
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when streaming."}
+#: Routes whose 200 is plain text. They keep the default ``response_class`` media type out of it (pass
+#: ``response_class=Response``): FastAPI documents a route's error responses in its ``response_class``'s media type,
+#: so ``PlainTextResponse`` there would document the JSON error bodies as ``text/plain``.
+TEXT_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Plain text."}
 }
+
+
+def _inlined(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` put in place (embedded in the document, they would not resolve)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def sub(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: sub(v) for k, v in node.items() if k != "$ref"}
+            return {**sub(defs[node["$ref"].rsplit("/", 1)[-1]]), **out} if "$ref" in node else out
+        return [sub(v) for v in node] if isinstance(node, list) else node
+
+    return sub(schema)
+
+
+def sse_response(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a route that streams with ``"stream": true``: server-sent events, each one's ``data`` a
+    ``chunk`` or an error body as JSON, and ``[DONE]`` last.
+
+    Each event is described by ``itemSchema`` (OpenAPI 3.2's keyword for the items of a sequential media type, as
+    FastAPI documents its own event streams); the JSON answer comes from the route's ``response_model``.
+    """
+    data = {
+        "type": "string",
+        "anyOf": [
+            {"const": "[DONE]"},
+            {"contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [_inlined(chunk), _inlined(ErrorResponse)]}},
+        ],
+    }
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    sse = {"text/event-stream": {"itemSchema": event}}
+    return {200: {"content": sse, "description": "JSON, or SSE when streaming."}}

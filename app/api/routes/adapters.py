@@ -13,20 +13,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.offload import OffloadedJSONRoute
-from app.api.responses import ADMIN_ERRORS
+from app.api.responses import ADMIN_ERRORS, TEXT_RESPONSE
 from app.deps import AdminDep, CatalogDep, SettingsDep
 from app.errors import AdapterNotFoundError, AdapterValidationError
 from app.registry.adapter import AdapterRecord
 from app.registry.jsonread import parse_metadata
-from app.schemas import AdapterInfo, AdapterList, LoadLoRARequest, UnloadLoRARequest
+from app.schemas import STANCE_NAME_PATTERN, AdapterInfo, AdapterList, LoadLoRARequest, UnloadLoRARequest
 
 router = APIRouter(prefix="/v1", tags=["adapters"], route_class=OffloadedJSONRoute, responses=ADMIN_ERRORS)
+
+#: Most files one upload may carry (the form parser refuses more with HTTP 400).
+_MAX_FILES = 8
 
 #: Form fields that are not files (everything else that is a file is part of the upload).
 _TEXT_FIELDS = {"name", "description", "metadata"}
@@ -42,18 +45,22 @@ _UPLOAD_BODY = {
                     "type": "object",
                     "required": ["name", "files"],
                     "properties": {
-                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                        "name": {"type": "string", "pattern": STANCE_NAME_PATTERN,
                                  "description": "The stance name clients will use as `model`."},
                         "description": {"type": "string", "description": "Free text."},
-                        "metadata": {"type": "string", "description": "A JSON object (training provenance...)."},
+                        "metadata": {"type": "object", "description": "A JSON object (training provenance...)."},
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": _MAX_FILES,
                             "description": "adapter_config.json + adapter_model.safetensors, or one .zip/.tar.gz "
                             "of such a folder.",
                         },
                     },
-                }
+                },
+                # the metadata part is JSON text (a part without a filename, read as a string)
+                "encoding": {"metadata": {"contentType": "application/json"}},
             }
         },
     }
@@ -99,7 +106,7 @@ async def upload_adapter(
     files ``adapter_config.json`` + ``adapter_model.safetensors`` or one ``.zip``/``.tar.gz``
     of such a folder (file field names are free).
     """
-    form = await request.form(max_files=8, max_fields=16)
+    form = await request.form(max_files=_MAX_FILES, max_fields=16)
     try:
         name = form.get("name")
         if not isinstance(name, str) or not name:
@@ -138,14 +145,14 @@ async def delete_adapter(name: str, catalog: CatalogDep) -> AdapterInfo:
         raise
 
 
-@router.post("/load_lora_adapter", response_class=PlainTextResponse, dependencies=[AdminDep])
+@router.post("/load_lora_adapter", response_class=Response, responses=TEXT_RESPONSE, dependencies=[AdminDep])
 async def load_lora_adapter(body: LoadLoRARequest, catalog: CatalogDep) -> PlainTextResponse:
     """vLLM-compatible: register the adapter folder ``lora_path`` on the server's disk as ``lora_name``."""
     rec = await run_in_threadpool(catalog.register_path, body.lora_name, Path(body.lora_path))
     return PlainTextResponse(f"Success: LoRA adapter '{rec.name}' added successfully.")
 
 
-@router.post("/unload_lora_adapter", response_class=PlainTextResponse, dependencies=[AdminDep])
+@router.post("/unload_lora_adapter", response_class=Response, responses=TEXT_RESPONSE, dependencies=[AdminDep])
 async def unload_lora_adapter(body: UnloadLoRARequest, catalog: CatalogDep) -> PlainTextResponse:
     """vLLM-compatible: unregister ``lora_name``."""
     try:

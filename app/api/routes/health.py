@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.responses import OPS_ERRORS, errors
+from app.api.responses import OPS_ERRORS, TEXT_RESPONSE, errors
 from app.deps import MetricsDep, StateDep
 from app.errors import NotReadyError
 
@@ -37,7 +37,7 @@ async def ready(state: StateDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=TEXT_RESPONSE)
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus text exposition."""
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

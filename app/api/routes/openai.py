@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from app.api.offload import OffloadedJSONRoute
-from app.api.responses import INFERENCE_ERRORS, SSE_RESPONSE
+from app.api.responses import INFERENCE_ERRORS, sse_response
 from app.deps import EngineDep, SettingsDep, StoreDep
 from app.engine.engine import Engine, RequestStream
 from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
@@ -304,7 +304,7 @@ def _error_body(ev: ErrorEvent) -> dict:
 
 
 # ---------------------------------------------------------------------------- routes
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=SSE_RESPONSE)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=sse_response(ChatCompletionChunk))
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     """Chat completion in the stance named by ``model`` (or the blend in ``stances``)."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -331,7 +331,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     )
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=SSE_RESPONSE)
+@router.post("/completions", response_model=CompletionResponse, responses=sse_response(CompletionChunk))
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     """Text completion of ``prompt`` (no chat template) in the chosen stance."""
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
