@@ -5,7 +5,7 @@ All metrics live in one :class:`Metrics` object with its own
 ``stance`` label is the adapter name, ``"base"``, or ``"blend"`` for every
 weighted blend, so label cardinality is bounded by the registered adapters.
 Names follow Prometheus conventions: snake_case, base units, ``_total`` for
-counters. Series of a deleted adapter are dropped by
+counters. The engine's one event stream feeds it (:meth:`Metrics.observe`). Series of a deleted adapter are dropped by
 :meth:`Metrics.forget_stance`. This module only records; it does not time
 anything itself except the tokens-per-second window, whose memory is a few
 counters per stance (one per second of the window), not one entry per token.
@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -175,6 +177,7 @@ class Metrics:
             ["result"], registry=r,
         )
         self.token_rate = _TokenRate(window_s)
+        self._last_token_at: dict[str, float] = {}  # request id -> perf_counter of its last token, in flight only
         r.register(self.token_rate)
 
     def _per_stance(self) -> tuple[Histogram | Counter, ...]:
@@ -202,6 +205,33 @@ class Metrics:
             # partial match on the stance label: every label combination of it, read under the metric's lock
             metric.remove_by_labels({"stance": name})
         self.token_rate.forget(name)
+
+    def observe(self, request: GenerationRequest, event: Event) -> None:
+        """Record one engine event (the engine calls this for every event of every request, on its thread).
+
+        Admitted -> prompt tokens; token -> TTFT (first) or inter-token latency, generated tokens, tokens/s;
+        finish -> request latency and outcome; error -> outcome ``error``. Keeps one float per request in
+        flight (its last token time), dropped when it ends.
+        """
+        label = request.stance.label
+        if isinstance(event, TokenEvent):
+            last = self._last_token_at.get(request.request_id)
+            if last is None:
+                self.ttft.labels(label).observe(event.at - request.arrival)
+            else:
+                self.itl.labels(label).observe(event.at - last)
+            self._last_token_at[request.request_id] = event.at
+            self.generation_tokens.labels(label).inc()
+            self.token_rate.add(label, 1)
+        elif isinstance(event, AdmittedEvent):
+            self.prompt_tokens.labels(label).inc(event.prompt_tokens)
+        elif isinstance(event, FinishEvent):
+            self._last_token_at.pop(request.request_id, None)
+            self.request_latency.labels(label).observe(event.at - request.arrival)
+            self.requests.labels(label, event.reason).inc()
+        elif isinstance(event, ErrorEvent):
+            self._last_token_at.pop(request.request_id, None)
+            self.requests.labels(label, "error").inc()
 
     def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float]) -> None:
         """Make the running/waiting/loaded gauges read live values at scrape time."""

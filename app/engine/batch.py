@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.request import GenerationRequest
 
 
@@ -38,7 +37,6 @@ class Sequence:
 
     req: GenerationRequest
     slots: list[tuple[int, float]]
-    detok: IncrementalDetokenizer
     generator: torch.Generator | None
     next_pos: int = 0
     last_token: int = -1

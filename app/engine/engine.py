@@ -28,6 +28,7 @@ from app.engine.request import (
 )
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
+from app.engine.stream import RequestStream
 from app.engine.slots import SlotCache
 from app.errors import (
     AdapterNotFoundError,
@@ -115,7 +116,8 @@ class Engine:
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
         self.scheduler = Scheduler(
-            model, tokenizer, self.lora, self.slots, self.eos_token_ids, config=config, metrics=metrics,
+            model, tokenizer, self.lora, self.slots, self.eos_token_ids, config=config,
+            listeners=[metrics.observe] if metrics is not None else None,
         )
         if metrics is not None:
             metrics.bind_gauges(
@@ -350,7 +352,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.requests.labels(stance.label, "rejected").inc()
             raise
-        return RequestStream(req, queue, self.scheduler)
+        return RequestStream(req, queue, self.tokenizer, self.scheduler)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, stance: Stance
@@ -374,42 +376,3 @@ class Engine:
 
 def _no_store(record: AdapterRecord) -> AdapterWeights:
     raise AdapterNotFoundError(record.name)
-
-
-class RequestStream:
-    """Async iterator over one request's events; ends after its :class:`FinishEvent` or :class:`ErrorEvent`.
-
-    It never waits forever: if the engine thread is gone, the stream ends with a ``NotReadyError`` event
-    within ``poll_s`` seconds.
-    """
-
-    poll_s = 1.0
-
-    def __init__(self, req: GenerationRequest, queue: asyncio.Queue[Event], scheduler: Scheduler | None = None) -> None:
-        self.request = req
-        self._queue = queue
-        self._scheduler = scheduler
-        self.done = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self.done:
-            raise StopAsyncIteration
-        while True:
-            try:
-                ev = await asyncio.wait_for(self._queue.get(), self.poll_s)
-                break
-            except TimeoutError:
-                if self._scheduler is not None and not self._scheduler.alive and self._queue.empty():
-                    ev = ErrorEvent(NotReadyError("the engine stopped before this request ended"))
-                    break
-        if isinstance(ev, (FinishEvent, ErrorEvent)):
-            self.done = True
-        return ev
-
-    def cancel(self) -> None:
-        """Stop the request at the engine's next step, unless it already ended."""
-        if not self.done:
-            self.request.cancelled = True

@@ -4,7 +4,7 @@ A :class:`GenerationRequest` carries token ids, sampling parameters and a
 resolved :class:`Stance` (the adapter versions and weights the request will use
 from start to end, even if the registry changes meanwhile). Events flow back
 through the request's ``sink`` callable, which the engine calls from its own
-thread. No model code here.
+thread, and to every listener (metrics). No model code here.
 """
 
 from __future__ import annotations
@@ -43,20 +43,40 @@ class Stance:
 
 
 @dataclass
+class AdmittedEvent:
+    """The engine took the request into the batch (its adapters are pinned; prefill starts).
+
+    Attributes:
+        prompt_tokens: prompt length, in tokens.
+        at: ``time.perf_counter()`` of admission, in seconds.
+    """
+
+    prompt_tokens: int
+    at: float = 0.0
+
+
+@dataclass
 class TokenEvent:
     """One generated token.
 
+    The engine sends token ids only; :class:`~app.engine.engine.RequestStream` fills ``text`` on the
+    consumer side (incremental detokenisation, stop strings), so no text work runs on the model thread.
+
     Attributes:
         token_id: the token.
-        text: the newly safe text (may be empty while held back for a stop string or a partial character).
-        logprob: the token's log-probability (natural log) when the request asked for logprobs, else ``None``.
+        logprob: its log-probability (natural log) when the request asked for logprobs, else ``None``.
         top_logprobs: the most likely (token id, logprob) pairs of that step, most likely first.
+        at: ``time.perf_counter()`` when it was sampled, in seconds.
+        ends: the token is the EOS or a stop token that ends the request (it has no text).
+        text: the newly safe text (may be empty while held back for a stop string or a partial character).
     """
 
     token_id: int
-    text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    at: float = 0.0
+    ends: bool = False
+    text: str = ""
 
 
 @dataclass
@@ -64,27 +84,34 @@ class FinishEvent:
     """The end of a request.
 
     Attributes:
-        reason: ``"stop"`` (EOS or stop string), ``"length"`` (max_tokens) or ``"cancelled"``.
-        text: text released at the end (held-back tail), may be empty.
+        reason: ``"stop"`` (EOS, stop token or stop string), ``"length"`` (max_tokens) or ``"cancelled"``.
         prompt_tokens, completion_tokens: usage counts, in tokens.
         ttft_s: time to first token, in seconds.
+        at: ``time.perf_counter()`` of the end, in seconds.
+        text: text released at the end (held-back tail), filled on the consumer side; may be empty.
     """
 
     reason: str
-    text: str
     prompt_tokens: int
     completion_tokens: int
     ttft_s: float | None = None
+    at: float = 0.0
+    text: str = ""
 
 
 @dataclass
 class ErrorEvent:
-    """The engine failed this request; ``error`` is the exception."""
+    """The engine failed this request; ``error`` is the exception (a :class:`~app.errors.StanceServeError`)."""
 
     error: BaseException
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+#: The one stream of per-request events: admitted, tokens, then exactly one finish or error.
+Event = AdmittedEvent | TokenEvent | FinishEvent | ErrorEvent
+
+#: Something that watches every request's events (metrics): ``listener(request, event)``, called on the
+#: engine thread; it must be quick and must not raise (a raising listener is logged and skipped).
+Listener = Callable[["GenerationRequest", Event], None]
 
 
 @dataclass
@@ -99,6 +126,8 @@ class GenerationRequest:
         request_id: unique id.
         arrival: ``time.perf_counter()`` at submission, in seconds.
         cancelled: set to true to stop the request at the next step (client went away).
+        cancel_reason: the finish reason reported for a cancelled request (``"stop"`` when the consumer
+            found a stop string, ``"cancelled"`` when the client went away).
     """
 
     prompt_ids: list[int]
@@ -108,3 +137,4 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    cancel_reason: str = "cancelled"

@@ -41,13 +41,11 @@ from transformers import DynamicCache
 
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
-from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.lora import LoRABatch, MultiLoRA
-from app.engine.request import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, Listener, TokenEvent
 from app.engine.sampling import TokenChoice, choose_tokens
 from app.engine.slots import NoFreeSlotError, SlotCache
 from app.errors import InternalError, InvalidRequestError, NotReadyError, QueueFullError, StanceServeError
-from app.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +55,15 @@ class Scheduler:
 
     Args:
         model: the base causal LM (already wrapped by ``lora``).
-        tokenizer: for detokenisation.
+        tokenizer: for its pad token id (detokenisation happens on the consumer side).
         lora, slots: the multi-LoRA layers and their slot cache.
         eos_token_ids: token ids that end a sequence.
         config: sizes (default: :class:`~app.engine.config.EngineConfig`'s, i.e. the settings' defaults); the
             scheduler reads ``max_batch_size`` (most rows per step), ``max_waiting`` (queue length past which
             :meth:`submit` raises :class:`QueueFullError`) and ``prefill_chunk_tokens`` (prompt-token budget
             of one step's prefill).
-        metrics: where to record; ``None`` records nothing.
+        listeners: called with ``(request, event)`` for every event of every request, on the engine thread
+            (metrics subscribe here); see :data:`~app.engine.request.Listener`.
         overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_batch_size=4``).
     """
 
@@ -77,7 +76,7 @@ class Scheduler:
         eos_token_ids: set[int],
         *,
         config: EngineConfig | None = None,
-        metrics: Metrics | None = None,
+        listeners: list[Listener] | None = None,
         **overrides: Any,
     ) -> None:
         config = (config or EngineConfig()).replace(**overrides)
@@ -90,7 +89,7 @@ class Scheduler:
         self.max_batch_size = config.max_batch_size
         self.max_waiting = config.max_waiting
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
-        self.metrics = metrics
+        self.listeners: list[Listener] = list(listeners or [])
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         pad = tokenizer.pad_token_id
@@ -231,7 +230,7 @@ class Scheduler:
             if req.cancelled:
                 with self._cv:
                     self._waiting.popleft()
-                self._finish_unstarted(req, "cancelled")
+                self._finish_unstarted(req, req.cancel_reason)
                 continue
             n = len(req.prompt_ids)
             longest = max([n] + [len(s.req.prompt_ids) for s in seqs])
@@ -259,18 +258,13 @@ class Scheduler:
                 self._waiting.popleft()
             p = req.params
             try:
-                seq = Sequence(
-                    req=req,
-                    slots=pairs,
-                    detok=IncrementalDetokenizer(self.tokenizer, p.stop),
-                    generator=p.make_generator(self.device),
-                    next_pos=n,
-                )
+                seq = Sequence(req=req, slots=pairs, generator=p.make_generator(self.device), next_pos=n)
             except Exception as e:  # noqa: BLE001 - e.g. a seed the generator refuses
                 self._release(pairs)
                 self._error(req, e)
                 continue
             seqs.append(seq)
+            self._emit(req, AdmittedEvent(n, time.perf_counter()))
         return seqs
 
     def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
@@ -334,9 +328,6 @@ class Scheduler:
             return
         self._group = None
         seqs = g.seqs
-        if self.metrics is not None:
-            for s in seqs:
-                self.metrics.prompt_tokens.labels(s.req.stance.label).inc(len(s.req.prompt_ids))
         self._batch.extend(g.to_batch())
         self._consume(self._batch.seqs[len(self._batch) - len(seqs):], logits, len(self._batch) - len(seqs))
 
@@ -420,40 +411,24 @@ class Scheduler:
     def _on_token(self, s: Sequence, choice: TokenChoice, now: float) -> None:
         req, p = s.req, s.req.params
         tok = choice.token_id
-        label = req.stance.label
         if s.first_token_at is None:
             s.first_token_at = now
-            if self.metrics is not None:
-                self.metrics.ttft.labels(label).observe(now - req.arrival)
-        elif self.metrics is not None:
-            self.metrics.itl.labels(label).observe(now - (s.last_token_at or now))
         s.last_token_at = now
         s.last_token = tok
-        if self.metrics is not None:
-            self.metrics.generation_tokens.labels(label).inc()
-            self.metrics.token_rate.add(label, 1)
         s.out_ids.append(tok)
-        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            if p.logprobs is not None:  # the stop token is not text, but its logprob is still reported
-                req.sink(TokenEvent(tok, "", choice.logprob, choice.top_logprobs))
+        ends = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        self._emit(req, TokenEvent(tok, choice.logprob, choice.top_logprobs, now, ends))
+        if ends:
             self._finish(s, "stop")
-            return
-        self._inject("detokenize", req)
-        text = s.detok.add(tok)
-        if s.detok.stopped:
-            if text:
-                req.sink(TokenEvent(tok, text, choice.logprob, choice.top_logprobs))
-            self._finish(s, "stop")
-            return
-        req.sink(TokenEvent(tok, text, choice.logprob, choice.top_logprobs))
-        if len(s.out_ids) >= p.max_tokens:
+        elif len(s.out_ids) >= p.max_tokens:
             self._finish(s, "length")
 
     # ------------------------------------------------------------------ faults
     def _inject(self, stage: str, req: GenerationRequest) -> None:
         """Fault injection for tests: ``fault_hook(stage, request)`` may raise to fail that row at that stage.
 
-        Stages: ``admission``, ``prefill``, ``decode``, ``sampling``, ``detokenize``.
+        Stages here: ``admission``, ``prefill``, ``decode``, ``sampling`` (``detokenize`` is raised by the
+        consumer, :class:`~app.engine.engine.RequestStream`).
         """
         if self.fault_hook is not None:
             self.fault_hook(stage, req)
@@ -471,25 +446,18 @@ class Scheduler:
         s.finish_reason = reason
         self._release(s.slots)
         req = s.req
-        tail = "" if reason == "cancelled" else s.detok.flush()
         ttft = None if s.first_token_at is None else s.first_token_at - req.arrival
-        req.sink(FinishEvent(reason, tail, len(req.prompt_ids), len(s.out_ids), ttft))
-        if self.metrics is not None:
-            label = req.stance.label
-            self.metrics.request_latency.labels(label).observe(time.perf_counter() - req.arrival)
-            self.metrics.requests.labels(label, reason).inc()
+        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter()))
 
     def _finish_unstarted(self, req: GenerationRequest, reason: str) -> None:
-        req.sink(FinishEvent(reason, "", len(req.prompt_ids), 0, None))
-        if self.metrics is not None:
-            self.metrics.requests.labels(req.stance.label, reason).inc()
+        self._emit(req, FinishEvent(reason, len(req.prompt_ids), 0, None, time.perf_counter()))
 
     def _drop_cancelled(self) -> None:
         # (rows still prefilling finish when their group joins the batch: at most one chunk later)
         keep = []
         for i, s in enumerate(self._batch.seqs):
             if s.req.cancelled:
-                self._finish(s, "cancelled")
+                self._finish(s, s.req.cancel_reason)
             else:
                 keep.append(i)
         self._batch.keep(keep)
@@ -516,9 +484,16 @@ class Scheduler:
         if not isinstance(error, StanceServeError):
             logger.error("request %s failed: %s: %s", req.request_id, type(error).__name__, error, exc_info=error)
             error = InternalError(f"internal error while generating (request id {req.request_id})")
+        self._emit(req, ErrorEvent(error))
+
+    def _emit(self, req: GenerationRequest, ev: Event) -> None:
+        """Send one event to the request's consumer and to every listener; neither can stop the engine."""
         try:
-            req.sink(ErrorEvent(error))
-        except Exception:  # noqa: BLE001 - a dead listener must not stop the engine
-            logger.exception("could not deliver the error of request %s", req.request_id)
-        if self.metrics is not None:
-            self.metrics.requests.labels(req.stance.label, "error").inc()
+            req.sink(ev)
+        except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
+            logger.exception("could not deliver an event of request %s", req.request_id)
+        for listener in self.listeners:
+            try:
+                listener(req, ev)
+            except Exception:  # noqa: BLE001
+                logger.exception("event listener %r failed", listener)
