@@ -120,6 +120,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         probs = torch.softmax(sorted_x, dim=-1)
         # drop a token when the tokens before it already reach top_p (the top token is always kept)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[0] = False  # even when top_p rounds to 0 in float32
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
     return x

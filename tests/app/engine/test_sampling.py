@@ -290,3 +290,10 @@ def test_overflowing_temperature_still_samples_the_top_token():
     logits = torch.tensor([[3e38, 1e38, 0.0]])
     p = SamplingParams(temperature=1e-6, seed=0)
     assert ids(choose(logits, [p])) == [0]
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    """A top_p that rounds to 0 in float32 (5e-324) still keeps the most likely token: never an all -inf row."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    out = filter_logits(logits, 1.0, 0, 5e-324)
+    assert torch.isfinite(out).tolist() == [False, True, False, False]
