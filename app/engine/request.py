@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from app.engine.sampling import SamplingParams
@@ -27,19 +27,32 @@ BLEND_LABEL = "blend"
 class Stance:
     """The adapters a request runs with: none (base), one with weight 1, or a weighted blend.
 
+    Build one with :meth:`base`, :meth:`single` or :meth:`blend`. Each term's weights carry
+    their own :class:`~app.registry.adapter.AdapterVersion` (``weights.id``), which pins the
+    exact content the request runs with.
+
     Attributes:
         label: metrics label, the adapter name, ``"base"`` or ``"blend"``.
-        terms: (adapter version, weight) pairs; empty for the base model.
-        names: the adapter names of ``terms`` in order, for responses and logs.
+        terms: (adapter weights, weight) pairs; empty for the base model.
     """
 
     label: str
     terms: tuple[tuple[AdapterWeights, float], ...] = ()
-    names: tuple[str, ...] = ()
 
     @classmethod
     def base(cls) -> Stance:
+        """The base model, no adapter."""
         return cls(BASE_LABEL)
+
+    @classmethod
+    def single(cls, weights: AdapterWeights) -> Stance:
+        """One adapter with weight 1, labelled with its name."""
+        return cls(weights.id.name, ((weights, 1.0),))
+
+    @classmethod
+    def blend(cls, terms: Mapping[AdapterWeights, float]) -> Stance:
+        """A weighted blend ``{weights: weight}``, terms in the mapping's order, labelled ``"blend"``."""
+        return cls(BLEND_LABEL, tuple((w, float(x)) for w, x in terms.items()))
 
 
 @dataclass
@@ -127,7 +140,8 @@ class GenerationRequest:
         arrival: ``time.perf_counter()`` at submission, in seconds.
         cancelled: set to true to stop the request at the next step (client went away).
         cancel_reason: the finish reason reported for a cancelled request (``"stop"`` when the consumer
-            found a stop string, ``"cancelled"`` when the client went away).
+            found a stop string, ``"error"`` when the consumer failed it, ``"cancelled"`` when the client
+            went away).
     """
 
     prompt_ids: list[int]

@@ -108,6 +108,7 @@ class RequestStream:
                 hook("detokenize", req)
             ev.text = self._decoder.add(ev.token_id)
         except Exception as e:  # noqa: BLE001 - this request alone fails
+            req.cancel_reason = "error"  # the engine ends the row with this reason (metrics count an error)
             req.cancelled = True
             logger.error("request %s failed in detokenisation: %s: %s", req.request_id, type(e).__name__, e,
                          exc_info=e)
