@@ -4,7 +4,7 @@ FastAPI parses a JSON body with ``json.loads`` on the event loop; a body of
 megabytes then stalls every other request (``/health``, other streams) for as
 long as the parse takes. :class:`OffloadedJSONRoute` is an ``APIRoute`` whose
 request parses JSON in the threadpool instead, and turns a body nested too deep
-for Python's parser into a 422 instead of a ``RecursionError``. Body size is
+for Python's parser into a 400 that says so instead of a ``RecursionError``. Body size is
 bounded elsewhere (:mod:`app.api.limits`); validation into the pydantic model
 stays FastAPI's.
 """
@@ -17,16 +17,16 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import InvalidRequestError
 
 
 def _loads(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except RecursionError as e:
-        raise InvalidRequestError("the JSON body is nested too deeply", param="body") from e
+    except RecursionError as e:  # FastAPI turns anything but an HTTPException here into a vague 400
+        raise HTTPException(400, "the JSON body is nested too deeply to parse") from e
 
 
 class _OffloadedJSONRequest(Request):
