@@ -25,7 +25,7 @@ from typing import IO
 from app.engine.engine import Engine
 from app.engine.request import Stance
 from app.metrics import Metrics
-from app.registry.adapter import AdapterRecord
+from app.registry.adapter import AdapterRecord, AdapterWeights
 from app.registry.store import AdapterStore
 from app.registry.upload import stage_upload
 
@@ -104,15 +104,15 @@ class StanceCatalog:
             if self.metrics is not None:
                 self.metrics.forget_stance(name)
             self._update_gauge()
-        logger.info("deleted adapter %s", rec.key)
+        logger.info("deleted adapter %s (version %d)", rec.id, rec.version)
         return rec
 
     # ------------------------------------------------------------------ internals
-    def _registered(self, rec: AdapterRecord, weights) -> None:
+    def _registered(self, rec: AdapterRecord, weights: AdapterWeights) -> None:
         self.engine.forget_adapter(rec.name)  # older versions no running request holds
         self.engine.preload(weights)
         self._update_gauge()
-        logger.info("registered adapter %s (rank %d, %d bytes)", rec.key, rec.rank, rec.size_bytes)
+        logger.info("registered adapter %s (version %d, rank %d, %d bytes)", rec.id, rec.version, rec.rank, rec.size_bytes)
 
     def _update_gauge(self) -> None:
         if self.metrics is not None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.sampling import SamplingParams
 from app.errors import InvalidRequestError, UnsupportedParameterError
+from app.registry.adapter import AdapterRecord, thaw_json
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ class ModelList(BaseModel):
 
 
 class AdapterInfo(BaseModel):
-    """``GET /v1/adapters/{name}``."""
+    """``GET /v1/adapters/{name}``: the public view of an :class:`~app.registry.adapter.AdapterRecord`."""
 
     name: str
     version: int
@@ -435,6 +436,13 @@ class AdapterInfo(BaseModel):
     base_model: str | None = None
     description: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, rec: AdapterRecord) -> AdapterInfo:
+        """The record's public fields (no server path); ``created`` in whole seconds, metadata as plain JSON."""
+        fields = {name: getattr(rec, name) for name in cls.model_fields}
+        fields.update(created=int(rec.created), metadata=thaw_json(rec.metadata))
+        return cls.model_validate(fields)
 
 
 class AdapterList(BaseModel):

@@ -109,7 +109,7 @@ def bench(
     t_start = time.perf_counter()
     bm = build_model(config, device=device, dtype=dtype)
     n = requests
-    adapters = [random_adapter(bm.model, bm.arch, f"a{i}@1", rank=rank, alpha=2.0 * rank, seed=i) for i in range(n)]
+    adapters = [random_adapter(bm.model, bm.arch, f"a{i}", rank=rank, alpha=2.0 * rank, seed=i) for i in range(n)]
     result: dict[str, Any] = {
         "model": bm.name, "weight_bytes": bm.weight_bytes, "machine": _machine(bm),
         "settings": {"requests": n, "prompt_len": prompt_len, "max_tokens": max_tokens, "rank": rank,

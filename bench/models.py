@@ -4,11 +4,12 @@
 those architectures from their published ``config.json`` values with random
 weights (as vLLM's ``--load-format dummy``): decode speed does not depend on
 the values, and nothing is downloaded. Random LoRA adapters are made directly
-as :class:`AdapterWeights`. This module builds; it does not time anything.
+as :class:`AdapterWeights`, identified by a digest of their tensors. This module builds; it does not time anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +117,28 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def random_adapter(
-    model: torch.nn.Module, arch: str, key: str, *, rank: int = 16, alpha: float = 32.0, seed: int = 0,
+    model: torch.nn.Module, arch: str, name: str, *, rank: int = 16, alpha: float = 32.0, seed: int = 0,
     targets: list[str] | None = None, std: float = 0.01,
 ) -> AdapterWeights:
-    """A random LoRA adapter (rank ``rank`` on every target module) as CPU fp32 tensors."""
+    """A random LoRA adapter ``name`` (rank ``rank`` on every target module) as CPU fp32 tensors.
+
+    Its id's digest is a sha256 over its module paths, scalings and tensor bytes (it has no files).
+    """
     wanted = set(targets or TARGETS.get(arch, TARGETS["llama"]))
     g = torch.Generator().manual_seed(seed)
     modules = {}
-    for name, mod in model.named_modules():
-        name = name.removesuffix(".base_layer")  # already wrapped by the engine
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in wanted:
+    for path, mod in model.named_modules():
+        path = path.removesuffix(".base_layer")  # already wrapped by the engine
+        if isinstance(mod, torch.nn.Linear) and path.rsplit(".", 1)[-1] in wanted:
             a = torch.randn(rank, mod.in_features, generator=g) * std
             b = torch.randn(mod.out_features, rank, generator=g) * std
-            modules[name] = LoRAModuleWeights(a, b, alpha / rank)
-    return AdapterWeights(key, modules)
+            modules[path] = LoRAModuleWeights(a, b, alpha / rank)
+    digest = hashlib.sha256()
+    for path, m in modules.items():
+        digest.update(f"{path}\0{m.scaling!r}\0".encode())
+        digest.update(m.A.numpy())
+        digest.update(m.B.numpy())
+    return AdapterWeights(AdapterVersion(name, digest.hexdigest()), modules)
 
 
 def save_peft_folder(adapter: AdapterWeights, folder: Path, *, rank: int, alpha: float, dtype=torch.bfloat16) -> Path:

@@ -31,7 +31,7 @@ import torch
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.lora import unwrap
-from app.engine.request import BLEND_LABEL, FinishEvent, Stance, TokenEvent
+from app.engine.request import FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.registry.adapter import AdapterWeights
 from bench.models import BenchModel, random_adapter, save_peft_folder
@@ -203,12 +203,15 @@ def _r(x: float | None) -> float | None:
 
 
 def stance(adapter: AdapterWeights) -> Stance:
-    return Stance(adapter.key.split("@")[0], ((adapter, 1.0),), (adapter.key,))
+    return Stance.single(adapter)
 
 
 def blend(adapters: list[AdapterWeights]) -> Stance:
-    w = 1.0 / len(adapters)
-    return Stance(BLEND_LABEL, tuple((a, w) for a in adapters), tuple(a.key for a in adapters))
+    """Equal weights over ``adapters`` (an adapter listed twice gets twice the weight)."""
+    terms: dict[AdapterWeights, float] = {}
+    for a in adapters:
+        terms[a] = terms.get(a, 0.0) + 1.0 / len(adapters)
+    return Stance.blend(terms)
 
 
 # --------------------------------------------------------------------------- baselines (peft)
@@ -270,7 +273,7 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
     store = AdapterStore(workdir / "cold-store", linear_shapes(bm.model), max_rank=64, max_bytes=1 << 31)
     staged = []
     for i in range(n):
-        a = random_adapter(bm.model, bm.arch, f"cold{i}@1", rank=rank, alpha=alpha, seed=10_000 + i)
+        a = random_adapter(bm.model, bm.arch, f"cold{i}", rank=rank, alpha=alpha, seed=10_000 + i)
         staged.append(save_peft_folder(a, workdir / f"cold-upload-{i}", rank=rank, alpha=alpha))
     eng = bench.engine
     add_s, first_s, slot_s = [], [], []
@@ -279,11 +282,11 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
         rec, weights = store.add(f"cold{i}", folder)
         eng.preload(weights)
         t1 = time.perf_counter()
-        r = asyncio.run(bench._one(Stance(rec.name, ((weights, 1.0),)), max_tokens=1))
+        r = asyncio.run(bench._one(Stance.single(weights), max_tokens=1))
         add_s.append(t1 - t0)
         first_s.append(t1 - t0 + r["ttft"])
         slot_s.append(eng.slots.stats.last_load_seconds)  # this request's own load
-        eng.scheduler.call(lambda k=weights.key: eng.slots.drop(k))  # free the slot again: every load is cold
+        eng.scheduler.call(lambda v=weights.id: eng.slots.drop(v))  # free the slot again: every load is cold
     return {
         "adapters": n, "rank": rank,
         "slot_load_s_p50": _r(pct(slot_s, 0.5)), "slot_load_s_p99": _r(pct(slot_s, 0.99)),
@@ -302,7 +305,7 @@ def many_adapters(bm: BenchModel, workdir: Path, *, n_adapters: int, slots: int,
     targets = ["q_proj", "v_proj"]
     t0 = time.perf_counter()
     for i in range(n_adapters):
-        a = random_adapter(bm.model, bm.arch, f"s{i}@1", rank=rank, alpha=2.0 * rank, seed=i, targets=targets)
+        a = random_adapter(bm.model, bm.arch, f"s{i}", rank=rank, alpha=2.0 * rank, seed=i, targets=targets)
         save_peft_folder(a, root / f"s{i:04d}", rank=rank, alpha=2.0 * rank)
     store = AdapterStore(root, linear_shapes(bm.model), max_rank=64, max_bytes=1 << 31)
     store.scan()

@@ -87,10 +87,10 @@ class LocalGenerator:
             return Stance.base()
         if model not in self._adapters:
             folder = self.resolve(model)
-            w, _ = load_adapter_weights(folder, f"{folder.name}@eval", self.shapes, max_rank=4096)
+            w, _ = load_adapter_weights(folder, folder.resolve().name or "adapter", self.shapes, max_rank=4096)
             self._adapters[model] = w
         w = self._adapters[model]
-        return Stance(Path(model).name, ((w, 1.0),), (model,))
+        return Stance.single(w)
 
     def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]:
         from app.engine.request import ErrorEvent, FinishEvent, TokenEvent

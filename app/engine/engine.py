@@ -19,7 +19,6 @@ from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
 from app.engine.lora import MultiLoRA
 from app.engine.request import (
-    BLEND_LABEL,
     ErrorEvent,
     Event,
     FinishEvent,
@@ -39,7 +38,7 @@ from app.errors import (
     QueueFullError,
 )
 from app.metrics import Metrics
-from app.registry.adapter import AdapterRecord, AdapterWeights, adapter_name
+from app.registry.adapter import AdapterRecord, AdapterVersion, AdapterWeights
 from app.registry.cache import WeightCache
 
 logger = logging.getLogger(__name__)
@@ -236,7 +235,7 @@ class Engine:
                 raise InvalidBlendError(
                     f"a blend may combine at most {MAX_BLEND_ADAPTERS} adapters, got {len(stances)}", param="stances"
                 )
-            terms = []
+            terms: dict[AdapterWeights, float] = {}
             for name, w in stances.items():
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
                     raise InvalidBlendError(f"weight of {name!r} must be a finite number, got {w!r}", param=f"stances.{name}")
@@ -250,12 +249,12 @@ class Engine:
                     rec = self._record(name, param=f"stances.{name}")
                 except AdapterNotFoundError as e:
                     raise InvalidBlendError(f"blend names unknown adapter {name!r}", param=f"stances.{name}") from e
-                terms.append((self.weights.get(rec), float(w)))
-            return Stance(BLEND_LABEL, tuple(terms), tuple(stances))
+                terms[self.weights.get(rec)] = float(w)
+            return Stance.blend(terms)
         if self.is_base(model):
             return Stance.base()
         rec = self._record(model, param="model")
-        return Stance(rec.name, ((self.weights.get(rec), 1.0),), (rec.name,))
+        return Stance.single(self.weights.get(rec))
 
     def _record(self, name: str, *, param: str) -> AdapterRecord:
         if self.store is None:
@@ -270,8 +269,8 @@ class Engine:
         self.weights.discard_name(name)
 
         def drop() -> None:
-            for key in [k for k in self.slots.keys() if adapter_name(k) == name]:
-                self.slots.drop(key)
+            for version in [v for v in self.slots.keys() if v.name == name]:
+                self.slots.drop(version)
 
         self.scheduler.call(drop)
 
@@ -369,7 +368,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.adapter_cache.labels(kind).inc()
 
-    def _on_slot_load(self, key: str, seconds: float) -> None:
+    def _on_slot_load(self, version: AdapterVersion, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.adapter_load.observe(seconds)
 

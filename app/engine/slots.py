@@ -1,7 +1,7 @@
 """When an adapter is on the device: the LRU slot cache over :class:`~app.engine.lora.MultiLoRA`.
 
 A fixed number of slots (``--max-loras``) live on the compute device. An
-adapter *version* (``name@version``) is loaded into a free slot on first use;
+adapter *version* (:class:`~app.registry.adapter.AdapterVersion`: name and content digest) is loaded into a free slot on first use;
 when none is free, the least recently used slot that no running request holds
 is evicted (the design of vLLM's ``LRUCacheWorkerLoRAManager``). Requests pin
 their slots with :meth:`SlotCache.acquire` and unpin with
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.engine.lora import MultiLoRA
-from app.registry.adapter import AdapterWeights
+from app.registry.adapter import AdapterVersion, AdapterWeights
 
 logger = logging.getLogger(__name__)
 
@@ -46,29 +46,29 @@ class SlotCache:
 
     Args:
         lora: the model's multi-LoRA layers.
-        on_load: called with (adapter key, seconds) after each load into a slot.
+        on_load: called with (adapter version, seconds) after each load into a slot.
         on_event: called with ``"hit"``, ``"miss"`` or ``"eviction"`` (for metrics).
     """
 
     def __init__(
         self,
         lora: MultiLoRA,
-        on_load: Callable[[str, float], None] | None = None,
+        on_load: Callable[[AdapterVersion, float], None] | None = None,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.lora = lora
         self.capacity = lora.max_slots
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
+        self._slot_of: OrderedDict[AdapterVersion, int] = OrderedDict()  # version -> slot, least recently used first
         self._refs: dict[int, int] = {}
         self._free = list(range(self.capacity - 1, -1, -1))  # pop() gives slot 0 first
         self._on_load = on_load
         self._on_event = on_event or (lambda kind: None)
         self.stats = SlotStats()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._slot_of
+    def __contains__(self, version: object) -> bool:
+        return version in self._slot_of
 
-    def keys(self) -> list[str]:
+    def keys(self) -> list[AdapterVersion]:
         """Resident adapter versions, least recently used first."""
         return list(self._slot_of)
 
@@ -85,11 +85,12 @@ class SlotCache:
             whatever writing the adapter into the slot raises (e.g. ``KeyError`` for a module the base model
                 lacks); the slot is then free again.
         """
-        slot = self._slot_of.get(adapter.key)
+        version = adapter.id
+        slot = self._slot_of.get(version)
         if slot is not None:
             self.stats.hits += 1
             self._on_event("hit")
-            self._slot_of.move_to_end(adapter.key)
+            self._slot_of.move_to_end(version)
         else:
             self.stats.misses += 1
             self._on_event("miss")
@@ -104,10 +105,10 @@ class SlotCache:
             dt = time.perf_counter() - t0
             self.stats.load_seconds_total += dt
             self.stats.last_load_seconds = dt
-            self._slot_of[adapter.key] = slot
-            logger.debug("loaded %s into slot %d in %.1f ms", adapter.key, slot, dt * 1e3)
+            self._slot_of[version] = slot
+            logger.debug("loaded %s into slot %d in %.1f ms", version, slot, dt * 1e3)
             if self._on_load is not None:
-                self._on_load(adapter.key, dt)
+                self._on_load(version, dt)
         self._refs[slot] = self._refs.get(slot, 0) + 1
         return slot
 
@@ -118,12 +119,12 @@ class SlotCache:
             raise RuntimeError(f"slot {slot} released more often than acquired")
         self._refs[slot] = n
 
-    def drop(self, key: str) -> bool:
-        """Forget ``key`` if resident and unpinned (after delete/replace); returns whether it was dropped."""
-        slot = self._slot_of.get(key)
+    def drop(self, version: AdapterVersion) -> bool:
+        """Forget ``version`` if resident and unpinned (after delete/replace); returns whether it was dropped."""
+        slot = self._slot_of.get(version)
         if slot is None or self._refs.get(slot, 0) > 0:
             return False
-        del self._slot_of[key]
+        del self._slot_of[version]
         self.lora.clear_slot(slot)
         self._free.append(slot)
         return True
@@ -131,11 +132,11 @@ class SlotCache:
     def _take_slot(self) -> int:
         if self._free:
             return self._free.pop()
-        for key, slot in self._slot_of.items():  # least recently used first
+        for version, slot in self._slot_of.items():  # least recently used first
             if self._refs.get(slot, 0) == 0:
-                del self._slot_of[key]
+                del self._slot_of[version]
                 self.stats.evictions += 1
                 self._on_event("eviction")
-                logger.debug("evicted %s from slot %d", key, slot)
+                logger.debug("evicted %s from slot %d", version, slot)
                 return slot
         raise NoFreeSlotError(f"all {self.capacity} adapter slots are in use by running requests")

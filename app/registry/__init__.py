@@ -1,6 +1,6 @@
 """The adapter registry: what a LoRA "stance" is, how it is checked, staged and stored.
 
-- :mod:`app.registry.adapter`: plain data (:class:`AdapterWeights`, :class:`AdapterRecord`).
+- :mod:`app.registry.adapter`: plain data (:class:`AdapterVersion`, :class:`AdapterWeights`, :class:`AdapterRecord`).
 - :mod:`app.registry.peft_reader`: reading a peft adapter folder once into a typed value
   (:func:`read_peft_adapter` -> :class:`PeftAdapter`), without checking it.
 - :mod:`app.registry.validation`: checking that value against the base model
@@ -17,7 +17,7 @@
 Nothing here touches a compute device; loading weights onto one is :mod:`app.engine`.
 """
 
-from app.registry.adapter import AdapterRecord, AdapterWeights, LoRAModuleWeights
+from app.registry.adapter import AdapterRecord, AdapterVersion, AdapterWeights, LoRAModuleWeights
 from app.registry.jsonread import MAX_JSON_DEPTH, loads_limited, parse_metadata
 from app.registry.peft_reader import PeftAdapter, read_peft_adapter
 from app.registry.store import AdapterStore
@@ -38,6 +38,7 @@ __all__ = [
     "NAME_RE",
     "AdapterRecord",
     "AdapterStore",
+    "AdapterVersion",
     "AdapterWeights",
     "LoRAModuleWeights",
     "PeftAdapter",

@@ -3,8 +3,8 @@
 Device slots (:mod:`app.engine.slots`) hold the adapters rows are using now;
 this cache holds up to ``max_items`` parsed :class:`AdapterWeights` on CPU so a
 slot miss needs no disk read. Past that, adapters are read again from the
-store. Keys are ``name@version``, so a replaced adapter never returns stale
-weights. Thread-safe. It does not validate (the store did) nor touch the device.
+store. Keys are :class:`~app.registry.adapter.AdapterVersion` (name and content
+digest), so a replaced adapter never returns stale weights. Thread-safe. It does not validate (the store did) nor touch the device.
 """
 
 from __future__ import annotations
@@ -13,23 +13,23 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-from app.registry.adapter import AdapterRecord, AdapterWeights, adapter_name
+from app.registry.adapter import AdapterRecord, AdapterVersion, AdapterWeights
 
 
 class WeightCache:
-    """LRU map ``record.key -> AdapterWeights``.
+    """LRU map ``record.id -> AdapterWeights``.
 
     Args:
-        load: reads a record's weights from disk (the store's ``load_weights``).
+        load: reads a record's weights from disk (the store's ``load_weights``); their id must be ``record.id``.
         max_items: most adapter versions kept; ``None`` keeps all.
     """
 
     def __init__(self, load: Callable[[AdapterRecord], AdapterWeights], max_items: int | None = None) -> None:
         self._load = load
         self.max_items = max_items
-        self._items: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._items: OrderedDict[AdapterVersion, AdapterWeights] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}  # one lock per key being read from disk
+        self._loading: dict[AdapterVersion, threading.Lock] = {}  # one lock per version being read from disk
         self.hits = 0
         self.misses = 0
 
@@ -39,8 +39,8 @@ class WeightCache:
     def put(self, weights: AdapterWeights) -> None:
         """Insert freshly loaded weights (e.g. right after an upload)."""
         with self._lock:
-            self._items[weights.key] = weights
-            self._items.move_to_end(weights.key)
+            self._items[weights.id] = weights
+            self._items.move_to_end(weights.id)
             self._trim()
 
     def get(self, record: AdapterRecord) -> AdapterWeights:
@@ -49,7 +49,7 @@ class WeightCache:
         Raises:
             whatever the loader raises (e.g. :class:`~app.errors.AdapterValidationError` for a corrupted file).
         """
-        key = record.key
+        key = record.id
         with self._lock:
             w = self._items.get(key)
             if w is not None:
@@ -77,7 +77,7 @@ class WeightCache:
     def discard_name(self, name: str) -> None:
         """Forget every version of adapter ``name``."""
         with self._lock:
-            for key in [k for k in self._items if adapter_name(k) == name]:
+            for key in [k for k in self._items if k.name == name]:
                 del self._items[key]
 
     def _trim(self) -> None:

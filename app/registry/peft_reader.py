@@ -41,6 +41,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_
 from peft.utils.other import get_pattern_key
 
 from app.errors import AdapterValidationError
+from app.registry.adapter import content_digest
 from app.registry.files import file_id, read_prefix
 from app.registry.jsonread import MAX_JSON_DEPTH, loads_limited
 
@@ -105,6 +106,11 @@ class PeftAdapter:
     metadata: dict[str, str]
     sha256: str
     size_bytes: int
+
+    @property
+    def digest(self) -> str:
+        """The adapter's content digest (weights file and config): :func:`~app.registry.adapter.content_digest`."""
+        return content_digest(self.sha256, self.config)
 
 
 def split_tensor_name(name: str) -> tuple[str, str] | None:

@@ -26,7 +26,6 @@ is thread-safe within it (one lock).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -88,9 +87,10 @@ class AdapterStore:
             ``stance.json``, which wraps the metadata, may be one level deeper.
             ValueError if below 1.
 
-    Versions only grow within one process, also across delete and re-add, so an
-    :attr:`AdapterRecord.key` (``name@version``) never names two different weights.
-    Records returned are copies; mutating them does not change the store.
+    Version numbers (the API's counter) only grow within one process, also across delete
+    and re-add. Identity is content (:attr:`AdapterRecord.id`: name and content digest), so
+    re-adding the same files gives the same :class:`~app.registry.adapter.AdapterVersion`.
+    Records are immutable and shared: :meth:`get` and :meth:`list` return the index's own objects.
     """
 
     def __init__(
@@ -125,12 +125,12 @@ class AdapterStore:
             record = self._index.get(name)
             if record is None:
                 raise AdapterNotFoundError(name)
-            return copy.deepcopy(record)
+            return record
 
     def list(self) -> list[AdapterRecord]:
         """All records, sorted by name."""
         with self._lock:
-            return [copy.deepcopy(self._index[n]) for n in sorted(self._index)]
+            return [self._index[n] for n in sorted(self._index)]
 
     def __contains__(self, name: object) -> bool:
         with self._lock:
@@ -141,26 +141,26 @@ class AdapterStore:
             return len(self._index)
 
     def load_weights(self, record: AdapterRecord, dtype: torch.dtype = torch.float32) -> AdapterWeights:
-        """Read the weights of ``record`` from ``record.path``, keyed ``record.key``.
+        """Read the weights of ``record`` from ``record.path``; their id is ``record.id``.
 
         Raises:
-            AdapterNotFoundError: the folder is gone, or holds another version than
-                ``record.version`` (it was replaced or deleted meanwhile); get the new record.
+            AdapterNotFoundError: the folder is gone, or holds other content than ``record``
+                (it was replaced or deleted meanwhile); get the new record.
             AdapterValidationError: the files on disk no longer validate.
         """
         folder = Path(record.path)
-        before = self._version_of(folder) if folder.is_dir() else None
-        if before != record.version:
-            raise AdapterNotFoundError(record.key)
+        if not folder.is_dir():
+            raise AdapterNotFoundError(record.name)
         try:
-            weights, _ = self._load(folder, record.key, dtype)
+            weights, _ = self._load(folder, record.name, dtype)
         except AdapterValidationError:
             if not folder.is_dir() or self._version_of(folder) != record.version:
-                raise AdapterNotFoundError(record.key) from None
+                raise AdapterNotFoundError(record.name) from None
             raise
-        # Versions only grow, so an unchanged version after the read means no swap happened during it.
-        if self._version_of(folder) != record.version:
-            raise AdapterNotFoundError(record.key)
+        # The digest covers both files as read: equal means exactly this record's content, even if a
+        # swap happened during the read; anything else is another version.
+        if weights.id != record.id:
+            raise AdapterNotFoundError(record.name)
         return weights
 
     # ----------------------------------------------------------------- writes
@@ -182,8 +182,8 @@ class AdapterStore:
         ``name`` deleted earlier in this process).
 
         Returns:
-            ``(record, weights)``: the new record and its weights (fp32, CPU, keyed
-            ``record.key``), so the caller need not read them again.
+            ``(record, weights)``: the new record and its weights (fp32, CPU, id
+            ``record.id``), so the caller need not read them again.
 
         Raises:
             AdapterValidationError: bad or reserved ``name`` (``param="name"``), metadata
@@ -216,7 +216,7 @@ class AdapterStore:
                 f"{MODEL_FILE}: adapter is {size} bytes, more than the {self.max_bytes}-byte limit (max_adapter_bytes)",
                 param=MODEL_FILE,
             )
-        weights, adapter = self._load(staged, f"{name}@staged")
+        weights, adapter = self._load(staged, name)
         config = adapter.config
 
         tmp = self.root / f"{_TMP}{name}-{uuid.uuid4().hex}"
@@ -246,10 +246,9 @@ class AdapterStore:
                 write_file(tmp / STANCE_FILE, json.dumps(stance, indent=2).encode("utf-8"))
                 fsync_dir(tmp)
                 old_dir = self._swap_in(name, tmp)
-                record = self._make_record(name, version, created, description, metadata, sha256, size, weights, config)
+                record = self._make_record(name, version, created, description, metadata, adapter, weights)
                 self._index[name] = record
                 self._last_version[name] = version
-                result = copy.deepcopy(record)
         except BaseException:
             remove_path(tmp)
             raise
@@ -258,8 +257,8 @@ class AdapterStore:
                 self._inflight.discard(tmp.name)
         if old_dir is not None:
             remove_path(old_dir)
-        logger.info("adapter %s stored (rank %d, %d bytes)", result.key, result.rank, size)
-        return result, AdapterWeights(key=result.key, modules=weights.modules)
+        logger.info("adapter %s (version %d) stored (rank %d, %d bytes)", record.id, version, record.rank, size)
+        return record, weights
 
     def register_path(
         self,
@@ -333,7 +332,7 @@ class AdapterStore:
             self._last_version[name] = max(self._last_version.get(name, 0), record.version)
         if tomb is not None:
             remove_path(tomb)
-        logger.info("adapter %s deleted", record.key)
+        logger.info("adapter %s (version %d) deleted", record.id, record.version)
         return record
 
     # ------------------------------------------------------------------ scan
@@ -375,19 +374,20 @@ class AdapterStore:
             for name, record in index.items():
                 self._last_version[name] = max(self._last_version.get(name, 0), record.version)
             logger.info("adapter store %s: %d adapters registered", self.root, len(index))
-            return [copy.deepcopy(index[n]) for n in sorted(index)]
+            return [index[n] for n in sorted(index)]
 
     # -------------------------------------------------------------- internals
 
-    def _load(self, folder: Path, key: str, dtype: torch.dtype = torch.float32) -> tuple[AdapterWeights, PeftAdapter]:
+    def _load(self, folder: Path, name: str, dtype: torch.dtype = torch.float32) -> tuple[AdapterWeights, PeftAdapter]:
         """Read ``folder`` once, check it against the base model with this store's limits, convert it.
 
-        Returns the engine weights (keyed ``key``) and the adapter read (config, sha256, size).
+        Returns the engine weights (id: ``name`` and the content digest) and the adapter read
+        (config, sha256, size).
         Raises AdapterValidationError (see :func:`app.registry.validation.load_adapter_weights`).
         """
         adapter = read_peft_adapter(folder, max_json_depth=self.max_json_depth)
         check_adapter(adapter, self.base_shapes, max_rank=self.max_rank)
-        return to_adapter_weights(adapter, key, dtype=dtype), adapter
+        return to_adapter_weights(adapter, name, dtype=dtype), adapter
 
     def _version_of(self, folder: Path) -> int:
         """The ``version`` in ``folder/stance.json``; 1 if it is missing or unreadable (logged)."""
@@ -436,9 +436,8 @@ class AdapterStore:
                 remove_path(entry)
 
     def _read_record(self, name: str, folder: Path) -> AdapterRecord:
-        weights, adapter = self._load(folder, f"{name}@scan")
+        weights, adapter = self._load(folder, name)
         model_file = folder / MODEL_FILE
-        config, size, sha256 = adapter.config, adapter.size_bytes, adapter.sha256
         stance = read_json_object(folder / STANCE_FILE, self.max_json_depth + 1)
         if stance is None:
             version, created = 1, model_file.stat().st_mtime
@@ -450,26 +449,29 @@ class AdapterStore:
                 created = model_file.stat().st_mtime
             description = stance.get("description") if isinstance(stance.get("description"), str) else None
             metadata = stance.get("metadata") if isinstance(stance.get("metadata"), dict) else {}
-            if stance.get("sha256") not in (None, sha256):
+            if stance.get("sha256") not in (None, adapter.sha256):
                 logger.warning("%s: %s differs from the sha256 in stance.json", folder, MODEL_FILE)
-        return self._make_record(name, version, float(created), description, metadata, sha256, size, weights, config)
+        return self._make_record(name, version, float(created), description, metadata, adapter, weights)
 
     def _make_record(
-        self, name, version, created, description, metadata, sha256, size, weights: AdapterWeights, config
+        self, name: str, version: int, created: float, description: str | None, metadata: dict[str, Any],
+        adapter: PeftAdapter, weights: AdapterWeights,
     ) -> AdapterRecord:
-        """The record of version ``version`` of ``name`` (``weights``/``config`` as validated)."""
+        """The record of version ``version`` of ``name`` (``adapter`` as read and validated, ``weights`` its own)."""
+        config = adapter.config
         base_model = config.get("base_model_name_or_path")
         return AdapterRecord(
             name=name,
             version=version,
             rank=weights.max_rank,
             alpha=float(config["lora_alpha"]),
-            target_modules=sorted({path.rsplit(".", 1)[-1] for path in weights.modules}),
-            size_bytes=size,
-            sha256=sha256,
+            target_modules=tuple(sorted({path.rsplit(".", 1)[-1] for path in weights.modules})),
+            size_bytes=adapter.size_bytes,
+            sha256=adapter.sha256,
+            digest=weights.id.digest,
             created=created,
             path=str(self.root / name),
             base_model=base_model if isinstance(base_model, str) else None,
             description=description,
-            metadata=dict(metadata),
+            metadata=metadata,
         )

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from app.errors import AdapterValidationError
-from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights
 from app.registry.jsonread import MAX_JSON_DEPTH
 from app.registry.peft_reader import (
     CONFIG_FILE,
@@ -352,12 +352,13 @@ def check_adapter(adapter: PeftAdapter, base_shapes: dict[str, tuple[int, int]],
         raise problems[0].error()
 
 
-def to_adapter_weights(adapter: PeftAdapter, key: str, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+def to_adapter_weights(adapter: PeftAdapter, name: str, *, dtype: torch.dtype = torch.float32) -> AdapterWeights:
     """The engine's weights of an adapter that :func:`validate_adapter` found no problem in.
 
     Args:
         adapter: the checked adapter.
-        key: the :attr:`AdapterWeights.key` to give the result (``"{name}@{version}"``).
+        name: the adapter's name; the result's :attr:`AdapterWeights.id` is
+            ``AdapterVersion(name, adapter.digest)`` (its content digest).
         dtype: floating dtype of the returned tensors.
 
     Returns:
@@ -381,12 +382,12 @@ def to_adapter_weights(adapter: PeftAdapter, key: str, *, dtype: torch.dtype = t
             if not bool(torch.isfinite(tensor).all()):
                 raise Problem(MODEL_FILE, f"tensor {t_name!r} overflows {dtype}").error()
         modules[module] = LoRAModuleWeights(A=a, B=b, scaling=scaling)
-    return AdapterWeights(key=key, modules=modules)
+    return AdapterWeights(id=AdapterVersion(name, adapter.digest), modules=modules)
 
 
 def load_adapter_weights(
     path: Path,
-    key: str,
+    name: str,
     base_shapes: dict[str, tuple[int, int]],
     *,
     max_rank: int,
@@ -398,7 +399,7 @@ def load_adapter_weights(
 
     Args:
         path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-        key: the :attr:`AdapterWeights.key` to give the result (``"{name}@{version}"``).
+        name: the adapter's name (the result's :attr:`AdapterWeights.id` is it plus the content digest).
         base_shapes: :func:`linear_shapes` of the base model.
         max_rank: largest accepted rank (``Settings.max_lora_rank``).
         dtype: floating dtype of the returned tensors.
@@ -416,4 +417,4 @@ def load_adapter_weights(
     """
     adapter = read_peft_adapter(path, max_json_depth=max_json_depth)
     check_adapter(adapter, base_shapes, max_rank=max_rank)
-    return to_adapter_weights(adapter, key, dtype=dtype), adapter.config
+    return to_adapter_weights(adapter, name, dtype=dtype), adapter.config

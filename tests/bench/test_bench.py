@@ -7,7 +7,7 @@ import torch
 
 from app.engine.request import Stance
 from bench.models import CONFIGS, BenchModel, random_adapter
-from bench.scenarios import EngineBench, blend, pct, stance
+from bench.scenarios import EngineBench, blend, cold_load, many_adapters, pct, stance
 from tests.conftest import build_tiny_model, load_tokenizer
 
 #: Parameter counts published on each model card (approximate, in billions).
@@ -35,7 +35,7 @@ def test_pct_nearest_rank():
 def test_engine_scenarios_run_on_a_tiny_model():
     model = build_tiny_model("llama")
     bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
-    ads = [random_adapter(model, "llama", f"a{i}@1", rank=4, seed=i) for i in range(4)]
+    ads = [random_adapter(model, "llama", f"a{i}", rank=4, seed=i) for i in range(4)]
     assert len(ads[0].modules) == 2 * 7
     eb = EngineBench(bm, prompt_len=8, max_tokens=5, max_loras=8, max_batch_size=4)
     try:
@@ -48,3 +48,25 @@ def test_engine_scenarios_run_on_a_tiny_model():
     finally:
         eb.close()
     assert not any(".base_layer" in n for n, _ in model.named_modules())  # unwrapped again
+
+
+def test_store_scenarios_run_on_a_tiny_model(tmp_path):
+    """cold_load (each load cold: the slot is dropped by version) and many_adapters (a scanned store)."""
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    eb = EngineBench(bm, prompt_len=8, max_tokens=3, max_loras=2, max_batch_size=4)
+    try:
+        cold = cold_load(eb, bm, tmp_path, n=3, rank=4, alpha=8.0)
+        assert cold["adapters"] == 3 and eb.engine.slots.resident == 0 and eb.engine.slots.stats.misses == 3
+    finally:
+        eb.close()
+    many = many_adapters(bm, tmp_path, n_adapters=5, slots=2, requests=8, concurrency=4, prompt_len=8,
+                         max_tokens=3, rank=4, max_cpu_loras=3)
+    assert many["output_tokens"] == 24 and many["slot_misses"] >= 2
+
+
+def test_random_adapters_are_content_addressed():
+    model = build_tiny_model("llama")
+    a, same, other = (random_adapter(model, "llama", "a", rank=2, seed=s) for s in (0, 0, 1))
+    assert a.id == same.id != other.id and a.id.name == "a"
+    assert blend([a, same]).terms == ((a, 1.0),)  # listed twice: twice the weight

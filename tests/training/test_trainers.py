@@ -54,7 +54,7 @@ def test_training_changes_weights_and_writes_a_servable_adapter(tiny_base, data,
     tensors = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [t for k, t in tensors.items() if "lora_B" in k]
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # peft starts B at zero: training moved it
-    weights, cfg_json = load_adapter_weights(out, "t@1", linear_shapes(build_tiny_model("llama")), max_rank=64)
+    weights, cfg_json = load_adapter_weights(out, "t", linear_shapes(build_tiny_model("llama")), max_rank=64)
     assert cfg_json["r"] == 4 and len(weights.modules) == 2 * 4  # q,k,v,o in 2 layers
     m = json.loads((out / "training_metrics.json").read_text())
     assert m["method"] == method and m["dataset"]["rows"] == 8 and len(m["dataset"]["sha256"]) == 64

@@ -22,7 +22,6 @@ from app.api.offload import OffloadedJSONRoute
 from app.api.responses import ADMIN_ERRORS, TEXT_RESPONSE
 from app.deps import AdminDep, CatalogDep, SettingsDep
 from app.errors import AdapterNotFoundError, AdapterValidationError
-from app.registry.adapter import AdapterRecord
 from app.registry.jsonread import parse_metadata
 from app.schemas import STANCE_NAME_PATTERN, AdapterInfo, AdapterList, LoadLoRARequest, UnloadLoRARequest
 
@@ -67,21 +66,19 @@ _UPLOAD_BODY = {
 }
 
 
-def _info(rec: AdapterRecord) -> AdapterInfo:
-    return AdapterInfo(**rec.to_public())
 
 
 @router.get("/adapters", response_model=AdapterList)
 async def list_adapters(catalog: CatalogDep) -> AdapterList:
     """Every registered adapter, sorted by name."""
-    return AdapterList(data=[_info(r) for r in catalog.list()])
+    return AdapterList(data=[AdapterInfo.from_record(r) for r in catalog.list()])
 
 
 @router.get("/adapters/{name}", response_model=AdapterInfo)
 async def get_adapter(name: str, catalog: CatalogDep) -> AdapterInfo:
     """One adapter: rank, alpha, target modules, size, sha256, created time, description, metadata."""
     try:
-        return _info(catalog.get(name))
+        return AdapterInfo.from_record(catalog.get(name))
     except AdapterNotFoundError as e:
         e.param = "name"
         raise
@@ -132,14 +129,14 @@ async def upload_adapter(
         )
     finally:
         await form.close()
-    return _info(rec)
+    return AdapterInfo.from_record(rec)
 
 
 @router.delete("/adapters/{name}", response_model=AdapterInfo, dependencies=[AdminDep])
 async def delete_adapter(name: str, catalog: CatalogDep) -> AdapterInfo:
     """Unregister an adapter; requests already running on it finish normally."""
     try:
-        return _info(await run_in_threadpool(catalog.delete, name))
+        return AdapterInfo.from_record(await run_in_threadpool(catalog.delete, name))
     except AdapterNotFoundError as e:
         e.param = "name"
         raise

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from app.engine.engine import Engine
-from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import AdapterNotFoundError, InvalidBlendError, QueueFullError
 from app.registry.adapter import AdapterRecord
-from tests.app.engine.test_lora import read_adapter
+from tests.app.engine.test_lora import adapter_version, read_adapter
 from tests.conftest import save_peft_adapter
 
 
 class FakeStore:
-    """name -> adapter folder; enough of AdapterStore for the engine."""
+    """name -> adapter folder; enough of AdapterStore for the engine (``version`` is the API counter)."""
 
     def __init__(self, dirs):
         self.dirs = dict(dirs)
@@ -28,10 +28,11 @@ class FakeStore:
     def get(self, name):
         if name not in self.dirs:
             raise AdapterNotFoundError(name)
-        return AdapterRecord(name, self.version[name], 4, 8, [], 0, "", 0.0, str(self.dirs[name]))
+        digest = adapter_version(self.dirs[name], name).digest
+        return AdapterRecord(name, self.version[name], 4, 8, [], 0, "", digest, 0.0, str(self.dirs[name]))
 
     def load_weights(self, record):
-        return read_adapter(self.dirs[record.name], record.key)
+        return read_adapter(self.dirs[record.name], record.name)
 
 
 def reference_greedy(model, prompt, n, adapter_dir=None):
@@ -135,6 +136,9 @@ def test_blend_and_sampling_seed(tiny_model, tokenizer, adapters):
     eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
     blend = eng.resolve_stance("tiny", {"a1": 0.5, "a2": -0.5})
     assert blend.label == "blend" and [w for _, w in blend.terms] == [0.5, -0.5]
+    assert [a.id for a, _ in blend.terms] == [adapter_version(adapters[n], n) for n in ("a1", "a2")]
+    single = eng.resolve_stance("a1")
+    assert single == Stance.single(single.terms[0][0]) and single.label == "a1" and single.terms[0][1] == 1.0
     sp = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234)
 
     async def run():
@@ -216,6 +220,18 @@ def test_queue_full_raises_429_error(tiny_model, tokenizer, arch):
     asyncio.run(main())
     assert eng.scheduler.num_waiting == 2
     time.sleep(0)
+
+
+def test_forget_adapter_drops_only_that_names_versions(tiny_model, tokenizer, adapters):
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    try:
+        for name in ("a1", "a2"):
+            asyncio.run(collect(eng, [1, 5], SamplingParams(max_tokens=2), eng.resolve_stance(name)))
+        assert set(eng.slots.keys()) == {adapter_version(adapters[n], n) for n in ("a1", "a2")}
+        eng.forget_adapter("a1")
+        assert eng.slots.keys() == [adapter_version(adapters["a2"], "a2")] and len(eng.weights) == 1
+    finally:
+        eng.stop()
 
 
 @pytest.mark.parametrize("arch", ["llama"])

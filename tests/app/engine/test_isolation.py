@@ -17,7 +17,7 @@ import torch
 from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import GenerationError, InternalError, NotReadyError, StanceServeError
-from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights
 from tests.app.engine.test_engine import FakeStore, make_engine
 from tests.conftest import build_tiny_model, save_peft_adapter
 
@@ -129,7 +129,7 @@ def test_non_finite_logits_fail_only_their_row(setup):
     try:
         ref = alone_outputs(eng)
         a1 = stance_of(eng, "a1").terms[0][0]
-        huge = Stance("blend", ((a1, 1e30),), ("a1",))
+        huge = Stance.blend({a1: 1e30})
         jobs = [(p, SamplingParams(max_tokens=N, temperature=0), stance_of(eng, n)) for p, n in GOOD]
         jobs.append(([1, 9, 9], SamplingParams(max_tokens=N, temperature=1.0, seed=3), huge))
         outs = asyncio.run(run_all(eng, jobs))
@@ -150,10 +150,9 @@ def test_bad_seed_and_unloadable_adapter_release_their_slot(setup):
         a1 = stance_of(eng, "a1")
         [(toks, fin, errs)] = asyncio.run(run_all(eng, [([1, 5], SamplingParams(max_tokens=4, seed=2**70), a1)]))
         assert len(errs) == 1 and fin is None
-        broken = AdapterWeights("broken@1", {"model.layers.0.no_such_proj": LoRAModuleWeights(
+        broken = AdapterWeights(AdapterVersion("broken", "0" * 64), {"model.layers.0.no_such_proj": LoRAModuleWeights(
             torch.zeros(2, 64), torch.zeros(64, 2), 1.0)})
-        [(toks, fin, errs)] = asyncio.run(run_all(eng, [([1, 5], SamplingParams(max_tokens=4), Stance(
-            "broken", ((broken, 1.0),), ("broken",)))]))
+        [(toks, fin, errs)] = asyncio.run(run_all(eng, [([1, 5], SamplingParams(max_tokens=4), Stance.single(broken))]))
         assert len(errs) == 1 and fin is None
         [(toks, fin, errs)] = asyncio.run(run_all(eng, [([1, 5], SamplingParams(max_tokens=4, temperature=0), a1)]))
         assert not errs and fin.completion_tokens == 4

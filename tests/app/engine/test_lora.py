@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 
@@ -12,23 +13,29 @@ from safetensors.torch import load_file
 
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.slots import NoFreeSlotError, SlotCache
-from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights, content_digest
 from tests.conftest import TARGETS, save_peft_adapter
 
 
-def read_adapter(path, key: str) -> AdapterWeights:
-    """Parse a peft adapter folder by hand (independent of the registry code)."""
+def adapter_version(path, name: str) -> AdapterVersion:
+    """The version the peft adapter folder ``path`` makes under ``name`` (hashing its files by hand)."""
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    return AdapterVersion(name, content_digest(hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest(), cfg))
+
+
+def read_adapter(path, name: str) -> AdapterWeights:
+    """Parse a peft adapter folder by hand (independent of the registry code), as adapter ``name``."""
     cfg = json.loads((path / "adapter_config.json").read_text())
     tensors = load_file(str(path / "adapter_model.safetensors"))
     scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
     modules = {}
-    for name, a in tensors.items():
-        if ".lora_A." not in name:
+    for tensor_name, a in tensors.items():
+        if ".lora_A." not in tensor_name:
             continue
-        mod = name.removeprefix("base_model.model.").split(".lora_A.")[0]
-        b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        mod = tensor_name.removeprefix("base_model.model.").split(".lora_A.")[0]
+        b = tensors[tensor_name.replace(".lora_A.", ".lora_B.")]
         modules[mod] = LoRAModuleWeights(A=a, B=b, scaling=scaling)
-    return AdapterWeights(key=key, modules=modules)
+    return AdapterWeights(id=adapter_version(path, name), modules=modules)
 
 
 def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
@@ -51,8 +58,8 @@ def mixed_batch_and_alone(base, d1, d2, input_ids, dtype=torch.float32):
         alone.append(base(input_ids=input_ids[2:3]).logits)
     model = copy.deepcopy(base)
     lora = MultiLoRA(model, max_slots=4)
-    lora.write_slot(0, read_adapter(d1, "a1@1"))
-    lora.write_slot(1, read_adapter(d2, "a2@1"))
+    lora.write_slot(0, read_adapter(d1, "a1"))
+    lora.write_slot(1, read_adapter(d2, "a2"))
     rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=input_ids.device, dtype=dtype)
     with torch.no_grad(), lora.routing(rows):
         return model(input_ids=input_ids).logits, alone
@@ -93,7 +100,7 @@ def test_uniform_fast_path_matches_gather_path(tiny_model, arch, two_adapters):
     ids = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(1))
     model = copy.deepcopy(tiny_model)
     lora = MultiLoRA(model, max_slots=2)
-    lora.write_slot(1, read_adapter(d1, "a1@1"))
+    lora.write_slot(1, read_adapter(d1, "a1"))
     fast = LoRABatch.from_rows([[(1, 1.0)], [(1, 1.0)]], device=torch.device("cpu"), dtype=torch.float32)
     assert fast.uniform_slot == 1
     slow = LoRABatch(fast.idx, fast.weights, None)
@@ -108,7 +115,7 @@ def test_uniform_fast_path_matches_gather_path(tiny_model, arch, two_adapters):
 
 def test_blend_matches_hand_merged_reference(tiny_model, arch, two_adapters):
     d1, d2 = two_adapters
-    a1, a2 = read_adapter(d1, "a1@1"), read_adapter(d2, "a2@1")
+    a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(2))
     weights = (0.7, -1.3)  # negative weights and sum != 1 are allowed
     ref = hand_merged_logits(tiny_model, [a1, a2], weights, ids[0:1])
@@ -130,7 +137,7 @@ def test_zero_weight_blend_is_base(tiny_model, two_adapters):
         ref = tiny_model(input_ids=ids).logits
     model = copy.deepcopy(tiny_model)
     lora = MultiLoRA(model, max_slots=2)
-    lora.write_slot(0, read_adapter(d1, "a1@1"))
+    lora.write_slot(0, read_adapter(d1, "a1"))
     with torch.no_grad(), lora.routing(LoRABatch.from_rows([[(0, 0.0)]], device=torch.device("cpu"), dtype=torch.float32)):
         out = model(input_ids=ids).logits
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
@@ -139,7 +146,7 @@ def test_zero_weight_blend_is_base(tiny_model, two_adapters):
 @pytest.mark.parametrize("arch", ["llama"])
 def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
     ads = [
-        read_adapter(save_peft_adapter(tiny_model, tmp_path / f"a{i}", arch, seed=i, targets=TARGETS[arch][:2]), f"a{i}@1")
+        read_adapter(save_peft_adapter(tiny_model, tmp_path / f"a{i}", arch, seed=i, targets=TARGETS[arch][:2]), f"a{i}")
         for i in range(3)
     ]
     loads = []
@@ -151,9 +158,9 @@ def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
         cache.acquire(ads[2])  # both pinned
     cache.release(s0)
     s2 = cache.acquire(ads[2])  # evicts a0, the only unpinned one
-    assert s2 == s0 and "a0@1" not in cache and cache.stats.evictions == 1
+    assert s2 == s0 and ads[0].id not in cache and cache.stats.evictions == 1
     assert cache.acquire(ads[1]) == s1 and cache.stats.hits == 1
-    assert loads == ["a0@1", "a1@1", "a2@1"]
+    assert loads == [a.id for a in ads] and cache.keys() == [ads[2].id, ads[1].id]
     assert cache.stats.misses == 4 and cache.stats.last_load_seconds > 0  # the refused acquire was a miss too
     assert cache.stats.load_seconds_total >= cache.stats.last_load_seconds
     with pytest.raises(RuntimeError):
@@ -168,7 +175,7 @@ def test_linear_shapes_unchanged_by_wrapping(tiny_model, arch, tmp_path):
     before = linear_shapes(tiny_model)
     model = copy.deepcopy(tiny_model)
     lora = MultiLoRA(model, max_slots=2)
-    lora.write_slot(0, read_adapter(save_peft_adapter(tiny_model, tmp_path / "a", arch), "a@1"))
+    lora.write_slot(0, read_adapter(save_peft_adapter(tiny_model, tmp_path / "a", arch), "a"))
     assert any(".base_layer" in n for n, _ in model.named_modules())
     assert linear_shapes(model) == before
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.errors import AdapterValidationError
+from app.registry.adapter import AdapterVersion
 from app.registry.peft_reader import read_peft_adapter
 from app.registry.validation import (
     _VARIANT_FIELDS,
@@ -59,9 +60,10 @@ def test_valid_adapter_has_no_problem_and_converts_like_load(llama_adapter):
     adapter = read_peft_adapter(llama_adapter)
     assert validate_adapter(adapter, shapes("llama"), max_rank=64) == []
     check_adapter(adapter, shapes("llama"), max_rank=64)
-    weights = to_adapter_weights(adapter, "t@1")
-    ref, config = load_adapter_weights(llama_adapter, "t@1", shapes("llama"), max_rank=64)
-    assert config == adapter.config and weights.key == "t@1" and set(weights.modules) == set(ref.modules)
+    weights = to_adapter_weights(adapter, "t")
+    ref, config = load_adapter_weights(llama_adapter, "t", shapes("llama"), max_rank=64)
+    assert config == adapter.config and weights.id == ref.id == AdapterVersion("t", adapter.digest)
+    assert set(weights.modules) == set(ref.modules)
     for module, m in weights.modules.items():
         assert torch.equal(m.A, ref.modules[module].A) and torch.equal(m.B, ref.modules[module].B)
         assert m.scaling == ref.modules[module].scaling == 2.0
@@ -162,12 +164,12 @@ def test_tensor_problems_need_no_base_model(llama_adapter):
 
 def test_to_adapter_weights_dtype_and_overflow(llama_adapter):
     adapter = read_peft_adapter(llama_adapter)
-    weights = to_adapter_weights(adapter, "t@2", dtype=torch.bfloat16)
+    weights = to_adapter_weights(adapter, "t", dtype=torch.bfloat16)
     assert weights.modules[Q0].A.dtype == torch.bfloat16
     assert torch.equal(weights.modules[Q0].A, adapter.tensors[Q0].A.to(torch.bfloat16))
     edit_tensors(llama_adapter, lambda t: t[key(Q0)].__setitem__((0, 0), 1e6))
     big = read_peft_adapter(llama_adapter)
     assert validate_adapter(big, shapes("llama"), max_rank=64) == []
     with pytest.raises(AdapterValidationError, match="overflows") as exc:
-        to_adapter_weights(big, "t@3", dtype=torch.float16)
+        to_adapter_weights(big, "t", dtype=torch.float16)
     assert exc.value.param == MODEL

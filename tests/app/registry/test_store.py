@@ -1,4 +1,4 @@
-"""AdapterStore: add / replace / delete / scan round trips, atomicity and crash recovery."""
+"""AdapterStore: add / replace / delete / scan round trips, content-addressed versions, atomicity and crash recovery."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import logging
 import os
 import shutil
 import threading
+from dataclasses import FrozenInstanceError
 
 import pytest
 import torch
 
 from app.errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
+from app.registry.adapter import AdapterVersion, content_digest
 from app.registry.store import AdapterStore
 from tests.app.registry.helpers import Q0, edit_config, edit_tensors, key, make_adapter, shapes
 
@@ -52,6 +54,11 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def version_of(name, folder) -> AdapterVersion:
+    """The version an adapter folder's files make (independent of the store)."""
+    return AdapterVersion(name, content_digest(sha(folder / MODEL), json.loads((folder / CFG).read_text())))
+
+
 def hidden(root) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
 
@@ -59,14 +66,14 @@ def hidden(root) -> list[str]:
 def test_add_get_list(tmp_path, staged, sources):
     store = new_store(tmp_path / "store")
     record, weights = store.add("pirate", staged("v1"), description="arr", metadata={"lr": 1e-4})
-    assert record.key == "pirate@1" and record.version == 1
+    assert record.id == version_of("pirate", sources["v1"]) and record.version == 1
     assert (record.rank, record.alpha) == (4, 8.0)
-    assert record.target_modules == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert record.target_modules == tuple(sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     assert record.sha256 == sha(sources["v1"] / MODEL)
     assert record.size_bytes == (sources["v1"] / MODEL).stat().st_size
     assert record.description == "arr" and record.metadata == {"lr": 1e-4}
     assert record.path == str(tmp_path / "store" / "pirate")
-    assert weights.key == "pirate@1" and len(weights.modules) == 14
+    assert weights.id == record.id and len(weights.modules) == 14
     assert weights.modules[Q0].scaling == 2.0
 
     folder = tmp_path / "store" / "pirate"
@@ -83,19 +90,27 @@ def test_add_get_list(tmp_path, staged, sources):
         store.get("ninja")
 
 
-def test_records_are_copies(tmp_path, staged):
+def test_records_are_immutable_and_shared(tmp_path, staged):
     store = new_store(tmp_path / "store")
-    record, _ = store.add("a", staged("v1"), metadata={"k": 1})
-    record.metadata["k"] = 2
-    store.get("a").target_modules.clear()
-    assert store.get("a").metadata == {"k": 1} and store.get("a").target_modules
+    meta = {"k": 1, "nested": {"xs": [1, 2]}}
+    record, _ = store.add("a", staged("v1"), metadata=meta)
+    meta["k"] = 2
+    meta["nested"]["xs"].append(3)  # the caller's dict is not the record's
+    assert store.get("a") is record and store.list() == [record]  # no copy per read
+    with pytest.raises(FrozenInstanceError):
+        record.version = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        record.metadata["k"] = 2  # type: ignore[index]
+    with pytest.raises(TypeError):
+        record.metadata["nested"]["xs"] = []  # type: ignore[index]
+    assert record.metadata == {"k": 1, "nested": {"xs": (1, 2)}} and isinstance(record.target_modules, tuple)
 
 
 def test_load_weights_equals_add_result(tmp_path, staged):
     store = new_store(tmp_path / "store")
     record, weights = store.add("a", staged("v1"))
     loaded = store.load_weights(record)
-    assert loaded.key == "a@1" and set(loaded.modules) == set(weights.modules)
+    assert loaded.id == record.id == weights.id and set(loaded.modules) == set(weights.modules)
     for path, m in weights.modules.items():
         assert torch.equal(loaded.modules[path].A, m.A) and torch.equal(loaded.modules[path].B, m.B)
     assert store.load_weights(record, dtype=torch.bfloat16).modules[Q0].B.dtype == torch.bfloat16
@@ -109,16 +124,35 @@ def test_exists_and_replace(tmp_path, staged, sources):
     assert store.get("a").sha256 == old.sha256
 
     new, weights = store.add("a", staged("v2"), replace=True, description="second")
-    assert new.version == 2 and new.key == "a@2" and weights.key == "a@2"
-    assert new.rank == 8 and new.target_modules == ["q_proj", "v_proj"]
+    assert new.version == 2 and new.id == weights.id == version_of("a", sources["v2"]) != old.id
+    assert new.rank == 8 and new.target_modules == ("q_proj", "v_proj")
     assert new.sha256 == sha(sources["v2"] / MODEL) != old.sha256
     assert store.get("a") == new
     assert sha(tmp_path / "store" / "a" / MODEL) == new.sha256
     assert hidden(tmp_path / "store") == []
-    # a record of the replaced version can no longer load (its key would alias new weights)
+    # a record of the replaced version can no longer load (the folder holds another version)
     with pytest.raises(AdapterNotFoundError):
         store.load_weights(old)
     assert store.add("a", staged("v1"), replace=True)[0].version == 3
+
+
+def test_versions_are_content_addressed(tmp_path, staged):
+    """Same files: same version (whatever the counter says), also after a restart; another config: another."""
+    root = tmp_path / "store"
+    store = new_store(root)
+    first, w1 = store.add("a", staged("v1"))
+    again, w2 = store.add("a", staged("v1"), replace=True)
+    assert again.version == 2 and again.id == first.id and w2 == w1 and hash(w2) == hash(w1)
+    assert store.load_weights(first).id == first.id  # the folder still holds that content
+    assert new_store(root).scan()[0].id == first.id
+    assert store.add("b", staged("v1"))[0].id == AdapterVersion("b", first.id.digest)  # the name is part of it
+    louder = staged("v1")
+    edit_config(louder, lora_alpha=16.0)  # same tensors, other scaling: other weights
+    third, w3 = store.add("a", louder, replace=True)
+    assert third.sha256 == first.sha256 and third.id != first.id and w3.modules[Q0].scaling == 4.0
+    with pytest.raises(AdapterNotFoundError):
+        store.load_weights(first)
+    assert str(third.id) == f"a@{third.digest[:12]}"
 
 
 def test_persistence_across_instances(tmp_path, staged):
@@ -142,14 +176,14 @@ def test_delete(tmp_path, staged):
     store.add("a", staged("v1"))
     store.add("b", staged("v1"))
     deleted = store.delete("a")
-    assert deleted.key == "a@1"
+    assert deleted.id.name == "a" and deleted.version == 1
     assert "a" not in store and not (root / "a").exists() and hidden(root) == []
     with pytest.raises(AdapterNotFoundError):
         store.delete("a")
     with pytest.raises(AdapterNotFoundError):
         store.load_weights(deleted)
     assert [r.name for r in new_store(root).scan()] == ["b"]
-    # versions never repeat within a process, so "a@1" cannot name different weights
+    # version numbers never repeat within a process (the API's counter)
     assert store.add("a", staged("v2"))[0].version == 2
 
 
@@ -161,7 +195,7 @@ def test_register_path_copies(tmp_path, sources):
     store = new_store(tmp_path / "store")
     record, weights = store.register_path("trained", src)
     assert record.metadata == {"training": {"loss": 0.5}}
-    assert weights.key == "trained@1"
+    assert weights.id == record.id == version_of("trained", src)
     assert sorted(p.name for p in src.iterdir()) == listing  # source untouched
     assert sorted(p.name for p in (tmp_path / "store" / "trained").iterdir()) == [CFG, MODEL, STANCE]
     assert (tmp_path / "store" / "trained" / MODEL).read_bytes() == (src / MODEL).read_bytes()
@@ -200,7 +234,7 @@ def test_invalid_adapter_leaves_store_untouched(tmp_path, staged):
     assert exc.value.param == MODEL
     assert store.get("a") == old
     assert sha(root / "a" / MODEL) == old.sha256 and hidden(root) == []
-    assert store.load_weights(old).key == "a@1"
+    assert store.load_weights(old).id == old.id
 
 
 def test_failing_swap_leaves_old_version(tmp_path, staged, monkeypatch):

@@ -97,14 +97,15 @@ def test_add_via_staging_in_root(tmp_path, payload):
     assert hidden(root) == [] and sorted(p.name for p in root.iterdir()) == ["pirate"]
     assert (root / "pirate" / MODEL).read_bytes() == payload[MODEL]
     loaded = store.load_weights(record)
-    assert loaded.key == "pirate@1" and set(loaded.modules) == set(weights.modules)
+    assert loaded.id == record.id == weights.id and set(loaded.modules) == set(weights.modules)
     for path, module in weights.modules.items():
         assert torch.equal(loaded.modules[path].A, module.A) and torch.equal(loaded.modules[path].B, module.B)
     records = new_store(root).scan()
     assert [(r.name, r.version, r.metadata) for r in records] == [("pirate", 1, {"lr": 1e-4})]
-    # a replace staged the same way bumps the version
+    # a replace staged the same way bumps the version counter; the same bytes are the same version
     with store.staging() as tmp:
-        assert store.add("pirate", stage_upload(files, tmp / "a", max_bytes=64 * MB), replace=True)[0].version == 2
+        again, _ = store.add("pirate", stage_upload(files, tmp / "a", max_bytes=64 * MB), replace=True)
+    assert again.version == 2 and again.id == record.id
     assert hidden(root) == []
 
 
@@ -113,9 +114,9 @@ def test_register_path_from_staging_and_outside(tmp_path, payload):
     store = new_store(root)
     with store.staging() as tmp:  # a server path inside the root
         folder = stage_upload([(CFG, payload[CFG]), (MODEL, payload[MODEL])], tmp / "run", max_bytes=64 * MB)
-        assert store.register_path("inside", folder)[0].key == "inside@1"
+        assert store.register_path("inside", folder)[0].id.name == "inside"
     outside = make_adapter(tmp_path / "run" / "final", "llama")
-    assert store.register_path("outside", outside)[0].key == "outside@1"
+    assert store.register_path("outside", outside)[0].id.name == "outside"
     assert [r.name for r in new_store(root).scan()] == ["inside", "outside"]
     assert hidden(root) == []
 
@@ -177,7 +178,7 @@ def test_deep_adapter_config_refused(tmp_path, payload):
     (folder / MODEL).write_bytes(payload[MODEL])
     (folder / CFG).write_text('{"r": 4, "lora_alpha": 8, "x": ' + nested(5000) + "}")
     with pytest.raises(AdapterValidationError) as exc:
-        load_adapter_weights(folder, "t@1", shapes("llama"), max_rank=64)
+        load_adapter_weights(folder, "t", shapes("llama"), max_rank=64)
     assert exc.value.param == CFG and "deeper than 32" in exc.value.message
     root = tmp_path / "store"
     store = new_store(root)
@@ -202,7 +203,7 @@ def test_store_max_json_depth_reaches_validation(tmp_path, payload):
     with pytest.raises(AdapterValidationError) as exc:
         new_store(tmp_path / "tight", max_json_depth=depth - 1).add("a", folder)
     assert exc.value.param == CFG and f"deeper than {depth - 1}" in exc.value.message
-    assert new_store(tmp_path / "ok", max_json_depth=depth).add("a", folder)[0].key == "a@1"
+    assert new_store(tmp_path / "ok", max_json_depth=depth).add("a", folder)[0].version == 1
     with pytest.raises(ValueError):
         new_store(tmp_path / "bad", max_json_depth=0)
 

@@ -84,7 +84,7 @@ def test_two_files_as_streams_with_client_paths(tmp_path, payload):
 
 def test_staged_upload_validates(tmp_path, payload):
     dest = stage_upload([(CFG, payload[CFG]), (MODEL, payload[MODEL])], tmp_path / "s", max_bytes=64 * MB)
-    weights, _ = load_adapter_weights(dest, "x@1", shapes("llama"), max_rank=64)
+    weights, _ = load_adapter_weights(dest, "x", shapes("llama"), max_rank=64)
     assert len(weights.modules) == 14
 
 

@@ -11,6 +11,8 @@ import torch
 from peft.utils.other import get_pattern_key as peft_pattern_key
 
 from app.errors import AdapterValidationError
+from app.registry.adapter import AdapterVersion
+from app.registry.peft_reader import read_peft_adapter
 from app.registry.validation import (
     linear_shapes,
     load_adapter_weights,
@@ -35,7 +37,7 @@ CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
 
 
 def load(folder, arch="llama", max_rank=64, **kw):
-    return load_adapter_weights(folder, "t@1", shapes(arch), max_rank=max_rank, **kw)
+    return load_adapter_weights(folder, "t", shapes(arch), max_rank=max_rank, **kw)
 
 
 def assert_matches_peft(folder, arch, weights):
@@ -96,7 +98,7 @@ def test_validate_name_refuses(name):
 def test_valid_adapter_matches_peft(tmp_path, arch):
     folder = make_adapter(tmp_path / "a", arch, rank=4, alpha=8.0)
     weights, config = load(folder, arch)
-    assert weights.key == "t@1"
+    assert weights.id == AdapterVersion("t", read_peft_adapter(folder).digest)
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
     expected = {f"model.layers.{i}.{p}" for i in range(2) for p in _paths(arch)}
     assert set(weights.modules) == expected
