@@ -17,9 +17,8 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
 from starlette.concurrency import run_in_threadpool
-
+from starlette.exceptions import HTTPException
 
 
 def _loads(body: bytes) -> Any:

@@ -19,22 +19,19 @@ from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
 from app.engine.lora import MultiLoRA
 from app.engine.request import (
-    ErrorEvent,
     Event,
-    FinishEvent,
     GenerationRequest,
     Stance,
 )
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
-from app.engine.stream import RequestStream
 from app.engine.slots import SlotCache
+from app.engine.stream import RequestStream
 from app.errors import (
     AdapterNotFoundError,
     ContextLengthExceededError,
     InvalidBlendError,
     InvalidRequestError,
-    NotReadyError,
     QueueFullError,
 )
 from app.metrics import Metrics
