@@ -1,7 +1,7 @@
 """FastAPI dependencies: the objects the lifespan built, and the admin check.
 
 Routes declare what they need with the ``Annotated`` aliases below
-(``EngineDep``, ``StoreDep``...). Heavy objects are built once in
+(``EngineDep``, ``CatalogDep``...). Heavy objects are built once in
 :func:`app.main.lifespan` and kept on :class:`ServiceState`; nothing here
 builds them. While the model is still loading, engine-dependent routes answer
 HTTP 503.
@@ -77,12 +77,6 @@ def get_engine(state: StateDep) -> Engine:
     return state.engine
 
 
-def get_store(state: StateDep) -> AdapterStore:
-    if state.store is None:
-        raise NotReadyError("model is loading")
-    return state.store
-
-
 def get_catalog(state: StateDep) -> StanceCatalog:
     """The stance catalog; raises :class:`NotReadyError` (503) while the model loads."""
     if state.catalog is None:
@@ -94,7 +88,6 @@ def get_catalog(state: StateDep) -> StanceCatalog:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
-StoreDep = Annotated[AdapterStore, Depends(get_store)]
 CatalogDep = Annotated[StanceCatalog, Depends(get_catalog)]
 
 

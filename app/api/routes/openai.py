@@ -27,7 +27,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.offload import OffloadedJSONRoute
 from app.api.responses import INFERENCE_ERRORS, sse_response
-from app.deps import EngineDep, SettingsDep, StoreDep
+from app.catalog import StanceCatalog
+from app.deps import CatalogDep, EngineDep, SettingsDep
 from app.engine.engine import Engine, RequestStream
 from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from app.errors import InvalidRequestError, StanceServeError
@@ -60,7 +61,8 @@ GenerationBody = ChatCompletionRequest | CompletionRequest
 
 # ---------------------------------------------------------------------------- opening requests
 def _open_choices(
-    engine: Engine, body: GenerationBody, default_max_tokens: int, max_messages: int, rid: str, loop
+    engine: Engine, catalog: StanceCatalog, body: GenerationBody, default_max_tokens: int, max_messages: int,
+    rid: str, loop,
 ) -> tuple[list[RequestStream], int]:
     """Blocking part of a request, run in a worker thread: prompt ids, stance, and one engine row per choice.
 
@@ -83,7 +85,7 @@ def _open_choices(
             prompt_ids = engine.text_prompt_ids(body.prompt_text())
         base = body.sampling(default_max_tokens)
         engine.check_token_ids(base)
-        stance = engine.resolve_stance(body.model, body.stances)
+        stance = catalog.resolve(body.model, body.stances)
         streams: list[RequestStream] = []
         try:
             for i in range(body.n):
@@ -104,10 +106,12 @@ def _open_choices(
         raise
 
 
-async def _open(engine: Engine, body: GenerationBody, settings, rid: str) -> tuple[list[RequestStream], int]:
+async def _open(
+    engine: Engine, catalog: StanceCatalog, body: GenerationBody, settings, rid: str
+) -> tuple[list[RequestStream], int]:
     loop = asyncio.get_running_loop()
     return await run_in_threadpool(
-        _open_choices, engine, body, settings.default_max_tokens, settings.max_messages, rid, loop
+        _open_choices, engine, catalog, body, settings.default_max_tokens, settings.max_messages, rid, loop
     )
 
 
@@ -305,10 +309,12 @@ def _error_body(ev: ErrorEvent) -> dict:
 
 # ---------------------------------------------------------------------------- routes
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=sse_response(ChatCompletionChunk))
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, catalog: CatalogDep, settings: SettingsDep
+):
     """Chat completion in the stance named by ``model`` (or the blend in ``stances``)."""
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    streams, prompt_tokens = await _open(engine, body, settings, rid)
+    streams, prompt_tokens = await _open(engine, catalog, body, settings, rid)
     if body.stream:
         gen = _stream_chat(engine, streams, body, rid, created, prompt_tokens)
         return StreamingResponse(gen, media_type="text/event-stream")
@@ -332,10 +338,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=sse_response(CompletionChunk))
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+async def completions(
+    body: CompletionRequest, request: Request, engine: EngineDep, catalog: CatalogDep, settings: SettingsDep
+):
     """Text completion of ``prompt`` (no chat template) in the chosen stance."""
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    streams, prompt_tokens = await _open(engine, body, settings, rid)
+    streams, prompt_tokens = await _open(engine, catalog, body, settings, rid)
     if body.stream:
         gen = _stream_completion(engine, streams, body, rid, created, prompt_tokens)
         return StreamingResponse(gen, media_type="text/event-stream")
@@ -360,10 +368,10 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(engine: EngineDep, store: StoreDep, settings: SettingsDep) -> ModelList:
+async def list_models(engine: EngineDep, catalog: CatalogDep, settings: SettingsDep) -> ModelList:
     """The base model, then every registered adapter with the base as ``parent``."""
     now = int(time.time())
     cards = [ModelCard(id=engine.model_name, created=now, root=settings.model, max_model_len=engine.max_model_len)]
-    for rec in store.list():
+    for rec in catalog.list():
         cards.append(ModelCard(id=rec.name, created=int(rec.created), root=rec.name, parent=engine.model_name))
     return ModelList(data=cards)
