@@ -1,4 +1,4 @@
-"""Fixtures of the registry tests (helpers live in :mod:`tests.app.registry.helpers`)."""
+"""Fixtures of the registry tests (builders live in :mod:`tests.factories`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.registry.helpers import make_adapter
+from tests.factories import adapter_bytes, write_peft_adapter
 
 
 @pytest.fixture
 def llama_adapter(tmp_path) -> Path:
-    return make_adapter(tmp_path / "llama_adapter", "llama")
+    return write_peft_adapter(tmp_path / "llama_adapter", "llama")
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory) -> dict[str, bytes]:
+    """The two files of a valid llama adapter, as bytes."""
+    return adapter_bytes(write_peft_adapter(tmp_path_factory.mktemp("adapter"), "llama"))

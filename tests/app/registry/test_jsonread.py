@@ -8,10 +8,7 @@ import pytest
 
 from app.errors import AdapterValidationError
 from app.registry.jsonread import MAX_JSON_DEPTH, json_depth, loads_limited, parse_metadata
-
-
-def nested(depth: int, inner: str = "1") -> str:
-    return "[" * depth + inner + "]" * depth
+from tests.factories import nested_json
 
 
 def refused(fn, *args, fragment: str = "", **kw) -> AdapterValidationError:
@@ -38,7 +35,7 @@ def refused(fn, *args, fragment: str = "", **kw) -> AdapterValidationError:
         (r'["a\"[[[", ["x"]]', 2),
         (r'["\\", [1]]', 2),  # an escaped backslash does end it: the next quote closes the string
         ('{"k": "]]]}}}{{{[[["}', 1),
-        (nested(5000), 5000),
+        (nested_json(5000), 5000),
     ],
 )
 def test_json_depth(text, depth):
@@ -46,8 +43,8 @@ def test_json_depth(text, depth):
 
 
 def test_json_depth_stops_early():
-    assert json_depth(nested(5000), stop_above=32) == 33
-    assert json_depth(nested(32), stop_above=32) == 32
+    assert json_depth(nested_json(5000), stop_above=32) == 33
+    assert json_depth(nested_json(32), stop_above=32) == 32
 
 
 def test_default_limit_is_32():
@@ -55,14 +52,14 @@ def test_default_limit_is_32():
 
 
 def test_depth_limit_is_inclusive():
-    assert loads_limited(nested(32), max_depth=32, param="x.json") == json.loads(nested(32))
-    refused(loads_limited, nested(33), max_depth=32, param="x.json", fragment="deeper than 32")
+    assert loads_limited(nested_json(32), max_depth=32, param="x.json") == json.loads(nested_json(32))
+    refused(loads_limited, nested_json(33), max_depth=32, param="x.json", fragment="deeper than 32")
 
 
 @pytest.mark.parametrize("depth", [5000, 100_000])
 @pytest.mark.parametrize("as_bytes", [False, True])
 def test_very_deep_is_a_validation_error(depth, as_bytes):
-    text = nested(depth)
+    text = nested_json(depth)
     # without the check, json.loads itself fails with RecursionError (an HTTP 500)
     with pytest.raises(RecursionError):
         json.loads(text)
@@ -73,7 +70,7 @@ def test_very_deep_is_a_validation_error(depth, as_bytes):
 
 def test_brackets_in_strings_do_not_count():
     inner = json.dumps('a"[[[[\\' + "[" * 100)
-    assert loads_limited(nested(32, inner), max_depth=32, param="p") == json.loads(nested(32, inner))
+    assert loads_limited(nested_json(32, inner), max_depth=32, param="p") == json.loads(nested_json(32, inner))
     assert loads_limited(r'{"k": "a\"[[["}', max_depth=1, param="p") == {"k": 'a"[[['}
 
 
@@ -120,8 +117,8 @@ def test_metadata_object():
 @pytest.mark.parametrize(
     "raw, fragment",
     [
-        (nested(5000), "deeper than 32"),
-        ('{"a": ' + nested(32) + "}", "deeper than 32"),
+        (nested_json(5000), "deeper than 32"),
+        ('{"a": ' + nested_json(32) + "}", "deeper than 32"),
         ("[1, 2]", "JSON object"),
         ("[]", "JSON object"),
         ("5", "JSON object"),

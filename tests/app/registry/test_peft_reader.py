@@ -21,7 +21,7 @@ from app.registry.peft_reader import (
     read_peft_adapter,
     split_tensor_name,
 )
-from tests.app.registry.helpers import Q0, edit_config, edit_tensors, key, make_pattern_adapter
+from tests.factories import Q0, edit_config, edit_tensors, key, write_peft_adapter
 
 CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
 
@@ -159,8 +159,9 @@ def test_split_tensor_name():
 def test_module_scaling_uses_peft_get_pattern_key(tmp_path, monkeypatch):
     import app.registry.peft_reader as reader
 
-    folder = make_pattern_adapter(
-        tmp_path / "a", "llama", rank_pattern={"q_proj": 8}, alpha_pattern={r"layers\.1\..*": 2}
+    folder = write_peft_adapter(
+        tmp_path / "a", "llama", rank_pattern={"q_proj": 8}, alpha_pattern={r"layers\.1\..*": 2}, alpha=8, seed=3,
+        scale=1.0,
     )
     config = read_peft_adapter(folder).config
     assert module_scaling(config, Q0) == (8, 1.0)

@@ -20,15 +20,15 @@ from app.registry.validation import (
     to_adapter_weights,
     validate_adapter,
 )
-from tests.app.registry.helpers import (
+from tests.factories import (
     Q0,
     REFUSED_CONFIGS,
     REFUSED_TENSORS,
     edit_config,
     edit_tensors,
     key,
-    make_adapter,
     shapes,
+    write_peft_adapter,
 )
 
 CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
@@ -133,7 +133,7 @@ def test_weights_problem(llama_adapter, edit, fragments):
 
 
 def test_other_architecture_lists_every_module(tmp_path):
-    folder = make_adapter(tmp_path / "phi", "phi")
+    folder = write_peft_adapter(tmp_path / "phi", "phi")
     found = problems(folder, "llama")
     assert all(p.param == MODEL for p in found)
     unknown = {p.message.split("targets module ")[1].split("'")[1] for p in found if "not a linear layer" in p.message}

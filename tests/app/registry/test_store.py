@@ -15,17 +15,10 @@ import torch
 
 from app.errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, AdapterValidationError
 from app.registry.adapter import AdapterVersion, content_digest
-from app.registry.store import AdapterStore
-from tests.app.registry.helpers import Q0, edit_config, edit_tensors, key, make_adapter, shapes
+from tests.factories import Q0, edit_config, edit_tensors, key, new_store, write_peft_adapter
 
 CFG, MODEL, STANCE = "adapter_config.json", "adapter_model.safetensors", "stance.json"
 MB = 1024 * 1024
-
-
-def new_store(root, **kw) -> AdapterStore:
-    kw.setdefault("max_rank", 64)
-    kw.setdefault("max_bytes", 64 * MB)
-    return AdapterStore(root, shapes("llama"), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +26,8 @@ def sources(tmp_path_factory):
     """Two valid llama adapters (different seeds/ranks) that tests copy, never modify."""
     base = tmp_path_factory.mktemp("src")
     return {
-        "v1": make_adapter(base / "v1", "llama", rank=4, alpha=8.0, seed=1),
-        "v2": make_adapter(base / "v2", "llama", rank=8, alpha=4.0, seed=2, targets=["q_proj", "v_proj"]),
+        "v1": write_peft_adapter(base / "v1", "llama", rank=4, alpha=8.0, seed=1),
+        "v2": write_peft_adapter(base / "v2", "llama", rank=8, alpha=4.0, seed=2, targets=["q_proj", "v_proj"]),
     }
 
 

@@ -15,38 +15,13 @@ import torch
 
 from app.errors import AdapterValidationError
 from app.registry.jsonread import json_depth
-from app.registry.store import AdapterStore
 from app.registry.upload import stage_upload
 from app.registry.validation import load_adapter_weights
-from tests.app.registry.helpers import make_adapter, shapes
+from tests.factories import nested_json, nested_obj, new_store, shapes, write_peft_adapter
 
 CFG, MODEL, STANCE = "adapter_config.json", "adapter_model.safetensors", "stance.json"
 MB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[3]
-
-
-def new_store(root, **kw) -> AdapterStore:
-    kw.setdefault("max_rank", 64)
-    kw.setdefault("max_bytes", 64 * MB)
-    return AdapterStore(root, shapes("llama"), **kw)
-
-
-def nested(depth: int, inner: str = "1") -> str:
-    return "[" * depth + inner + "]" * depth
-
-
-def nested_obj(depth: int) -> dict:
-    """A dict whose JSON is ``depth`` levels deep (built without recursion)."""
-    value: dict = {}
-    for _ in range(depth - 1):
-        value = {"a": value}
-    return value
-
-
-@pytest.fixture(scope="module")
-def payload(tmp_path_factory) -> dict[str, bytes]:
-    folder = make_adapter(tmp_path_factory.mktemp("adapter"), "llama")
-    return {CFG: (folder / CFG).read_bytes(), MODEL: (folder / MODEL).read_bytes()}
 
 
 def hidden(root: Path) -> list[str]:
@@ -115,7 +90,7 @@ def test_register_path_from_staging_and_outside(tmp_path, payload):
     with store.staging() as tmp:  # a server path inside the root
         folder = stage_upload([(CFG, payload[CFG]), (MODEL, payload[MODEL])], tmp / "run", max_bytes=64 * MB)
         assert store.register_path("inside", folder)[0].id.name == "inside"
-    outside = make_adapter(tmp_path / "run" / "final", "llama")
+    outside = write_peft_adapter(tmp_path / "run" / "final", "llama")
     assert store.register_path("outside", outside)[0].id.name == "outside"
     assert [r.name for r in new_store(root).scan()] == ["inside", "outside"]
     assert hidden(root) == []
@@ -124,7 +99,7 @@ def test_register_path_from_staging_and_outside(tmp_path, payload):
 def test_scan_removes_stale_upload_folders(tmp_path, payload, caplog):
     root = tmp_path / "store"
     store = new_store(root)
-    store.add("kept", make_adapter(tmp_path / "src", "llama"))
+    store.add("kept", write_peft_adapter(tmp_path / "src", "llama"))
     # what a killed upload leaves: a staged adapter (valid, even) and a big partial file
     stale = root / ".upload-0123456789abcdef0123456789abcdef"
     (stale / "adapter").mkdir(parents=True)
@@ -176,7 +151,7 @@ def test_deep_adapter_config_refused(tmp_path, payload):
     folder = tmp_path / "deep"
     folder.mkdir()
     (folder / MODEL).write_bytes(payload[MODEL])
-    (folder / CFG).write_text('{"r": 4, "lora_alpha": 8, "x": ' + nested(5000) + "}")
+    (folder / CFG).write_text('{"r": 4, "lora_alpha": 8, "x": ' + nested_json(5000) + "}")
     with pytest.raises(AdapterValidationError) as exc:
         load_adapter_weights(folder, "t", shapes("llama"), max_rank=64)
     assert exc.value.param == CFG and "deeper than 32" in exc.value.message
@@ -197,7 +172,7 @@ def test_deep_adapter_config_refused(tmp_path, payload):
 
 
 def test_store_max_json_depth_reaches_validation(tmp_path, payload):
-    folder = make_adapter(tmp_path / "src", "llama")
+    folder = write_peft_adapter(tmp_path / "src", "llama")
     depth = json_depth((folder / CFG).read_text())
     assert depth >= 2  # peft configs hold {} and [] one level down
     with pytest.raises(AdapterValidationError) as exc:
@@ -209,10 +184,10 @@ def test_store_max_json_depth_reaches_validation(tmp_path, payload):
 
 
 def test_metadata_depth_on_add(tmp_path):
-    folder = make_adapter(tmp_path / "src", "llama")
+    folder = write_peft_adapter(tmp_path / "src", "llama")
     root = tmp_path / "store"
     store = new_store(root, max_json_depth=8)
-    for bad in (nested_obj(9), nested_obj(5000), {"a": json.loads(nested(8))}):
+    for bad in (nested_obj(9), nested_obj(5000), {"a": json.loads(nested_json(8))}):
         with pytest.raises(AdapterValidationError) as exc:
             store.add("a", folder, metadata=bad)
         assert exc.value.param == "metadata" and "RecursionError" not in exc.value.message
@@ -227,7 +202,7 @@ def test_metadata_depth_on_add(tmp_path):
 
 
 def test_metadata_and_description_must_fit_stance_json(tmp_path):
-    folder = make_adapter(tmp_path / "src", "llama")
+    folder = write_peft_adapter(tmp_path / "src", "llama")
     store = new_store(tmp_path / "store")
     with pytest.raises(AdapterValidationError) as exc:
         store.add("a", folder, description="x" * (2 * MB))
@@ -240,8 +215,8 @@ def test_metadata_and_description_must_fit_stance_json(tmp_path):
 
 
 def test_deep_side_files_are_ignored_not_fatal(tmp_path, caplog):
-    src = make_adapter(tmp_path / "run" / "final", "llama")
-    (src / "training_metrics.json").write_text('{"summary": ' + nested(5000) + "}")
+    src = write_peft_adapter(tmp_path / "run" / "final", "llama")
+    (src / "training_metrics.json").write_text('{"summary": ' + nested_json(5000) + "}")
     root = tmp_path / "store"
     store = new_store(root)
     with caplog.at_level(logging.WARNING):
@@ -254,7 +229,7 @@ def test_deep_side_files_are_ignored_not_fatal(tmp_path, caplog):
         "training": nested_obj(3)
     }
     # a planted deep stance.json: the adapter is still adopted (as version 1), nothing crashes
-    (root / "trained" / STANCE).write_text('{"version": 7, "x": ' + nested(5000) + "}")
+    (root / "trained" / STANCE).write_text('{"version": 7, "x": ' + nested_json(5000) + "}")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         records = new_store(root).scan()

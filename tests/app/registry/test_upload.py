@@ -3,49 +3,17 @@
 from __future__ import annotations
 
 import io
-import stat
 import tarfile
-import zipfile
 
 import pytest
 
 from app.errors import AdapterTooLargeError, AdapterValidationError
 from app.registry.upload import stage_upload
 from app.registry.validation import load_adapter_weights
-from tests.app.registry.helpers import make_adapter, shapes
+from tests.factories import shapes, tar_bytes, zip_bytes
 
 CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
 MB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def payload(tmp_path_factory) -> dict[str, bytes]:
-    folder = make_adapter(tmp_path_factory.mktemp("adapter"), "llama")
-    return {CFG: (folder / CFG).read_bytes(), MODEL: (folder / MODEL).read_bytes()}
-
-
-def make_zip(entries: dict[str, bytes], *, symlinks: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-        for name, target in (symlinks or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
-    return buf.getvalue()
-
-
-def make_tar(entries: dict[str, bytes], *, special: list[tarfile.TarInfo] = (), mode="w:gz") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info in special:
-            tf.addfile(info)
-    return buf.getvalue()
 
 
 def assert_staged(dest, payload):
@@ -90,7 +58,7 @@ def test_staged_upload_validates(tmp_path, payload):
 
 @pytest.mark.parametrize("prefix", ["", "pirate/", "./pirate/"])
 def test_zip(tmp_path, payload, prefix):
-    data = make_zip({prefix + CFG: payload[CFG], prefix + MODEL: payload[MODEL], prefix + "README.md": b"x",
+    data = zip_bytes({prefix + CFG: payload[CFG], prefix + MODEL: payload[MODEL], prefix + "README.md": b"x",
                      "__MACOSX/pirate/._adapter_config.json": b"junk"})
     assert_staged(stage_upload([("pirate.zip", data)], tmp_path / "s", max_bytes=64 * MB), payload)
 
@@ -98,7 +66,7 @@ def test_zip(tmp_path, payload, prefix):
 @pytest.mark.parametrize("archive, mode", [("a.tar.gz", "w:gz"), ("a.tgz", "w:gz"), ("a.tar", "w")])
 @pytest.mark.parametrize("prefix", ["", "stance/"])
 def test_tar(tmp_path, payload, archive, mode, prefix):
-    data = make_tar({prefix + CFG: payload[CFG], prefix + MODEL: payload[MODEL], "notes.txt": b"x"}, mode=mode)
+    data = tar_bytes({prefix + CFG: payload[CFG], prefix + MODEL: payload[MODEL], "notes.txt": b"x"}, mode=mode)
     assert_staged(stage_upload([(archive, io.BytesIO(data))], tmp_path / "s", max_bytes=64 * MB), payload)
 
 
@@ -117,7 +85,7 @@ class _Unseekable(io.RawIOBase):
 
 
 def test_zip_from_unseekable_stream(tmp_path, payload):
-    data = make_zip({CFG: payload[CFG], MODEL: payload[MODEL]})
+    data = zip_bytes({CFG: payload[CFG], MODEL: payload[MODEL]})
     assert_staged(stage_upload([("a.zip", _Unseekable(data))], tmp_path / "s", max_bytes=64 * MB), payload)
 
 
@@ -131,7 +99,7 @@ def test_pickle_files_refused(tmp_path, payload, name):
 
 
 def test_pickle_in_archive_refused(tmp_path, payload):
-    data = make_zip({"a/" + CFG: payload[CFG], "a/" + MODEL: payload[MODEL], "a/optimizer.pt": b"\x80"})
+    data = zip_bytes({"a/" + CFG: payload[CFG], "a/" + MODEL: payload[MODEL], "a/optimizer.pt": b"\x80"})
     refused([("a.zip", data)], tmp_path / "s", "a/optimizer.pt: pickle weights are refused", param="a.zip")
 
 
@@ -142,7 +110,7 @@ def test_missing_file(tmp_path, payload):
 
 
 def test_missing_file_in_archive(tmp_path, payload):
-    data = make_tar({"x/" + CFG: payload[CFG]})
+    data = tar_bytes({"x/" + CFG: payload[CFG]})
     refused([("x.tar.gz", data)], tmp_path / "s", "missing from the archive", param=MODEL)
 
 
@@ -152,35 +120,35 @@ def test_duplicate_files(tmp_path, payload):
 
 
 def test_duplicate_in_archive(tmp_path, payload):
-    data = make_zip({CFG: payload[CFG], MODEL: payload[MODEL], "sub/" + CFG: payload[CFG]})
+    data = zip_bytes({CFG: payload[CFG], MODEL: payload[MODEL], "sub/" + CFG: payload[CFG]})
     refused([("a.zip", data)], tmp_path / "s", "more than one adapter_config.json", param="a.zip")
 
 
 def test_files_in_two_folders(tmp_path, payload):
-    data = make_zip({"a/" + CFG: payload[CFG], "b/" + MODEL: payload[MODEL]})
+    data = zip_bytes({"a/" + CFG: payload[CFG], "b/" + MODEL: payload[MODEL]})
     refused([("a.zip", data)], tmp_path / "s", "same folder", param="a.zip")
 
 
 def test_too_deep(tmp_path, payload):
-    data = make_zip({"a/b/" + CFG: payload[CFG], "a/b/" + MODEL: payload[MODEL]})
+    data = zip_bytes({"a/b/" + CFG: payload[CFG], "a/b/" + MODEL: payload[MODEL]})
     refused([("a.zip", data)], tmp_path / "s", "nested too deep", param="a.zip")
 
 
 @pytest.mark.parametrize("bad", ["../" + CFG, "a/../../" + CFG, "/etc/" + CFG, "C:/x/" + CFG, "..\\" + CFG])
 def test_zip_traversal(tmp_path, payload, bad):
-    data = make_zip({bad: payload[CFG], MODEL: payload[MODEL]})
+    data = zip_bytes({bad: payload[CFG], MODEL: payload[MODEL]})
     err = refused([("evil.zip", data)], tmp_path / "s", "evil.zip", param="evil.zip")
     assert "absolute" in err.message or "'..'" in err.message
     assert not (tmp_path / CFG).exists() and not (tmp_path.parent / CFG).exists()
 
 
 def test_tar_traversal(tmp_path, payload):
-    data = make_tar({"../../" + CFG: payload[CFG], MODEL: payload[MODEL]})
+    data = tar_bytes({"../../" + CFG: payload[CFG], MODEL: payload[MODEL]})
     refused([("evil.tar.gz", data)], tmp_path / "s", "escapes", param="evil.tar.gz")
 
 
 def test_zip_symlink(tmp_path, payload):
-    data = make_zip({MODEL: payload[MODEL]}, symlinks={CFG: "/etc/passwd"})
+    data = zip_bytes({MODEL: payload[MODEL]}, symlinks={CFG: "/etc/passwd"})
     refused([("evil.zip", data)], tmp_path / "s", "symbolic link", param="evil.zip")
 
 
@@ -189,13 +157,13 @@ def test_tar_links_and_devices(tmp_path, payload, kind):
     info = tarfile.TarInfo(CFG)
     info.type = kind
     info.linkname = "/etc/passwd" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
-    data = make_tar({MODEL: payload[MODEL]}, special=[info])
+    data = tar_bytes({MODEL: payload[MODEL]}, special=[info])
     err = refused([("evil.tar.gz", data)], tmp_path / "s", "evil.tar.gz", param="evil.tar.gz")
     assert "link" in err.message or "not a regular file" in err.message
 
 
 def test_zip_bomb(tmp_path, payload):
-    data = make_zip({CFG: payload[CFG], MODEL: payload[MODEL], "README.md": bytes(8 * MB)})
+    data = zip_bytes({CFG: payload[CFG], MODEL: payload[MODEL], "README.md": bytes(8 * MB)})
     assert len(data) < MB // 8  # zeros compress ~1000x
     err = refused([("bomb.zip", data)], tmp_path / "s", "4194304-byte limit", param="bomb.zip", max_bytes=4 * MB,
                   error=AdapterTooLargeError)
@@ -203,7 +171,7 @@ def test_zip_bomb(tmp_path, payload):
 
 
 def test_tar_bomb(tmp_path, payload):
-    data = make_tar({CFG: payload[CFG], "junk.bin.txt": bytes(8 * MB), MODEL: payload[MODEL]})
+    data = tar_bytes({CFG: payload[CFG], "junk.bin.txt": bytes(8 * MB), MODEL: payload[MODEL]})
     refused([("bomb.tgz", data)], tmp_path / "s", "limit", param="bomb.tgz", max_bytes=4 * MB, error=AdapterTooLargeError)
 
 
@@ -226,12 +194,12 @@ def test_not_an_archive(tmp_path, name):
 
 
 def test_truncated_tar_gz(tmp_path, payload):
-    data = make_tar({CFG: payload[CFG], MODEL: payload[MODEL]})
+    data = tar_bytes({CFG: payload[CFG], MODEL: payload[MODEL]})
     refused([("a.tar.gz", data[: len(data) // 2])], tmp_path / "s", "not a valid tar", param="a.tar.gz")
 
 
 def test_archive_mixed_with_files(tmp_path, payload):
-    data = make_zip({CFG: payload[CFG], MODEL: payload[MODEL]})
+    data = zip_bytes({CFG: payload[CFG], MODEL: payload[MODEL]})
     refused([("a.zip", data), (CFG, payload[CFG])], tmp_path / "s", "exactly one archive", param="a.zip")
 
 

@@ -19,19 +19,18 @@ from app.registry.validation import (
     module_scaling,
     validate_name,
 )
-from tests.app.registry.helpers import (
+from tests.factories import (
     Q0,
     REFUSED_CONFIGS,
     REFUSED_TENSORS,
+    TARGETS,
     base_model,
     edit_config,
     edit_tensors,
     key,
-    make_adapter,
-    make_pattern_adapter,
     shapes,
+    write_peft_adapter,
 )
-from tests.conftest import TARGETS
 
 CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
 
@@ -96,7 +95,7 @@ def test_validate_name_refuses(name):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi"])
 def test_valid_adapter_matches_peft(tmp_path, arch):
-    folder = make_adapter(tmp_path / "a", arch, rank=4, alpha=8.0)
+    folder = write_peft_adapter(tmp_path / "a", arch, rank=4, alpha=8.0)
     weights, config = load(folder, arch)
     assert weights.id == AdapterVersion("t", read_peft_adapter(folder).digest)
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
@@ -115,7 +114,7 @@ def _paths(arch):
 
 
 def test_rslora_scaling_matches_peft(tmp_path):
-    folder = make_adapter(tmp_path / "a", "qwen2", rank=16, alpha=8.0, use_rslora=True)
+    folder = write_peft_adapter(tmp_path / "a", "qwen2", rank=16, alpha=8.0, use_rslora=True)
     weights, _ = load(folder, "qwen2")
     assert all(m.scaling == pytest.approx(8.0 / math.sqrt(16)) for m in weights.modules.values())
     assert_matches_peft(folder, "qwen2", weights)
@@ -125,8 +124,9 @@ def test_rslora_scaling_matches_peft(tmp_path):
 def test_rank_and_alpha_pattern_match_peft(tmp_path, use_rslora):
     rank_pattern = {"model.layers.0.self_attn.q_proj": 8, "down_proj": 2}
     alpha_pattern = {"v_proj": 3, r"layers\.1\.mlp\.up_proj": 32}
-    folder = make_pattern_adapter(
-        tmp_path / "a", "llama", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=use_rslora
+    folder = write_peft_adapter(
+        tmp_path / "a", "llama", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=use_rslora,
+        alpha=8, seed=3, scale=1.0,
     )
     weights, _ = load(folder)
     norm = math.sqrt if use_rslora else (lambda r: r)
@@ -197,13 +197,13 @@ def test_unknown_module(llama_adapter):
 
 
 def test_adapter_for_other_architecture(tmp_path):
-    folder = make_adapter(tmp_path / "phi", "phi")
+    folder = write_peft_adapter(tmp_path / "phi", "phi")
     refused(folder, MODEL, "model.layers.0.mlp.fc1", "not a linear layer", arch="llama")
 
 
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
 def test_lm_head_target_refused(tmp_path):
-    folder = make_adapter(tmp_path / "a", "qwen2", targets=["q_proj", "lm_head"])
+    folder = write_peft_adapter(tmp_path / "a", "qwen2", targets=["q_proj", "lm_head"])
     # peft also saves the full lm_head weight (save_embedding_layers): a non-LoRA tensor
     refused(folder, MODEL, "lm_head.base_layer.weight", "only", arch="qwen2")
     edit_tensors(folder, lambda t: [t.pop(k) for k in list(t) if "lora_" not in k])
