@@ -15,17 +15,15 @@ import torch
 from app.engine.engine import Engine
 from app.engine.request import FinishEvent
 from app.engine.sampling import SamplingParams
-from tests.app.engine.test_engine import FakeStore
-from tests.app.engine.test_lora import mixed_batch_and_alone
-from tests.conftest import save_peft_adapter
+from tests.factories import FakeStore, mixed_batch_and_alone, write_peft_adapter
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_mixed_batch_matches_peft(tiny_model, arch, device, tmp_path):
-    d1 = save_peft_adapter(tiny_model, tmp_path / "a1", arch, rank=4, seed=1)
-    d2 = save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, seed=2)
+    d1 = write_peft_adapter(tmp_path / "a1", arch, model=tiny_model, rank=4, seed=1)
+    d2 = write_peft_adapter(tmp_path / "a2", arch, model=tiny_model, rank=8, seed=2)
     model_bf16 = copy.deepcopy(tiny_model).to(device, torch.bfloat16)
     ids = torch.randint(3, 512, (3, 9), generator=torch.Generator().manual_seed(0)).to(device)
     for t in (9, 1):  # prefill path, then the decode (embedding_bag) path
@@ -37,7 +35,7 @@ def test_bf16_mixed_batch_matches_peft(tiny_model, arch, device, tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama"])
 def test_bf16_engine_serves_stances_and_blends(tiny_model, tokenizer, arch, device, tmp_path):
-    dirs = {n: save_peft_adapter(tiny_model, tmp_path / n, arch, seed=i) for i, n in enumerate(("a1", "a2"))}
+    dirs = {n: write_peft_adapter(tmp_path / n, arch, model=tiny_model, seed=i) for i, n in enumerate(("a1", "a2"))}
     model = copy.deepcopy(tiny_model).to(device, torch.bfloat16)
     eng = Engine(model, tokenizer, "tiny", {10_000}, store=FakeStore(dirs), max_loras=4)
     eng.start()

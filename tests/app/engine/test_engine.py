@@ -13,26 +13,7 @@ from app.engine.engine import Engine
 from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import AdapterNotFoundError, InvalidBlendError, QueueFullError
-from app.registry.adapter import AdapterRecord
-from tests.app.engine.test_lora import adapter_version, read_adapter
-from tests.conftest import save_peft_adapter
-
-
-class FakeStore:
-    """name -> adapter folder; enough of AdapterStore for the engine (``version`` is the API counter)."""
-
-    def __init__(self, dirs):
-        self.dirs = dict(dirs)
-        self.version = {n: 1 for n in dirs}
-
-    def get(self, name):
-        if name not in self.dirs:
-            raise AdapterNotFoundError(name)
-        digest = adapter_version(self.dirs[name], name).digest
-        return AdapterRecord(name, self.version[name], 4, 8, [], 0, "", digest, 0.0, str(self.dirs[name]))
-
-    def load_weights(self, record):
-        return read_adapter(self.dirs[record.name], record.name)
+from tests.factories import FakeStore, adapter_version, make_engine, write_peft_adapter
 
 
 def reference_greedy(model, prompt, n, adapter_dir=None):
@@ -47,16 +28,6 @@ def reference_greedy(model, prompt, n, adapter_dir=None):
             logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
             ids.append(int(torch.argmax(logits)))
     return ids[len(prompt) :]
-
-
-def make_engine(model, tokenizer, store, **kw):
-    """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots)."""
-    from app.engine.config import EngineConfig
-
-    config = EngineConfig(max_loras=4).replace(**kw)
-    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store)  # no EOS in range
-    eng.start()
-    return eng
 
 
 async def collect(eng, prompt, params, stance):
@@ -76,8 +47,8 @@ async def collect(eng, prompt, params, stance):
 @pytest.fixture
 def adapters(tiny_model, arch, tmp_path):
     return {
-        "a1": save_peft_adapter(tiny_model, tmp_path / "a1", arch, rank=4, seed=1),
-        "a2": save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, alpha=16, seed=2),
+        "a1": write_peft_adapter(tmp_path / "a1", arch, model=tiny_model, rank=4, seed=1),
+        "a2": write_peft_adapter(tmp_path / "a2", arch, model=tiny_model, rank=8, alpha=16, seed=2),
     }
 
 

@@ -41,8 +41,7 @@ from app.engine.request import AdmittedEvent, ErrorEvent, FinishEvent, Stance, T
 from app.engine.sampling import SamplingParams
 from app.errors import GenerationError, InternalError, InvalidRequestError, StanceServeError
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
-from tests.app.engine.test_engine import FakeStore, make_engine
-from tests.conftest import build_tiny_model, save_peft_adapter
+from tests.factories import FakeStore, build_tiny_model, make_engine, write_peft_adapter
 
 ADAPTERS = ("a1", "a2", "a3")
 STAGES = ("admission", "prefill", "decode", "sampling", "detokenize")
@@ -200,9 +199,9 @@ def adapter_store(tmp_path_factory):
     model = build_tiny_model("llama")
     root = tmp_path_factory.mktemp("fuzz")
     dirs = {
-        "a1": save_peft_adapter(model, root / "a1", "llama", rank=2, seed=1, scale_b=0.5),
-        "a2": save_peft_adapter(model, root / "a2", "llama", rank=4, alpha=8, seed=2, scale_b=0.5),
-        "a3": save_peft_adapter(model, root / "a3", "llama", rank=8, alpha=16, seed=3, scale_b=0.4),
+        "a1": write_peft_adapter(root / "a1", "llama", model=model, rank=2, seed=1, scale=0.5),
+        "a2": write_peft_adapter(root / "a2", "llama", model=model, rank=4, alpha=8, seed=2, scale=0.5),
+        "a3": write_peft_adapter(root / "a3", "llama", model=model, rank=8, alpha=16, seed=3, scale=0.4),
     }
     return model, FakeStore(dirs)
 

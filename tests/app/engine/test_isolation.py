@@ -18,8 +18,7 @@ from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import GenerationError, InternalError, NotReadyError, StanceServeError
 from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights
-from tests.app.engine.test_engine import FakeStore, make_engine
-from tests.conftest import build_tiny_model, save_peft_adapter
+from tests.factories import FakeStore, build_tiny_model, make_engine, write_peft_adapter
 
 STAGES = ["admission", "prefill", "decode", "sampling", "detokenize"]
 GOOD = [([1, 45, 80, 99], "a1"), ([1, 300, 12], "a2"), ([1, 7, 8, 9, 10, 11], "tiny"), ([1, 200], "blend")]
@@ -35,8 +34,8 @@ def setup(tmp_path_factory, tokenizer):
     model = build_tiny_model("llama")
     root = tmp_path_factory.mktemp("iso")
     dirs = {
-        "a1": save_peft_adapter(model, root / "a1", "llama", rank=4, seed=1, scale_b=0.5),
-        "a2": save_peft_adapter(model, root / "a2", "llama", rank=8, alpha=16, seed=2, scale_b=0.5),
+        "a1": write_peft_adapter(root / "a1", "llama", model=model, rank=4, seed=1, scale=0.5),
+        "a2": write_peft_adapter(root / "a2", "llama", model=model, rank=8, alpha=16, seed=2, scale=0.5),
     }
     return model, tokenizer, FakeStore(dirs)
 

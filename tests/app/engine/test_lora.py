@@ -3,66 +3,13 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.slots import NoFreeSlotError, SlotCache
-from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights, content_digest
-from tests.conftest import TARGETS, save_peft_adapter
-
-
-def adapter_version(path, name: str) -> AdapterVersion:
-    """The version the peft adapter folder ``path`` makes under ``name`` (hashing its files by hand)."""
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    return AdapterVersion(name, content_digest(hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest(), cfg))
-
-
-def read_adapter(path, name: str) -> AdapterWeights:
-    """Parse a peft adapter folder by hand (independent of the registry code), as adapter ``name``."""
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    scaling = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else cfg["r"])
-    modules = {}
-    for tensor_name, a in tensors.items():
-        if ".lora_A." not in tensor_name:
-            continue
-        mod = tensor_name.removeprefix("base_model.model.").split(".lora_A.")[0]
-        b = tensors[tensor_name.replace(".lora_A.", ".lora_B.")]
-        modules[mod] = LoRAModuleWeights(A=a, B=b, scaling=scaling)
-    return AdapterWeights(id=adapter_version(path, name), modules=modules)
-
-
-def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
-    with torch.no_grad():
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def mixed_batch_and_alone(base, d1, d2, input_ids, dtype=torch.float32):
-    """Rows ``[adapter d1, adapter d2, no adapter]`` of ``input_ids`` (``[3, T]``) in one forward
-    through :class:`MultiLoRA` on a copy of ``base``, and each row run alone (peft for the adapters).
-
-    Returns:
-        ``(batched logits [3, T, V], [d1 alone, d2 alone, base alone])``, each alone ``[1, T, V]``.
-    """
-    alone = [peft_logits(base, d1, input_ids[0:1]), peft_logits(base, d2, input_ids[1:2])]
-    with torch.no_grad():
-        alone.append(base(input_ids=input_ids[2:3]).logits)
-    model = copy.deepcopy(base)
-    lora = MultiLoRA(model, max_slots=4)
-    lora.write_slot(0, read_adapter(d1, "a1"))
-    lora.write_slot(1, read_adapter(d2, "a2"))
-    rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=input_ids.device, dtype=dtype)
-    with torch.no_grad(), lora.routing(rows):
-        return model(input_ids=input_ids).logits, alone
+from tests.factories import TARGETS, mixed_batch_and_alone, peft_logits, read_adapter, write_peft_adapter
 
 
 def hand_merged_logits(base, adapters, weights, input_ids):
@@ -78,8 +25,8 @@ def hand_merged_logits(base, adapters, weights, input_ids):
 
 @pytest.fixture
 def two_adapters(tiny_model, arch, tmp_path):
-    d1 = save_peft_adapter(tiny_model, tmp_path / "a1", arch, rank=4, alpha=8, seed=1)
-    d2 = save_peft_adapter(tiny_model, tmp_path / "a2", arch, rank=8, alpha=4, seed=2, use_rslora=True)
+    d1 = write_peft_adapter(tmp_path / "a1", arch, model=tiny_model, rank=4, alpha=8, seed=1)
+    d2 = write_peft_adapter(tmp_path / "a2", arch, model=tiny_model, rank=8, alpha=4, seed=2, use_rslora=True)
     return d1, d2
 
 
@@ -146,7 +93,7 @@ def test_zero_weight_blend_is_base(tiny_model, two_adapters):
 @pytest.mark.parametrize("arch", ["llama"])
 def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
     ads = [
-        read_adapter(save_peft_adapter(tiny_model, tmp_path / f"a{i}", arch, seed=i, targets=TARGETS[arch][:2]), f"a{i}")
+        read_adapter(write_peft_adapter(tmp_path / f"a{i}", arch, model=tiny_model, seed=i, targets=TARGETS[arch][:2]), f"a{i}")
         for i in range(3)
     ]
     loads = []
@@ -175,7 +122,7 @@ def test_linear_shapes_unchanged_by_wrapping(tiny_model, arch, tmp_path):
     before = linear_shapes(tiny_model)
     model = copy.deepcopy(tiny_model)
     lora = MultiLoRA(model, max_slots=2)
-    lora.write_slot(0, read_adapter(save_peft_adapter(tiny_model, tmp_path / "a", arch), "a"))
+    lora.write_slot(0, read_adapter(write_peft_adapter(tmp_path / "a", arch, model=tiny_model), "a"))
     assert any(".base_layer" in n for n, _ in model.named_modules())
     assert linear_shapes(model) == before
 
@@ -187,8 +134,8 @@ def test_real_smollm2_mixed_batch_logits_match_peft(tmp_path):
     from app.engine.model_loader import load_base_model
 
     base = load_base_model(Settings(device="cpu", dtype="float32")).model
-    d1 = save_peft_adapter(base, tmp_path / "a1", "llama", rank=8, alpha=16, seed=3, scale_b=0.05)
-    d2 = save_peft_adapter(base, tmp_path / "a2", "llama", rank=4, alpha=8, seed=4, scale_b=0.05, targets=["q_proj", "v_proj"])
+    d1 = write_peft_adapter(tmp_path / "a1", "llama", model=base, rank=8, alpha=16, seed=3, scale=0.05)
+    d2 = write_peft_adapter(tmp_path / "a2", "llama", model=base, rank=4, alpha=8, seed=4, scale=0.05, targets=["q_proj", "v_proj"])
     ids = torch.randint(100, 40000, (3, 12), generator=torch.Generator().manual_seed(0))
     out, refs = mixed_batch_and_alone(base, d1, d2, ids)
     assert (refs[0] - refs[2]).abs().max() > 0.1  # the adapter matters

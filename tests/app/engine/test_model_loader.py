@@ -21,7 +21,7 @@ from app.engine.model_loader import (
     resolve_dtype,
 )
 from app.errors import ModelLoadError
-from tests.conftest import STORIES_DIR
+from tests.factories import STORIES_DIR
 
 # --------------------------------------------------------------------------- device / dtype
 
