@@ -2,75 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import json
-import time
-import zipfile
-from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from app.engine.model_loader import LoadedModel
 from app.errors import QueueFullError
 from app.main import create_app
-from tests.conftest import build_tiny_model, load_tokenizer, save_peft_adapter
-
-KEY = "s3cret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def tiny_factory(settings):
-    model = build_tiny_model("llama")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return LoadedModel(
-        model=model, tokenizer=load_tokenizer(), name="tiny-llama", source="tiny", device=torch.device("cpu"),
-        dtype=torch.float32, eos_token_ids={2}, has_chat_template=True,
-    )
-
-
-def wait_ready(client, timeout=30.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        r = client.get("/ready")
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(0.05)
-    raise AssertionError(f"not ready: {r.json()}")
-
-
-def adapter_files(d: Path):
-    return [
-        ("files", ("adapter_config.json", (d / "adapter_config.json").read_bytes(), "application/json")),
-        ("files", ("adapter_model.safetensors", (d / "adapter_model.safetensors").read_bytes(), "application/octet-stream")),
-    ]
-
-
-@pytest.fixture(scope="module")
-def peft_dirs(tmp_path_factory):
-    base = build_tiny_model("llama")
-    root = tmp_path_factory.mktemp("peft")
-    return {
-        "calm": save_peft_adapter(base, root / "calm", "llama", rank=4, seed=11, scale_b=0.5),
-        "bold": save_peft_adapter(base, root / "bold", "llama", rank=8, alpha=16, seed=12, scale_b=0.5),
-    }
+from tests.factories import AUTH, KEY, adapter_files, chat, make_client, tiny_factory, wait_ready, zip_folder
 
 
 @pytest.fixture
 def client(tmp_path):
-    settings = Settings(adapters_dir=tmp_path / "store", admin_key=KEY, max_loras=4)
-    with TestClient(create_app(settings, model_factory=tiny_factory)) as c:
+    with make_client(tmp_path) as c:
         wait_ready(c)
         yield c
-
-
-def chat(client, model, content="Once upon a time", **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0, **extra}
-    return client.post("/v1/chat/completions", json=body)
 
 
 def test_health_ready_models(client):
@@ -103,11 +51,7 @@ def test_upload_then_serve_without_restart(client, peft_dirs):
 
 
 def test_zip_upload_replace_and_delete(client, peft_dirs):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            z.write(peft_dirs["bold"] / f, f"bold/{f}")
-    files = [("file", ("bold.zip", buf.getvalue(), "application/zip"))]
+    files = [("file", ("bold.zip", zip_folder(peft_dirs["bold"], "bold/"), "application/zip"))]
     assert client.post("/v1/adapters", data={"name": "bold"}, files=files, headers=AUTH).status_code == 201
     dup = client.post("/v1/adapters", data={"name": "bold"}, files=files, headers=AUTH)
     assert dup.status_code == 409 and dup.json()["error"]["param"] == "name"

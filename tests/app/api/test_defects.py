@@ -19,15 +19,16 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.app.api.test_api import AUTH, KEY, adapter_files, chat, peft_dirs, tiny_factory, wait_ready  # noqa: F401
-from tests.conftest import build_tiny_model, load_tokenizer
-
-
-def make_client(tmp_path, **kw):
-    kw.setdefault("admin_key", KEY)
-    kw.setdefault("max_loras", 4)
-    settings = Settings(adapters_dir=tmp_path / "store", **kw)
-    return TestClient(create_app(settings, model_factory=tiny_factory), raise_server_exceptions=False)
+from tests.factories import (
+    AUTH,
+    adapter_files,
+    build_tiny_model,
+    chat,
+    load_tokenizer,
+    make_client,
+    tiny_factory,
+    wait_ready,
+)
 
 
 def upload(client, name, d: Path, **form):
@@ -55,7 +56,7 @@ def greedy(client, model, **extra):
 
 @pytest.fixture
 def client(tmp_path, peft_dirs):
-    with make_client(tmp_path) as c:
+    with make_client(tmp_path, raise_server_exceptions=False) as c:
         wait_ready(c)
         assert upload(c, "calm", peft_dirs["calm"]).status_code == 201
         assert upload(c, "bold", peft_dirs["bold"]).status_code == 201
@@ -64,7 +65,7 @@ def client(tmp_path, peft_dirs):
 
 # 1 ------------------------------------------------------------------------------------------------
 def test_1_seed_out_of_range_is_refused_and_loses_no_slot(tmp_path, peft_dirs):
-    with make_client(tmp_path, max_loras=1) as c:
+    with make_client(tmp_path, raise_server_exceptions=False, max_loras=1) as c:
         wait_ready(c)
         assert upload(c, "calm", peft_dirs["calm"]).status_code == 201
         before = greedy(c, "calm")
@@ -138,7 +139,7 @@ def test_5_staging_lives_in_the_store_and_stale_folders_go_at_start(tmp_path, pe
     stale = store / ".upload-0123456789abcdef0123456789abcdef"
     stale.mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"\0" * 1024 * 1024)
-    with make_client(tmp_path) as c:
+    with make_client(tmp_path, raise_server_exceptions=False) as c:
         wait_ready(c)
         assert not stale.exists()
         assert upload(c, "calm", peft_dirs["calm"]).status_code == 201
@@ -206,7 +207,7 @@ def test_8_oversize_chunked_upload_is_refused_while_streaming(tmp_path):
         for _ in range(64):
             yield b"x" * (1024 * 1024)
 
-    with make_client(tmp_path, max_adapter_bytes=1024 * 1024) as c:
+    with make_client(tmp_path, raise_server_exceptions=False, max_adapter_bytes=1024 * 1024) as c:
         wait_ready(c)
         r = c.post("/v1/adapters", content=body(), headers={**AUTH, "content-type": "multipart/form-data; boundary=b"})
         assert_error(r, 413, "request_too_large")
