@@ -3,7 +3,7 @@
 Two entry points, both run as ``python -m tests.server``:
 
 * ``python -m tests.server serve --port N``: the service (``create_app`` + uvicorn, as
-  ``stanceserve serve`` runs it) on the tiny 2-layer Llama of :mod:`tests.conftest` with the
+  ``stanceserve serve`` runs it) on the tiny 2-layer Llama of :mod:`tests.factories` with the
   vendored stories260k tokenizer (nothing downloaded, start-up in a few seconds). Every other
   setting comes from the ``STANCESERVE_*`` environment variables.
 * ``python -m tests.server probe --url URL --interval S --out FILE``: an open-loop prober that
@@ -13,8 +13,10 @@ Two entry points, both run as ``python -m tests.server``:
   system-wide on Linux, so comparable with the test process's clock) as JSON to ``FILE``.
   Run in its own process so the test process's own work never inflates the latencies.
 
-The test-side helpers (:func:`start_server`, :func:`start_probe`, :func:`metric`, :func:`rss`,
-:func:`upload`) start and drive these processes. All traffic is to 127.0.0.1.
+The test-side helpers (:func:`start_server`, :func:`start_probe`, :func:`rss`, :func:`upload`,
+:func:`percentile`) start, drive and measure these processes; start-up, ready wait and tear-down are
+:func:`tests.factories.run_server`'s. All traffic is to 127.0.0.1. :mod:`tests.factories` (and so torch) is
+imported inside the functions that need it, so the prober process starts light.
 """
 
 from __future__ import annotations
@@ -23,47 +25,32 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.factories import Server
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "load-test-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
-BASE_MODEL = "tiny-llama"
 
 
 # ---------------------------------------------------------------------------- the server process
-def tiny_factory(settings):
-    """A ``LoadedModel`` around the tiny random Llama (same as ``tiny_factory`` in tests/app/api/test_api.py)."""
-    import torch
-
-    from app.engine.model_loader import LoadedModel
-    from tests.conftest import build_tiny_model, load_tokenizer
-
-    model = build_tiny_model("llama")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return LoadedModel(
-        model=model, tokenizer=load_tokenizer(), name=BASE_MODEL, source="tiny", device=torch.device("cpu"),
-        dtype=torch.float32, eos_token_ids={2}, has_chat_template=True,
-    )
-
-
 def serve(host: str, port: int) -> None:
     import logging
 
     import torch
     import uvicorn
 
-    import tests.conftest  # noqa: F401 - it sets torch's thread count on import; ours below must win
     from app.config import Settings
     from app.main import create_app
+    from tests.factories import tiny_factory
 
     # One intra-op thread: the tiny model gains nothing from more, and on a small shared machine OpenMP
     # threads spinning against other processes make every step ~10x slower (measured: 200 tokens in 0.5 s
@@ -130,66 +117,21 @@ def probe(url: str, interval: float, out: Path, timeout: float = 10.0) -> None:
 
 
 # ---------------------------------------------------------------------------- test-side helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _preexec(niceness: int | None = None):
-    """A preexec_fn: SIGTERM the child when the test process dies (so no server outlives a crashed run), and
-    set its scheduling priority to ``niceness`` when given (best effort: a negative value needs root)."""
-
-    def run() -> None:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
-        except Exception:
-            pass
-        if niceness is not None:
-            try:
-                os.setpriority(os.PRIO_PROCESS, 0, niceness)
-            except OSError:
-                pass
-
-    return run
-
-
-@dataclass
-class Server:
-    base: str
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
 @contextlib.contextmanager
 def start_server(
     workdir: Path, env: dict[str, str] | None = None, ready_timeout: float = 120.0, niceness: int | None = None
 ) -> Iterator[Server]:
-    """Run ``python -m tests.server serve`` on a free port until the ``with`` block ends.
+    """Run ``python -m tests.server serve`` on a free port until the ``with`` block ends (see :func:`run_server`).
 
     Args:
         workdir: holds the server log (``server.log``) and, unless ``env`` names another, the adapter store.
         env: extra environment variables (``STANCESERVE_*`` settings).
-        niceness: scheduling priority of the server process (best effort; see :func:`_preexec`).
+        niceness: scheduling priority of the server process (best effort; see :func:`tests.factories.preexec`).
     """
-    import httpx
+    from tests.factories import run_server
 
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     full_env = {
-        **os.environ,
         "STANCESERVE_ADMIN_KEY": ADMIN_KEY,
         "STANCESERVE_ADAPTERS_DIR": str(workdir / "store"),
         "STANCESERVE_LOG_LEVEL": "warning",
@@ -199,37 +141,8 @@ def start_server(
         "OMP_NUM_THREADS": os.environ.get("TEST_SERVER_TORCH_THREADS", "1"),  # see serve()
         **(env or {}),
     }
-    log_path = workdir / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.server", "serve", "--port", str(port)],
-        env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-        preexec_fn=_preexec(niceness),
-    )
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > ready_timeout:
-                raise RuntimeError(f"server not ready in {ready_timeout} s:\n{server.log_tail()}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        log.close()
+    with run_server(["-m", "tests.server", "serve"], workdir / "server.log", full_env, ready_timeout, niceness) as srv:
+        yield srv
 
 
 @dataclass
@@ -247,23 +160,13 @@ class Probe:
 
 def start_probe(url: str, out: Path, interval: float = 0.01, niceness: int | None = None) -> Probe:
     """Start ``python -m tests.server probe`` against ``url`` (stop it with :meth:`Probe.stop`)."""
+    from tests.factories import preexec
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.server", "probe", "--url", url, "--interval", str(interval), "--out", str(out)],
-        stdin=subprocess.PIPE, cwd=REPO, preexec_fn=_preexec(niceness),
+        stdin=subprocess.PIPE, cwd=REPO, preexec_fn=preexec(niceness),
     )
     return Probe(proc, out)
-
-
-def metric(text: str, sample: str, **labels: str) -> float:
-    """Sum of the samples named ``sample`` with ``labels`` in a Prometheus text exposition."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def rss(pid: int) -> int:
@@ -277,12 +180,10 @@ def upload(base: str, name: str, adapter_dir: Path, timeout: float = 120.0):
     """``POST /v1/adapters`` of the peft folder ``adapter_dir`` as ``name``; returns the httpx response."""
     import httpx
 
-    files = [
-        ("files", ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes(), "application/json")),
-        ("files", ("adapter_model.safetensors", (adapter_dir / "adapter_model.safetensors").read_bytes(),
-                   "application/octet-stream")),
-    ]
-    return httpx.post(f"{base}/v1/adapters", data={"name": name}, files=files, headers=AUTH, timeout=timeout)
+    from tests.factories import adapter_files
+
+    return httpx.post(f"{base}/v1/adapters", data={"name": name}, files=adapter_files(adapter_dir), headers=AUTH,
+                      timeout=timeout)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import Settings
-from tests.conftest import TARGETS, save_peft_adapter
+from tests.factories import APP_CLI, TARGETS, adapter_files, metric, run_server, write_peft_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +28,6 @@ PROMPTS = [
     "Why is the sky blue?",
     "Name a famous scientist.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,44 +43,18 @@ def adapters(smol, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e-adapters")
     model = smol.model
     return {
-        "curious": save_peft_adapter(model, root / "curious", "llama", rank=8, alpha=16, seed=5, scale_b=0.06),
-        "expert": save_peft_adapter(model, root / "expert", "llama", rank=4, alpha=8, seed=6, scale_b=0.06,
-                                    targets=TARGETS["llama"][:4]),
+        "curious": write_peft_adapter(root / "curious", "llama", model=model, rank=8, alpha=16, seed=5, scale=0.06),
+        "expert": write_peft_adapter(root / "expert", "llama", model=model, rank=4, alpha=8, seed=6, scale=0.06,
+                                     targets=TARGETS["llama"][:4]),
     }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     store = tmp_path_factory.mktemp("e2e-store")
-    env = {**os.environ, "STANCESERVE_ADMIN_KEY": KEY, "STANCESERVE_ADAPTERS_DIR": str(store), "HF_HUB_OFFLINE": "1"}
-    log = open(store.parent / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port), "--device", "cpu"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
-    )
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t0 > 300:
-                raise RuntimeError("server not ready in 300 s")
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    env = {"STANCESERVE_ADMIN_KEY": KEY, "STANCESERVE_ADAPTERS_DIR": str(store), "HF_HUB_OFFLINE": "1"}
+    with run_server([*APP_CLI, "serve", "--device", "cpu"], store.parent / "server.log", env, ready_timeout=300) as srv:
+        yield srv.base
 
 
 def peft_greedy(smol, adapter_dir: Path | None, prompt: str) -> str:
@@ -108,15 +70,6 @@ def peft_greedy(smol, adapter_dir: Path | None, prompt: str) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def metric(text: str, sample: str, **labels) -> float:
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
 def test_serve_upload_stances_blend_metrics(server, smol, adapters):
     from openai import OpenAI
 
@@ -125,7 +78,7 @@ def test_serve_upload_stances_blend_metrics(server, smol, adapters):
     assert base_name == "SmolLM2-135M-Instruct"
 
     for name, d in adapters.items():
-        files = [("files", (f, (d / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+        files = adapter_files(d, content_types=False)
         r = httpx.post(f"{server}/v1/adapters", data={"name": name, "description": f"e2e {name}"}, files=files,
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert r.status_code == 201, r.text

@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import build_tiny_model, save_peft_adapter
-from tests.server import AUTH, BASE_MODEL, metric, percentile, start_probe, start_server
+from tests.factories import BASE_MODEL, adapter_files, build_tiny_model, metric, write_peft_adapter
+from tests.server import AUTH, percentile, start_probe, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,8 @@ ATTEMPTS = 3
 
 @pytest.fixture(scope="module")
 def big_adapter(tmp_path_factory) -> Path:
-    d = save_peft_adapter(build_tiny_model("llama"), tmp_path_factory.mktemp("big") / "big", "llama",
-                          rank=BIG_RANK, alpha=16, seed=3, scale_b=0.01)
+    d = write_peft_adapter(tmp_path_factory.mktemp("big") / "big", "llama", model=build_tiny_model("llama"),
+                          rank=BIG_RANK, alpha=16, seed=3, scale=0.01)
     size = (d / "adapter_model.safetensors").stat().st_size
     assert 77e6 < size < 79e6, size
     return d
@@ -82,11 +82,7 @@ def test_health_p99_under_50ms_during_big_prompt_big_upload_and_cold_load(tmp_pa
     content = (sentence * (4 * MIB // len(sentence) + 1))[: 4 * MIB]
     big_prompt = json.dumps({"model": BASE_MODEL, "messages": [{"role": "user", "content": content}],
                              "max_tokens": 8}).encode()
-    files = [
-        ("files", ("adapter_config.json", (big_adapter / "adapter_config.json").read_bytes(), "application/json")),
-        ("files", ("adapter_model.safetensors", (big_adapter / "adapter_model.safetensors").read_bytes(),
-                   "application/octet-stream")),
-    ]
+    files = adapter_files(big_adapter)
     upload_mb = sum(len(f[1][1]) for f in files) / 1e6
     chat = {"model": "big", "messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 8,
             "temperature": 0, "ignore_eos": True}

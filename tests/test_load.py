@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import build_tiny_model, save_peft_adapter
-from tests.server import BASE_MODEL, metric, percentile, rss, start_server, upload
+from tests.factories import BASE_MODEL, calm_and_bold, chat_body as one_message_chat, metric
+from tests.server import percentile, rss, start_server, upload
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +46,12 @@ SOAK_RSS_BOUND = 8 * MB
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
-    base = build_tiny_model("llama")
-    root = tmp_path_factory.mktemp("load-adapters")
-    return {
-        "calm": save_peft_adapter(base, root / "calm", "llama", rank=4, seed=11, scale_b=0.5),
-        "bold": save_peft_adapter(base, root / "bold", "llama", rank=8, alpha=16, seed=12, scale_b=0.5),
-    }
+    return calm_and_bold(tmp_path_factory.mktemp("load-adapters"))
 
 
 # ---------------------------------------------------------------------------- helpers
 def chat_body(model: str, prompt: str, **extra) -> dict:
-    return {
-        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": N_TOKENS,
-        "temperature": 0, "ignore_eos": True, **extra,
-    }
+    return one_message_chat(model, prompt, max_tokens=N_TOKENS, temperature=0, ignore_eos=True, **extra)
 
 
 #: good request kinds: name -> body (streaming is added when sent)

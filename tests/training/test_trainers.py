@@ -4,11 +4,8 @@ evaluation and inspection run, and ``--register`` uploads to a real server proce
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from app.registry.validation import linear_shapes, load_adapter_weights
-from tests.conftest import build_tiny_model, load_tokenizer
+from tests.factories import APP_CLI, build_tiny_model, run_server, save_tiny_base
 from training.trainers import TrainConfig, train_adapter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,10 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-base")
-    build_tiny_model("llama").save_pretrained(d)
-    load_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="module")
@@ -91,34 +85,15 @@ def test_eval_and_inspect_run_locally(tiny_base, data, tmp_path):
     assert len(rows) == 8 and all(r["norm"] > 0 for r in rows)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_register_uploads_to_a_running_server(tiny_base, data, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "STANCESERVE_ADMIN_KEY": "k", "STANCESERVE_ADAPTERS_DIR": str(tmp_path / "store")}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--model", str(tiny_base), "--port",
-         str(port), "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.25)
-        cmd = [sys.executable, "-c", "from app.cli import main; main()", "train", "--method", "sft", "--data",
-               str(data["sft"]), "--name", "fresh-stance", "--base", str(tiny_base), "--rank", "4", "--epochs", "1",
-               "--batch-size", "4", "--grad-accum", "1", "--out", str(tmp_path / "run"), "--register", url,
-               "--admin-key", "k", "--quiet"]
+    env = {"STANCESERVE_ADMIN_KEY": "k", "STANCESERVE_ADAPTERS_DIR": str(tmp_path / "store")}
+    serve = [*APP_CLI, "serve", "--model", str(tiny_base), "--device", "cpu"]
+    with run_server(serve, tmp_path / "server.log", env) as server:
+        url = server.base
+        cmd = [sys.executable, *APP_CLI, "train", "--method", "sft", "--data", str(data["sft"]), "--name",
+               "fresh-stance", "--base", str(tiny_base), "--rank", "4", "--epochs", "1", "--batch-size", "4",
+               "--grad-accum", "1", "--out", str(tmp_path / "run"), "--register", url, "--admin-key", "k", "--quiet"]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(done.stdout)
@@ -128,7 +103,3 @@ def test_register_uploads_to_a_running_server(tiny_base, data, tmp_path):
         r = httpx.post(f"{url}/v1/chat/completions", json={
             "model": "fresh-stance", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        server.terminate()
-        server.wait(20)
-        log.close()
