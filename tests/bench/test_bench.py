@@ -8,7 +8,7 @@ import torch
 from app.engine.request import Stance
 from bench.models import CONFIGS, BenchModel, random_adapter
 from bench.scenarios import EngineBench, blend, cold_load, many_adapters, pct, stance
-from tests.conftest import build_tiny_model, load_tokenizer
+from tests.factories import build_tiny_model, load_tokenizer
 
 #: Parameter counts published on each model card (approximate, in billions).
 PUBLISHED = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61, "phi-2": 2.78}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import build_tiny_model, load_tokenizer
+from tests.factories import build_tiny_model, load_tokenizer
 from training.evaluate import BASE, evaluate_stance
 from training.scoring import LikelihoodScorer, marker_score, summarize
 

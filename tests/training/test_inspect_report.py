@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import TARGETS, build_tiny_model, save_peft_adapter
+from tests.factories import TARGETS, build_tiny_model, edit_config, edit_tensors, key, write_peft_adapter
 from training.inspect_adapter import adapter_update_norms, lora_update_norm, norms_table, plot_heatmap
 from training.report import fraction_different, write_eval_report
 
@@ -40,7 +40,7 @@ def test_gram_identity_matches_dense_product():
 @pytest.mark.parametrize("arch,rslora", [("llama", False), ("phi", False), ("llama", True)])
 def test_adapter_update_norms_equal_peft_dense(tmp_path, arch, rslora):
     model = build_tiny_model(arch)
-    d = save_peft_adapter(model, tmp_path / "a", arch, rank=4, alpha=16.0, use_rslora=rslora)
+    d = write_peft_adapter(tmp_path / "a", arch, model=model, rank=4, alpha=16.0, use_rslora=rslora)
     rows = adapter_update_norms(d)
     want = _peft_dense_norms(model, d)
     assert {r["module"] for r in rows} == set(want)
@@ -55,18 +55,12 @@ def test_adapter_update_norms_equal_peft_dense(tmp_path, arch, rslora):
 
 
 def test_adapter_update_norms_rank_and_alpha_pattern(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     model = build_tiny_model("llama")
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        rank_pattern={"v_proj": 2},
-        alpha_pattern={"layers.1.self_attn.q_proj": 32},
-        init_lora_weights=False,  # random non-zero B
+    write_peft_adapter(
+        tmp_path, model=model, rank=4, alpha=8, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+        alpha_pattern={"layers.1.self_attn.q_proj": 32}, task_type=None,
+        init_lora_weights=False, seed=None,  # peft's own random non-zero B
     )
-    get_peft_model(copy.deepcopy(model), cfg).save_pretrained(tmp_path)
     rows = {r["module"]: r for r in adapter_update_norms(tmp_path)}
     want = _peft_dense_norms(model, tmp_path)
     for module, row in rows.items():
@@ -93,7 +87,7 @@ def test_inspect_reads_only_through_the_registry_reader(tmp_path, monkeypatch):
     for own_reading in ("safetensors import", "safe_open", "load_file", "json.load", "import json", "read_bytes", "open("):
         assert own_reading not in source, own_reading
 
-    d = save_peft_adapter(build_tiny_model("llama"), tmp_path / "a", "llama")
+    d = write_peft_adapter(tmp_path / "a", "llama", model=build_tiny_model("llama"))
     calls = []
 
     def spy(path, **kw):
@@ -107,9 +101,8 @@ def test_inspect_reads_only_through_the_registry_reader(tmp_path, monkeypatch):
 
 def test_adapter_update_norms_refuses_what_the_server_refuses(tmp_path):
     from app.errors import AdapterValidationError
-    from tests.app.registry.helpers import edit_config, edit_tensors, key
 
-    d = save_peft_adapter(build_tiny_model("llama"), tmp_path / "a", "llama")
+    d = write_peft_adapter(tmp_path / "a", "llama", model=build_tiny_model("llama"))
     q0 = "model.layers.0.self_attn.q_proj"
     edit_tensors(d, lambda t: t.pop(key(q0, "lora_B")))
     with pytest.raises(ValueError, match="no matching lora_B"):
@@ -121,7 +114,7 @@ def test_adapter_update_norms_refuses_what_the_server_refuses(tmp_path):
 
 def test_table_and_heatmap(tmp_path):
     model = build_tiny_model("phi")
-    d = save_peft_adapter(model, tmp_path / "a", "phi")
+    d = write_peft_adapter(tmp_path / "a", "phi", model=model)
     rows = adapter_update_norms(d)
     table = norms_table(rows)
     assert table.row_count == 2  # layers 0 and 1

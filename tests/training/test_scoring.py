@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import build_tiny_model, load_tokenizer
+from tests.factories import build_tiny_model, load_tokenizer
 from training.scoring import (
     ANTI_MARKERS,
     MARKERS,
