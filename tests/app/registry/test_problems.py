@@ -21,6 +21,8 @@ from app.registry.validation import (
     validate_adapter,
 )
 from tests.factories import (
+    CFG,
+    MODEL,
     Q0,
     REFUSED_CONFIGS,
     REFUSED_TENSORS,
@@ -30,8 +32,6 @@ from tests.factories import (
     shapes,
     write_peft_adapter,
 )
-
-CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
 
 
 def problems(folder, arch="llama", max_rank=64) -> list[Problem]:

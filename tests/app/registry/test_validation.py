@@ -20,6 +20,8 @@ from app.registry.validation import (
     validate_name,
 )
 from tests.factories import (
+    CFG,
+    MODEL,
     Q0,
     REFUSED_CONFIGS,
     REFUSED_TENSORS,
@@ -31,8 +33,6 @@ from tests.factories import (
     shapes,
     write_peft_adapter,
 )
-
-CFG, MODEL = "adapter_config.json", "adapter_model.safetensors"
 
 
 def load(folder, arch="llama", max_rank=64, **kw):
