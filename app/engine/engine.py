@@ -155,7 +155,6 @@ class Engine:
 
         Blocking: call it off the event loop. Raises as :meth:`chat_prompt_ids`.
         """
-        self._check_chars(len(prompt))
         return self._tokenize(prompt, add_special_tokens=True)
 
     def _tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
