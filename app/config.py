@@ -118,6 +118,14 @@ class Settings(BaseSettings):
         512, ge=16, description="Most prompt tokens prefilled per engine step, so decodes are not stalled."
     )
 
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV cache budget, in bytes, allocated at start-up: rows of max_model_len tokens, "
+        "at most max_batch_size of them (default: max_batch_size rows). Fewer rows means fewer concurrent sequences.",
+    )
+    prefix_cache_memory_bytes: int = Field(
+        256 * 2**20, ge=0, description="Prefix cache budget, in bytes: KV blocks of prompt prefixes, per stance, "
+        "reused by later prompts that start the same way (0: off).",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads torch uses for the model (default: torch's own choice, one per core)."
     )

@@ -152,6 +152,11 @@ class Metrics:
         self.generation_tokens = Counter(
             "stanceserve_generation_tokens", "Tokens generated.", ["stance"], registry=r
         )
+        self.prefix_cache_tokens = Counter(
+            "stanceserve_prefix_cache_tokens",
+            "Prompt tokens looked up in the prefix cache at admission (result: hit = KV reused, miss = prefilled).",
+            ["stance", "result"], registry=r,
+        )
         self.requests = Counter(
             "stanceserve_requests", "Finished requests by outcome (status: stop, length, cancelled, error, rejected).",
             ["stance", "status"], registry=r,
@@ -182,7 +187,8 @@ class Metrics:
 
     def _per_stance(self) -> tuple[Histogram | Counter, ...]:
         """The labelled metrics that carry a ``stance`` label (the tokens/s gauge aside)."""
-        return (self.request_latency, self.ttft, self.itl, self.prompt_tokens, self.generation_tokens, self.requests)
+        return (self.request_latency, self.ttft, self.itl, self.prompt_tokens, self.generation_tokens, self.requests,
+                self.prefix_cache_tokens)
 
     def forget_stance(self, name: str, *, force: bool = False) -> None:
         """Remove every series of stance ``name`` from every per-stance metric.
@@ -209,7 +215,7 @@ class Metrics:
     def observe(self, request: GenerationRequest, event: Event) -> None:
         """Record one engine event (the engine calls this for every event of every request, on its thread).
 
-        Admitted -> prompt tokens; token -> TTFT (first) or inter-token latency, generated tokens, tokens/s;
+        Admitted -> prompt tokens and prefix cache hits/misses; token -> TTFT (first) or inter-token latency, generated tokens, tokens/s;
         finish -> request latency and outcome; error -> outcome ``error``. Keeps one float per request in
         flight (its last token time), dropped when it ends.
         """
@@ -225,6 +231,8 @@ class Metrics:
             self.token_rate.add(label, 1)
         elif isinstance(event, AdmittedEvent):
             self.prompt_tokens.labels(label).inc(event.prompt_tokens)
+            self.prefix_cache_tokens.labels(label, "hit").inc(event.cached_tokens)
+            self.prefix_cache_tokens.labels(label, "miss").inc(event.prompt_tokens - event.cached_tokens)
         elif isinstance(event, FinishEvent):
             self._last_token_at.pop(request.request_id, None)
             self.request_latency.labels(label).observe(event.at - request.arrival)

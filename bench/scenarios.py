@@ -30,7 +30,6 @@ import torch
 
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
-from app.engine.lora import unwrap
 from app.engine.request import FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.registry.adapter import AdapterWeights
@@ -105,7 +104,6 @@ class EngineBench:
 
     def close(self) -> None:
         self.engine.stop()
-        unwrap(self.bm.model)
 
     def prompt(self) -> list[int]:
         hi = min(self.bm.vocab_size, 30000)
@@ -221,7 +219,7 @@ def peft_model(bm: BenchModel, adapters: list[AdapterWeights], workdir: Path, ra
 
     dirs = [save_peft_folder(a, workdir / f"peft-{i}", rank=rank, alpha=alpha, dtype=torch.float32)
             for i, a in enumerate(adapters)]
-    base = unwrap(copy.deepcopy(bm.model))
+    base = copy.deepcopy(bm.model)
     pm = PeftModel.from_pretrained(base, dirs[0], adapter_name="a0")
     for i, d in enumerate(dirs[1:], start=1):
         pm.load_adapter(d, adapter_name=f"a{i}")

@@ -37,6 +37,8 @@ class EngineConfig:
             model's ``max_position_embeddings``).
         max_prompt_tokens: longest prompt, in tokens (``None``: ``max_model_len - 1``).
         max_blend_weight: largest ``|w|`` of a blend term.
+        kv_cache_memory_bytes: KV cache budget in bytes (``None``: ``max_batch_size`` rows of ``max_model_len``).
+        prefix_cache_memory_bytes: prefix cache pool, in bytes (0: off).
 
     The field descriptions that the CLI and the README show live on the settings fields of the same names.
     """
@@ -49,6 +51,8 @@ class EngineConfig:
     max_model_len: int = _default("max_model_len")
     max_prompt_tokens: int | None = _default("max_prompt_tokens")
     max_blend_weight: float = _default("max_blend_weight")
+    kv_cache_memory_bytes: int | None = _default("kv_cache_memory_bytes")
+    prefix_cache_memory_bytes: int = _default("prefix_cache_memory_bytes")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
+from app.engine.forward import Decoder
 from app.engine.lora import MultiLoRA
+from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
     Event,
     GenerationRequest,
@@ -97,6 +99,11 @@ class Engine:
             logger.warning("max_model_len %d is past the model's %d positions: using %d", max_model_len, positions, positions)
             config = config.replace(max_model_len=positions)
             max_model_len = positions
+        window = getattr(getattr(model, "config", None), "sliding_window", None)
+        if getattr(model.config, "model_type", None) == "mistral" and isinstance(window, int) and 0 < window < max_model_len:
+            logger.warning("max_model_len %d is past the model's sliding window: using %d", max_model_len, window)
+            config = config.replace(max_model_len=window)
+            max_model_len = window
         self.config = config
         self.max_model_len = max_model_len
         self.max_prompt_tokens = min(config.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
@@ -108,12 +115,18 @@ class Engine:
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self.metrics = metrics
         self.device = next(model.parameters()).device
-        self.lora = MultiLoRA(model, max_slots=config.max_loras)
+        self.decoder = Decoder(model)
+        #: the KV cache, allocated here once: ``max_batch_size`` rows of ``max_model_len`` positions, or fewer
+        #: rows when ``kv_cache_memory_bytes`` is set
+        self.kv_cache = self.decoder.new_cache(config.max_batch_size, max_model_len, config.kv_cache_memory_bytes)
+        #: KV blocks of prompt prefixes per stance (``prefix_cache_memory_bytes``; 0 turns it off)
+        self.prefix_cache = PrefixCache(self.kv_cache, config.prefix_cache_memory_bytes)
+        self.lora = MultiLoRA(self.decoder.linears, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
         self.scheduler = Scheduler(
-            model, tokenizer, self.lora, self.slots, self.eos_token_ids, config=config,
-            listeners=[metrics.observe] if metrics is not None else None,
+            self.decoder, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
+            prefix_cache=self.prefix_cache, listeners=[metrics.observe] if metrics is not None else None,
         )
         if metrics is not None:
             metrics.bind_gauges(

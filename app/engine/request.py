@@ -62,10 +62,12 @@ class AdmittedEvent:
     Attributes:
         prompt_tokens: prompt length, in tokens.
         at: ``time.perf_counter()`` of admission, in seconds.
+        cached_tokens: leading prompt tokens whose KV came from the prefix cache (not prefilled again).
     """
 
     prompt_tokens: int
     at: float = 0.0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class FinishEvent:
         ttft_s: time to first token, in seconds.
         at: ``time.perf_counter()`` of the end, in seconds.
         text: text released at the end (held-back tail), filled on the consumer side; may be empty.
+        cached_tokens: prompt tokens whose KV came from the prefix cache.
     """
 
     reason: str
@@ -110,6 +113,7 @@ class FinishEvent:
     ttft_s: float | None = None
     at: float = 0.0
     text: str = ""
+    cached_tokens: int = 0
 
 
 @dataclass

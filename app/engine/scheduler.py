@@ -3,13 +3,13 @@
 Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 
 1. drop cancelled rows; if no group is prefilling, admit waiting requests as a
-   new group while the batch has room (``max_batch_size``), their adapters fit
-   in free slots, and the group's padded prompts fit one prefill chunk
-   (``prefill_chunk_tokens``; a longer single prompt goes alone);
-2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` padded
-   tokens (chunked prefill: a long prompt never stalls the running rows for
-   more than one chunk per step); when its prompts are done, sample their first
-   tokens and merge them into the running batch;
+   new group while the batch has room (``max_batch_size`` and a free KV cache
+   row), their adapters fit in free slots, and the group's prompts fit one
+   prefill chunk (``prefill_chunk_tokens``; a longer single prompt goes alone);
+2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` packed
+   prompt tokens (chunked prefill: a long prompt never stalls the running rows
+   for more than one chunk per step); when its prompts are done, sample their
+   first tokens and merge them into the running batch;
 3. run one decode step for every running row;
 4. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
    their adapter slots.
@@ -23,7 +23,9 @@ running each row alone). A fault no row explains fails the running rows, never
 the thread; ``fault_hook`` lets tests make a chosen row fail at a chosen stage.
 
 Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
-rows of different stances and blends share every step. Not here: HTTP,
+rows of different stances and blends share every step. The model runs through
+the engine's own forward pass (:class:`~app.engine.forward.Decoder`) over its
+KV cache (:class:`~app.engine.kv_cache.KVCache`). Not here: HTTP,
 tokenisation of chat messages, adapter validation.
 """
 
@@ -37,11 +39,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
+from app.engine.forward import Decoder, Plan
+from app.engine.kv_cache import KVCache
 from app.engine.lora import LoRABatch, MultiLoRA
+from app.engine.prefix_cache import PrefixCache, stance_key
 from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, Listener, TokenEvent
 from app.engine.sampling import TokenChoice, choose_tokens
 from app.engine.slots import NoFreeSlotError, SlotCache
@@ -54,14 +58,15 @@ class Scheduler:
     """Queues requests and runs them in continuous batches on its own thread.
 
     Args:
-        model: the base causal LM (already wrapped by ``lora``).
-        tokenizer: for its pad token id (detokenisation happens on the consumer side).
-        lora, slots: the multi-LoRA layers and their slot cache.
+        decoder: the forward pass over the base model's weights.
+        cache: its KV cache (its rows bound how many sequences run at once).
+        lora, slots: the multi-LoRA slots of ``decoder``'s layers and their slot cache.
         eos_token_ids: token ids that end a sequence.
         config: sizes (default: :class:`~app.engine.config.EngineConfig`'s, i.e. the settings' defaults); the
             scheduler reads ``max_batch_size`` (most rows per step), ``max_waiting`` (queue length past which
             :meth:`submit` raises :class:`QueueFullError`) and ``prefill_chunk_tokens`` (prompt-token budget
             of one step's prefill).
+        prefix_cache: KV blocks of prompt prefixes per stance, reused at admission (``None``: off).
         listeners: called with ``(request, event)`` for every event of every request, on the engine thread
             (metrics subscribe here); see :data:`~app.engine.request.Listener`.
         overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_batch_size=4``).
@@ -69,20 +74,22 @@ class Scheduler:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        decoder: Decoder,
+        cache: KVCache,
         lora: MultiLoRA,
         slots: SlotCache,
         eos_token_ids: set[int],
         *,
         config: EngineConfig | None = None,
+        prefix_cache: PrefixCache | None = None,
         listeners: list[Listener] | None = None,
         **overrides: Any,
     ) -> None:
         config = (config or EngineConfig()).replace(**overrides)
         self.config = config
-        self.model = model
-        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.kv = cache
+        self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self.lora = lora
         self.slots = slots
         self.eos_token_ids = set(eos_token_ids)
@@ -90,10 +97,8 @@ class Scheduler:
         self.max_waiting = config.max_waiting
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
         self.listeners: list[Listener] = list(listeners or [])
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else min(self.eos_token_ids, default=0))
+        self.device = decoder.device
+        self.dtype = decoder.dtype
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
         self._batch = self._empty_batch()
@@ -201,6 +206,7 @@ class Scheduler:
                     self._fail_all(e, waiting=False)
                 except Exception:  # noqa: BLE001 - the loop must survive even its own bookkeeping
                     logger.exception("failing the running rows failed too")
+                    self.kv.reset()
                     self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
         self._fail_all(NotReadyError("engine stopped"), waiting=True)
 
@@ -210,11 +216,11 @@ class Scheduler:
         self._drop_cancelled()
         if self._group is None:
             if self._pending:
-                self._group = PrefillGroup(self._pending.popleft(), self.pad_id, self.device, self.model.config)
+                self._group = PrefillGroup(self._pending.popleft())
             else:
                 newcomers = self._admit()
                 if newcomers:
-                    self._group = PrefillGroup(newcomers, self.pad_id, self.device, self.model.config)
+                    self._group = PrefillGroup(newcomers)
         if self._group is not None:
             self._prefill_chunk()
         if len(self._batch):
@@ -224,7 +230,7 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         seqs: list[Sequence] = []
         budget = self.prefill_chunk_tokens
-        while self._waiting and self.num_running + len(seqs) < self.max_batch_size:
+        while self._waiting and self.num_running + len(seqs) < self.max_batch_size and self.kv.free_rows:
             with self._cv:
                 req = self._waiting[0]
             if req.cancelled:
@@ -233,9 +239,8 @@ class Scheduler:
                 self._finish_unstarted(req, req.cancel_reason)
                 continue
             n = len(req.prompt_ids)
-            longest = max([n] + [len(s.req.prompt_ids) for s in seqs])
-            if seqs and (len(seqs) + 1) * longest > budget:
-                break  # the group's padded prefill would exceed one chunk: leave it for the next group
+            if seqs and sum(s.prompt_len for s in seqs) + n > budget:
+                break  # the group's prefill would exceed one chunk: leave it for the next group
             try:
                 self._inject("admission", req)
                 pairs = self._acquire(req)
@@ -263,8 +268,12 @@ class Scheduler:
                 self._release(pairs)
                 self._error(req, e)
                 continue
+            seq.kv_row = self.kv.allocate()
+            if self.prefix is not None:
+                seq.prefix_key = stance_key(req.stance)
+                seq.cached = seq.prefilled = self.prefix.load(seq.prefix_key, req.prompt_ids, seq.kv_row)
             seqs.append(seq)
-            self._emit(req, AdmittedEvent(n, time.perf_counter()))
+            self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
         return seqs
 
     def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
@@ -290,61 +299,65 @@ class Scheduler:
             self.slots.release(slot)
 
     # ------------------------------------------------------------------ model steps
-    def _forward(self, seqs: list[Sequence], ids, mask, pos, cache, stage: str) -> torch.Tensor:
+    def _forward(self, seqs: list[Sequence], plan: Plan, stage: str) -> torch.Tensor:
+        """Run ``plan`` (tokens of ``seqs``, in order) with each row's LoRA routing; one logits row per sequence."""
         for s in seqs:
             self._inject(stage, s.req)
-        routing = LoRABatch.from_rows([s.slots for s in seqs], device=self.device, dtype=self.dtype)
-        with self.lora.routing(routing):
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1,
-            )
-        return out.logits[:, -1, :]
+        routing = LoRABatch.from_rows(
+            [s.slots for s in seqs], device=self.device, dtype=self.dtype,
+            segments=None if plan.decode else plan.segments,
+        )
+        return self.decoder.forward(plan, self.kv, routing)
 
     def _prefill_chunk(self) -> None:
         """Prefill the next chunk of the group; when its prompts are done, sample first tokens and merge.
 
         A failed forward of a group of several rows cannot say which row is at fault: the group is split
-        and each row is prefilled again alone, from its first token, so only the faulty row fails.
+        and each row is prefilled again alone, from its first uncached token, so only the faulty row fails.
         """
         g = self._group
         assert g is not None
         t0 = time.perf_counter()
-        ids, mask, pos = g.next_chunk(self.prefill_chunk_tokens)
+        seqs, plan = g.next_chunk(self.prefill_chunk_tokens, self.device)
         try:
-            logits = self._forward(g.seqs, ids, mask, pos, g.cache, "prefill")
+            logits = self._forward(seqs, plan, "prefill")
         except Exception as e:  # noqa: BLE001 - isolate the faulty row (see docstring)
             self._group = None
+            g.restart()
             if len(g.seqs) == 1:
                 self._fail_row(g.seqs[0], e)
             else:
                 logger.warning("prefill of %d rows failed (%s); prefilling each alone", len(g.seqs), e)
                 self._pending.extendleft([s] for s in reversed(g.seqs))
             return
+        g.advance(seqs, plan, logits)
         self.timings["prefill_s"] += time.perf_counter() - t0
-        self.timings["prefill_tokens"] += int(ids.numel())
+        self.timings["prefill_tokens"] += int(plan.ids.numel())
         self.timings["prefill_steps"] += 1
         if not g.finished:
             return
         self._group = None
-        seqs = g.seqs
-        self._batch.extend(g.to_batch())
-        self._consume(self._batch.seqs[len(self._batch) - len(seqs):], logits, len(self._batch) - len(seqs))
+        first = torch.stack([s.logits for s in g.seqs])
+        for s in g.seqs:
+            s.logits = None
+            if self.prefix is not None:
+                self.prefix.store(s.prefix_key, s.req.prompt_ids, s.kv_row, s.cached)
+        self._batch.extend(g.seqs)
+        self._consume(g.seqs, first)
 
     def _decode(self) -> None:
         """One decode step of every running row.
 
-        When the batched forward fails, the KV cache is rolled back to its length before the step, each
-        row is tried alone on a copy of its cache to find the faulty ones, those fail, and the step runs
-        again for the others, so a bad row never costs its neighbours a token or changes one.
+        When the batched forward fails, each row is tried alone to find the faulty ones, those fail, and
+        the step runs again for the others, so a bad row never costs its neighbours a token or changes
+        one. (A step only writes KV at each row's next position, which the retry writes again, so there
+        is nothing to roll back.)
         """
         t0 = time.perf_counter()
-        length = self._batch.length
-        ids, mask, pos = self._batch.decode_inputs()
+        plan = self._batch.decode_plan()
         try:
-            logits = self._forward(self._batch.seqs, ids, mask, pos, self._batch.cache, "decode")
+            logits = self._forward(self._batch.seqs, plan, "decode")
         except Exception as e:  # noqa: BLE001 - isolate the faulty rows (see docstring)
-            self._batch.truncate(length)
             bad = self._probe_rows(e)
             if not bad:
                 raise  # no row fails alone: a batch-level fault, failed by the loop
@@ -358,16 +371,14 @@ class Scheduler:
         seqs = self._batch.seqs
         for s in seqs:
             s.next_pos += 1
-        self._consume(seqs, logits, 0)
+        self._consume(list(seqs), logits)
 
     def _probe_rows(self, error: BaseException) -> set[int]:
         """Rows of the batch whose decode step fails alone; each is failed with its own error."""
         bad: set[int] = set()
         for i, s in enumerate(self._batch.seqs):
-            sub = self._batch.select([i])
-            ids, mask, pos = sub.decode_inputs()
             try:
-                self._forward(sub.seqs, ids, mask, pos, sub.cache, "decode")
+                self._forward([s], self._batch.decode_plan([i]), "decode")
             except Exception as e:  # noqa: BLE001 - this row is at fault
                 bad.add(i)
                 self._fail_row(s, e)
@@ -375,11 +386,11 @@ class Scheduler:
             logger.warning("decode step failed (%s); %d of %d rows fail alone", error, len(bad), len(self._batch))
         return bad
 
-    def _consume(self, seqs: list[Sequence], logits: torch.Tensor, first_row: int) -> None:
+    def _consume(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row of ``logits`` and emit it; retire finished and failed rows.
 
         Args:
-            seqs: the rows, ``seqs[i]`` is batch row ``first_row + i`` and logits row ``i``.
+            seqs: rows of the batch; ``seqs[i]`` goes with logits row ``i``.
             logits: ``[len(seqs), vocab]`` last-position logits.
         """
         faults: dict[int, BaseException] = {}
@@ -393,7 +404,7 @@ class Scheduler:
             [s.req.prompt_ids for s in seqs], [s.out_ids for s in seqs], self.eos_token_ids,
         )
         now = time.perf_counter()
-        gone = set()
+        gone = False
         for i, (s, choice) in enumerate(zip(seqs, choices)):
             fault = faults.get(i, choice if isinstance(choice, BaseException) else None)
             if fault is None:
@@ -403,10 +414,9 @@ class Scheduler:
                     fault = e
             if fault is not None:
                 self._fail_row(s, fault)
-            if s.finish_reason is not None:
-                gone.add(first_row + i)
+            gone = gone or s.finish_reason is not None
         if gone:
-            self._batch.keep([i for i in range(len(self._batch)) if i not in gone])
+            self._batch.keep([i for i, s in enumerate(self._batch.seqs) if s.finish_reason is None])
 
     def _on_token(self, s: Sequence, choice: TokenChoice, now: float) -> None:
         req, p = s.req, s.req.params
@@ -438,16 +448,23 @@ class Scheduler:
         if s.finish_reason is not None:
             return
         s.finish_reason = "error"
-        self._release(s.slots)
+        self._retire(s)
         self._error(s.req, error)
 
     # ------------------------------------------------------------------ endings
+    def _retire(self, s: Sequence) -> None:
+        """Give back what a finished row holds: its adapter slots and its KV row."""
+        self._release(s.slots)
+        if s.kv_row >= 0:
+            row, s.kv_row = s.kv_row, -1
+            self.kv.release(row, s.written)
+
     def _finish(self, s: Sequence, reason: str) -> None:
         s.finish_reason = reason
-        self._release(s.slots)
+        self._retire(s)
         req = s.req
         ttft = None if s.first_token_at is None else s.first_token_at - req.arrival
-        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter()))
+        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter(), "", s.cached))
 
     def _finish_unstarted(self, req: GenerationRequest, reason: str) -> None:
         self._emit(req, FinishEvent(reason, len(req.prompt_ids), 0, None, time.perf_counter()))
@@ -463,7 +480,7 @@ class Scheduler:
         self._batch.keep(keep)
 
     def _empty_batch(self) -> Batch:
-        return Batch([], DynamicCache(), torch.zeros(0, 0, dtype=torch.long, device=self.device))
+        return Batch(self.kv)
 
     def _fail_all(self, error: BaseException, *, waiting: bool) -> None:
         """Fail every running and prefilling row (and, with ``waiting``, every queued request)."""

@@ -39,7 +39,7 @@ from tests.factories.adapters import (
     read_adapter,
     write_peft_adapter,
 )
-from tests.factories.engine import make_engine, mixed_batch_and_alone, peft_logits
+from tests.factories.engine import decoder_logits, make_engine, mixed_batch_and_alone, peft_logits
 from tests.factories.http import AUTH, KEY, chat, make_client, metric, wait_ready
 from tests.factories.models import (
     BASE_MODEL,
@@ -70,7 +70,7 @@ __all__ = [
     "APP_CLI", "AUTH", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
     "STORIES_DIR", "TARGETS", "FakeStore", "Server", "adapter_bytes", "adapter_files", "adapter_version",
     "base_model", "build_tiny_model", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
-    "free_port", "key", "load_tokenizer", "make_client", "make_engine", "metric", "mixed_batch_and_alone",
+    "free_port", "key", "load_tokenizer", "make_client", "make_engine", "decoder_logits", "metric", "mixed_batch_and_alone",
     "nested_json", "nested_obj", "new_store", "peft_logits", "preexec", "read_adapter", "run_server",
     "save_tiny_base", "shapes", "tar_bytes", "tiny_config", "tiny_factory", "wait_ready", "write_peft_adapter",
     "zip_bytes", "zip_folder",

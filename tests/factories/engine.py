@@ -1,7 +1,8 @@
 """Engines on tiny models, and the per-row reference the batched LoRA path is checked against.
 
-:func:`make_engine` starts an :class:`Engine` on a copy of a model; :func:`peft_logits` and
-:func:`mixed_batch_and_alone` run peft alone and :class:`MultiLoRA` batched on the same rows.
+:func:`make_engine` starts an :class:`Engine` on a copy of a model; :func:`decoder_logits` runs rows
+through the engine's own forward pass (:class:`~app.engine.forward.Decoder`) with adapters in slots;
+:func:`peft_logits` and :func:`mixed_batch_and_alone` run peft alone and the batched path on the same rows.
 """
 
 from __future__ import annotations
@@ -33,22 +34,47 @@ def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None):
+    """Every position's logits of ``rows`` run in ONE packed prefill through the engine's forward pass.
+
+    Args:
+        model: a Hugging Face causal LM (copied first, unless ``decoder`` is given).
+        rows: ``(token ids, [(slot, weight), ...])`` per row; rows may differ in length.
+        adapters: :class:`AdapterWeights` written into slots ``0, 1, ...``.
+
+    Returns:
+        a list of ``[1, T_row, vocab]`` logits, one per row.
+    """
+    from app.engine.forward import Decoder, Plan
+    from app.engine.lora import LoRABatch, MultiLoRA
+
+    if decoder is None:
+        decoder = Decoder(copy.deepcopy(model))
+        lora = MultiLoRA(decoder.linears, max_slots=max_slots)
+        for slot, ad in enumerate(adapters):
+            lora.write_slot(slot, ad)
+    cache = decoder.new_cache(len(rows), max(len(ids) for ids, _ in rows))
+    plan = Plan.build([(i, list(ids), 0) for i, (ids, _) in enumerate(rows)], decoder.device, all_logits=True)
+    routing = LoRABatch.from_rows([list(p) for _, p in rows], device=decoder.device, dtype=decoder.dtype,
+                                  segments=plan.segments)
+    out = decoder.forward(plan, cache, routing)
+    return [out[a:b].unsqueeze(0) for a, b in plan.segments]
+
+
 def mixed_batch_and_alone(base, d1, d2, input_ids, dtype=torch.float32):
-    """Rows ``[adapter d1, adapter d2, no adapter]`` of ``input_ids`` (``[3, T]``) in one forward
-    through :class:`MultiLoRA` on a copy of ``base``, and each row run alone (peft for the adapters).
+    """Rows ``[adapter d1, adapter d2, no adapter]`` of ``input_ids`` (``[3, T]``) in one packed forward
+    through the engine's :class:`~app.engine.forward.Decoder` on a copy of ``base``, and each row run alone
+    (peft for the adapters, plain ``transformers`` for the base).
 
     Returns:
         ``(batched logits [3, T, V], [d1 alone, d2 alone, base alone])``, each alone ``[1, T, V]``.
     """
-    from app.engine.lora import LoRABatch, MultiLoRA
-
     alone = [peft_logits(base, d1, input_ids[0:1]), peft_logits(base, d2, input_ids[1:2])]
     with torch.no_grad():
         alone.append(base(input_ids=input_ids[2:3]).logits)
-    model = copy.deepcopy(base)
-    lora = MultiLoRA(model, max_slots=4)
-    lora.write_slot(0, read_adapter(d1, "a1"))
-    lora.write_slot(1, read_adapter(d2, "a2"))
-    rows = LoRABatch.from_rows([[(0, 1.0)], [(1, 1.0)], []], device=input_ids.device, dtype=dtype)
-    with torch.no_grad(), lora.routing(rows):
-        return model(input_ids=input_ids).logits, alone
+    ids = input_ids.tolist()
+    out = decoder_logits(
+        base, [(ids[0], [(0, 1.0)]), (ids[1], [(1, 1.0)]), (ids[2], [])],
+        [read_adapter(d1, "a1"), read_adapter(d2, "a2")],
+    )
+    return torch.cat(out, dim=0), alone

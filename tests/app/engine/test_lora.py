@@ -7,9 +7,17 @@ import copy
 import pytest
 import torch
 
+from app.engine.forward import Decoder, Plan
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.slots import NoFreeSlotError, SlotCache
-from tests.factories import TARGETS, mixed_batch_and_alone, peft_logits, read_adapter, write_peft_adapter
+from tests.factories import (
+    TARGETS,
+    decoder_logits,
+    mixed_batch_and_alone,
+    peft_logits,
+    read_adapter,
+    write_peft_adapter,
+)
 
 
 def hand_merged_logits(base, adapters, weights, input_ids):
@@ -42,22 +50,49 @@ def test_mixed_batch_matches_peft_per_row(tiny_model, arch, two_adapters):
     torch.testing.assert_close(out[2:3], ref_base, atol=1e-5, rtol=1e-4)
 
 
+def lora_decoder(model, adapters, slots=4):
+    dec = Decoder(copy.deepcopy(model))
+    lora = MultiLoRA(dec.linears, max_slots=slots)
+    for slot, ad in adapters.items():
+        lora.write_slot(slot, ad)
+    return dec, lora
+
+
 def test_uniform_fast_path_matches_gather_path(tiny_model, arch, two_adapters):
+    """Both rows on one adapter: the dense path equals the per-row (prefill) and embedding_bag (decode) paths."""
     d1, _ = two_adapters
-    ids = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(1))
-    model = copy.deepcopy(tiny_model)
-    lora = MultiLoRA(model, max_slots=2)
-    lora.write_slot(1, read_adapter(d1, "a1"))
-    fast = LoRABatch.from_rows([[(1, 1.0)], [(1, 1.0)]], device=torch.device("cpu"), dtype=torch.float32)
-    assert fast.uniform_slot == 1
-    slow = LoRABatch(fast.idx, fast.weights, None)
-    with torch.no_grad():
-        with lora.routing(fast):
-            a = model(input_ids=ids).logits
-        with lora.routing(slow):
-            b = model(input_ids=ids).logits
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(a, peft_logits(tiny_model, d1, ids), atol=1e-5, rtol=1e-4)
+    ids = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(1)).tolist()
+    dec, _ = lora_decoder(tiny_model, {1: read_adapter(d1, "a1")}, slots=2)
+    fast = decoder_logits(None, [(ids[0], [(1, 1.0)]), (ids[1], [(1, 1.0)])], decoder=dec)
+    slow = decoder_logits(None, [(ids[0], [(1, 1.0)]), (ids[1], [(1, 1.0), (0, 0.0)])], decoder=dec)  # not uniform
+    for a, b, row in zip(fast, slow, ids):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a, peft_logits(tiny_model, d1, torch.tensor([row])), atol=1e-5, rtol=1e-4)
+
+
+def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters):
+    """One-token-per-row steps (the embedding_bag path) over rows of two adapters, a blend and the base."""
+    d1, d2 = two_adapters
+    a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
+    dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
+    routes = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, -0.25)], []]
+    cache = dec.new_cache(4, 16)
+    plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
+    dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
+    nxt = [7, 8, 9, 10]
+    step = Plan.build([(i, [t], len(p)) for i, (p, t) in enumerate(zip(prompts, nxt))], dec.device)
+    out = dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
+    full = [p + [t] for p, t in zip(prompts, nxt)]
+    ref = [
+        peft_logits(tiny_model, d1, torch.tensor([full[0]]))[0, -1],
+        peft_logits(tiny_model, d2, torch.tensor([full[1]]))[0, -1],
+        hand_merged_logits(tiny_model, [a1, a2], (0.5, -0.25), torch.tensor([full[2]]))[0, -1],
+        tiny_model(input_ids=torch.tensor([full[3]])).logits[0, -1].detach(),
+    ]
+    for i in range(4):
+        torch.testing.assert_close(out[i], ref[i], atol=1e-4, rtol=1e-4)
 
 
 def test_blend_matches_hand_merged_reference(tiny_model, arch, two_adapters):
@@ -66,15 +101,11 @@ def test_blend_matches_hand_merged_reference(tiny_model, arch, two_adapters):
     ids = torch.randint(3, 512, (2, 6), generator=torch.Generator().manual_seed(2))
     weights = (0.7, -1.3)  # negative weights and sum != 1 are allowed
     ref = hand_merged_logits(tiny_model, [a1, a2], weights, ids[0:1])
-    model = copy.deepcopy(tiny_model)
-    lora = MultiLoRA(model, max_slots=4)
-    lora.write_slot(2, a1)
-    lora.write_slot(3, a2)
-    rows = [[(2, weights[0]), (3, weights[1])], [(3, 1.0)]]  # row 1: a different stance in the same batch
-    with torch.no_grad(), lora.routing(LoRABatch.from_rows(rows, device=torch.device("cpu"), dtype=torch.float32)):
-        out = model(input_ids=ids).logits
-    torch.testing.assert_close(out[0:1], ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[1:2], peft_logits(tiny_model, d2, ids[1:2]), atol=1e-5, rtol=1e-4)
+    dec, _ = lora_decoder(tiny_model, {2: a1, 3: a2})
+    rows = [(ids[0].tolist(), [(2, weights[0]), (3, weights[1])]), (ids[1].tolist(), [(3, 1.0)])]  # row 1: another stance
+    out = decoder_logits(None, rows, decoder=dec)
+    torch.testing.assert_close(out[0], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], peft_logits(tiny_model, d2, ids[1:2]), atol=1e-5, rtol=1e-4)
 
 
 def test_zero_weight_blend_is_base(tiny_model, two_adapters):
@@ -82,12 +113,24 @@ def test_zero_weight_blend_is_base(tiny_model, two_adapters):
     ids = torch.randint(3, 512, (1, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = tiny_model(input_ids=ids).logits
-    model = copy.deepcopy(tiny_model)
-    lora = MultiLoRA(model, max_slots=2)
-    lora.write_slot(0, read_adapter(d1, "a1"))
-    with torch.no_grad(), lora.routing(LoRABatch.from_rows([[(0, 0.0)]], device=torch.device("cpu"), dtype=torch.float32)):
-        out = model(input_ids=ids).logits
+    dec, _ = lora_decoder(tiny_model, {0: read_adapter(d1, "a1")}, slots=2)
+    out = decoder_logits(None, [(ids[0].tolist(), [(0, 0.0)])], decoder=dec)[0]
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_growing_rank_and_slots_keeps_loaded_adapters(tiny_model, arch, tmp_path):
+    """A rank-4 adapter loaded first keeps its exact output after a rank-8 one grows every slot tensor."""
+    d4 = write_peft_adapter(tmp_path / "r4", arch, model=tiny_model, rank=4, seed=5)
+    d8 = write_peft_adapter(tmp_path / "r8", arch, model=tiny_model, rank=8, seed=6)
+    dec = Decoder(copy.deepcopy(tiny_model))
+    lora = MultiLoRA(dec.linears, max_slots=4, initial_slots=1)
+    lora.write_slot(0, read_adapter(d4, "r4"))
+    lora.write_slot(3, read_adapter(d8, "r8"))  # grows slots 1 -> 4 and rank 4 -> 8
+    assert lora.slots == 4 and lora.rank == 8
+    ids = [5, 9, 13, 17]
+    out = decoder_logits(None, [(ids, [(0, 1.0)]), (ids, [(3, 1.0)])], decoder=dec)
+    torch.testing.assert_close(out[0], peft_logits(tiny_model, d4, torch.tensor([ids])), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], peft_logits(tiny_model, d8, torch.tensor([ids])), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama"])
@@ -97,7 +140,7 @@ def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
         for i in range(3)
     ]
     loads = []
-    cache = SlotCache(MultiLoRA(copy.deepcopy(tiny_model), max_slots=2), on_load=lambda k, s: loads.append(k))
+    cache = SlotCache(MultiLoRA(Decoder(copy.deepcopy(tiny_model)).linears, max_slots=2), on_load=lambda k, s: loads.append(k))
     s0 = cache.acquire(ads[0])
     s1 = cache.acquire(ads[1])
     assert s0 != s1
@@ -116,15 +159,25 @@ def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["phi"])
-def test_linear_shapes_unchanged_by_wrapping(tiny_model, arch, tmp_path):
+def test_linear_shapes_unchanged_by_fusing(tiny_model, arch, tmp_path):
     from app.registry.validation import linear_shapes
 
     before = linear_shapes(tiny_model)
     model = copy.deepcopy(tiny_model)
-    lora = MultiLoRA(model, max_slots=2)
+    lora = MultiLoRA(Decoder(model).linears, max_slots=2)
     lora.write_slot(0, read_adapter(write_peft_adapter(tmp_path / "a", arch, model=tiny_model), "a"))
-    assert any(".base_layer" in n for n, _ in model.named_modules())
     assert linear_shapes(model) == before
+
+
+def test_unknown_target_module_is_refused(tiny_model, arch, tmp_path):
+    from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+
+    ad = read_adapter(write_peft_adapter(tmp_path / "a", arch, model=tiny_model), "a")
+    m = next(iter(ad.modules.values()))
+    bad = AdapterWeights(ad.id, {"model.layers.0.nonexistent": m})
+    lora = MultiLoRA(Decoder(copy.deepcopy(tiny_model)).linears, max_slots=2)
+    with pytest.raises(KeyError, match="nonexistent"):
+        lora.write_slot(0, bad)
 
 
 @pytest.mark.slow
