@@ -4,8 +4,10 @@ Runs, in one process and side by side: base only; N concurrent requests on one
 adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
 (serial ``set_adapter``, peft ``adapter_names`` batches); cold adapter loads;
 many registered adapters over few device slots; TTFT of a request arriving
-while others decode. Then a ``summary`` with the ratios the targets of issue #4
-are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
+while others decode; one decode step alone against the roofline of its matmuls,
+with a per-op profile (``step``); TTFT with a shared 500-token stance system
+prompt, prefix cache on and off (``prefix``). Then a ``summary`` with the ratios
+the targets of issues #4 and #10 are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
 step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it.
 
 A typer app of its own, run by the thin ``bench`` command of :mod:`app.cli` from a
@@ -34,7 +36,7 @@ from app.engine.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-ALL = ["engine", "baselines", "cold", "many", "busy"]
+ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -87,6 +89,7 @@ def bench(
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
     from app.engine.request import Stance
+    from bench.decode import shared_prefix
     from bench.models import build_model, random_adapter
     from bench.scenarios import (
         EngineBench,
@@ -144,6 +147,11 @@ def bench(
                 "alternating_adapters_latency_s_p50": round(statistics.median(alt), 4),
                 "ratio": round(statistics.median(alt) / statistics.median(same), 3),
             }
+        if "step" in wanted:
+            sc["decode_step"] = _step_scenario(eb, adapters, n, prompt_len + max_tokens // 2)
+        if "prefix" in wanted:
+            console.print("[dim]shared-prefix TTFT[/dim]")
+            sc["shared_prefix"] = shared_prefix(eb, stance(adapters[0]), requests=n)
         if "busy" in wanted:
             console.print("[dim]busy TTFT[/dim]")
             sc["busy_ttft"] = eb.busy_ttft(background=n - 1)
@@ -173,6 +181,33 @@ def bench(
     typer.echo(text)
 
 
+def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
+    """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile."""
+    from bench.decode import decode_step, profile_step, roofline
+
+    eng = eb.engine
+    held = [eng.scheduler.call(lambda a=a: eng.slots.acquire(a)) for a in adapters[:n]]
+    try:
+        mixes = {
+            "base": [[] for _ in range(n)],
+            "one_adapter": [[(held[0], 1.0)] for _ in range(n)],
+            "distinct_adapters": [[(s, 1.0)] for s in held],
+            "blend3": [[(held[(i + j) % n], 1.0 / 3) for j in range(3)] for i in range(n)],
+        }
+        console.print("[dim]decode step alone, roofline, profile[/dim]")
+        out: dict[str, Any] = {"rows": n, "context_tokens": context}
+        for k, routes in mixes.items():
+            out[f"{k}_step_s"] = round(decode_step(eng, routes, context=context), 5)
+        out["matmul_roofline_s"] = round(roofline(eng, n), 5)
+        out["base_step_vs_roofline"] = round(out["base_step_s"] / out["matmul_roofline_s"], 3)
+        out["profile_base"] = profile_step(eng, mixes["base"], context=context)
+        out["profile_distinct_adapters"] = profile_step(eng, mixes["distinct_adapters"], context=context)
+        return out
+    finally:
+        for slot in held:
+            eng.scheduler.call(lambda s=slot: eng.slots.release(s))
+
+
 def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
     """The ratios issue #4 states its targets in (informative: nothing is asserted)."""
     s: dict[str, Any] = {}
@@ -194,6 +229,14 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
         s["cold_slot_load_s_p50"] = sc["cold_load"]["slot_load_s_p50"]
     if "busy_ttft" in sc:
         s["busy_vs_idle_ttft_p50"] = sc["busy_ttft"]["ratio_p50"]
+    base = tps("base")
+    for k in ("one_adapter", "distinct_adapters", "blend3"):
+        if base and tps(k):
+            s[f"{k}_vs_base"] = round(tps(k) / base, 3)
+    if "decode_step" in sc:
+        s["decode_step_vs_roofline"] = sc["decode_step"]["base_step_vs_roofline"]
+    if "shared_prefix" in sc and "ratio" in sc["shared_prefix"]:
+        s["shared_prefix_ttft_ratio"] = sc["shared_prefix"]["ratio"]
     s["targets_met"] = {
         k: ok for k, ok in {
             "distinct >= 0.85x one adapter": s.get("distinct_vs_one_adapter", 0) >= 0.85 if "distinct_vs_one_adapter" in s else None,
@@ -202,6 +245,12 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
             "blend3 step <= 1.3x one adapter": s["blend3_vs_one_adapter_decode_step"] <= 1.3 if "blend3_vs_one_adapter_decode_step" in s else None,
             "cold slot load p50 <= 50 ms": s["cold_slot_load_s_p50"] <= 0.05 if "cold_slot_load_s_p50" in s else None,
             "busy TTFT p50 <= 2x idle": s["busy_vs_idle_ttft_p50"] <= 2 if "busy_vs_idle_ttft_p50" in s else None,
+            "base >= 140 tok/s (vLLM CPU: 136.7)": base >= 140 if base else None,
+            "one adapter >= 0.95x base": s["one_adapter_vs_base"] >= 0.95 if "one_adapter_vs_base" in s else None,
+            "distinct >= 0.95x base": s["distinct_adapters_vs_base"] >= 0.95 if "distinct_adapters_vs_base" in s else None,
+            "blend3 >= 0.9x base": s["blend3_vs_base"] >= 0.9 if "blend3_vs_base" in s else None,
+            "decode step <= 1.2x matmul roofline": s["decode_step_vs_roofline"] <= 1.2 if "decode_step_vs_roofline" in s else None,
+            "shared-prefix TTFT <= 0.3x without": s["shared_prefix_ttft_ratio"] <= 0.3 if "shared_prefix_ttft_ratio" in s else None,
         }.items() if ok is not None
     }
     if hbm_gbps:

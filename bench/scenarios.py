@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: the service's engine defaults (declared in app.config.Settings)
 _DEFAULTS = EngineConfig()
+#: context room, in tokens, beyond each prompt: for the shared-prefix scenario's 500-token system prompt
+SHARED_PREFIX_ROOM = 512
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -96,7 +98,7 @@ class EngineBench:
         self.max_tokens = max_tokens
         config = EngineConfig(
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_batch_size=max_batch_size, max_waiting=10_000,
-            prefill_chunk_tokens=prefill_chunk_tokens, max_model_len=prompt_len + max_tokens + 16,
+            prefill_chunk_tokens=prefill_chunk_tokens, max_model_len=prompt_len + max_tokens + 16 + SHARED_PREFIX_ROOM,
         )
         self.engine = Engine(bm.model, bm.tokenizer, bm.name, bm.eos_token_ids, config=config, store=store)
         self.engine.start()

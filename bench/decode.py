@@ -1,0 +1,139 @@
+"""Where a decode step's time goes: the step alone, the roofline of its matmuls, a per-op profile; and prefix reuse.
+
+* :func:`decode_step` runs the engine's own forward pass for ``rows`` sequences of ``context`` tokens,
+  one token each, on the calling thread (no scheduler, no sampling), and times it: the same
+  :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds.
+* :func:`roofline` times only the step's matmuls: ``F.linear`` over the same fused (q/k/v, o,
+  gate/up, down, lm_head) weights at the same batch, what the step cannot beat on this machine.
+* :func:`profile_step` gives the per-op split of one step (``torch.profiler``, self CPU/CUDA time per
+  op, averaged over steps), so the bench shows where each remaining millisecond goes.
+* :func:`shared_prefix` is the TTFT of concurrent requests sharing a long stance system prompt, with
+  the prefix cache and without it.
+
+Nothing here asserts a target; ``stanceserve bench`` prints the numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.forward import Plan
+from app.engine.lora import LoRABatch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, float]]]):
+    """A prefilled KV cache of ``rows`` x ``context`` tokens and the closure running one decode step on it."""
+    dec = engine.decoder
+    cache = dec.new_cache(rows, context + 2)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, 1000, (rows, context), generator=g).tolist()
+    plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
+    dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
+    step = Plan.build([(i, [7], context) for i in range(rows)], dec.device)
+    routing = LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype)
+    return lambda: dec.forward(step, cache, routing)
+
+
+def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, repeats: int = 10) -> float:
+    """Median seconds of one decode step of ``len(routes)`` rows at ``context`` tokens each, routed by ``routes``."""
+    return _timed(_step(engine, len(routes), context, routes), engine.decoder.device, repeats)
+
+
+def roofline(engine: Any, rows: int, *, repeats: int = 10) -> float:
+    """Median seconds of only the matmuls of one decode step: every fused weight of the model at ``rows`` rows."""
+    dec = engine.decoder
+    layers = list(dec.linears.values())
+    xs = {f.in_features: torch.randn(rows, f.in_features, dtype=dec.dtype, device=dec.device) for f in layers}
+
+    def run() -> None:
+        for f in layers:
+            F.linear(xs[f.in_features], f.weight, f.bias)
+
+    return _timed(run, dec.device, repeats)
+
+
+def profile_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, steps: int = 5,
+                 top: int = 12) -> list[dict[str, Any]]:
+    """The ``top`` ops of one decode step by self time (ms per step), from ``torch.profiler`` over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = engine.decoder
+    fn = _step(engine, len(routes), context, routes)
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dec.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(dec.device)
+    cuda = dec.device.type == "cuda"
+    rows = []
+    for e in prof.key_averages():
+        t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps  # ms per step
+        rows.append({"op": e.key, "ms_per_step": round(t, 3), "calls_per_step": round(e.count / steps, 1)})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    out = rows[:top]
+    out.append({"op": "(all ops)", "ms_per_step": round(total, 3), "calls_per_step": None})
+    return out
+
+
+def shared_prefix(eb: Any, stance: Any, *, system_tokens: int = 500, requests: int = 16) -> dict[str, Any]:
+    """TTFT of ``requests`` concurrent requests sharing a ``system_tokens`` system prompt: prefix cache on vs off.
+
+    The cache is warmed by one request first (as a stance's first user would); each measured request
+    then adds ``eb.prompt_len`` tokens of its own. "Off" runs the same requests with the engine's prefix
+    cache detached.
+    """
+    sch = eb.engine.scheduler
+    rng = eb._rng
+    system = [rng.randrange(100, 1000) for _ in range(system_tokens)]
+
+    def batch() -> list[list[int]]:
+        return [system + eb.prompt() for _ in range(requests)]
+
+    async def go(prompts: list[list[int]]) -> list[dict]:
+        return await asyncio.gather(*(eb._one(stance, max_tokens=eb.max_tokens, prompt=p) for p in prompts))
+
+    prefix = sch.prefix
+    out: dict[str, Any] = {"system_tokens": system_tokens, "suffix_tokens": eb.prompt_len, "requests": requests}
+    if prefix is None:
+        out["error"] = "the engine's prefix cache is off (prefix_cache_memory_bytes=0)"
+        return out
+    asyncio.run(go(batch()[:1]))  # warm: the system prompt's blocks enter the cache
+    hits0 = prefix.hits
+    on = asyncio.run(go(batch()))
+    out["cached_tokens_per_request"] = round((prefix.hits - hits0) / requests, 1)
+    sch.prefix = None
+    try:
+        off = asyncio.run(go(batch()))
+    finally:
+        sch.prefix = prefix
+    t_on = statistics.median(r["ttft"] for r in on)
+    t_off = statistics.median(r["ttft"] for r in off)
+    out.update({"ttft_s_p50_prefix_cache": round(t_on, 4), "ttft_s_p50_no_prefix_cache": round(t_off, 4),
+                "ratio": round(t_on / t_off, 3)})
+    return out
