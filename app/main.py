@@ -2,7 +2,8 @@
 
 The lifespan builds the heavy objects once: it starts loading the base model
 in a background thread (so ``/health`` answers at once and ``/ready`` turns 200
-when loading ends), then opens the adapter store (registering every adapter on
+when loading ends), then opens the adapter store (seeding a new default one with
+the shipped adapters, :mod:`app.registry.seed`, and registering every adapter on
 disk again), builds the engine and starts its scheduler thread. Shutdown stops
 the engine. Routes live in :mod:`app.api.routes`; errors map to HTTP in
 :mod:`app.errors`.
@@ -36,10 +37,13 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.catalog import StanceCatalog
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
+    from app.registry.seed import seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
 
     s = state.settings
+    if s.seeds_store():
+        seed_store(s.adapters_dir)
     store = AdapterStore(
         s.adapters_dir,
         linear_shapes(loaded.model),
