@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
 from app.api.routes import adapters, health, openai
 from app.config import Settings
@@ -101,6 +102,7 @@ async def _warm_routes(app: FastAPI) -> None:
         "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/-/warm-up",
         "raw_path": b"/-/warm-up", "root_path": "", "query_string": b"", "headers": [],
         "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+        "extensions": {WARM_UP_EXTENSION: {}},  # not a client's request: its 404 is not counted as an error
     }
 
     async def receive() -> dict[str, Any]:
@@ -156,6 +158,7 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     install_error_handlers(app)
     # last added = outermost: bodies are bounded before anything reads them
     app.add_middleware(BodySizeLimitMiddleware, default_limit=settings.max_request_bytes, limits=route_limits(settings))
+    app.add_middleware(ErrorMetricsMiddleware)  # outermost: it counts the 413s above too
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
