@@ -43,7 +43,9 @@ def _quantiles(metric: str, by: str = "stance", selector: str = STANCE) -> list[
     """p50/p95/p99 of histogram ``metric`` (its ``_bucket`` series) per ``by``, as (expr, legend) pairs."""
     out = []
     for q in QUANTILES:
-        expr = f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{selector}}}[{RATE}])))"
+        group = f"{by}, le" if by else "le"
+        series = f"{metric}_bucket{{{selector}}}" if selector else f"{metric}_bucket"
+        expr = f"histogram_quantile({q}, sum by ({group}) (rate({series}[{RATE}])))"
         legend = f"{{{{{by}}}}} p{round(q * 100)}" if by else f"p{round(q * 100)}"
         out.append((expr, legend))
     return out
