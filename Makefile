@@ -14,7 +14,7 @@
 # Where torch comes from: TORCH_INDEX_URL (empty = pip's own indexes; see "Install" in the README).
 #   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     CPU only (~200 MB)
 #   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130   CUDA 13.0 (what PyPI's torch==2.13.0 is)
-#   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   CUDA 12.8 (older drivers)
+#   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   CUDA 12.8, older drivers (if built for 2.13.0)
 # Empty on a plain machine means PyPI, whose torch==2.13.0 is the CUDA 13.0 build (several GB); this
 # project's machines have a local CPU wheel that pip's configuration finds first.
 
