@@ -6,8 +6,17 @@
 #   make test    run the test suite (slow tests included), PYTEST_ARGS="..." to pass options
 #   make lint    byte-compile everything (ruff check too, when installed)
 #   make clean   remove the venv and build/test leftovers (not the model cache)
+#   make prometheus  install Debian's prometheus + promtool when missing (the scrape test runs them)
+#   make dashboard   rebuild deploy/grafana/dashboards/stanceserve.json from deploy/grafana/dashboard.py
 #
 # The model cache lives in $$STANCESERVE_CACHE_DIR (default ~/.cache/stanceserve).
+#
+# Where torch comes from: TORCH_INDEX_URL (empty = pip's own indexes; see "Install" in the README).
+#   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     CPU only (~200 MB)
+#   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130   CUDA 13.0 (what PyPI's torch==2.13.0 is)
+#   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   CUDA 12.8, older drivers (if built for 2.13.0)
+# Empty on a plain machine means PyPI, whose torch==2.13.0 is the CUDA 13.0 build (several GB); this
+# project's machines have a local CPU wheel that pip's configuration finds first.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -16,6 +25,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
+TORCH_INDEX_URL ?=
 # What `pip install` gets after torch. [dev] pulls the [train] and [bench] extras too, so
 # `make test` has everything; the Docker image sets INSTALL_SPEC=. (the server only, not editable).
 INSTALL_SPEC ?= -e '.[dev]'
@@ -26,7 +36,7 @@ PYTEST_ARGS ?=
 # Set to 1 to treat pytest's exit code 5 ("no tests collected") as success (.ci/run does).
 ALLOW_NO_TESTS ?=
 
-.PHONY: venv model serve test lint clean
+.PHONY: venv model serve test lint clean prometheus dashboard
 
 venv: $(STAMP)
 
@@ -35,7 +45,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install $(INSTALL_SPEC)
 	@touch $@
 
@@ -55,6 +65,20 @@ test: venv model
 lint: venv
 	$(BIN)/python -m compileall -q app training bench tests
 	@if [ -x $(BIN)/ruff ]; then $(BIN)/ruff check app training bench tests; else echo "ruff not installed: skipped"; fi
+
+# Debian's prometheus package (the version is Debian's: 2.42 on bookworm); as root, or through sudo.
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then \
+		echo "prometheus: $$(prometheus --version 2>&1 | head -n 1)"; \
+	else \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+		prometheus --version 2>&1 | head -n 1; \
+	fi
+
+dashboard: venv
+	$(BIN)/python deploy/grafana/dashboard.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -13,10 +13,11 @@ disk.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, SecretStr
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The model id that means "the SmolLM2-135M-Instruct GGUF shipped in the
@@ -38,6 +39,17 @@ ENV_ONLY_FIELDS: dict[str, str] = {
 
 #: Prefix of every settings environment variable.
 ENV_PREFIX = "STANCESERVE_"
+
+
+def default_adapters_dir() -> Path:
+    """The adapter store when ``adapters_dir`` is not set: ``$XDG_DATA_HOME/stanceserve/adapters``.
+
+    Per the XDG Base Directory specification, an unset, empty or relative ``XDG_DATA_HOME`` means
+    ``~/.local/share``. Only reads the environment; creates nothing.
+    """
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path("~/.local/share").expanduser()
+    return base / "stanceserve" / "adapters"
 
 
 class Settings(BaseSettings):
@@ -102,7 +114,16 @@ class Settings(BaseSettings):
     )
 
     # --- adapters --------------------------------------------------------
-    adapters_dir: Path = Field(Path("adapters"), description="The on-disk adapter store.")
+    adapters_dir: Path | None = Field(
+        None,
+        description="The on-disk adapter store (default: $XDG_DATA_HOME/stanceserve/adapters, that is "
+        "~/.local/share/stanceserve/adapters; /data/adapters in the Docker image).",
+    )
+    seed_adapters: bool | None = Field(
+        None,
+        description="On first start (the store folder does not exist yet), create it with a copy of the adapters "
+        "shipped with stanceserve (default: only when adapters_dir is left at its default).",
+    )
     max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted (peft `r`).")
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest upload, in bytes.")
     max_loras: int = Field(32, ge=1, description="Adapter slots resident on the compute device (LRU over the rest).")
@@ -130,6 +151,20 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads torch uses for the model (default: torch's own choice, one per core)."
     )
     log_level: str = Field("info", description="Log level: debug | info | warning | error.")
+
+    @model_validator(mode="after")
+    def _resolve_store(self) -> Settings:
+        """``adapters_dir`` unset -> :func:`default_adapters_dir`."""
+        if self.adapters_dir is None:
+            self.adapters_dir = default_adapters_dir()
+        return self
+
+    def seeds_store(self) -> bool:
+        """Whether start-up seeds a new store with the shipped adapters: ``seed_adapters``, or when that is unset,
+        whether ``adapters_dir`` is the default one (so a store a user or a test names is never seeded unasked)."""
+        if self.seed_adapters is not None:
+            return self.seed_adapters
+        return self.adapters_dir == default_adapters_dir()
 
 
 # --------------------------------------------------------------------------- #

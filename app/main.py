@@ -2,7 +2,8 @@
 
 The lifespan builds the heavy objects once: it starts loading the base model
 in a background thread (so ``/health`` answers at once and ``/ready`` turns 200
-when loading ends), then opens the adapter store (registering every adapter on
+when loading ends), then opens the adapter store (seeding a new default one with
+the shipped adapters, :mod:`app.registry.seed`, and registering every adapter on
 disk again), builds the engine and starts its scheduler thread. Shutdown stops
 the engine. Routes live in :mod:`app.api.routes`; errors map to HTTP in
 :mod:`app.errors`.
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
 from app.api.routes import adapters, health, openai
 from app.config import Settings
@@ -36,10 +38,13 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.catalog import StanceCatalog
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
+    from app.registry.seed import seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
 
     s = state.settings
+    if s.seeds_store():
+        seed_store(s.adapters_dir)
     store = AdapterStore(
         s.adapters_dir,
         linear_shapes(loaded.model),
@@ -97,6 +102,7 @@ async def _warm_routes(app: FastAPI) -> None:
         "type": "http", "http_version": "1.1", "method": "GET", "scheme": "http", "path": "/-/warm-up",
         "raw_path": b"/-/warm-up", "root_path": "", "query_string": b"", "headers": [],
         "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+        "extensions": {WARM_UP_EXTENSION: {}},  # not a client's request: its 404 is not counted as an error
     }
 
     async def receive() -> dict[str, Any]:
@@ -152,6 +158,7 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     install_error_handlers(app)
     # last added = outermost: bodies are bounded before anything reads them
     app.add_middleware(BodySizeLimitMiddleware, default_limit=settings.max_request_bytes, limits=route_limits(settings))
+    app.add_middleware(ErrorMetricsMiddleware)  # outermost: it counts the 413s above too
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)

@@ -5,7 +5,9 @@ All metrics live in one :class:`Metrics` object with its own
 ``stance`` label is the adapter name, ``"base"``, or ``"blend"`` for every
 weighted blend, so label cardinality is bounded by the registered adapters.
 Names follow Prometheus conventions: snake_case, base units, ``_total`` for
-counters. The engine's one event stream feeds it (:meth:`Metrics.observe`). Series of a deleted adapter are dropped by
+counters. The engine's one event stream feeds it (:meth:`Metrics.observe`); error responses are counted by
+:class:`app.api.error_metrics.ErrorMetricsMiddleware` (:meth:`Metrics.count_error`); the process's own memory and
+CPU come from prometheus-client's ``ProcessCollector`` (``process_resident_memory_bytes``... on Linux). Series of a deleted adapter are dropped by
 :meth:`Metrics.forget_stance`. This module only records; it does not time
 anything itself except the tokens-per-second window, whose memory is a few
 counters per stance (one per second of the window), not one entry per token.
@@ -18,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -181,6 +183,11 @@ class Metrics:
             "stanceserve_adapter_cache", "Adapter slot cache lookups (result: hit, miss, eviction).",
             ["result"], registry=r,
         )
+        self.http_errors = Counter(
+            "stanceserve_http_errors", "Error responses (HTTP status >= 400) by status and the body's error code.",
+            ["status", "code"], registry=r,
+        )
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux)
         self.token_rate = _TokenRate(window_s)
         self._last_token_at: dict[str, float] = {}  # request id -> perf_counter of its last token, in flight only
         r.register(self.token_rate)
@@ -240,6 +247,10 @@ class Metrics:
         elif isinstance(event, ErrorEvent):
             self._last_token_at.pop(request.request_id, None)
             self.requests.labels(label, "error").inc()
+
+    def count_error(self, status: int, code: str) -> None:
+        """Count one error response: HTTP ``status`` and its ``{"error": {"code"}}`` (bounded: the service's codes)."""
+        self.http_errors.labels(str(status), code).inc()
 
     def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float]) -> None:
         """Make the running/waiting/loaded gauges read live values at scrape time."""

@@ -6,7 +6,10 @@ tokenizer is vendored in ``tests/fixtures/stories260k``; see :mod:`tests.factori
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -15,6 +18,11 @@ from tests.factories import build_tiny_model, load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# No test writes to the real user data folder: the default adapter store is $XDG_DATA_HOME/stanceserve/adapters
+# (app.config.default_adapters_dir), seeded on first start. Servers the tests start inherit this too.
+_XDG_DATA_HOME = tempfile.mkdtemp(prefix="stanceserve-tests-xdg-")
+os.environ["XDG_DATA_HOME"] = _XDG_DATA_HOME
+atexit.register(shutil.rmtree, _XDG_DATA_HOME, ignore_errors=True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
