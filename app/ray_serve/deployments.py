@@ -56,6 +56,8 @@ RETRY_BACKOFF_S = 0.2
 REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)
 #: Ray Serve's request header for a multiplexed model id; when a client sends it, it replaces the routing key.
 ROUTING_HEADER = "serve_multiplexed_model_id"
+#: Header saying on which try (1 = the first) a replica answered.
+ATTEMPTS_HEADER = "x-stanceserve-attempts"
 #: Header naming the replica that answered.
 REPLICA_HEADER = "x-stanceserve-replica"
 #: Bodies above this many bytes are parsed for their routing key in a worker thread.
@@ -244,6 +246,7 @@ def _ingress_class(settings: Settings) -> type:
                     await asyncio.sleep(delay)
                     delay *= 2
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers if k.lower() not in _DROP_HEADERS}
+            headers[ATTEMPTS_HEADER] = str(attempt)
             if (head.header("content-type") or "").startswith("text/event-stream"):
                 return StreamingResponse(_relay_stream(first, stream), status_code=head.status, headers=headers)
             chunks = [first] if first else []

@@ -63,7 +63,7 @@ def start_service(root: Path, replicas: int = 2) -> Iterator[RayService]:
         write_peft_adapter(store / name, seed=i + 1, scale=0.3)
     settings = Settings(
         adapters_dir=store, host="127.0.0.1", port=free_port(), replicas=replicas, ray_replica_cpus=0.5,
-        torch_threads=1, max_batch_size=8, store_watch_interval_s=WATCH_S, metrics_push_interval_s=PUSH_S,
+        torch_threads=1, max_batch_size=2, store_watch_interval_s=WATCH_S, metrics_push_interval_s=PUSH_S,
     )
     cluster.start_ray(None, num_cpus=2)
     try:

@@ -12,9 +12,7 @@ What is proved, in this order (the last test kills a replica, so it runs last):
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -40,14 +38,18 @@ def _owners(client: httpx.Client) -> dict[str, str]:
 
 def test_eight_stances_served_with_affinity(ray_service):
     with ray_service.client() as client:
-        for s in STANCES:  # warm-up: each stance gets a home
-            for _ in range(2):
-                assert client.post("/v1/chat/completions", json=chat_body(s)).status_code == 200
-        time.sleep(3 * PUSH_S)
+        # warm-up: one request per stance gives it a home replica; the routers learn it through Ray's controller
+        # (about 0.1 s to seconds on a loaded box). A second request sent before that may load the stance on the
+        # other replica too, and then both hold it: "warm" means after that propagation.
+        for s in STANCES:
+            assert client.post("/v1/chat/completions", json=chat_body(s)).status_code == 200
+        time.sleep(max(3.0, 3 * PUSH_S))
         before = ray_service.requests_by_replica()
 
+        # 2 at a time: below a replica's max_ongoing_requests (2 * max_batch_size = 4), where Ray would send the
+        # overflow to the other replica (load balancing beats affinity there, by design)
         bodies = [chat_body(s) for _ in range(5) for s in STANCES]
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda b: client.post("/v1/chat/completions", json=b), bodies))
         assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
         assert {r.json()["model"] for r in answers} == set(STANCES)
@@ -126,21 +128,27 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
     import ray
 
     with ray_service.client() as client:
-        victim = _owners(client)["s0"]
+        owners = _owners(client)
+    victim = owners["s0"]
+    mine = [s for s, o in owners.items() if o == victim]  # the stances living on the victim
     name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(f"#{victim}"))
     actor = ray.get_actor(name, namespace="serve")
 
-    results: list[dict] = []
-    lock = threading.Lock()
+    # 16 streams at once for the victim's stances; replicas run 2 rows each (max_batch_size=2) and take 4, so
+    # when the victim dies it holds streams that run and requests still queued in its engine: those must be
+    # retried on the other replica.
+    n = 32
+    records = [{"stance": mine[i % len(mine)], "first": None, "done": False, "status": None, "replica": None,
+                "tries": 0} for i in range(n)]
 
-    def one(i: int) -> None:
-        rec = {"stance": STANCES[i % 8], "first": None, "done": False, "status": None, "replica": None}
+    def one(rec: dict) -> None:
         try:
             with httpx.Client(base_url=ray_service.base, timeout=120) as c, c.stream(
-                "POST", "/v1/chat/completions", json=chat_body(rec["stance"], 24, stream=True)
+                "POST", "/v1/chat/completions", json=chat_body(rec["stance"], 32, stream=True)
             ) as r:
                 rec["status"], rec["replica"] = r.status_code, r.headers.get(REPLICA)
+                rec["tries"] = int(r.headers.get("x-stanceserve-attempts", 0))
                 for line in r.iter_lines():
                     if line.startswith("data: ") and rec["first"] is None:
                         rec["first"] = time.monotonic()
@@ -150,22 +158,21 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
                         rec["done"] = "error" not in rec
         except httpx.HTTPError as e:
             rec["exc"] = repr(e)
-        with lock:
-            results.append(rec)
 
-    n = 32
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, i) for i in range(n)]
-        wait_for(lambda: len(results) >= 4, 60, every=0.05)  # the load is under way
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, rec) for rec in records]
+        started = wait_for(lambda: sum(r["replica"] == victim and r["first"] is not None for r in records) >= 2, 60,
+                           every=0.02)
+        assert started, "the victim never started streaming"
         killed_at = time.monotonic()
         ray.kill(actor, no_restart=True)
         for f in futures:
             f.result()
 
-    assert len(results) == n
-    lost = [r for r in results if not r["done"] and not (r["first"] is not None and r["first"] < killed_at)]
+    lost = [r for r in records if not r["done"] and not (r["first"] is not None and r["first"] < killed_at)]
     assert not lost, f"requests lost although they had not started streaming: {lost}"
-    after = [r for r in results if r["done"] and r["first"] is not None and r["first"] > killed_at]
-    moved = [r for r in after if r["stance"] == "s0"]
-    assert moved and all(r["replica"] != victim for r in moved), "s0 was not served elsewhere after its replica died"
-    assert Counter(r["status"] for r in results if r["done"]) == Counter({200: sum(r["done"] for r in results)})
+    retried = [r for r in records if r["done"] and r["tries"] > 1]
+    assert retried, "no request was caught queued on the victim: the test did not exercise a retry"
+    assert all(r["replica"] != victim for r in retried)
+    assert all(r["status"] == 200 for r in records if r["done"])
+    assert sum(r["done"] for r in records) >= n - 4, "more streams cut than the victim could have been running"
