@@ -60,8 +60,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> dict:
         r.raise_for_status()
         replica = r.headers.get("x-stanceserve-replica")
         async for line in r.aiter_lines():
-            if first is None and line.startswith("data: ") and '"content"' in line:
-                first = time.perf_counter()
+            if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):  # the first token's text, not the role chunk
+                    first = time.perf_counter()
     return {"ttft": (first or time.perf_counter()) - t0, "latency": time.perf_counter() - t0, "replica": replica}
 
 
