@@ -278,8 +278,11 @@ def build_app(settings: Settings, model_factory: ModelFactory | None = None) -> 
 
     Replicas accept up to ``2 * max_batch_size`` requests in flight each (Ray's ``max_ongoing_requests``:
     past that, the router sends a stance's requests to another replica rather than queue them), and hold up to
-    ``max_loras`` routing keys (the slot count) in their multiplexing LRU.
+    ``max_loras`` routing keys (the slot count) in their multiplexing LRU. A relative ``adapters_dir`` is made
+    absolute here (on a cluster it must name the same shared folder on every host).
     """
+    # a relative store path means "from where the command ran", not each Ray worker's working folder
+    settings = settings.model_copy(update={"adapters_dir": settings.adapters_dir.expanduser().resolve()})
     hub = serve.deployment(MetricsHub, name="MetricsHub", num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(
         settings
     )

@@ -150,10 +150,10 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
                 rec["status"], rec["replica"] = r.status_code, r.headers.get(REPLICA)
                 rec["tries"] = int(r.headers.get("x-stanceserve-attempts", 0))
                 for line in r.iter_lines():
-                    if line.startswith("data: ") and rec["first"] is None:
-                        rec["first"] = time.monotonic()
                     if line.startswith("data: ") and '"error"' in line:
                         rec["error"] = line
+                    elif line.startswith("data: ") and rec["first"] is None:
+                        rec["first"] = time.monotonic()
                     if line == "data: [DONE]":
                         rec["done"] = "error" not in rec
         except httpx.HTTPError as e:
@@ -164,13 +164,16 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
         started = wait_for(lambda: sum(r["replica"] == victim and r["first"] is not None for r in records) >= 2, 60,
                            every=0.02)
         assert started, "the victim never started streaming"
-        killed_at = time.monotonic()
         ray.kill(actor, no_restart=True)
         for f in futures:
             f.result()
 
-    lost = [r for r in records if not r["done"] and not (r["first"] is not None and r["first"] < killed_at)]
+    # "started streaming" as the client sees it: it got a chunk before the error event that ends a cut stream
+    # (the ingress commits to a replica at that replica's first chunk, so a cut stream always has one)
+    cut = [r for r in records if not r["done"]]
+    lost = [r for r in cut if r["first"] is None]
     assert not lost, f"requests lost although they had not started streaming: {lost}"
+    assert all(r["replica"] == victim for r in cut), f"a stream was cut on the surviving replica: {cut}"
     retried = [r for r in records if r["done"] and r["tries"] > 1]
     assert retried, "no request was caught queued on the victim: the test did not exercise a retry"
     assert all(r["replica"] != victim for r in retried)
