@@ -36,6 +36,13 @@ def _owners(client: httpx.Client) -> dict[str, str]:
     return {s: client.post("/v1/chat/completions", json=chat_body(s, 1)).headers[REPLICA] for s in STANCES}
 
 
+def test_the_test_cluster_is_on_loopback(ray_service):
+    import ray
+
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+
+
 def test_eight_stances_served_with_affinity(ray_service):
     with ray_service.client() as client:
         # warm-up: one request per stance gives it a home replica; the routers learn it through Ray's controller
