@@ -194,8 +194,13 @@ def _ingress_class(settings: Settings) -> type:
             self._base_names: frozenset[str] | None = None
 
         async def _bases(self) -> frozenset[str]:
+            """The base model's names (asked of a replica once; none known yet if that fails: asked again)."""
             if self._base_names is None:
-                info = await self.replicas.info.remote()
+                try:
+                    info = await self.replicas.info.remote()
+                except Exception as exc:  # no replica answers: the request itself will say why
+                    logger.info("base model names not known yet: %s", type(exc).__name__)
+                    return frozenset()
                 self._base_names = frozenset(info["base_names"])
             return self._base_names
 
