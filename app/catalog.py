@@ -107,6 +107,23 @@ class StanceCatalog:
         logger.info("deleted adapter %s (version %d)", rec.id, rec.version)
         return rec
 
+    def refresh(self, name: str) -> bool:
+        """Adopt a change another process made to ``name`` in a shared store (replicas on one ``adapters_dir``).
+
+        Re-reads ``name`` only if its on-disk stamp differs from the record (:meth:`AdapterStore.reload`); a
+        new version drops the old one's cached weights and idle slots, a removed one its metric series too.
+        Returns whether anything changed. Blocking (a small file read; a full read on change).
+        """
+        with self._lock(name):
+            rec, changed = self.store.reload(name)
+            if changed:
+                self.engine.forget_adapter(name)
+                if rec is None and self.metrics is not None:
+                    self.metrics.forget_stance(name)
+                self._update_gauge()
+                logger.info("adapter %s %s by another process", name, f"now {rec.id}" if rec else "removed")
+        return changed
+
     # ------------------------------------------------------------------ internals
     def _registered(self, rec: AdapterRecord, weights: AdapterWeights) -> None:
         self.engine.forget_adapter(rec.name)  # older versions no running request holds

@@ -104,6 +104,17 @@ def serve(**given: Any) -> None:
     """Start the HTTP service. Unset flags come from STANCESERVE_* variables, then defaults."""
     settings = _settings(given)
     _setup_logging(settings.log_level)
+    if settings.ray:
+        try:
+            import ray.serve  # noqa: F401
+
+            from app.ray_serve.cluster import serve_forever
+        except ModuleNotFoundError as exc:
+            console.print(f"[red]--ray needs the [ray] extra[/red] (missing module {exc.name!r}): "
+                          + escape("pip install 'stanceserve[ray]'"))
+            raise typer.Exit(2) from None
+        serve_forever(settings)
+        return
 
     import uvicorn
 

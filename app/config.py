@@ -147,6 +147,29 @@ class Settings(BaseSettings):
         256 * 2**20, ge=0, description="Prefix cache budget, in bytes: KV blocks of prompt prefixes, per stance, "
         "reused by later prompts that start the same way (0: off).",
     )
+    # --- scale-out (Ray Serve, the [ray] extra; see the README's "Scaling out") ---
+    ray: bool = Field(
+        False, description="Serve through Ray Serve: one ingress and `replicas` engine replicas, each request routed "
+        "to a replica that already holds its stance (needs the [ray] extra).",
+    )
+    replicas: int = Field(1, ge=1, description="Engine replicas under --ray; each holds the base model and its slots.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join under --ray (`auto`, `ray://head:10001`...); default: start a local "
+        "cluster bound to loopback only.",
+    )
+    ray_replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each replica.")
+    ray_replica_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each replica (1 on GPU hosts).")
+    store_watch_interval_s: float = Field(
+        5.0, gt=0, le=3600,
+        description="Under --ray: how often each replica re-reads the shared adapter store (adapters_dir) for "
+        "adapters another replica added, replaced or deleted, in seconds; listings are at most this stale. A request "
+        "that names an adapter checks its on-disk version first, so it never waits for this.",
+    )
+    metrics_push_interval_s: float = Field(
+        1.0, gt=0, le=60,
+        description="Under --ray: how often each replica sends its metrics to the ingress's /metrics, in seconds.",
+    )
+
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads torch uses for the model (default: torch's own choice, one per core)."
     )

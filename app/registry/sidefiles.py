@@ -61,6 +61,30 @@ def stance_version(folder: Path, max_depth: int) -> int:
     return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else 1
 
 
+def disk_stamp(folder: Path, max_depth: int) -> tuple[int, float, str | None] | None:
+    """``(version, created, sha256)`` of the stored adapter in ``folder`` as on disk now; ``None`` if it has none.
+
+    From ``stance.json``; a folder without one (copied in by hand) is ``(1, mtime of the safetensors, None)``,
+    as :meth:`app.registry.store.AdapterStore.scan` records it. Every version the store writes gets a new
+    ``created``, so the stamp changes on every replace, even with the same content. Reads about 300 bytes.
+    """
+    stance = read_json_object(Path(folder) / STANCE_FILE, max_depth)
+    if stance is None:
+        try:
+            return 1, (Path(folder) / "adapter_model.safetensors").stat().st_mtime, None
+        except OSError:
+            return None
+    version, created, sha256 = stance.get("version"), stance.get("created"), stance.get("sha256")
+    if not (isinstance(version, int) and isinstance(created, (int, float)) and isinstance(sha256, str)):
+        return None
+    return version, float(created), sha256
+
+
+def stamp_matches(stamp: tuple[int, float, str | None], record: Any) -> bool:
+    """Whether a :func:`disk_stamp` describes ``record`` (an ``AdapterRecord``); no sha256 matches on the rest."""
+    return stamp[:2] == (record.version, record.created) and stamp[2] in (None, record.sha256)
+
+
 def training_metadata(folder: Path, *, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     """``{"training": <summary>}`` from ``folder/training_metrics.json`` if it has a ``summary`` object, else ``{}``.
 

@@ -48,7 +48,9 @@ from app.registry.peft_reader import PeftAdapter, read_peft_adapter
 from app.registry.sidefiles import (
     STANCE_FILE,
     check_description_metadata,
+    disk_stamp,
     read_json_object,
+    stamp_matches,
     stance_version,
     training_metadata,
 )
@@ -375,6 +377,46 @@ class AdapterStore:
                 self._last_version[name] = max(self._last_version.get(name, 0), record.version)
             logger.info("adapter store %s: %d adapters registered", self.root, len(index))
             return [index[n] for n in sorted(index)]
+
+    def reload(self, name: str) -> tuple[AdapterRecord | None, bool]:
+        """Bring the index entry of ``name`` in step with ``root/name``, which another process may have changed.
+
+        For a root shared by several processes: compares the folder's stamp (:func:`disk_stamp`) with the
+        record and re-reads the adapter only when they differ. Unlike :meth:`scan` it recovers and removes
+        nothing (other processes' ``.tmp-``/``.upload-`` folders are theirs). A folder swapped during the read
+        is read again (3 tries), so a record never pairs one version's stamp with another version's weights.
+
+        Returns:
+            ``(record, changed)``: the current record (``None``, and unregistered, when no valid adapter of that
+            name is on disk now) and whether the index changed.
+        """
+        if NAME_RE.fullmatch(name) is None or name in self.reserved_names:
+            return None, False
+        folder, depth = self.root / name, self.max_json_depth + 1
+        with self._lock:
+            current = self._index.get(name)
+        for _ in range(3):
+            before = disk_stamp(folder, depth)
+            if before is None or (current is not None and stamp_matches(before, current)):
+                break
+            try:
+                record = self._read_record(name, folder)
+            except Exception as exc:  # gone or half-swapped meanwhile: look again
+                logger.info("re-reading adapter %s: %s: %s", folder, type(exc).__name__, exc)
+                continue
+            if disk_stamp(folder, depth) == before and stamp_matches(before, record):
+                with self._lock:
+                    self._index[name] = record
+                    self._last_version[name] = max(self._last_version.get(name, 0), record.version)
+                return record, True
+        else:
+            logger.warning("adapter %s kept changing while it was read; keeping the indexed record", folder)
+            return current, False
+        if before is not None:
+            return current, False
+        with self._lock:
+            removed = self._index.pop(name, None)
+        return None, removed is not None
 
     # -------------------------------------------------------------- internals
 
