@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.api.limits import BodySizeLimitMiddleware, route_limits
-from app.api.routes import adapters, health, openai
+from app.api.routes import adapters, health, openai, stances
 from app.config import Settings
 from app.deps import ServiceState
 from app.errors import install_error_handlers
@@ -155,4 +155,5 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
+    app.include_router(stances.router)
     return app
