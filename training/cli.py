@@ -1,4 +1,4 @@
-"""``stanceserve train | eval | inspect | scheduling-data``: the researcher's loop on the command line.
+"""``stanceserve train | eval | inspect | scheduling-data | export-blend``: the researcher's loop on the command line.
 
 A typer app of its own, run by the thin commands of :mod:`app.cli` (which import
 this module only when one of these commands runs, so the server never imports
@@ -265,3 +265,37 @@ def scheduling_data(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(to_sft_rows(generate(n, seed)), out)
     typer.echo(json.dumps({"out": str(out), "n": n, "seed": seed}))
+
+
+@app.command("export-blend")
+def export_blend_cmd(
+    stances: Annotated[str, typer.Option(help="The blend: name=weight,... (names in --adapters-dir, or folders).")],
+    out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter.")],
+    method: Annotated[str, typer.Option(help="cat (exact, rank = sum of ranks) | svd (approximate, rank --rank).")] = "cat",
+    rank: Annotated[int | None, typer.Option(help="svd: target rank (default: the largest member rank).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2).")] = None,
+    adapters_dir: Annotated[Path, typer.Option(help="Adapter store for names.")] = Path("adapters"),
+) -> None:
+    """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
+    from app.config import EMBEDDED_MODEL, Settings
+    from app.engine.model_loader import load_base_model
+    from training.export_blend import export_blend, parse_stances
+
+    try:
+        weights = parse_stances(stances)
+    except ValueError as e:
+        _fail(f"--stances: {e}")
+    folders = {}
+    for name in weights:
+        p = Path(name)
+        folder = p if (p / "adapter_config.json").exists() else adapters_dir / name
+        if not (folder / "adapter_config.json").exists():
+            _fail(f"no adapter {name!r}: neither {p} nor {adapters_dir / name} is a peft folder")
+        folders[name] = folder
+    loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu", dtype="float32"))
+    try:
+        summary = export_blend(loaded.model, folders, weights, out, method=method, rank=rank)
+    except ValueError as e:
+        _fail(str(e))
+    summary.pop("per_module")
+    typer.echo(json.dumps({"out": str(out), **summary}, indent=2))
