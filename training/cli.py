@@ -52,8 +52,13 @@ def _fail(message: str) -> None:
 @app.command()
 @with_options(dataclass_options(TrainConfig, extra_help=_EXTRA_HELP, panel="Hyperparameters (TrainConfig)"))
 def train(
-    data: Annotated[Path, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")],
-    name: Annotated[str, typer.Option(help="Stance name (the adapter's name on the server).")],
+    runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json).",
+                                                       show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")] = None,
+    name: Annotated[str | None, typer.Option(help="Stance name (the adapter's name on the server).")] = None,
+    compare: Annotated[bool, typer.Option(
+        help="Compare finished runs instead of training: stanceserve train --compare runs/a runs/b ... "
+             "(overlaid curves PNG + table; --out is the output folder, default runs/compare).")] = False,
     base: Annotated[str | None, typer.Option(help="HF causal LM id or path (default: the embedded SmolLM2 the server uses).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
@@ -65,9 +70,17 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     **hyperparameters: Any,
 ) -> None:
-    """Train a LoRA stance adapter with TRL (SFT or DPO) and optionally register it with a running server."""
+    """Train a LoRA stance adapter with TRL (SFT or DPO) and optionally register it with a running server
+    (or, with --compare, compare finished runs)."""
     from training.datasets import DatasetError
 
+    if compare:
+        _compare(runs or [], out or Path("runs/compare"))
+        return
+    if runs:
+        _fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
+    if data is None or name is None:
+        _fail("give --data and --name (or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
     out_dir = out or Path("runs") / name
     try:
@@ -89,6 +102,32 @@ def train(
         except RegistrationError as e:
             _fail(str(e))
     typer.echo(json.dumps(report, indent=2))
+
+
+def _compare(runs: list[Path], out: Path) -> None:
+    """``train --compare``: table (stderr, Markdown, JSON on stdout) and overlaid curves of finished runs."""
+    import shlex
+
+    from rich.table import Table
+
+    from training.compare import COLUMNS, RunError, compare_table, load_run, plot_compare, table_cells, write_compare_markdown
+
+    if len(runs) < 1:
+        _fail("--compare needs at least one run folder")
+    try:
+        loaded = [load_run(r) for r in runs]
+    except RunError as e:
+        _fail(str(e))
+    rows = compare_table(loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_compare(loaded, out / "compare.png", title=f"{len(runs)} training runs")
+    command = "stanceserve train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    md = write_compare_markdown(out / "compare.md", rows, png, command)
+    table = Table(*COLUMNS, title="training runs")
+    for r in rows:
+        table.add_row(*table_cells(r))
+    console.print(table)
+    typer.echo(json.dumps({"png": str(png), "markdown": str(md), "runs": rows}, indent=2))
 
 
 @app.command("eval")
