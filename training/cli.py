@@ -314,6 +314,9 @@ def export_blend_cmd(
     rank: Annotated[int | None, typer.Option(help="svd: target rank (default: the largest member rank).")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2).")] = None,
     adapters_dir: Annotated[Path, typer.Option(help="Adapter store for names.")] = Path("adapters"),
+    check: Annotated[int, typer.Option(
+        help="Then measure parity on the first N probes of the shipped stances: the exported adapter in plain peft "
+             "vs the engine's live blend (max |logprob difference|, greedy agreement). 0: skip.")] = 0,
 ) -> None:
     """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
     from app.config import EMBEDDED_MODEL, Settings
@@ -337,4 +340,12 @@ def export_blend_cmd(
     except ValueError as e:
         _fail(str(e))
     summary.pop("per_module")
+    if check > 0:
+        from training.datasets import load_probes
+        from training.export_blend import parity
+
+        prompts = [p for s in SHIPPED for p in load_probes(STANCE_DATA / s / "probes.jsonl")][:check]
+        summary["parity"] = parity(loaded, folders, weights, out, prompts)
+        full = json.loads((out / "export_blend.json").read_text())
+        (out / "export_blend.json").write_text(json.dumps({**full, "parity": summary["parity"]}, indent=2) + "\n")
     typer.echo(json.dumps({"out": str(out), **summary}, indent=2))

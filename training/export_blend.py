@@ -158,3 +158,66 @@ def export_blend(
     logger.info("exported %s blend %s to %s (rank %d, max relative error %.2e)", method, summary["stances"], out_dir,
                 summary["rank"], summary["max_rel_error"])
     return summary
+
+
+def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exported: Path, prompts: list[str],
+           *, steps: int = 16, top: int = 20) -> dict[str, Any]:
+    """How closely the exported adapter, loaded by plain peft, follows the server's live blend.
+
+    The live side runs in stanceserve's engine (the blend as a request's ``stances``, greedy, ``steps`` tokens
+    per prompt, with the top-``top`` logprobs of each step); the exported side is ``PeftModel.from_pretrained``
+    on a copy of the base model, teacher-forced on the engine's tokens.
+
+    Args:
+        loaded: the base model as ``app.engine.model_loader.LoadedModel`` (left untouched).
+
+    Returns:
+        ``{"prompts", "steps", "max_abs_logprob_diff" (nats, over every step's live top-k), "greedy_agreement"
+        (fraction of steps whose peft argmax is the engine's token)}``.
+    """
+    import asyncio
+
+    from peft import PeftModel
+
+    from app.engine.engine import Engine
+    from app.engine.request import ErrorEvent, Stance, TokenEvent
+    from app.engine.sampling import SamplingParams
+    from app.registry.validation import linear_shapes, load_adapter_weights
+
+    shapes = linear_shapes(loaded.model)
+    terms = {load_adapter_weights(f, n, shapes, max_rank=4096)[0]: float(weights[n]) for n, f in folders.items()}
+    engine = Engine(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.name, loaded.eos_token_ids,
+                    max_loras=len(terms) + 1, max_batch_size=8)
+    engine.start()
+
+    async def one(prompt_ids: list[int]) -> tuple[list[int], list[dict[int, float]]]:
+        toks, tops = [], []
+        params = SamplingParams(max_tokens=steps, temperature=0, logprobs=top, ignore_eos=True)
+        async for ev in engine.generate(prompt_ids, params, Stance.blend(terms)):
+            if isinstance(ev, TokenEvent) and not ev.ends:
+                toks.append(ev.token_id)
+                tops.append(dict(ev.top_logprobs))
+            elif isinstance(ev, ErrorEvent):
+                raise ev.error
+        return toks, tops
+
+    async def run_all(ids: list[list[int]]):
+        return await asyncio.gather(*(one(i) for i in ids))
+
+    try:
+        ids = [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in prompts]
+        live = asyncio.run(run_all(ids))
+    finally:
+        engine.stop()
+    model = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(exported)).eval()
+    worst, agree, total = 0.0, 0, 0
+    for prompt_ids, (toks, tops) in zip(ids, live):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + toks])).logits[0]
+        lp = torch.log_softmax(logits[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(toks)].float(), dim=-1)
+        for i, t in enumerate(toks):
+            worst = max(worst, max(abs(lp[i, k].item() - v) for k, v in tops[i].items()))
+            agree += int(lp[i].argmax().item() == t)
+            total += 1
+    return {"prompts": len(prompts), "steps": steps, "max_abs_logprob_diff": worst,
+            "greedy_agreement": agree / max(1, total)}

@@ -5,7 +5,9 @@
 :class:`training.evaluate.Generator` so that every ``generate`` / ``generate_rows`` call gets
 its own bar advanced per finished answer, without the evaluation code knowing about bars.
 ``train`` has its own bar (the trainer's tqdm, see :mod:`training.trainers`). Disabled
-(``enabled=False``) the factory returns no-op advances. Not here: any evaluation logic.
+(``enabled=False``) the factory returns no-op advances. When stderr is not a terminal (a log
+file, CI), a live bar cannot redraw, so a plain line ``description: done/total (elapsed)`` is
+printed at every tenth of a task instead. Not here: any evaluation logic.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def progress_bars(enabled: bool = True, console: Console | None = None) -> Itera
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn())
     lock = threading.Lock()
-    with Progress(*cols, console=console or Console(stderr=True), transient=False) as bars:
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield _plain_tasks(console, lock)
+        return
+    with Progress(*cols, console=console, transient=False) as bars:
 
         def new_task(description: str, total: int) -> Callable[[], None]:
             task = bars.add_task(description, total=total)
@@ -46,6 +52,24 @@ def progress_bars(enabled: bool = True, console: Console | None = None) -> Itera
             return advance
 
         yield new_task
+
+
+def _plain_tasks(console: Console, lock: threading.Lock) -> NewTask:
+    import time
+
+    def new_task(description: str, total: int) -> Callable[[], None]:
+        t0, done = time.perf_counter(), [0]
+        step = max(1, total // 10)
+
+        def advance() -> None:
+            with lock:
+                done[0] += 1
+                if done[0] % step == 0 or done[0] == total:
+                    console.print(f"{description}: {done[0]}/{total} ({time.perf_counter() - t0:.0f} s)")
+
+        return advance
+
+    return new_task
 
 
 class ProgressGenerator:
