@@ -24,8 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from app.cli_options import dataclass_options, from_cli, with_options
-from training.sweep import TS as SWEEP_TS
-from training.sweep import WEIGHTS as SWEEP_WEIGHTS
+from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
 app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
@@ -110,7 +109,15 @@ def _compare(runs: list[Path], out: Path) -> None:
 
     from rich.table import Table
 
-    from training.compare import COLUMNS, RunError, compare_table, load_run, plot_compare, table_cells, write_compare_markdown
+    from training.compare import (
+        COLUMNS,
+        RunError,
+        compare_table,
+        load_run,
+        plot_compare,
+        table_cells,
+        write_compare_markdown,
+    )
 
     if len(runs) < 1:
         _fail("--compare needs at least one run folder")
