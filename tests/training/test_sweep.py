@@ -130,3 +130,31 @@ def test_bootstrap_and_sweep_rho():
     assert sweep_rho(xs, -rising, resamples=50)["rho_means"] == pytest.approx(-1.0)
     with pytest.raises(ValueError):
         sweep_rho(xs, rising[:3])
+
+
+def test_cli_sweep_writes_json_pngs_report(tmp_path):
+    """``stanceserve eval --sweep`` end to end on a saved tiny base model: every output file in --out."""
+    from typer.testing import CliRunner
+
+    from tests.factories import save_tiny_base
+    from training.cli import app
+
+    base = save_tiny_base(tmp_path / "base")
+    store = tmp_path / "store"
+    write_peft_adapter(store / A, "llama", rank=4, seed=21, scale=0.6)
+    write_peft_adapter(store / B, "llama", rank=4, seed=22, scale=0.6)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBES[:2]))
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(app, [
+        "eval", "--sweep", "--stances", f"{A},{B}", "--probes", str(probes), "--base", str(base),
+        "--adapters-dir", str(store), "--weights=-1,0,1", "--ts", "0,0.5,1", "--max-tokens", "4",
+        "--resamples", "50", "--no-likelihood", "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert set(summary["spearman"]) == {A, B, f"{A}+{B}"}
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["scorers"] == ["marker"] and data["probes"] == 2
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(curve_filename(n) for n in (A, B, f"{A}+{B}"))
+    assert "## Anti-stance (negative weight)" in (out / "sweep_report.md").read_text()
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 2 * (1 + 2 + 2 + 1)
