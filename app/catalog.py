@@ -40,6 +40,7 @@ from app.errors import (
     BlendMemberMissingError,
     InvalidBlendError,
     StanceExistsError,
+    StanceNotFoundError,
 )
 from app.metrics import Metrics
 from app.registry.adapter import AdapterRecord, AdapterWeights
@@ -88,7 +89,10 @@ class StanceCatalog:
         if model in self.blends and not self.engine.is_base(model):
             if stances is not None:
                 return self.engine.resolve_stance(self.engine.model_name, stances)
-            return self._resolve_named(self.blends.get(model))
+            try:
+                return self._resolve_named(self.blends.get(model))
+            except StanceNotFoundError:  # deleted a moment ago: answered as any unknown model (404, param "model")
+                pass
         return self.engine.resolve_stance(model, stances)
 
     def _resolve_named(self, blend: NamedBlend) -> Stance:
