@@ -1,9 +1,18 @@
 """The stance catalog: one object between the API and the engine that owns what a name means.
 
 :class:`StanceCatalog` resolves a request's ``model``/``stances`` to a :class:`Stance`
-(base, one adapter, or a blend), registers, replaces and deletes adapters (upload,
-server path, vLLM's load/unload), lists them, and keeps the registry gauges and
-the per-stance metric series in step. Route functions translate HTTP into these
+(base, one adapter, a named blend, or an anonymous blend), registers, replaces and deletes
+adapters (upload, server path, vLLM's load/unload) and named blends (``/v1/stances``,
+recipes kept by :class:`~app.registry.blends.NamedBlendStore`), lists them, and keeps the
+registry gauges and the per-stance metric series in step.
+
+Named blends: a name resolves to the live blend of its recipe, labelled with its own name
+in the metrics (anonymous blends keep the shared ``"blend"`` label). Names are one namespace:
+an adapter and a named blend never share a name (409 either way). Registering a blend whose
+member adapter is not registered is refused with 409, so is a request for a stored blend whose
+member has gone missing (e.g. its folder was removed before a restart); deleting an adapter
+that a named blend uses is refused with 409 naming the blends (delete the blends first), so a
+stored recipe never silently loses a member. Route functions translate HTTP into these
 calls and back; they never call the store and the engine in turn themselves.
 Compare vLLM's ``OpenAIServingModels``, which also holds a lock per adapter name.
 
@@ -15,6 +24,7 @@ here: validation rules (:mod:`app.registry.validation`), slot management
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import defaultdict
@@ -23,11 +33,21 @@ from pathlib import Path
 from typing import IO
 
 from app.engine.engine import Engine
-from app.engine.request import Stance
+from app.engine.request import BASE_LABEL, BLEND_LABEL, Stance
+from app.errors import (
+    AdapterInUseError,
+    AdapterValidationError,
+    BlendMemberMissingError,
+    InvalidBlendError,
+    StanceExistsError,
+    StanceNotFoundError,
+)
 from app.metrics import Metrics
 from app.registry.adapter import AdapterRecord, AdapterWeights
+from app.registry.blends import NamedBlend, NamedBlendStore
 from app.registry.store import AdapterStore
 from app.registry.upload import stage_upload
+from app.registry.validation import validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +59,62 @@ class StanceCatalog:
         store: the on-disk adapter store.
         engine: the running engine (its weight cache and slots are kept in step).
         metrics: the service's metrics (registry gauge, per-stance series).
+        blends: the named-blend recipes (default: those stored in ``store.root``).
     """
 
-    def __init__(self, store: AdapterStore, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(self, store: AdapterStore, engine: Engine, metrics: Metrics | None = None,
+                 blends: NamedBlendStore | None = None) -> None:
         self.store = store
         self.engine = engine
         self.metrics = metrics
+        self.blends = blends if blends is not None else NamedBlendStore(store.root)
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        #: held while a blend's members are checked and stored, and while an adapter's users are checked and it is
+        #: removed: no blend is ever stored with a member that is being deleted
+        self._members = threading.Lock()
         self._update_gauge()
 
     # ------------------------------------------------------------------ reading
     def resolve(self, model: str, stances: dict[str, float] | None = None) -> Stance:
-        """The stance a request asks for (see :meth:`Engine.resolve_stance` for the errors raised)."""
+        """The stance a request asks for.
+
+        ``model`` may name a named blend: without ``stances`` it resolves to the blend's live recipe, labelled
+        with its name; with ``stances`` the request's own blend wins (as for any model) and is anonymous.
+
+        Raises:
+            BlendMemberMissingError: the named blend's recipe names an adapter that is not registered.
+            AdapterNotFoundError, InvalidBlendError: see :meth:`Engine.resolve_stance`.
+        """
+        if model in self.blends and not self.engine.is_base(model):
+            if stances is not None:
+                return self.engine.resolve_stance(self.engine.model_name, stances)
+            try:
+                return self._resolve_named(self.blends.get(model))
+            except StanceNotFoundError:  # deleted a moment ago: answered as any unknown model (404, param "model")
+                pass
         return self.engine.resolve_stance(model, stances)
+
+    def _resolve_named(self, blend: NamedBlend) -> Stance:
+        missing = [a for a in blend.stances if a not in self.store]
+        if missing:
+            raise BlendMemberMissingError(
+                f"named blend {blend.name!r} uses adapter(s) {', '.join(map(repr, missing))} that are not registered; "
+                "register them again or replace the blend", param="model")
+        try:
+            stance = self.engine.resolve_stance(self.engine.model_name, blend.stances)
+        except InvalidBlendError as e:  # a member deleted meanwhile, or a weight past a lowered max_blend_weight
+            raise BlendMemberMissingError(f"named blend {blend.name!r} cannot be served: {e.message}",
+                                          param="model") from e
+        return dataclasses.replace(stance, label=blend.name)
+
+    def list_blends(self) -> list[NamedBlend]:
+        """Every named blend, sorted by name."""
+        return self.blends.list()
+
+    def get_blend(self, name: str) -> NamedBlend:
+        """Raises: StanceNotFoundError."""
+        return self.blends.get(name)
 
     def get(self, name: str) -> AdapterRecord:
         """Raises: AdapterNotFoundError."""
@@ -79,6 +141,7 @@ class StanceCatalog:
             AdapterValidationError, AdapterTooLargeError, AdapterExistsError: see the store and upload modules.
         """
         with self._lock(name):
+            self._not_a_blend(name)
             with self.store.staging() as tmp:
                 staged = stage_upload(files, tmp / "adapter", max_bytes=max_bytes)
                 rec, weights = self.store.add(name, staged, description=description, metadata=metadata, replace=replace)
@@ -88,6 +151,7 @@ class StanceCatalog:
     def register_path(self, name: str, path: Path) -> AdapterRecord:
         """vLLM's ``load_lora_adapter``: register the adapter folder ``path`` on the server's disk."""
         with self._lock(name):
+            self._not_a_blend(name)
             rec, weights = self.store.register_path(name, path)
             self._registered(rec, weights)
         return rec
@@ -97,9 +161,14 @@ class StanceCatalog:
 
         Raises:
             AdapterNotFoundError: no adapter of that name.
+            AdapterInUseError: named blends use it (nothing is deleted).
         """
         with self._lock(name):
-            rec = self.store.delete(name)
+            with self._members:
+                users = self.blends.using(name)
+                if users and name in self.store:
+                    raise AdapterInUseError(name, users)
+                rec = self.store.delete(name)
             self.engine.forget_adapter(name)  # waits for the engine thread between two steps
             if self.metrics is not None:
                 self.metrics.forget_stance(name)
@@ -124,7 +193,56 @@ class StanceCatalog:
                 logger.info("adapter %s %s by another process", name, f"now {rec.id}" if rec else "removed")
         return changed
 
+    def register_blend(self, name: str, stances: dict[str, float], *, description: str | None = None,
+                       replace: bool = False) -> NamedBlend:
+        """Store the named blend ``name`` = ``stances`` (durable, versioned); servable when this returns.
+
+        Raises:
+            AdapterValidationError: ``name`` is not a valid stance name, or is ``"base"`` / ``"blend"`` (the
+                shared metric labels).
+            StanceExistsError: ``name`` is the base model's, an adapter's, or a named blend's (without ``replace``).
+            InvalidBlendError: empty, more than 8 members, a member that is itself a named blend, a weight that
+                is not finite or is past ``max_blend_weight`` (``param`` names the member).
+            BlendMemberMissingError: a member adapter is not registered.
+        """
+        validate_name(name)
+        if name in (BASE_LABEL, BLEND_LABEL):
+            raise AdapterValidationError(f"{name!r} is reserved (a shared metrics label)", param="name")
+        if self.engine.is_base(name):
+            raise StanceExistsError(f"{name!r} is the base model's name", param="name")
+        nested = [a for a in stances if a in self.blends]
+        if nested:
+            raise InvalidBlendError(f"members must be adapters; {nested[0]!r} is a named blend",
+                                    param=f"stances.{nested[0]}")
+        with self._lock(name), self._members:
+            if name in self.store:
+                raise StanceExistsError(f"an adapter is registered as {name!r}; named blends and adapters share "
+                                        "one namespace", param="name")
+            missing = [a for a in stances if a not in self.store]
+            if missing:
+                raise BlendMemberMissingError(
+                    f"member adapter {missing[0]!r} is not registered", param=f"stances.{missing[0]}")
+            self.engine.resolve_stance(self.engine.model_name, stances)  # weights, count; warms the CPU cache
+            return self.blends.put(name, stances, description=description, replace=replace)
+
+    def delete_blend(self, name: str) -> NamedBlend:
+        """Forget the named blend ``name`` (its adapters stay); requests already running on it finish normally.
+
+        Raises:
+            StanceNotFoundError: no named blend of that name.
+        """
+        with self._lock(name):
+            blend = self.blends.delete(name)
+            if self.metrics is not None:
+                self.metrics.forget_stance(name)
+        return blend
+
     # ------------------------------------------------------------------ internals
+    def _not_a_blend(self, name: str) -> None:
+        if name in self.blends:
+            raise StanceExistsError(f"a named blend is registered as {name!r}; delete it first "
+                                    "(DELETE /v1/stances/{name})", param="name")
+
     def _registered(self, rec: AdapterRecord, weights: AdapterWeights) -> None:
         self.engine.forget_adapter(rec.name)  # older versions no running request holds
         self.engine.preload(weights)

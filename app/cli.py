@@ -10,7 +10,7 @@ Commands:
 * ``stanceserve fetch-model``: download and cache the embedded base model, so that
   the first ``serve`` starts in about a second.
 * ``stanceserve config-table``: print (or write into the README) the table of every setting.
-* ``stanceserve train | eval | inspect | scheduling-data``: the training loop, in
+* ``stanceserve train | eval | inspect | scheduling-data | export-blend``: the training loop, in
   :mod:`training.cli` (options generated from ``training.trainers.TrainConfig``); they need
   the ``[train]`` extra and say so when it is missing.
 * ``stanceserve bench``: the multi-LoRA benchmark, in the top-level ``bench/`` folder of a
@@ -247,6 +247,12 @@ def inspect(ctx: typer.Context) -> None:
 @app.command("scheduling-data", **_FORWARDED)
 def scheduling_data(ctx: typer.Context) -> None:
     """Write generated meeting-room problems with worked answers as an SFT dataset (train extra)."""
+    _forward(ctx, _training_app, "train")
+
+
+@app.command("export-blend", **_FORWARDED)
+def export_blend(ctx: typer.Context) -> None:
+    """Write one plain peft adapter equal to a weighted blend (cat: exact; svd: smaller), for vLLM / llama.cpp."""
     _forward(ctx, _training_app, "train")
 
 

@@ -96,6 +96,48 @@ class AdapterTooLargeError(AdapterValidationError):
     code = "adapter_too_large"
 
 
+class StanceNotFoundError(StanceServeError):
+    """No named blend of that name is registered (HTTP 404)."""
+
+    status_code = 404
+    code = "stance_not_found"
+
+    def __init__(self, name: str, *, param: str | None = "name") -> None:
+        super().__init__(f"named blend {name!r} is not registered", param=param)
+        self.name = name
+
+
+class StanceExistsError(StanceServeError):
+    """A named blend's name is taken: by another named blend (without ``?replace=true``), by an
+    adapter, or the other way round, an adapter upload under a named blend's name (HTTP 409)."""
+
+    status_code = 409
+    code = "stance_exists"
+
+
+class BlendMemberMissingError(StanceServeError):
+    """A named blend names an adapter that is not registered (HTTP 409: registering that adapter resolves it)."""
+
+    status_code = 409
+    code = "blend_member_missing"
+
+
+class AdapterInUseError(StanceServeError):
+    """Deleting an adapter that named blends use is refused until those blends are deleted (HTTP 409)."""
+
+    status_code = 409
+    code = "adapter_in_use"
+
+    def __init__(self, name: str, blends: list[str], *, param: str | None = "name") -> None:
+        super().__init__(
+            f"adapter {name!r} is a member of the named blend(s) {', '.join(map(repr, blends))}; "
+            "delete those first (DELETE /v1/stances/{name})",
+            param=param,
+        )
+        self.name = name
+        self.blends = blends
+
+
 class InvalidBlendError(InvalidRequestError):
     """A ``stances`` blend names an unknown adapter, has too many terms or a non-finite weight (HTTP 422)."""
 

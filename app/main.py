@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
-from app.api.routes import adapters, health, openai
+from app.api.routes import adapters, health, openai, stances
 from app.config import Settings
 from app.deps import ServiceState
 from app.errors import install_error_handlers
@@ -162,4 +162,5 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
+    app.include_router(stances.router)
     return app

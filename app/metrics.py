@@ -2,8 +2,9 @@
 
 All metrics live in one :class:`Metrics` object with its own
 ``CollectorRegistry`` (so tests can build several apps in one process). The
-``stance`` label is the adapter name, ``"base"``, or ``"blend"`` for every
-weighted blend, so label cardinality is bounded by the registered adapters.
+``stance`` label is the adapter name, the named blend's name (``/v1/stances``), ``"base"``,
+or ``"blend"`` for every anonymous weighted blend (a request's own ``stances``), so label
+cardinality is bounded by the registered adapters and named blends.
 Names follow Prometheus conventions: snake_case, base units, ``_total`` for
 counters. The engine's one event stream feeds it (:meth:`Metrics.observe`); error responses are counted by
 :class:`app.api.error_metrics.ErrorMetricsMiddleware` (:meth:`Metrics.count_error`); the process's own memory and
@@ -200,14 +201,14 @@ class Metrics:
     def forget_stance(self, name: str, *, force: bool = False) -> None:
         """Remove every series of stance ``name`` from every per-stance metric.
 
-        Call it when an adapter is deleted, so ``/metrics`` stops listing it: the
+        Call it when an adapter or a named blend is deleted, so ``/metrics`` stops listing it: the
         latency/TTFT/ITL histograms, the prompt/generation token counters, the
         request counter (every ``status`` of that stance) and the tokens/s gauge.
         A request still running on the adapter that finishes afterwards records a
         fresh series. Unknown names are a no-op.
 
         Args:
-            name: the ``stance`` label (the adapter name).
+            name: the ``stance`` label (the adapter or named blend's name).
             force: also remove the shared labels ``"base"`` and ``"blend"``
                 (:data:`SHARED_STANCES`); without it they are kept, since an adapter
                 that happens to bear one of these names shares its series with them.

@@ -415,6 +415,8 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
+    stances: dict[str, float] | None = Field(
+        None, description="A named blend's recipe {adapter: weight} (stanceserve extra; absent for other models).")
 
 
 class ModelList(BaseModel):
@@ -465,3 +467,47 @@ class UnloadLoRARequest(BaseModel):
     """vLLM's ``POST /v1/unload_lora_adapter``."""
 
     lora_name: str
+
+
+class NamedBlendRequest(BaseModel):
+    """``POST /v1/stances``: register a name for a live weighted blend of registered adapters."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(..., json_schema_extra={"pattern": STANCE_NAME_PATTERN},
+                      description="The model name clients will use, e.g. friendly-expert.")
+    stances: Annotated[dict[str, float], WithJsonSchema(_STANCES_SCHEMA)] = Field(
+        ..., description='{adapter name: weight}, e.g. {"curious-uncertainty": 0.6, "confident-expertise": 0.4}; '
+        "1 to 8 registered adapters, |weight| at most the server's max_blend_weight.")
+    description: str | None = Field(None, max_length=1000, description="Free text.")
+
+    @field_validator("stances")
+    @classmethod
+    def _stances(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("stances must name at least one adapter")
+        if len(v) > MAX_BLEND_ADAPTERS:
+            raise ValueError(f"a blend may combine at most {MAX_BLEND_ADAPTERS} adapters, got {len(v)}")
+        return v
+
+
+class NamedBlendInfo(BaseModel):
+    """A named blend: its recipe, version and registration time (Unix seconds)."""
+
+    object: Literal["stance"] = "stance"
+    name: str
+    stances: dict[str, float]
+    version: int
+    created: int
+    description: str | None = None
+
+    @classmethod
+    def from_blend(cls, blend: Any) -> NamedBlendInfo:
+        """From an :class:`~app.registry.blends.NamedBlend`; ``created`` in whole seconds."""
+        return cls(name=blend.name, stances=dict(blend.stances), version=blend.version, created=int(blend.created),
+                   description=blend.description)
+
+
+class NamedBlendList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[NamedBlendInfo]

@@ -1,4 +1,4 @@
-"""``stanceserve train | eval | inspect | scheduling-data``: the researcher's loop on the command line.
+"""``stanceserve train | eval | inspect | scheduling-data | export-blend``: the researcher's loop on the command line.
 
 A typer app of its own, run by the thin commands of :mod:`app.cli` (which import
 this module only when one of these commands runs, so the server never imports
@@ -24,10 +24,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from app.cli_options import dataclass_options, from_cli, with_options
+from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
 app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress and errors
+#: The shipped stance adapters (adapters/) and their held-out probes.
+SHIPPED = ("curious-uncertainty", "confident-expertise", "engaged-difficulty")
+STANCE_DATA = Path(__file__).resolve().parent / "data" / "stances"
 
 #: Help of the TrainConfig fields its docstring does not document.
 # TODO(training.trainers owner): move these into TrainConfig (field(metadata={"help": ...}) or its docstring).
@@ -47,8 +51,13 @@ def _fail(message: str) -> None:
 @app.command()
 @with_options(dataclass_options(TrainConfig, extra_help=_EXTRA_HELP, panel="Hyperparameters (TrainConfig)"))
 def train(
-    data: Annotated[Path, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")],
-    name: Annotated[str, typer.Option(help="Stance name (the adapter's name on the server).")],
+    runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json).",
+                                                       show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")] = None,
+    name: Annotated[str | None, typer.Option(help="Stance name (the adapter's name on the server).")] = None,
+    compare: Annotated[bool, typer.Option(
+        help="Compare finished runs instead of training: stanceserve train --compare runs/a runs/b ... "
+             "(overlaid curves PNG + table; --out is the output folder, default runs/compare).")] = False,
     base: Annotated[str | None, typer.Option(help="HF causal LM id or path (default: the embedded SmolLM2 the server uses).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
@@ -60,9 +69,17 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     **hyperparameters: Any,
 ) -> None:
-    """Train a LoRA stance adapter with TRL (SFT or DPO) and optionally register it with a running server."""
+    """Train a LoRA stance adapter with TRL (SFT or DPO) and optionally register it with a running server
+    (or, with --compare, compare finished runs)."""
     from training.datasets import DatasetError
 
+    if compare:
+        _compare(runs or [], out or Path("runs/compare"))
+        return
+    if runs:
+        _fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
+    if data is None or name is None:
+        _fail("give --data and --name (or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
     out_dir = out or Path("runs") / name
     try:
@@ -86,6 +103,40 @@ def train(
     typer.echo(json.dumps(report, indent=2))
 
 
+def _compare(runs: list[Path], out: Path) -> None:
+    """``train --compare``: table (stderr, Markdown, JSON on stdout) and overlaid curves of finished runs."""
+    import shlex
+
+    from rich.table import Table
+
+    from training.compare import (
+        COLUMNS,
+        RunError,
+        compare_table,
+        load_run,
+        plot_compare,
+        table_cells,
+        write_compare_markdown,
+    )
+
+    if len(runs) < 1:
+        _fail("--compare needs at least one run folder")
+    try:
+        loaded = [load_run(r) for r in runs]
+    except RunError as e:
+        _fail(str(e))
+    rows = compare_table(loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_compare(loaded, out / "compare.png", title=f"{len(runs)} training runs")
+    command = "stanceserve train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    md = write_compare_markdown(out / "compare.md", rows, png, command)
+    table = Table(*COLUMNS, title="training runs")
+    for r in rows:
+        table.add_row(*table_cells(r))
+    console.print(table)
+    typer.echo(json.dumps({"png": str(png), "markdown": str(md), "runs": rows}, indent=2))
+
+
 @app.command("eval")
 def eval_cmd(
     adapter: Annotated[str | None, typer.Option(help="Adapter name (on the server or in the store) or folder path.")] = None,
@@ -102,16 +153,36 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option(help="Report (Markdown) or result (JSON) path.")] = None,
     reference: Annotated[Path | None, typer.Option(
         help="Training JSONL whose chosen answers (DPO) or completions (SFT) calibrate the scorers.")] = None,
+    sweep: Annotated[bool, typer.Option(
+        help="Blend response curves: sweep each stance's weight and each pair's interpolation (writes --out DIR).")] = False,
+    stances: Annotated[str, typer.Option(help="--sweep: comma-separated adapters (each a scored stance).")] = ",".join(SHIPPED),
+    probes_per_stance: Annotated[int, typer.Option(
+        help="--sweep without --probes: the first N probes of each stance's training/data/stances/S/probes.jsonl.")] = 8,
+    weights: Annotated[str, typer.Option(help="--sweep: stance weights.")] = ",".join(f"{w:g}" for w in SWEEP_WEIGHTS),
+    ts: Annotated[str, typer.Option(help="--sweep: t of (1-t)·A + t·B for each pair.")] = ",".join(f"{t:g}" for t in SWEEP_TS),
+    pairs: Annotated[bool, typer.Option(help="--sweep: also sweep every pair of stances.")] = True,
+    resamples: Annotated[int, typer.Option(help="--sweep: bootstrap resamples for the CIs.")] = 2000,
+    batch: Annotated[int, typer.Option(help="Local engine batch size (sequences per decode step).")] = 16,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy)."""
+    """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy),
+    or (--sweep) blend response curves of several stances."""
     from training.evaluate import HttpGenerator, LocalGenerator, evaluate_scheduling, evaluate_stance
+    from training.progress import ProgressGenerator, progress_bars
 
+    if sweep:
+        _sweep(stances=stances, probes=probes, per_stance=probes_per_stance, weights=weights, ts=ts, pairs=pairs,
+               url=url, base=base, adapters_dir=adapters_dir, max_tokens=max_tokens, likelihood=likelihood,
+               out=out or Path("runs/sweep"), resamples=resamples, batch=batch, quiet=quiet)
+        return
     if task not in (None, "scheduling"):
         _fail(f"unknown --task {task!r} (only 'scheduling')")
     if task is None and (adapter is None or probes is None):
         _fail("give --adapter and --probes (or --task scheduling)")
-    gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir)
-    try:
+    raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
+    with contextlib.ExitStack() as stack:
+        stack.callback(raw.close)
+        gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
         if task == "scheduling":
             res = evaluate_scheduling(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 160))
             if out:
@@ -130,8 +201,8 @@ def eval_cmd(
                 _fail(str(e))
             lm = tok = None
             if likelihood:
-                if isinstance(gen, LocalGenerator):  # idle engine: no adapter is routed, so this is the base model
-                    lm, tok = gen.loaded.model, gen.loaded.tokenizer
+                if isinstance(raw, LocalGenerator):  # idle engine: no adapter is routed, so this is the base model
+                    lm, tok = raw.loaded.model, raw.loaded.tokenizer
                 else:
                     from app.config import EMBEDDED_MODEL, Settings
                     from app.engine.model_loader import load_base_model
@@ -141,9 +212,75 @@ def eval_cmd(
             res = evaluate_stance(gen, adapter, prompts, st, report_path=out or Path(f"eval-{Path(adapter).name}.md"),
                                   max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok,
                                   reference=ref)
+    typer.echo(json.dumps(res, indent=2))
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{option} must be comma-separated numbers, got {text!r}")
+        raise  # unreachable
+
+
+def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, ts: str, pairs: bool, url: str | None,
+           base: str | None, adapters_dir: Path | None, max_tokens: int, likelihood: bool, out: Path, resamples: int,
+           batch: int, quiet: bool) -> None:
+    """``eval --sweep``: run :func:`training.sweep.run_sweep`, write JSON, answers, PNGs and the report into ``out``."""
+    import shlex
+
+    from training.datasets import DatasetError, load_probes
+    from training.evaluate import HttpGenerator, LocalGenerator
+    from training.progress import progress_bars
+    from training.scoring import MARKERS, LikelihoodScorer
+    from training.sweep import run_sweep, write_answers
+    from training.sweep_report import curve_filename, plot_curve, write_sweep_report
+
+    names = [s.strip() for s in stances.split(",") if s.strip()]
+    bad = [s for s in names if s not in MARKERS]
+    if bad or not names:
+        _fail(f"--stances must name scored stances ({sorted(MARKERS)}), got {bad or names}")
+    try:
+        if probes is not None:
+            prompts = load_probes(probes)
+        else:
+            prompts = [p for s in names for p in load_probes(STANCE_DATA / s / "probes.jsonl")[:per_stance]]
+    except DatasetError as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
+    try:
+        scorer = None
+        if likelihood:
+            if isinstance(gen, LocalGenerator):  # the engine is idle while scoring: no adapter is routed
+                lm, tok = gen.loaded.model, gen.loaded.tokenizer
+            else:
+                from app.config import EMBEDDED_MODEL, Settings
+                from app.engine.model_loader import load_base_model
+
+                loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu"))
+                lm, tok = loaded.model, loaded.tokenizer
+            scorer = LikelihoodScorer(lm, tok, batch_size=16)
+        with progress_bars(enabled=not quiet, console=console) as new_task:
+            result, answers = run_sweep(gen, names, prompts, weights=_floats(weights, "--weights"),
+                                        ts=_floats(ts, "--ts"), pairs=pairs, max_tokens=max_tokens,
+                                        likelihood_scorer=scorer, resamples=resamples, progress=new_task)
     finally:
         gen.close()
-    typer.echo(json.dumps(res, indent=2))
+    pngs = {}
+    for c in result["curves"]:
+        path = plot_curve(c, result["scorers"], out / curve_filename(c["name"]))
+        c["png"] = path.name
+        pngs[c["name"]] = path.name
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_answers(out / "answers.jsonl", prompts, answers)
+    command = "stanceserve eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    write_sweep_report(out / "sweep_report.md", result, prompts, answers, pngs=pngs, command=command)
+    summary = {"out": str(out), "json": str(out / "sweep.json"), "report": str(out / "sweep_report.md"),
+               "pngs": sorted(str(out / p) for p in pngs.values()),
+               "spearman": {c["name"]: {s: {sc: round(t["rho_means"], 3) for sc, t in v.items()}
+                                        for s, v in c["spearman"].items()} for c in result["curves"]}}
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()
@@ -174,3 +311,48 @@ def scheduling_data(
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(to_sft_rows(generate(n, seed)), out)
     typer.echo(json.dumps({"out": str(out), "n": n, "seed": seed}))
+
+
+@app.command("export-blend")
+def export_blend_cmd(
+    stances: Annotated[str, typer.Option(help="The blend: name=weight,... (names in --adapters-dir, or folders).")],
+    out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter.")],
+    method: Annotated[str, typer.Option(help="cat (exact, rank = sum of ranks) | svd (approximate, rank --rank).")] = "cat",
+    rank: Annotated[int | None, typer.Option(help="svd: target rank (default: the largest member rank).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2).")] = None,
+    adapters_dir: Annotated[Path, typer.Option(help="Adapter store for names.")] = Path("adapters"),
+    check: Annotated[int, typer.Option(
+        help="Then measure parity on the first N probes of the shipped stances: the exported adapter in plain peft "
+             "vs the engine's live blend (max |logprob difference|, greedy agreement). 0: skip.")] = 0,
+) -> None:
+    """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
+    from app.config import EMBEDDED_MODEL, Settings
+    from app.engine.model_loader import load_base_model
+    from training.export_blend import export_blend, parse_stances
+
+    try:
+        weights = parse_stances(stances)
+    except ValueError as e:
+        _fail(f"--stances: {e}")
+    folders = {}
+    for name in weights:
+        p = Path(name)
+        folder = p if (p / "adapter_config.json").exists() else adapters_dir / name
+        if not (folder / "adapter_config.json").exists():
+            _fail(f"no adapter {name!r}: neither {p} nor {adapters_dir / name} is a peft folder")
+        folders[name] = folder
+    loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu", dtype="float32"))
+    try:
+        summary = export_blend(loaded.model, folders, weights, out, method=method, rank=rank)
+    except ValueError as e:
+        _fail(str(e))
+    summary.pop("per_module")
+    if check > 0:
+        from training.datasets import load_probes
+        from training.export_blend import parity
+
+        prompts = [p for s in SHIPPED for p in load_probes(STANCE_DATA / s / "probes.jsonl")][:check]
+        summary["parity"] = parity(loaded, folders, weights, out, prompts)
+        full = json.loads((out / "export_blend.json").read_text())
+        (out / "export_blend.json").write_text(json.dumps({**full, "parity": summary["parity"]}, indent=2) + "\n")
+    typer.echo(json.dumps({"out": str(out), **summary}, indent=2))

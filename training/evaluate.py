@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,12 +26,22 @@ logger = logging.getLogger(__name__)
 BASE = "__base__"
 
 
+#: One row to answer: ``(prompt, blend)`` where ``blend`` is ``{adapter name: weight}`` (empty: the base model).
+Row = tuple[str, dict[str, float]]
+
+
 class Generator(Protocol):
-    """Greedy chat answers for prompts, from the base model (``model=BASE``) or an adapter."""
+    """Greedy chat answers for prompts, from the base model (``model=BASE``), an adapter or a live blend."""
 
     base_name: str
 
-    def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]: ...
+    def generate(self, prompts: list[str], model: str, max_tokens: int,
+                 on_answer: Callable[[], None] | None = None) -> list[str]: ...
+
+    def generate_rows(self, rows: list[Row], max_tokens: int, on_answer: Callable[[], None] | None = None) -> list[str]:
+        """Answers to ``rows`` (each its own prompt and blend, served live, never merged), in order;
+        ``on_answer`` is called once per finished answer (progress bars)."""
+        ...
 
 
 class LocalGenerator:
@@ -39,10 +50,15 @@ class LocalGenerator:
     Args:
         base: HF id or path (``None``: the embedded SmolLM2).
         adapters_dir: store searched when an adapter is given by name.
+        loaded: an already loaded ``LoadedModel`` to serve instead of loading ``base`` (tests: a tiny model).
+        max_batch_size: sequences the engine decodes per step.
+        max_in_flight: requests submitted at once by :meth:`generate_rows` (the engine queues the rest
+            of them; the default, twice the batch, keeps the batch full without filling the queue).
     """
 
     def __init__(self, base: str | None = None, *, device: str = "cpu", dtype: str = "float32",
-                 adapters_dir: Path | None = None, cache_dir: Path | None = None) -> None:
+                 adapters_dir: Path | None = None, cache_dir: Path | None = None, loaded: Any = None,
+                 max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
         from app.config import EMBEDDED_MODEL, Settings
         from app.engine.engine import Engine
         from app.engine.model_loader import load_base_model
@@ -51,14 +67,15 @@ class LocalGenerator:
         if cache_dir is not None:
             kw["cache_dir"] = cache_dir
         self.settings = Settings(**kw)
-        self.loaded = load_base_model(self.settings)
+        self.loaded = loaded if loaded is not None else load_base_model(self.settings)
         self.base_name = self.loaded.name
         self.adapters_dir = Path(adapters_dir) if adapters_dir else self.settings.adapters_dir
         from app.registry.validation import linear_shapes
 
         self.shapes = linear_shapes(self.loaded.model)
+        self.max_in_flight = max_in_flight or 2 * max_batch_size
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.base_name, self.loaded.eos_token_ids,
-                             max_loras=4, max_batch_size=16, max_model_len=4096)
+                             max_loras=8, max_batch_size=max_batch_size, max_model_len=4096)
         self.engine.start()
         self._adapters: dict[str, Any] = {}
 
@@ -79,37 +96,61 @@ class LocalGenerator:
             return q
         raise FileNotFoundError(f"no adapter folder at {p} nor {q}")
 
+    def weights(self, adapter: str):
+        """The :class:`~app.registry.adapter.AdapterWeights` of ``adapter`` (a name or a folder), read once."""
+        from app.registry.validation import load_adapter_weights
+
+        if adapter not in self._adapters:
+            folder = self.resolve(adapter)
+            w, _ = load_adapter_weights(folder, folder.resolve().name or "adapter", self.shapes, max_rank=4096)
+            self._adapters[adapter] = w
+        return self._adapters[adapter]
+
+    def blend_stance(self, blend: dict[str, float]):
+        """The engine :class:`~app.engine.request.Stance` of ``{adapter: weight}``: the live weighted blend the
+        server runs for a request's ``stances`` (zero weights dropped; nothing left: the base model)."""
+        from app.engine.request import Stance
+
+        terms = {self.weights(a): float(w) for a, w in blend.items() if w != 0}
+        return Stance.blend(terms) if terms else Stance.base()
+
     def _stance(self, model: str):
         from app.engine.request import Stance
-        from app.registry.validation import load_adapter_weights
 
         if model == BASE:
             return Stance.base()
-        if model not in self._adapters:
-            folder = self.resolve(model)
-            w, _ = load_adapter_weights(folder, folder.resolve().name or "adapter", self.shapes, max_rank=4096)
-            self._adapters[model] = w
-        w = self._adapters[model]
-        return Stance.single(w)
+        return Stance.single(self.weights(model))
 
-    def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], model: str, max_tokens: int,
+                 on_answer: Callable[[], None] | None = None) -> list[str]:
+        stance = self._stance(model)
+        return self._run([(p, stance) for p in prompts], max_tokens, on_answer)
+
+    def generate_rows(self, rows: list[Row], max_tokens: int, on_answer: Callable[[], None] | None = None) -> list[str]:
+        """Greedy answers to ``(prompt, blend)`` rows, all through the one engine (rows of different blends
+        share its batches, as requests do on the server); ``max_in_flight`` at a time."""
+        return self._run([(p, self.blend_stance(b)) for p, b in rows], max_tokens, on_answer)
+
+    def _run(self, rows: list[tuple[str, Any]], max_tokens: int, on_answer: Callable[[], None] | None) -> list[str]:
         from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
         from app.engine.sampling import SamplingParams
 
-        stance = self._stance(model)
-
-        async def one(prompt: str) -> str:
+        async def one(prompt: str, stance: Any, sem: asyncio.Semaphore) -> str:
             ids = self.engine.chat_prompt_ids([{"role": "user", "content": prompt}])
             parts = []
-            async for ev in self.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), stance):
-                if isinstance(ev, (TokenEvent, FinishEvent)):
-                    parts.append(ev.text)
-                elif isinstance(ev, ErrorEvent):
-                    raise ev.error
+            async with sem:
+                async for ev in self.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), stance):
+                    if isinstance(ev, (TokenEvent, FinishEvent)):
+                        parts.append(ev.text)
+                    elif isinstance(ev, ErrorEvent):
+                        raise ev.error
+            if on_answer is not None:
+                on_answer()
             return "".join(parts).strip()
 
         async def main() -> list[str]:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+            sem = asyncio.Semaphore(self.max_in_flight)
+            return list(await asyncio.gather(*(one(p, st, sem) for p, st in rows)))
 
         return asyncio.run(main())
 
@@ -129,23 +170,35 @@ class HttpGenerator:
     def close(self) -> None:
         pass
 
-    def generate(self, prompts: list[str], model: str, max_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str], model: str, max_tokens: int,
+                 on_answer: Callable[[], None] | None = None) -> list[str]:
         name = self.base_name if model == BASE else model
+        return self._run([(p, {"model": name}) for p in prompts], max_tokens, on_answer)
 
+    def generate_rows(self, rows: list[Row], max_tokens: int, on_answer: Callable[[], None] | None = None) -> list[str]:
+        """Each row as the server's live blend: ``model`` the base model, ``stances`` the blend (none: the base)."""
+        bodies = [{"model": self.base_name, **({"stances": {a: w for a, w in b.items() if w != 0}}
+                                               if any(w != 0 for w in b.values()) else {})} for _, b in rows]
+        return self._run([(p, body) for (p, _), body in zip(rows, bodies)], max_tokens, on_answer)
+
+    def _run(self, rows: list[tuple[str, dict[str, Any]]], max_tokens: int,
+             on_answer: Callable[[], None] | None) -> list[str]:
         async def main() -> list[str]:
             sem = asyncio.Semaphore(self.concurrency)
             async with httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers) as client:
 
-                async def one(p: str) -> str:
+                async def one(p: str, extra: dict[str, Any]) -> str:
                     async with sem:
                         r = await client.post(f"{self.url}/v1/chat/completions", json={
-                            "model": name, "messages": [{"role": "user", "content": p}],
+                            **extra, "messages": [{"role": "user", "content": p}],
                             "max_tokens": max_tokens, "temperature": 0})
                         if r.status_code != 200:
-                            raise RuntimeError(f"server error for {name!r}: HTTP {r.status_code} {r.text[:300]}")
+                            raise RuntimeError(f"server error for {extra}: HTTP {r.status_code} {r.text[:300]}")
+                        if on_answer is not None:
+                            on_answer()
                         return r.json()["choices"][0]["message"]["content"].strip()
 
-                return list(await asyncio.gather(*(one(p) for p in prompts)))
+                return list(await asyncio.gather(*(one(p, extra) for p, extra in rows)))
 
         return asyncio.run(main())
 

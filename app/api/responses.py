@@ -18,9 +18,10 @@ _WHY = {
     400: "Bad request: a field out of range, an unsupported OpenAI parameter, or a prompt over the context.",
     401: "Missing or wrong admin key.",
     403: "Admin route called from a client that may not (no admin key configured, not on loopback).",
-    404: "Unknown model, adapter or route.",
+    404: "Unknown model, adapter, named blend or route.",
     405: "Method not allowed on this route.",
-    409: "An adapter of that name exists (upload with ?replace=true).",
+    409: "The name is taken (send ?replace=true), a named blend's member adapter is missing, or an adapter that a "
+         "named blend uses cannot be deleted.",
     413: "Request body (or upload) over the size limit.",
     422: "Request validation failed; `param` names the field.",
     429: "The request queue is full; retry after Retry-After seconds.",

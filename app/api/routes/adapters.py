@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from app.api.offload import OffloadedJSONRoute
 from app.api.responses import ADMIN_ERRORS, TEXT_RESPONSE
 from app.deps import AdminDep, CatalogDep, SettingsDep
-from app.errors import AdapterNotFoundError, AdapterValidationError
+from app.errors import AdapterInUseError, AdapterNotFoundError, AdapterValidationError
 from app.registry.jsonread import parse_metadata
 from app.schemas import STANCE_NAME_PATTERN, AdapterInfo, AdapterList, LoadLoRARequest, UnloadLoRARequest
 
@@ -154,7 +154,7 @@ async def unload_lora_adapter(body: UnloadLoRARequest, catalog: CatalogDep) -> P
     """vLLM-compatible: unregister ``lora_name``."""
     try:
         await run_in_threadpool(catalog.delete, body.lora_name)
-    except AdapterNotFoundError as e:
+    except (AdapterNotFoundError, AdapterInUseError) as e:
         e.param = "lora_name"
         raise
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -369,9 +369,13 @@ async def completions(
 
 @router.get("/models", response_model=ModelList)
 async def list_models(engine: EngineDep, catalog: CatalogDep, settings: SettingsDep) -> ModelList:
-    """The base model, then every registered adapter with the base as ``parent``."""
+    """The base model, every registered adapter, then every named blend with its recipe (``stances``);
+    adapters and blends name the base as ``parent``."""
     now = int(time.time())
     cards = [ModelCard(id=engine.model_name, created=now, root=settings.model, max_model_len=engine.max_model_len)]
     for rec in catalog.list():
         cards.append(ModelCard(id=rec.name, created=int(rec.created), root=rec.name, parent=engine.model_name))
+    for blend in catalog.list_blends():
+        cards.append(ModelCard(id=blend.name, created=int(blend.created), root=blend.name, parent=engine.model_name,
+                               stances=dict(blend.stances)))
     return ModelList(data=cards)
