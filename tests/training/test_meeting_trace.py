@@ -168,3 +168,31 @@ def test_run_and_report(tmp_path):
     assert "| adapter | 100.0% |" in text and "| base | 0.0% |" in text
     assert "## Batch by batch (15 x 10, strict)" in text and "| T1 | trace, 100 problems |" in text
     assert text.count("### Problem") >= 3
+
+
+# --- the larger-base path, on a tiny random Qwen2 -----------------------------------------------
+
+
+def test_trace_training_and_eval_on_a_tiny_qwen2(tmp_path):
+    """``--base Qwen/Qwen2.5-0.5B-Instruct`` is the same code path: train on traces, evaluate on the held-out set."""
+    from tests.factories import save_tiny_base
+    from training.evaluate import LocalGenerator
+    from training.tasks.scheduling import write_jsonl
+    from training.trainers import TrainConfig, train_adapter
+
+    base = save_tiny_base(tmp_path / "qwen2", arch="qwen2")
+    data = tmp_path / "train.jsonl"
+    write_jsonl(to_trace_sft_rows(generate(4, seed=42, difficulties=("easy",))), data)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    cfg = TrainConfig(method="sft", rank=4, alpha=8, targets=targets, epochs=1, batch_size=1, grad_accum=2,
+                      lr=1e-2, max_length=256, save_dtype="float32")
+    res = train_adapter(data, "meeting-scheduler", tmp_path / "ad", cfg, base=str(base), progress=False)
+    cfg_json = json.loads((res.out_dir / "adapter_config.json").read_text())
+    assert set(cfg_json["target_modules"]) == set(targets) and cfg_json["r"] == 4
+    assert len(res.metrics["steps"]) == 2
+    gen = LocalGenerator(str(base))
+    try:
+        r = se.run(gen, str(res.out_dir), n=3, max_tokens=6)
+    finally:
+        gen.close()
+    assert r["n"] == 3 and len(r["answers"]) == 3 and len(r["batches"]) == 1 and r["generation_s"] >= 0
