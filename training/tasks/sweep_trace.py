@@ -42,11 +42,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from training.tasks.scheduling import Problem, _fmt_time
-
+from training.tasks.scheduling import Problem
 
 _FINAL = re.compile(r"Answer: (yes|no)")
 _EVENT = re.compile(r"(\d\d:\d\d) (start|end) (\d+): (\d+)( > \d+)?")
+
+
+def _hhmm(t: int) -> str:
+    """Minutes since midnight as ``HH:MM`` (the question's format)."""
+    return f"{t // 60:02d}:{t % 60:02d}"
 
 
 def events(problem: Problem) -> list[tuple[int, str, int]]:
@@ -73,10 +77,10 @@ def trace_answer(problem: Problem) -> str:
     for t, kind, k in events(problem):
         count += 1 if kind == "start" else -1
         if count > rooms:
-            lines.append(f"{_fmt_time(t)} {kind} {k}: {count} > {rooms}")
+            lines.append(f"{_hhmm(t)} {kind} {k}: {count} > {rooms}")
             lines.append("Answer: no")
             return "\n".join(lines)
-        lines.append(f"{_fmt_time(t)} {kind} {k}: {count}")
+        lines.append(f"{_hhmm(t)} {kind} {k}: {count}")
     lines.append(f"Never more than {rooms} at once")
     lines.append("Answer: yes")
     return "\n".join(lines)
