@@ -196,3 +196,21 @@ def test_trace_training_and_eval_on_a_tiny_qwen2(tmp_path):
     finally:
         gen.close()
     assert r["n"] == 3 and len(r["answers"]) == 3 and len(r["batches"]) == 1 and r["generation_s"] >= 0
+
+
+def test_eval_cli_writes_the_scheduling_report(tmp_path):
+    """``stanceserve eval --task scheduling --out X.md``: base and adapter, strict scoring, the Markdown report."""
+    from tests.factories import save_tiny_base, write_peft_adapter
+    from training.cli import app
+
+    base = save_tiny_base(tmp_path / "base")
+    adapter = write_peft_adapter(tmp_path / "ad")
+    report = tmp_path / "report.md"
+    r = CliRunner().invoke(app, ["eval", "--task", "scheduling", "--base", str(base), "--adapter", str(adapter),
+                                 "--n", "10", "--out", str(report)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["n"] == 10 and set(res) >= {"base", "adapter"} and res["adapter"]["batches"] == [
+        res["adapter"]["accuracy"]]
+    text = report.read_text()
+    assert "## Batch by batch (1 x 10, strict)" in text and "| base |" in text and "| adapter |" in text
