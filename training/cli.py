@@ -167,7 +167,7 @@ def eval_cmd(
 ) -> None:
     """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy),
     or (--sweep) blend response curves of several stances."""
-    from training.evaluate import HttpGenerator, LocalGenerator, evaluate_scheduling, evaluate_stance
+    from training.evaluate import HttpGenerator, LocalGenerator, evaluate_stance
     from training.progress import ProgressGenerator, progress_bars
 
     if sweep:
@@ -184,9 +184,7 @@ def eval_cmd(
         stack.callback(raw.close)
         gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
         if task == "scheduling":
-            res = evaluate_scheduling(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 160))
-            if out:
-                out.write_text(json.dumps(res, indent=2) + "\n")
+            res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out)
         else:
             from training.datasets import DatasetError, load_probes, load_reference_answers
             from training.scoring import MARKERS
@@ -299,18 +297,49 @@ def inspect(
     console.print(f"heatmap: {path}")
 
 
+def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_tokens: int,
+                     out: Path | None) -> dict[str, Any]:
+    """``eval --task scheduling``: base and adapter on the held-out problems, strict scoring; report or JSON."""
+    from training.evaluate import BASE
+    from training.tasks import scheduling_eval as se
+
+    base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens)
+    ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens) if adapter else None
+    keep = ("n", "accuracy", "lenient_accuracy", "unparsable", "trace_ok", "by_difficulty", "batches", "generation_s")
+    res: dict[str, Any] = {"n": n, "seed": seed, "base": {k: base[k] for k in keep}}
+    if ad:
+        res["adapter"] = {k: ad[k] for k in keep}
+        res["adapter_name"] = adapter
+    if out and out.suffix == ".md" and ad:
+        se.write_report(out, adapter=ad, base=base)
+    elif out:
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
 @app.command("scheduling-data")
 def scheduling_data(
     n: Annotated[int, typer.Option(help="Problems.")] = 100,
-    seed: Annotated[int, typer.Option(help="Generator seed.")] = 42,
+    seed: Annotated[int, typer.Option(help="Generator seed (refused if a problem is in the held-out seed-123 set).")] = 42,
     out: Annotated[Path, typer.Option(help="SFT JSONL to write.")] = Path("training/data/scheduling/train.sft.jsonl"),
+    style: Annotated[str, typer.Option(help="trace: the sweep line step by step (training.tasks.sweep_trace); "
+                                            "worked: a short free-text explanation.")] = "trace",
 ) -> None:
-    """Write generated meeting-room problems with worked answers as an SFT dataset."""
+    """Write generated meeting-room problems with their answers as an SFT dataset."""
     from training.tasks.scheduling import generate, to_sft_rows, write_jsonl
+    from training.tasks.scheduling_eval import check_disjoint
+    from training.tasks.sweep_trace import to_trace_sft_rows
 
+    if style not in ("trace", "worked"):
+        _fail(f"--style must be trace or worked, got {style!r}")
+    problems = generate(n, seed)
+    try:
+        check_disjoint(problems)
+    except ValueError as e:
+        _fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(to_sft_rows(generate(n, seed)), out)
-    typer.echo(json.dumps({"out": str(out), "n": n, "seed": seed}))
+    write_jsonl(to_trace_sft_rows(problems) if style == "trace" else to_sft_rows(problems), out)
+    typer.echo(json.dumps({"out": str(out), "n": n, "seed": seed, "style": style}))
 
 
 @app.command("export-blend")

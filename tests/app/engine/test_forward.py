@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from app.engine.forward import Decoder, Plan, UnsupportedModelError
-from tests.factories import build_tiny_model, decoder_logits, tiny_config
+from tests.factories import build_tiny_model, decoder_logits
 
 ATOL = 1e-4
 

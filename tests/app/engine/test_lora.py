@@ -170,7 +170,7 @@ def test_linear_shapes_unchanged_by_fusing(tiny_model, arch, tmp_path):
 
 
 def test_unknown_target_module_is_refused(tiny_model, arch, tmp_path):
-    from app.registry.adapter import AdapterWeights, LoRAModuleWeights
+    from app.registry.adapter import AdapterWeights
 
     ad = read_adapter(write_peft_adapter(tmp_path / "a", arch, model=tiny_model), "a")
     m = next(iter(ad.modules.values()))
