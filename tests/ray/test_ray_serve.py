@@ -150,6 +150,7 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
                 "tries": 0} for i in range(n)]
 
     def one(rec: dict) -> None:
+        rec["sent"] = True
         try:
             with httpx.Client(base_url=ray_service.base, timeout=120) as c, c.stream(
                 "POST", "/v1/chat/completions", json=chat_body(rec["stance"], 32, stream=True)
@@ -168,9 +169,10 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
 
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, rec) for rec in records]
-        started = wait_for(lambda: sum(r["replica"] == victim and r["first"] is not None for r in records) >= 2, 60,
-                           every=0.02)
-        assert started, "the victim never started streaming"
+        # kill once the victim both streams and holds requests that have not answered yet (queued in its engine)
+        started = wait_for(lambda: sum(r["replica"] == victim and r["first"] is not None for r in records) >= 2
+                           and sum(r.get("sent", False) and r["status"] is None for r in records) >= 2, 60, every=0.02)
+        assert started, "the victim never streamed while holding queued requests"
         ray.kill(actor, no_restart=True)
         for f in futures:
             f.result()
