@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device (auto: cuda when available).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype (auto: bfloat16 on cuda, float32 on cpu)."
+        "auto", description="Weight dtype (auto: bfloat16 on cuda and on CPUs with native bf16 (avx512_bf16 or amx_bf16), else float32)."
     )
     cache_dir: Path = Field(
         Path("~/.cache/stanceserve").expanduser(),

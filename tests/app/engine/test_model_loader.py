@@ -18,6 +18,7 @@ from app.engine.model_loader import (
     fetch_embedded_model,
     load_base_model,
     resolve_device,
+    cpu_has_native_bf16,
     resolve_dtype,
 )
 from app.errors import ModelLoadError
@@ -52,7 +53,7 @@ def test_resolve_device_rejects_unknown(bad):
 
 def test_resolve_dtype():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert resolve_dtype("float32", cuda) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cuda) == torch.float16
@@ -206,3 +207,10 @@ def test_embedded_model_answers_paris():
         )
     answer = tok.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert cpu_has_native_bf16("processor: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags : sse amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags : fpu avx2 fma avx512f\n")
+    assert not cpu_has_native_bf16("")
