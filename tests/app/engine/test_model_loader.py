@@ -13,12 +13,12 @@ from app.engine import model_loader
 from app.engine.model_loader import (
     EMBEDDED_SERVED_NAME,
     LoadedModel,
+    cpu_has_native_bf16,
     default_served_name,
     embedded_model_dir,
     fetch_embedded_model,
     load_base_model,
     resolve_device,
-    cpu_has_native_bf16,
     resolve_dtype,
 )
 from app.errors import ModelLoadError
