@@ -19,7 +19,7 @@ from app.registry.seed import INSTALLED_SUBDIR, adapter_folders, seed_store, shi
 from tests.factories import REPO, wait_ready
 
 SHIPPED = REPO / "adapters"
-SHIPPED_NAMES = ["confident-expertise", "curious-uncertainty", "engaged-difficulty"]
+SHIPPED_NAMES = ["confident-expertise", "curious-uncertainty", "engaged-difficulty", "meeting-scheduler"]
 
 
 def _fake_adapters(root: Path, names: list[str]) -> Path:
