@@ -93,17 +93,14 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
+        self.decoder = Decoder(model)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
-        if isinstance(positions, int) and 0 < positions < max_model_len:
-            logger.warning("max_model_len %d is past the model's %d positions: using %d", max_model_len, positions, positions)
-            config = config.replace(max_model_len=positions)
-            max_model_len = positions
-        window = getattr(getattr(model, "config", None), "sliding_window", None)
-        if getattr(model.config, "model_type", None) == "mistral" and isinstance(window, int) and 0 < window < max_model_len:
-            logger.warning("max_model_len %d is past the model's sliding window: using %d", max_model_len, window)
-            config = config.replace(max_model_len=window)
-            max_model_len = window
+        for limit, what in ((positions, "positions"), (self.decoder.max_context, "sliding window")):
+            if isinstance(limit, int) and 0 < limit < max_model_len:
+                logger.warning("max_model_len %d is past the model's %s: using %d", max_model_len, what, limit)
+                config = config.replace(max_model_len=limit)
+                max_model_len = limit
         self.config = config
         self.max_model_len = max_model_len
         self.max_prompt_tokens = min(config.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
@@ -115,7 +112,6 @@ class Engine:
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self.metrics = metrics
         self.device = next(model.parameters()).device
-        self.decoder = Decoder(model)
         #: the KV cache, allocated here once: ``max_batch_size`` rows of ``max_model_len`` positions, or fewer
         #: rows when ``kv_cache_memory_bytes`` is set
         self.kv_cache = self.decoder.new_cache(config.max_batch_size, max_model_len, config.kv_cache_memory_bytes)

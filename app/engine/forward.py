@@ -61,7 +61,6 @@ class Plan:
     contiguous: bool = False
     all_logits: bool = False
     _decode_mask: torch.Tensor | None = None
-    _row_index: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rows: list[tuple[int, list[int], int]], device: torch.device, *, all_logits: bool = False) -> Plan:
@@ -99,7 +98,6 @@ class Plan:
             length = max(c for *_, c in self.rows) + 1
             ar = torch.arange(length, device=self.positions.device)
             self._decode_mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
-            self._row_index = None if self.contiguous else self.kv_rows
         return self._decode_mask, int(self._decode_mask.shape[-1])
 
 

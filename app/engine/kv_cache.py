@@ -84,10 +84,9 @@ class KVCache:
 
     def allocate(self) -> int | None:
         """Take the lowest free row, or ``None`` when every row is in use."""
-        if not self._free:
-            return None
-        row = min(self._free)
-        self._free.remove(row)
+        row = self.lowest_free()
+        if row is not None:
+            self._free.remove(row)
         return row
 
     def release(self, row: int, written: int) -> None:

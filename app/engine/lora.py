@@ -70,14 +70,6 @@ class LoRABatch:
         """``idx`` flattened to ``[rows * K]``."""
         return self.idx.reshape(-1)
 
-    def row_scales(self, width: int) -> torch.Tensor:
-        """``weights`` repeated per column of a term: ``[rows, K * width]`` (cached per width)."""
-        key = ("scale", width)
-        s = self._cache.get(key)
-        if s is None:
-            s = self._cache[key] = self.weights.repeat_interleave(width, dim=1)
-        return s
-
     def bag_index(self, width: int) -> torch.Tensor:
         """Row indices into a ``[slots * width, n]`` table for each (row, term): ``[rows * K, width]``.
 

@@ -126,9 +126,10 @@ class PrefixCache:
         added = 0
         keys = block_keys(stance, tokens, len(tokens) // BLOCK_TOKENS)
         for i, key in enumerate(keys):
-            if i * BLOCK_TOKENS < start or key in self._index:
-                if key in self._index:
-                    self._index.move_to_end(key)
+            if key in self._index:
+                self._index.move_to_end(key)
+                continue
+            if i * BLOCK_TOKENS < start:  # loaded from the pool at admission (and evicted since)
                 continue
             block = self._take()
             a = i * BLOCK_TOKENS

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.deploy.test_dashboard import dashboard_queries
-from tests.factories import BASE_MODEL, REPO, chat_body, free_port, metric, preexec, write_peft_adapter
+from tests.factories import BASE_MODEL, REPO, chat_body, free_port, metric, preexec, stop_process, write_peft_adapter
 from tests.server import start_server
 
 pytestmark = pytest.mark.slow
@@ -112,12 +112,7 @@ def prometheus_for(tmp_path):
 
     yield start
     for proc, log in procs:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 

@@ -63,7 +63,7 @@ from tests.factories.payloads import (
     zip_bytes,
     zip_folder,
 )
-from tests.factories.servers import APP_CLI, Server, free_port, preexec, run_server
+from tests.factories.servers import APP_CLI, Server, free_port, preexec, run_server, stop_process
 from tests.factories.stores import FakeStore, new_store
 
 __all__ = [
@@ -71,7 +71,7 @@ __all__ = [
     "STORIES_DIR", "TARGETS", "FakeStore", "Server", "adapter_bytes", "adapter_files", "adapter_version",
     "base_model", "build_tiny_model", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
     "free_port", "key", "load_tokenizer", "make_client", "make_engine", "decoder_logits", "metric", "mixed_batch_and_alone",
-    "nested_json", "nested_obj", "new_store", "peft_logits", "preexec", "read_adapter", "run_server",
+    "nested_json", "nested_obj", "new_store", "peft_logits", "preexec", "read_adapter", "run_server", "stop_process",
     "save_tiny_base", "shapes", "tar_bytes", "tiny_config", "tiny_factory", "wait_ready", "write_peft_adapter",
     "zip_bytes", "zip_folder",
 ]

@@ -66,6 +66,18 @@ class Server:
             return ""
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Terminate ``proc`` if it still runs, and kill it if it has not exited within ``grace_s`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 @contextlib.contextmanager
 def run_server(
     args: list[str], log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 120.0,
@@ -106,11 +118,5 @@ def run_server(
             time.sleep(0.2)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         log.close()
