@@ -184,7 +184,8 @@ def test_killing_a_replica_mid_load_loses_no_request_that_had_not_started(ray_se
     assert not lost, f"requests lost although they had not started streaming: {lost}"
     assert all(r["replica"] == victim for r in cut), f"a stream was cut on the surviving replica: {cut}"
     retried = [r for r in records if r["done"] and r["tries"] > 1]
-    assert retried, "no request was caught queued on the victim: the test did not exercise a retry"
+    summary = [(r["replica"] == victim, r["first"] is not None, r["done"], r["tries"]) for r in records]
+    assert retried, f"no request was caught queued on the victim: the test did not exercise a retry: {summary}"
     assert all(r["replica"] != victim for r in retried)
     assert all(r["status"] == 200 for r in records if r["done"])
     assert sum(r["done"] for r in records) >= n - 4, "more streams cut than the victim could have been running"

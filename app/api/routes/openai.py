@@ -247,11 +247,16 @@ async def _stream_chat(
     want_lp = body.logprobs
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     completion = 0
-    for i in range(len(streams)):
-        yield _sse(ChatCompletionChunk(
-            **head, choices=[ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), finish_reason=None)]
-        ))
+    opened = False
     async for i, ev in _merged(streams):
+        if not opened:
+            # the role chunks wait for the engine's first event: a request still queued has sent no byte, so a
+            # Ray Serve ingress can still replay it on another replica (app/ray_serve/deployments.py)
+            opened = True
+            for j in range(len(streams)):
+                yield _sse(ChatCompletionChunk(**head, choices=[
+                    ChatChunkChoice(index=j, delta=ChatDelta(role="assistant", content=""), finish_reason=None)
+                ]))
         if isinstance(ev, TokenEvent):
             if ev.text or (want_lp and ev.logprob is not None):
                 choice = ChatChunkChoice(index=i, delta=ChatDelta(content=ev.text), finish_reason=None)
