@@ -260,11 +260,13 @@ class Decoder:
         out = q.new_empty(q.shape[0], self.num_heads * hd)
         for kv_row, a, n, cached in plan.rows:
             length = cached + n
-            qr = q[a : a + n].permute(1, 0, 2).reshape(kvh, g * n, hd)  # [kv_heads, G*n, hd]
+            qr = q[a : a + n].permute(1, 0, 2).reshape(1, kvh, g * n, hd)  # [1, kv_heads, G*n, hd]
             ar = torch.arange(length, device=q.device)
             causal = ar[None, :] <= (cached + torch.arange(n, device=q.device))[:, None]  # [n, L]
+            # 4-D inputs: the fused (flash) CPU kernel takes them; 3-D ones fall back to the math path (1.7x slower)
             o = F.scaled_dot_product_attention(
-                qr, kc[kv_row, :, :length], vc[kv_row, :, :length], attn_mask=causal.repeat(g, 1), scale=self.scaling
+                qr, kc[kv_row : kv_row + 1, :, :length], vc[kv_row : kv_row + 1, :, :length],
+                attn_mask=causal.repeat(g, 1)[None, None], scale=self.scaling,
             )
             out[a : a + n] = o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
         return out
