@@ -10,7 +10,8 @@
 - :mod:`app.registry.upload`: turning uploaded files or an archive into a staged folder
   (:func:`stage_upload`).
 - :mod:`app.registry.store`: the on-disk store and its index (:class:`AdapterStore`), with
-  its side files (:mod:`app.registry.sidefiles`) and file helpers (:mod:`app.registry.files`).
+  its folder layout and atomic swaps (:mod:`app.registry.layout`), side files
+  (:mod:`app.registry.sidefiles`) and file helpers (:mod:`app.registry.files`).
 - :mod:`app.registry.jsonread`: parsing outside JSON with size and nesting-depth limits
   (:func:`loads_limited`, :func:`parse_metadata`, :data:`MAX_JSON_DEPTH`).
 

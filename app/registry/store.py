@@ -1,17 +1,10 @@
-"""The on-disk adapter store and its in-memory index.
+"""The adapter store's public API: add, replace, delete, list and load adapters, and its in-memory index.
 
-Layout under ``root`` (``Settings.adapters_dir``)::
-
-    root/<name>/adapter_config.json        peft config (as validated)
-    root/<name>/adapter_model.safetensors  LoRA factors
-    root/<name>/stance.json                {version, created, description, metadata, sha256, size}
-
-Writes are never half-visible: a new version is written and fsynced in
-``root/.tmp-<name>-<hex>/`` and swapped in with renames (``<name>`` ->
-``.old-<name>-<hex>``, tmp -> ``<name>``, then the old one is removed). A delete renames
-``<name>`` to ``.del-<name>-<hex>`` before removing it. :meth:`AdapterStore.scan` rolls an
-interrupted swap back (a ``.old-`` folder whose ``<name>`` is missing is renamed back) and
-removes stale ``.tmp-`` / ``.del-`` / ``.old-`` / ``.upload-`` folders.
+One folder per adapter under ``root`` (``Settings.adapters_dir``): its peft config,
+safetensors and ``stance.json``. The folder layout and the renames that make every write
+atomic (a new version is written and fsynced in a hidden ``.tmp-`` folder, then swapped in;
+a delete renames the folder away first; an interrupted swap is rolled back by
+:meth:`AdapterStore.scan`) are :mod:`app.registry.layout`.
 
 Uploads are staged in ``root/.upload-<hex>/`` (:meth:`AdapterStore.staging`), on the
 store's own filesystem, never in the system temp folder; one left by a killed upload is
@@ -29,10 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +35,7 @@ from app.errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLarge
 from app.registry.adapter import AdapterRecord, AdapterWeights
 from app.registry.files import copy_hashed, fsync_dir, remove_path, write_file
 from app.registry.jsonread import MAX_JSON_DEPTH
+from app.registry.layout import TMP, UPLOAD, hidden_path, move_aside, occupied, recover, swap_in
 from app.registry.peft_reader import PeftAdapter, read_peft_adapter
 from app.registry.sidefiles import (
     STANCE_FILE,
@@ -64,14 +56,6 @@ from app.registry.validation import (
 )
 
 logger = logging.getLogger(__name__)
-
-_TMP, _OLD, _DEL, _UPLOAD = ".tmp-", ".old-", ".del-", ".upload-"
-
-
-def _split_hidden(entry: str, prefix: str) -> str | None:
-    """The adapter name in ``<prefix><name>-<hex>``, or None."""
-    name, sep, _tag = entry[len(prefix) :].rpartition("-")
-    return name if sep and NAME_RE.fullmatch(name) else None
 
 
 class AdapterStore:
@@ -221,7 +205,7 @@ class AdapterStore:
         weights, adapter = self._load(staged, name)
         config = adapter.config
 
-        tmp = self.root / f"{_TMP}{name}-{uuid.uuid4().hex}"
+        tmp = hidden_path(self.root, TMP, name)
         with self._lock:
             self._inflight.add(tmp.name)
         old_dir: Path | None = None
@@ -247,7 +231,7 @@ class AdapterStore:
                 }
                 write_file(tmp / STANCE_FILE, json.dumps(stance, indent=2).encode("utf-8"))
                 fsync_dir(tmp)
-                old_dir = self._swap_in(name, tmp)
+                old_dir = swap_in(self.root, name, tmp)
                 record = self._make_record(name, version, created, description, metadata, adapter, weights)
                 self._index[name] = record
                 self._last_version[name] = version
@@ -302,7 +286,7 @@ class AdapterStore:
         Raises:
             OSError: the folder cannot be created (disk full, read-only root).
         """
-        folder = self.root / f"{_UPLOAD}{uuid.uuid4().hex}"
+        folder = hidden_path(self.root, UPLOAD)
         with self._lock:
             self._inflight.add(folder.name)
         try:
@@ -323,13 +307,7 @@ class AdapterStore:
             record = self._index.get(name)
             if record is None:
                 raise AdapterNotFoundError(name)
-            folder = self.root / name
-            tomb = self.root / f"{_DEL}{name}-{uuid.uuid4().hex}"
-            try:
-                os.rename(folder, tomb)
-            except FileNotFoundError:
-                tomb = None
-            fsync_dir(self.root)
+            tomb = move_aside(self.root, name)
             del self._index[name]
             self._last_version[name] = max(self._last_version.get(name, 0), record.version)
         if tomb is not None:
@@ -342,11 +320,11 @@ class AdapterStore:
     def scan(self) -> list[AdapterRecord]:
         """(Re)build the index from the folders under ``root``; return the records sorted by name.
 
-        First rolls back interrupted replaces (``.old-<name>-*`` whose ``<name>`` is missing
-        is renamed back; with several, the highest ``stance.json`` version wins) and
-        removes stale ``.tmp-``, ``.del-``, ``.upload-`` (killed uploads, see
-        :meth:`staging`) and leftover ``.old-`` folders, except those in use by this
-        process (each removal is logged at info level). Other dot-entries are ignored.
+        First rolls back interrupted replaces and removes stale hidden folders
+        (:func:`app.registry.layout.recover`: ``.old-<name>-*`` whose ``<name>`` is missing
+        is renamed back, the highest ``stance.json`` version winning; ``.tmp-``, ``.del-``,
+        ``.upload-`` (killed uploads, see :meth:`staging`) and leftover ``.old-`` folders
+        are removed, except those in use by this process). Other dot-entries are ignored.
         Every other folder is read once (:func:`~app.registry.peft_reader.read_peft_adapter`) and
         validated (:func:`~app.registry.validation.check_adapter`); invalid ones,
         bad names and reserved names are logged and skipped, never fatal. A
@@ -354,7 +332,7 @@ class AdapterStore:
         with metadata from ``training_metrics.json`` (see :func:`training_metadata`).
         """
         with self._lock:
-            self._recover()
+            recover(self.root, self._version_of, self._inflight)
             index: dict[str, AdapterRecord] = {}
             for entry in sorted(self.root.iterdir()):
                 name = entry.name
@@ -436,46 +414,8 @@ class AdapterStore:
         return stance_version(folder, self.max_json_depth + 1)
 
     def _taken(self, name: str) -> bool:
-        target = self.root / name
-        return name in self._index or target.exists() or target.is_symlink()
-
-    def _swap_in(self, name: str, tmp: Path) -> Path | None:
-        """Rename ``tmp`` to ``root/name``, moving an existing one to ``.old-``; return that (to remove)."""
-        target = self.root / name
-        old_dir: Path | None = None
-        if target.exists() or target.is_symlink():
-            old_dir = self.root / f"{_OLD}{name}-{uuid.uuid4().hex}"
-            os.rename(target, old_dir)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old_dir is not None:
-                os.rename(old_dir, target)
-            raise
-        fsync_dir(self.root)
-        return old_dir
-
-    def _recover(self) -> None:
-        entries = [e for e in self.root.iterdir() if e.name.startswith(".")]
-        olds: dict[str, list[Path]] = {}
-        for entry in entries:
-            if entry.name.startswith(_OLD) and (name := _split_hidden(entry.name, _OLD)) is not None:
-                olds.setdefault(name, []).append(entry)
-        for name, paths in olds.items():
-            target = self.root / name
-            if not (target.exists() or target.is_symlink()):
-                best = max(paths, key=self._version_of)
-                os.rename(best, target)
-                fsync_dir(self.root)
-                paths.remove(best)
-                logger.warning("recovered adapter %s from interrupted replace (%s)", name, best.name)
-            for path in paths:
-                logger.info("removing leftover %s", path)
-                remove_path(path)
-        for entry in entries:
-            if entry.name.startswith((_TMP, _DEL, _UPLOAD)) and entry.name not in self._inflight:
-                logger.info("removing stale %s", entry)
-                remove_path(entry)
+        """Whether ``name`` is registered or anything is on disk under it."""
+        return name in self._index or occupied(self.root, name)
 
     def _read_record(self, name: str, folder: Path) -> AdapterRecord:
         weights, adapter = self._load(folder, name)

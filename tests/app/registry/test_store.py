@@ -263,7 +263,7 @@ def test_crash_recovery_restores_old(tmp_path, staged, caplog):
     shutil.copytree(staged("v2"), root / ".tmp-a-y2")
     (root / ".del-b-z3").mkdir()
     (root / ".git").mkdir()
-    with caplog.at_level(logging.WARNING, logger="app.registry.store"):
+    with caplog.at_level(logging.WARNING, logger="app.registry.layout"):
         records = new_store(root).scan()
     assert [r.name for r in records] == ["a", "b"]
     a = next(r for r in records if r.name == "a")

@@ -110,7 +110,7 @@ def test_scan_removes_stale_upload_folders(tmp_path, payload, caplog):
     (root / ".upload-x").write_bytes(b"stray file")
     (root / ".keep").mkdir()
     fresh = new_store(root)
-    with caplog.at_level(logging.INFO, logger="app.registry.store"):
+    with caplog.at_level(logging.INFO, logger="app.registry.layout"):
         records = fresh.scan()
     assert [r.name for r in records] == ["kept"] and [r.name for r in fresh.list()] == ["kept"]
     assert hidden(root) == [".keep"]  # only our own dot-entries are removed
