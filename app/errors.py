@@ -9,6 +9,7 @@ OpenAI-style shape ``{"error": {"message", "type", "code", "param"}}`` where
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,28 @@ class AdapterNotFoundError(StanceServeError):
     def __init__(self, name: str, *, param: str | None = "model") -> None:
         super().__init__(f"adapter {name!r} is not registered", param=param)
         self.name = name
+
+
+class AdapterLookupError(StanceServeError):
+    """An adapter named on the command line (a folder path or a name) is in none of the places searched.
+
+    Raised by the training tools (:func:`training.adapter_lookup.resolve_adapter`), not by the API; its
+    HTTP mapping is the not-found one (404) should it ever reach it.
+
+    Attributes:
+        name: the adapter as given.
+        searched: every folder looked at, in the order tried.
+    """
+
+    status_code = 404
+    code = "adapter_not_found"
+
+    def __init__(self, name: str, searched: list[tuple[str, str]], *, note: str | None = None) -> None:
+        where = "; ".join(f"{what}: {path}" for what, path in searched)
+        message = f"no adapter {name!r} (a folder with adapter_config.json): looked for {where}"
+        super().__init__(message + (f"; {note}" if note else ""), param="adapter")
+        self.name = name
+        self.searched = [Path(path) for _, path in searched]
 
 
 class AdapterExistsError(StanceServeError):

@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from app.cli_options import dataclass_options, from_cli, with_options
+from training.adapter_lookup import store_help
 from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
 app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress and errors
-#: The shipped stance adapters (adapters/) and their held-out probes.
+#: The stances of the shipped adapters (app.registry.seed.shipped_adapters_dir), each with held-out probes.
 SHIPPED = ("curious-uncertainty", "confident-expertise", "engaged-difficulty")
 STANCE_DATA = Path(__file__).resolve().parent / "data" / "stances"
 
@@ -139,7 +140,9 @@ def _compare(runs: list[Path], out: Path) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    adapter: Annotated[str | None, typer.Option(help="Adapter name (on the server or in the store) or folder path.")] = None,
+    adapter: Annotated[str | None, typer.Option(
+        help="With --url: an adapter name on that server. Locally: a peft folder path, else a name in "
+             "--adapters-dir, else a shipped adapter's name.")] = None,
     probes: Annotated[Path | None, typer.Option(help="JSONL probe prompts (field 'prompt').")] = None,
     stance: Annotated[str | None, typer.Option(help="Stance the scorers measure (default: the adapter's name, if a known stance).")] = None,
     task: Annotated[str | None, typer.Option(help="'scheduling' for the meeting-room task instead of probes.")] = None,
@@ -147,7 +150,8 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Scheduling generator seed.")] = 123,
     url: Annotated[str | None, typer.Option(help="Evaluate through a running server at this URL instead of loading the model.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model for local evaluation (default: embedded SmolLM2).")] = None,
-    adapters_dir: Annotated[Path | None, typer.Option(help="Adapter store for names (default ./adapters).")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help=store_help() + " Ignored with --url.",
+                                                      show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
     likelihood: Annotated[bool, typer.Option(help="Also run the likelihood-based stance scorer (loads the base model).")] = True,
     out: Annotated[Path | None, typer.Option(help="Report (Markdown) or result (JSON) path.")] = None,
@@ -155,7 +159,8 @@ def eval_cmd(
         help="Training JSONL whose chosen answers (DPO) or completions (SFT) calibrate the scorers.")] = None,
     sweep: Annotated[bool, typer.Option(
         help="Blend response curves: sweep each stance's weight and each pair's interpolation (writes --out DIR).")] = False,
-    stances: Annotated[str, typer.Option(help="--sweep: comma-separated adapters (each a scored stance).")] = ",".join(SHIPPED),
+    stances: Annotated[str, typer.Option(
+        help="--sweep: comma-separated adapter names, each a scored stance (looked up like --adapter).")] = ",".join(SHIPPED),
     probes_per_stance: Annotated[int, typer.Option(
         help="--sweep without --probes: the first N probes of each stance's training/data/stances/S/probes.jsonl.")] = 8,
     weights: Annotated[str, typer.Option(help="--sweep: stance weights.")] = ",".join(f"{w:g}" for w in SWEEP_WEIGHTS),
@@ -179,6 +184,8 @@ def eval_cmd(
         _fail(f"unknown --task {task!r} (only 'scheduling')")
     if task is None and (adapter is None or probes is None):
         _fail("give --adapter and --probes (or --task scheduling)")
+    if not url and adapter:
+        _check_local_adapters([adapter], adapters_dir)
     raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
     with contextlib.ExitStack() as stack:
         stack.callback(raw.close)
@@ -213,6 +220,18 @@ def eval_cmd(
     typer.echo(json.dumps(res, indent=2))
 
 
+def _check_local_adapters(adapters: list[str], adapters_dir: Path | None) -> None:
+    """Fail (exit 1, naming every folder looked at) unless each adapter resolves locally, before the model loads."""
+    from app.errors import AdapterLookupError
+    from training.adapter_lookup import resolve_adapter
+
+    for a in adapters:
+        try:
+            resolve_adapter(a, adapters_dir)
+        except AdapterLookupError as e:
+            _fail(e.message)
+
+
 def _floats(text: str, option: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -245,6 +264,8 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
             prompts = [p for s in names for p in load_probes(STANCE_DATA / s / "probes.jsonl")[:per_stance]]
     except DatasetError as e:
         _fail(str(e))
+    if not url:
+        _check_local_adapters(names, adapters_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
     try:
@@ -344,12 +365,14 @@ def scheduling_data(
 
 @app.command("export-blend")
 def export_blend_cmd(
-    stances: Annotated[str, typer.Option(help="The blend: name=weight,... (names in --adapters-dir, or folders).")],
+    stances: Annotated[str, typer.Option(
+        help="The blend: adapter=weight,... (each a peft folder path, else a name in --adapters-dir, else a shipped "
+             "adapter's name).")],
     out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter.")],
     method: Annotated[str, typer.Option(help="cat (exact, rank = sum of ranks) | svd (approximate, rank --rank).")] = "cat",
     rank: Annotated[int | None, typer.Option(help="svd: target rank (default: the largest member rank).")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2).")] = None,
-    adapters_dir: Annotated[Path, typer.Option(help="Adapter store for names.")] = Path("adapters"),
+    adapters_dir: Annotated[Path | None, typer.Option(help=store_help(), show_default=False)] = None,
     check: Annotated[int, typer.Option(
         help="Then measure parity on the first N probes of the shipped stances: the exported adapter in plain peft "
              "vs the engine's live blend (max |logprob difference|, greedy agreement). 0: skip.")] = 0,
@@ -357,6 +380,8 @@ def export_blend_cmd(
     """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
     from app.config import EMBEDDED_MODEL, Settings
     from app.engine.model_loader import load_base_model
+    from app.errors import AdapterLookupError
+    from training.adapter_lookup import resolve_adapter
     from training.export_blend import export_blend, parse_stances
 
     try:
@@ -365,11 +390,10 @@ def export_blend_cmd(
         _fail(f"--stances: {e}")
     folders = {}
     for name in weights:
-        p = Path(name)
-        folder = p if (p / "adapter_config.json").exists() else adapters_dir / name
-        if not (folder / "adapter_config.json").exists():
-            _fail(f"no adapter {name!r}: neither {p} nor {adapters_dir / name} is a peft folder")
-        folders[name] = folder
+        try:
+            folders[name] = resolve_adapter(name, adapters_dir)
+        except AdapterLookupError as e:
+            _fail(e.message)
     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu", dtype="float32"))
     try:
         summary = export_blend(loaded.model, folders, weights, out, method=method, rank=rank)

@@ -45,11 +45,13 @@ class Generator(Protocol):
 
 
 class LocalGenerator:
-    """The base model in this process, with adapters from folders or from the adapter store.
+    """The base model in this process, with adapters from folders, the adapter store or the shipped adapters.
 
     Args:
         base: HF id or path (``None``: the embedded SmolLM2).
-        adapters_dir: store searched when an adapter is given by name.
+        adapters_dir: store searched when an adapter is given by name (default: the server's configured store,
+            ``Settings.adapters_dir``); names not in it are then looked up among the shipped adapters
+            (see :func:`training.adapter_lookup.resolve_adapter`).
         loaded: an already loaded ``LoadedModel`` to serve instead of loading ``base`` (tests: a tiny model).
         max_batch_size: sequences the engine decodes per step.
         max_in_flight: requests submitted at once by :meth:`generate_rows` (the engine queues the rest
@@ -83,18 +85,15 @@ class LocalGenerator:
         self.engine.stop()
 
     def resolve(self, adapter: str) -> Path:
-        """The folder of ``adapter``: a path to a peft folder, or a name in the adapter store.
+        """The folder of ``adapter``: a path to a peft folder, else a name in ``adapters_dir``, else a shipped adapter.
 
         Raises:
-            FileNotFoundError: neither exists.
+            app.errors.AdapterLookupError: none of them holds ``adapter_config.json`` (the message names
+                every folder looked at).
         """
-        p = Path(adapter)
-        if (p / "adapter_config.json").exists():
-            return p
-        q = self.adapters_dir / adapter
-        if (q / "adapter_config.json").exists():
-            return q
-        raise FileNotFoundError(f"no adapter folder at {p} nor {q}")
+        from training.adapter_lookup import resolve_adapter
+
+        return resolve_adapter(adapter, self.adapters_dir)
 
     def weights(self, adapter: str):
         """The :class:`~app.registry.adapter.AdapterWeights` of ``adapter`` (a name or a folder), read once."""
