@@ -158,3 +158,54 @@ def test_cli_sweep_writes_json_pngs_report(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == sorted(curve_filename(n) for n in (A, B, f"{A}+{B}"))
     assert "## Anti-stance (negative weight)" in (out / "sweep_report.md").read_text()
     assert len((out / "answers.jsonl").read_text().splitlines()) == 2 * (1 + 2 + 2 + 1)
+
+
+@pytest.mark.slow
+def test_cli_sweep_against_a_live_server(tmp_path):
+    """``stanceserve eval --sweep --url``: every row is a live-blend request to a real server process (tiny Llama).
+
+    The adapters exist only in the server's store, so nothing could be generated locally; the answers written are
+    the server's own greedy answers to the same blends, asked again directly.
+    """
+    import httpx
+    from typer.testing import CliRunner
+
+    from tests.factories import BASE_MODEL
+    from tests.server import start_server
+    from training.cli import app
+
+    write_peft_adapter(tmp_path / "server" / "store" / A, "llama", rank=4, seed=21, scale=0.6)
+    write_peft_adapter(tmp_path / "server" / "store" / B, "llama", rank=4, seed=22, scale=0.6)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBES[:2]))
+    out = tmp_path / "sweep"
+    with start_server(tmp_path / "server") as server:
+        res = CliRunner().invoke(app, [
+            "eval", "--sweep", "--url", server.base, "--stances", f"{A},{B}", "--probes", str(probes),
+            "--adapters-dir", str(tmp_path / "empty"), "--weights=-1,0,1", "--ts", "0,0.5,1", "--max-tokens", "4",
+            "--resamples", "50", "--no-likelihood", "--quiet", "--out", str(out)])
+        assert res.exit_code == 0, res.output + server.log_tail()
+        rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+        mid = {A: 0.5, B: 0.5}
+        direct = [httpx.post(f"{server.base}/v1/chat/completions", timeout=60, json={
+            "model": BASE_MODEL, "stances": mid, "messages": [{"role": "user", "content": p}], "max_tokens": 4,
+            "temperature": 0}).json()["choices"][0]["message"]["content"].strip() for p in PROBES[:2]]
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["json"] == str(out / "sweep.json") and set(summary["spearman"]) == {A, B, f"{A}+{B}"}
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["schema_version"] == 1 and data["base_model"] == BASE_MODEL  # the server's name, from /v1/models
+    assert (data["probes"], data["max_tokens"], data["scorers"]) == (2, 4, ["marker"])
+    # distinct blends: base, 2 non-zero weights per stance, the pair's midpoint (its ends are the single stances)
+    assert data["generations"] == 2 * (1 + 2 + 2 + 1) and len(rows) == data["generations"]
+    assert [c["name"] for c in data["curves"]] == [A, B, f"{A}+{B}"]
+    for c in data["curves"]:
+        assert [p["x"] for p in c["points"]] == ([-1.0, 0.0, 1.0] if c["kind"] == "stance" else [0.0, 0.5, 1.0])
+        for p in c["points"]:
+            assert set(p["scores"]) == set(c["members"]) and 0.0 <= p["fraction_different"] <= 1.0
+            assert all(set(p["scores"][s]["marker"]) == {"mean", "ci", "n"} for s in c["members"])
+        assert (out / c["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(curve_filename(n) for n in (A, B, f"{A}+{B}"))
+    assert [r["answer"] for r in rows if r["blend"] == mid] == direct
+    # and the server did blend: the random adapters change some answers (else the check above proves little)
+    assert any(p["fraction_different"] > 0 for c in data["curves"] for p in c["points"])
+    assert (out / "sweep_report.md").is_file()
