@@ -147,6 +147,10 @@ class Settings(BaseSettings):
         256 * 2**20, ge=0, description="Prefix cache budget, in bytes: KV blocks of prompt prefixes, per stance, "
         "reused by later prompts that start the same way (0: off).",
     )
+    weight_prepack: bool = Field(
+        True, description="On CPU, reorder the linear weights once into oneDNN's blocked layout (as vLLM's CPU backend "
+        "does): decode steps ~1.5x faster; the dense copies are freed, so weights are not held twice. No effect on CUDA.",
+    )
     # --- scale-out (Ray Serve, the [ray] extra; see the README's "Scaling out") ---
     ray: bool = Field(
         False, description="Serve through Ray Serve: one ingress and `replicas` engine replicas, each request routed "

@@ -3,8 +3,8 @@
 * :func:`decode_step` runs the engine's own forward pass for ``rows`` sequences of ``context`` tokens,
   one token each, on the calling thread (no scheduler, no sampling), and times it: the same
   :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds.
-* :func:`roofline` times only the step's matmuls: ``F.linear`` over the same fused (q/k/v, o,
-  gate/up, down, lm_head) weights at the same batch, what the step cannot beat on this machine.
+* :func:`roofline` times only the step's matmuls: the same fused (q/k/v, o, gate/up, down, lm_head)
+  weights, prepacked when the engine packs them, at the same batch: what the step cannot beat here.
 * :func:`profile_step` gives the per-op split of one step (``torch.profiler``, self CPU/CUDA time per
   op, averaged over steps), so the bench shows where each remaining millisecond goes.
 * :func:`shared_prefix` is the TTFT of concurrent requests sharing a long stance system prompt, with
@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from app.engine.forward import Plan
 from app.engine.lora import LoRABatch
@@ -71,7 +70,7 @@ def roofline(engine: Any, rows: int, *, repeats: int = 10) -> float:
 
     def run() -> None:
         for f in layers:
-            F.linear(xs[f.in_features], f.weight, f.bias)
+            f.base(xs[f.in_features])  # the prepacked weight when the engine packed it
 
     return _timed(run, dec.device, repeats)
 

@@ -39,6 +39,7 @@ class EngineConfig:
         max_blend_weight: largest ``|w|`` of a blend term.
         kv_cache_memory_bytes: KV cache budget in bytes (``None``: ``max_batch_size`` rows of ``max_model_len``).
         prefix_cache_memory_bytes: prefix cache pool, in bytes (0: off).
+        weight_prepack: pack linear weights for oneDNN on CPU (:meth:`~app.engine.lora.FusedLinear.prepack`).
 
     The field descriptions that the CLI and the README show live on the settings fields of the same names.
     """
@@ -53,6 +54,7 @@ class EngineConfig:
     max_blend_weight: float = _default("max_blend_weight")
     kv_cache_memory_bytes: int | None = _default("kv_cache_memory_bytes")
     prefix_cache_memory_bytes: int = _default("prefix_cache_memory_bytes")
+    weight_prepack: bool = _default("weight_prepack")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:

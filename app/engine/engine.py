@@ -93,7 +93,7 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
-        self.decoder = Decoder(model)
+        self.decoder = Decoder(model, prepack=config.max_batch_size if config.weight_prepack else None)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
         for limit, what in ((positions, "positions"), (self.decoder.max_context, "sliding window")):
@@ -106,7 +106,7 @@ class Engine:
         self.max_prompt_tokens = min(config.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
         self.max_blend_weight = config.max_blend_weight
         #: width of the logits (the output embedding's rows), in tokens
-        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = self.decoder.lm_head.out_features
         self._token_texts: dict[int, str] = {}
         #: longest vocabulary entry, in characters: bounds the characters one token can cover
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1

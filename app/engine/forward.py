@@ -146,7 +146,12 @@ class Decoder:
 
     Args:
         model: a Hugging Face causal LM of a supported ``model_type``, in eval mode. Its q/k/v and
-            gate/up weights become views of fused copies (the model still runs as before).
+            gate/up weights become views of fused copies (the model still runs as before, unless
+            ``prepack`` frees them).
+        prepack: on CPU, the decode batch size (rows) to prepack the linear weights for
+            (:meth:`~app.engine.lora.FusedLinear.prepack`); their dense copies are then freed (a tied
+            ``lm_head`` keeps its, the embedding's) and the Hugging Face model can no longer be called.
+            ``None``: plain ``F.linear`` over the dense weights.
 
     Attributes:
         num_layers, num_heads, kv_heads, head_dim: attention shape.
@@ -158,7 +163,7 @@ class Decoder:
         UnsupportedModelError: another architecture, or a feature this forward does not implement.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, prepack: int | None = None) -> None:
         cfg = model.config
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED_MODEL_TYPES:
@@ -189,6 +194,13 @@ class Decoder:
         self.linears[self.lm_head.name] = self.lm_head
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        #: the linears run through oneDNN-prepacked weights
+        self.prepacked = False
+        if prepack is not None:
+            tied = model.lm_head.weight.data_ptr() == self.embed.weight.data_ptr()
+            self.prepacked = all(
+                f.prepack(prepack, release=not (f is self.lm_head and tied)) for f in self.linears.values()
+            )
 
     def new_cache(self, rows: int, max_len: int, budget_bytes: int | None = None) -> KVCache:
         """A :class:`KVCache` for this model: ``rows`` rows of ``max_len`` positions, within ``budget_bytes``."""

@@ -25,6 +25,11 @@ row's tokens in prefill; never a Python loop over adapters in decode. A plain ad
 with weight 1; a blend is several pairs, computed live (no merged weights). LoRA itself is Hu et
 al. 2021 (arXiv:2106.09685).
 
+On CPU the base weight can be *prepacked* (:meth:`FusedLinear.prepack`): reordered once into
+oneDNN's blocked layout, as vLLM's CPU backend and inductor's weight freezing do, so no matmul
+repacks it per call. Measured on this 2-core CPU at 16 rows (SmolLM2-135M shapes): 1.2-3x faster per
+matmul (``lm_head`` 46 -> 18 ms), a decode step 1.5x faster (bench/decode.py).
+
 What this module does not do: run the model (:mod:`app.engine.forward`), decide which adapter
 sits in which slot (:mod:`app.engine.slots`), or validate adapters (:mod:`app.registry.validation`).
 Only the engine thread may write slots.
@@ -168,9 +173,43 @@ class FusedLinear:
                 m.weight.data = self.weight[off : off + n]
                 if m.bias is not None and self.bias is not None:
                     m.bias.data = self.bias[off : off + n]
+        self.dtype, self.device = self.weight.dtype, self.weight.device
+        self._modules = linears
+        #: oneDNN-packed weight (:meth:`prepack`), or ``None`` (then ``weight`` is used)
+        self.packed: torch.Tensor | None = None
         self.At: torch.Tensor | None = None
         self.Bt: list[torch.Tensor] = []
         self.rank = 0
+
+    def prepack(self, batch_hint: int, *, release: bool = True) -> bool:
+        """Reorder the base weight into oneDNN's blocked layout for CPU matmuls (no repacking per call).
+
+        ``batch_hint`` is the row count the layout is tuned for (the decode batch, in tokens); any
+        row count works. With ``release`` the dense weight is freed (the parts' ``weight`` become empty
+        tensors, so the Hugging Face modules can no longer be called), so the weights are not held twice.
+        Pass ``release=False`` for a weight shared with another module (a tied ``lm_head``).
+
+        Returns:
+            whether the weight was packed: only on CPU, in float32 or bfloat16, when PyTorch has oneDNN.
+        """
+        if self.packed is not None:
+            return True
+        if not prepack_supported(self.device, self.dtype):
+            return False
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+            if release:
+                empty = torch.empty(0, dtype=self.dtype, device=self.device)
+                for m in self._modules:
+                    m.weight.data = empty
+                self.weight = empty
+        return True
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + b``: ``[N, d_in]`` -> ``[N, D_out]``, through the packed weight when there is one."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
     @property
     def enabled(self) -> bool:
@@ -179,12 +218,11 @@ class FusedLinear:
 
     def enable(self, slots: int, rank: int) -> None:
         """Allocate (or grow, keeping contents) the slot tensors to ``slots`` slots of rank ``rank`` per part."""
-        w = self.weight
         p = len(self.paths)
         if self.At is not None and self.At.shape[0] == slots and self.rank == rank:
             return
-        at = torch.zeros(slots, self.in_features, p * rank, dtype=w.dtype, device=w.device)
-        bt = [torch.zeros(slots, rank, n, dtype=w.dtype, device=w.device) for n in self.sizes]
+        at = torch.zeros(slots, self.in_features, p * rank, dtype=self.dtype, device=self.device)
+        bt = [torch.zeros(slots, rank, n, dtype=self.dtype, device=self.device) for n in self.sizes]
         if self.At is not None:
             s0, r0 = self.At.shape[0], self.rank
             for i in range(p):
@@ -217,7 +255,7 @@ class FusedLinear:
         return sum(t.numel() * t.element_size() for t in (self.At, *self.Bt))
 
     def __call__(self, x: torch.Tensor, routing: LoRABatch | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         if routing is None or self.At is None:
             return y
         if routing.uniform_slot is not None:
@@ -257,6 +295,17 @@ class FusedLinear:
             for slot, weight in pairs:
                 if weight != 0.0:
                     self._add_b(y[a:b], x[a:b] @ self.At[slot], slot, weight)
+
+
+def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :meth:`FusedLinear.prepack` can pack weights of ``dtype`` on ``device`` (CPU with oneDNN)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.bfloat16:  # oneDNN's bf16 matmuls need avx512bw/vl/dq or avx_ne_convert
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 class MultiLoRA:

@@ -34,11 +34,12 @@ def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None):
+def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepack=4):
     """Every position's logits of ``rows`` run in ONE packed prefill through the engine's forward pass.
 
     Args:
         model: a Hugging Face causal LM (copied first, unless ``decoder`` is given).
+        prepack: the ``Decoder``'s ``prepack`` (oneDNN-packed weights on CPU, as the engine runs; ``None``: dense).
         rows: ``(token ids, [(slot, weight), ...])`` per row; rows may differ in length.
         adapters: :class:`AdapterWeights` written into slots ``0, 1, ...``.
 
@@ -49,7 +50,7 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None):
     from app.engine.lora import LoRABatch, MultiLoRA
 
     if decoder is None:
-        decoder = Decoder(copy.deepcopy(model))
+        decoder = Decoder(copy.deepcopy(model), prepack=prepack)
         lora = MultiLoRA(decoder.linears, max_slots=max_slots)
         for slot, ad in enumerate(adapters):
             lora.write_slot(slot, ad)

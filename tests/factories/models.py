@@ -59,6 +59,10 @@ def build_tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    with torch.no_grad():  # transformers initialises biases to zero, which would hide a dropped or misplaced bias
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and "norm" not in name:
+                param.normal_(0.0, 0.02)
     return model.eval()
 
 

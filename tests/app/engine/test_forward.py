@@ -40,17 +40,20 @@ def hf_logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits
 
 
-def test_packed_prefill_matches_transformers(any_model):
+@pytest.mark.parametrize("prepack", [None, 4], ids=["dense", "prepacked"])
+def test_packed_prefill_matches_transformers(any_model, prepack):
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 1, 12)]
-    out = decoder_logits(any_model, [(ids, []) for ids in rows])
+    out = decoder_logits(any_model, [(ids, []) for ids in rows], prepack=prepack)
     for ids, got in zip(rows, out):
         torch.testing.assert_close(got, hf_logits(any_model, ids), atol=ATOL, rtol=1e-4)
 
 
-def test_chunked_prefill_and_decode_on_shuffled_rows_match_transformers(any_model):
+@pytest.mark.parametrize("prepack", [None, 2], ids=["dense", "prepacked"])
+def test_chunked_prefill_and_decode_on_shuffled_rows_match_transformers(any_model, prepack):
     ref_model = any_model
-    dec = Decoder(copy.deepcopy(any_model))
+    dec = Decoder(copy.deepcopy(any_model), prepack=prepack)
+    assert dec.prepacked == (prepack is not None and dec.device.type == "cpu")
     cache = dec.new_cache(4, 64)
     g = torch.Generator().manual_seed(1)
     seqs = {3: torch.randint(3, 512, (9,), generator=g).tolist(), 1: torch.randint(3, 512, (5,), generator=g).tolist()}
@@ -88,6 +91,21 @@ def test_hf_model_still_runs_on_the_fused_weights():
     before = hf_logits(model, ids)
     Decoder(model)  # q/k/v and gate/up weights become views of the fused copies
     torch.testing.assert_close(hf_logits(model, ids), before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prepacking_frees_dense_weights_but_keeps_a_tied_embedding(arch):
+    model = build_tiny_model(arch)  # llama: tied lm_head; qwen2: untied
+    tied = model.config.tie_word_embeddings
+    dec = Decoder(model, prepack=4)
+    if not dec.prepacked:
+        pytest.skip("no oneDNN prepacking on this device")
+    for name, f in dec.linears.items():
+        assert f.packed is not None
+        keeps = name == "lm_head" and tied
+        assert (f.weight.numel() > 0) == keeps, name
+    assert model.model.layers[0].self_attn.q_proj.weight.numel() == 0  # the HF module no longer holds a copy
+    assert model.model.embed_tokens.weight.numel() > 0
 
 
 def test_unsupported_architecture_is_named():
