@@ -68,25 +68,35 @@ class LoRABatch:
     weights: torch.Tensor
     segments: tuple[tuple[int, int], ...] | None = None
     uniform_slot: int | None = None
-    _cache: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict[tuple[str, int], object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
-    def flat_idx(self) -> torch.Tensor:
-        """``idx`` flattened to ``[rows * K]``."""
-        return self.idx.reshape(-1)
+    def unit_weights(self) -> bool:
+        """Every row has exactly one term, of weight 1 (plain adapters, no blend, no base-model row): the weight
+        multiply can be skipped."""
+        key = ("unit", 0)
+        if key not in self._cache:
+            # a base-model row (no term) has weight 0 on its padding term: it must be multiplied too
+            self._cache[key] = all(len(r) == 1 and r[0][1] == 1.0 for r in self.rows)  # type: ignore[assignment]
+        return bool(self._cache[key])
 
-    def bag_index(self, width: int) -> torch.Tensor:
-        """Row indices into a ``[slots * width, n]`` table for each (row, term): ``[rows * K, width]``.
+    def bags(self, width: int, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [rows * K * width], offsets)`` for ``embedding_bag`` over a ``[slots * width, n]`` table.
 
-        Entry ``[(b, k), j]`` is ``idx[b, k] * width + j``: with ``width = d_in`` it selects the rows of
-        ``A^T`` of the term's slot, with ``width = P * R`` the rows of ``B^T`` (cached per width).
+        Bag ``(b, k)`` holds rows ``idx[b, k] * width + j``, ``j < width``: with ``width = d_in`` it selects
+        the rows of ``A^T`` of the term's slot, with ``width = R`` those of one part's ``B^T``. ``offsets``
+        is ``[rows * K]``, or with ``per_row`` ``[rows]`` (a row's K term bags merged into one). Cached,
+        so the layers of a step share them (no index arithmetic per layer).
         """
-        key = ("bag", width)
-        s = self._cache.get(key)
-        if s is None:
+        key = ("bag-row" if per_row else "bag", width)
+        hit = self._cache.get(key)
+        if hit is None:
             ar = torch.arange(width, device=self.idx.device)
-            s = self._cache[key] = self.flat_idx.unsqueeze(1) * width + ar
-        return s
+            flat = (self.idx.reshape(-1, 1) * width + ar).reshape(-1)
+            step = width * self.idx.shape[1] if per_row else width
+            offsets = torch.arange(0, flat.numel(), step, device=self.idx.device)
+            hit = self._cache[key] = (flat, offsets)  # type: ignore[assignment]
+        return hit  # type: ignore[return-value]
 
     @classmethod
     def from_rows(
@@ -278,16 +288,19 @@ class FusedLinear:
     def _decode(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
         rows, k = routing.idx.shape
         r, p = self.rank, len(self.Bt)
-        w = p * r
         x2 = x if k == 1 else x.repeat_interleave(k, dim=0)
         # xa[(b, k)] = sum_i x[b, i] * At[s_bk, i, :]  -> [rows * K, P*R], scaled by each term's weight
-        xa = F.embedding_bag(routing.bag_index(self.in_features), self.At.view(-1, w), mode="sum", per_sample_weights=x2)
-        xa = xa.view(rows, k, p, r) * routing.weights.view(rows, k, 1, 1)
-        bag = routing.bag_index(r).view(rows, k * r)
+        index, offsets = routing.bags(self.in_features)
+        xa = F.embedding_bag(index, self.At.view(-1, p * r), offsets, mode="sum", per_sample_weights=x2.reshape(-1))
+        xa = xa.view(rows, k, p, r)
+        if not routing.unit_weights:
+            xa = xa * routing.weights.view(rows, k, 1, 1)
+        # a bag per row over its K terms' B^T rows: [rows, K * R]
+        index, offsets = routing.bags(r, per_row=True)
         for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
             # y[b, part i] += sum_{k, j} xa[b, k, i, j] * Bt[i][s_bk, j, :]
-            part = xa[:, :, i, :].reshape(rows, k * r)
-            y[:, off : off + n] += F.embedding_bag(bag, self.Bt[i].view(-1, n), mode="sum", per_sample_weights=part)
+            part = xa[:, :, i, :].reshape(-1)
+            y[:, off : off + n] += F.embedding_bag(index, self.Bt[i].view(-1, n), offsets, mode="sum", per_sample_weights=part)
 
     def _prefill(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
         assert routing.segments is not None
@@ -316,8 +329,8 @@ class MultiLoRA:
     ``max_slots``, as vLLM does with ``max_loras``) so loading an adapter into a free slot is a
     plain copy; with fewer initial slots capacity grows by doubling. The rank grows to the largest
     rank written (mixed ranks are zero-padded to it): a larger-rank adapter triggers one resize.
-    Memory per slot: ``sum over enabled layers of R * (P * d_in + P * D_out)`` elements (the block-
-    diagonal ``Bt`` holds ``P`` times the separate ``B``'s elements).
+    Memory per slot: ``sum over enabled layers of R * (P * d_in + D_out)`` elements (``At`` holds
+    every part's ``A``, each part's ``Bt`` only its own output columns).
 
     Args:
         layers: the model's fused linears by name (:attr:`app.engine.forward.Decoder.linears`).

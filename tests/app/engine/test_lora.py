@@ -51,7 +51,7 @@ def test_mixed_batch_matches_peft_per_row(tiny_model, arch, two_adapters):
 
 
 def lora_decoder(model, adapters, slots=4):
-    dec = Decoder(copy.deepcopy(model))
+    dec = Decoder(copy.deepcopy(model), prepack=4)  # as the engine runs on CPU
     lora = MultiLoRA(dec.linears, max_slots=slots)
     for slot, ad in adapters.items():
         lora.write_slot(slot, ad)
@@ -70,14 +70,17 @@ def test_uniform_fast_path_matches_gather_path(tiny_model, arch, two_adapters):
         torch.testing.assert_close(a, peft_logits(tiny_model, d1, torch.tensor([row])), atol=1e-5, rtol=1e-4)
 
 
-def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters):
-    """One-token-per-row steps (the embedding_bag path) over rows of two adapters, a blend and the base."""
+@pytest.mark.parametrize("mix", ["blend", "plain"])
+def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters, mix):
+    """One-token-per-row steps (the embedding_bag path) over rows of two adapters, a blend (or a third plain
+    adapter row: every term then has weight 1, the fast case that skips the weight multiply) and the base."""
     d1, d2 = two_adapters
     a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
-    routes = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, -0.25)], []]
+    third = [(0, 0.5), (1, -0.25)] if mix == "blend" else [(1, 1.0)]
+    routes = [[(0, 1.0)], [(1, 1.0)], third, []]
     cache = dec.new_cache(4, 16)
     plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
@@ -88,7 +91,8 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
     ref = [
         peft_logits(tiny_model, d1, torch.tensor([full[0]]))[0, -1],
         peft_logits(tiny_model, d2, torch.tensor([full[1]]))[0, -1],
-        hand_merged_logits(tiny_model, [a1, a2], (0.5, -0.25), torch.tensor([full[2]]))[0, -1],
+        hand_merged_logits(tiny_model, [a1, a2], (0.5, -0.25), torch.tensor([full[2]]))[0, -1]
+        if mix == "blend" else peft_logits(tiny_model, d2, torch.tensor([full[2]]))[0, -1],
         tiny_model(input_ids=torch.tensor([full[3]])).logits[0, -1].detach(),
     ]
     for i in range(4):
