@@ -20,9 +20,9 @@ carries ``K`` (slot, weight) pairs the layer computes
     y[b] = W x[b] + sum_k  w[b, k] * scaling_{s} * B_{s} A_{s} x[b],   s = idx[b, k]
 
 for all rows at once: ``embedding_bag`` gather-reductions in decode (the BGMV pattern of Punica,
-Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), and per-row matmuls over each
-row's tokens in prefill; never a Python loop over adapters in decode. A plain adapter is one pair
-with weight 1; a blend is several pairs, computed live (no merged weights). LoRA itself is Hu et
+Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), and in prefill one matmul
+pair per slot in use, over the tokens of every row using it (the SGMV pattern); never a Python
+loop over adapters in decode. A plain adapter is one pair with weight 1; a blend is several pairs, computed live (no merged weights). LoRA itself is Hu et
 al. 2021 (arXiv:2106.09685).
 
 On CPU the base weight can be *prepacked* (:meth:`FusedLinear.prepack`): reordered once into
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,36 @@ class LoRABatch:
             step = width * self.idx.shape[1] if per_row else width
             offsets = torch.arange(0, flat.numel(), step, device=self.idx.device)
             hit = self._cache[key] = (flat, offsets)  # type: ignore[assignment]
+        return hit  # type: ignore[return-value]
+
+    def slot_groups(self) -> list[tuple[int, slice | torch.Tensor, Any]]:
+        """Prefill: each slot with the packed tokens that use it, and their weights (cached).
+
+        Returns:
+            ``(slot, tokens, weight)`` per slot used with a non-zero weight: ``tokens`` a ``slice`` when
+            one row uses the slot (then ``weight`` is that row's float), else an int64 index tensor
+            ``[T]`` of the tokens of every row using it, with ``weight`` ``[T, 1]`` (each token's row's).
+        """
+        key = ("groups", 0)
+        hit = self._cache.get(key)
+        if hit is None:
+            assert self.segments is not None
+            uses: dict[int, list[tuple[int, int, float]]] = {}
+            for (a, b), pairs in zip(self.segments, self.rows):
+                for slot, weight in pairs:
+                    if weight != 0.0 and b > a:
+                        uses.setdefault(slot, []).append((a, b, weight))
+            groups: list[tuple[int, slice | torch.Tensor, Any]] = []
+            dev, dtype = self.idx.device, self.weights.dtype
+            for slot, runs in uses.items():
+                if len(runs) == 1:
+                    a, b, w = runs[0]
+                    groups.append((slot, slice(a, b), w))
+                    continue
+                tokens = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in runs])
+                weight = torch.cat([torch.full((b - a, 1), w, dtype=dtype, device=dev) for a, b, w in runs])
+                groups.append((slot, tokens, weight))
+            hit = self._cache[key] = groups  # type: ignore[assignment]
         return hit  # type: ignore[return-value]
 
     @classmethod
@@ -303,11 +334,15 @@ class FusedLinear:
             y[:, off : off + n] += F.embedding_bag(index, self.Bt[i].view(-1, n), offsets, mode="sum", per_sample_weights=part)
 
     def _prefill(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
-        assert routing.segments is not None
-        for (a, b), pairs in zip(routing.segments, routing.rows):
-            for slot, weight in pairs:
-                if weight != 0.0:
-                    self._add_b(y[a:b], x[a:b] @ self.At[slot], slot, weight)
+        # one matmul pair per slot over all the tokens that use it (a blend's slots are shared by many rows)
+        for slot, tokens, weight in routing.slot_groups():
+            if isinstance(tokens, slice):
+                self._add_b(y[tokens], x[tokens] @ self.At[slot], slot, weight)
+                continue
+            xa = x.index_select(0, tokens) @ self.At[slot]
+            delta = y.new_zeros(xa.shape[0], self.out_features)
+            self._add_b(delta, xa * weight, slot)  # weight: [T, 1], each token's row's blend weight
+            y.index_add_(0, tokens, delta)
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
