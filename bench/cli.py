@@ -84,6 +84,7 @@ def bench(
     many_adapters: Annotated[int, typer.Option(help="Registered adapters in the many-adapters scenario.")] = 1000,
     many_requests: Annotated[int, typer.Option(help="Requests in the many-adapters scenario.")] = 64,
     max_loras: Annotated[int, typer.Option(help="Device slots.")] = EngineConfig().max_loras,
+    prefill_chunk_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per engine step (the server's default).")] = EngineConfig().prefill_chunk_tokens,
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
 ) -> None:
@@ -116,12 +117,14 @@ def bench(
     result: dict[str, Any] = {
         "model": bm.name, "weight_bytes": bm.weight_bytes, "machine": _machine(bm),
         "settings": {"requests": n, "prompt_len": prompt_len, "max_tokens": max_tokens, "rank": rank,
-                     "repeats": repeats, "max_loras": max_loras},
+                     "repeats": repeats, "max_loras": max_loras, "prefill_chunk_tokens": prefill_chunk_tokens,
+                     "weight_prepack": EngineConfig().weight_prepack},
         "scenarios": {},
     }
     sc = result["scenarios"]
     work = Path(tempfile.mkdtemp(prefix="stanceserve-bench-"))
-    eb = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_loras=max_loras, max_batch_size=n)
+    eb = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_loras=max_loras, max_batch_size=n,
+                     prefill_chunk_tokens=prefill_chunk_tokens)
     try:
         if "engine" in wanted:
             mixes = {

@@ -93,7 +93,7 @@ class EngineBench:
 
     def __init__(self, bm: BenchModel, *, prompt_len: int, max_tokens: int, max_loras: int = _DEFAULTS.max_loras,
                  max_batch_size: int = _DEFAULTS.max_batch_size, store: Any = None,
-                 max_cpu_loras: int | None = None, prefill_chunk_tokens: int = 1024) -> None:
+                 max_cpu_loras: int | None = None, prefill_chunk_tokens: int = _DEFAULTS.prefill_chunk_tokens) -> None:
         self.bm = bm
         self.prompt_len = prompt_len
         self.max_tokens = max_tokens
