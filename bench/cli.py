@@ -37,6 +37,8 @@ from app.engine.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
+#: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU)
+EXTRA = ["compile"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -79,7 +81,7 @@ def bench(
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request (EOS ignored).")] = 32,
     rank: Annotated[int, typer.Option(help="LoRA rank of the benchmark adapters.")] = 16,
     repeats: Annotated[int, typer.Option(help="Runs of each engine scenario, interleaved; the median is reported.")] = 3,
-    scenarios: Annotated[str, typer.Option(help=f"Comma-separated subset of {','.join(ALL)}.")] = ",".join(ALL),
+    scenarios: Annotated[str, typer.Option(help=f"Comma-separated subset of {','.join(ALL)} (default: all), or {','.join(EXTRA)} (only when named).")] = ",".join(ALL),
     cold_loads: Annotated[int, typer.Option(help="Adapters registered one by one in the cold-load scenario.")] = 20,
     many_adapters: Annotated[int, typer.Option(help="Registered adapters in the many-adapters scenario.")] = 1000,
     many_requests: Annotated[int, typer.Option(help="Requests in the many-adapters scenario.")] = 64,
@@ -106,9 +108,9 @@ def bench(
     if config and not dummy_weights:
         raise typer.BadParameter("--config needs --dummy-weights (no hub downloads here)", param_hint="--config")
     wanted = [s.strip() for s in scenarios.split(",") if s.strip()]
-    bad = [s for s in wanted if s not in ALL]
+    bad = [s for s in wanted if s not in ALL + EXTRA]
     if bad:
-        raise typer.BadParameter(f"unknown scenario(s) {bad}; choose from {ALL}", param_hint="--scenarios")
+        raise typer.BadParameter(f"unknown scenario(s) {bad}; choose from {ALL + EXTRA}", param_hint="--scenarios")
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
     bm = build_model(config, device=device, dtype=dtype)
@@ -155,6 +157,11 @@ def bench(
         if "prefix" in wanted:
             console.print("[dim]shared-prefix TTFT[/dim]")
             sc["shared_prefix"] = shared_prefix(eb, stance(adapters[0]), requests=n)
+        if "compile" in wanted:
+            from bench.decode import compiled_step
+
+            console.print("[dim]torch.compile vs eager decode step[/dim]")
+            sc["compile"] = compiled_step(bm, rows=n, context=prompt_len + max_tokens // 2)
         if "busy" in wanted:
             console.print("[dim]busy TTFT[/dim]")
             sc["busy_ttft"] = eb.busy_ttft(background=n - 1)

@@ -100,6 +100,48 @@ def profile_step(engine: Any, routes: list[list[tuple[int, float]]], *, context:
     return out
 
 
+def compiled_step(bm: Any, *, rows: int, context: int, repeats: int = 8) -> dict[str, Any]:
+    """Whether ``torch.compile`` pays off for a base decode step: eager (dense, prepacked) vs inductor.
+
+    Each variant runs on its own copy of the model: eager over dense weights, eager over oneDNN-prepacked
+    weights (what the engine runs on CPU), and ``torch.compile(dynamic=False)`` of the dense forward with
+    inductor's weight freezing (which prepacks for oneDNN itself on CPU; on CUDA the default mode).
+
+    Returns:
+        ``{variant}_step_s`` (median seconds), ``compile_s`` (the first compiled call, seconds), and
+        ``compiled_vs_engine`` (compiled step / the engine's own eager step).
+    """
+    import copy
+
+    import torch._inductor.config as inductor_config
+
+    from app.engine.forward import Decoder
+
+    out: dict[str, Any] = {"rows": rows, "context_tokens": context}
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, min(1000, bm.vocab_size), (rows, context), generator=g).tolist()
+    for name in ("eager_dense", "eager_prepacked", "compiled"):
+        dec = Decoder(copy.deepcopy(bm.model), prepack=rows if name == "eager_prepacked" else None)
+        cache = dec.new_cache(rows, context + 2)
+        dec.forward(Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device), cache, None)
+        step = Plan.build([(i, [7], context) for i in range(rows)], dec.device)
+        fwd = dec.forward
+        if name == "compiled":
+            inductor_config.freezing = dec.device.type == "cpu"
+            fwd = torch.compile(dec.forward, dynamic=False)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fwd(step, cache, None)
+            _sync(dec.device)
+            out["compile_s"] = round(time.perf_counter() - t0, 1)
+        with torch.no_grad():
+            out[f"{name}_step_s"] = round(_timed(lambda f=fwd, s=step, c=cache: f(s, c, None), dec.device, repeats), 5)
+        del dec, cache
+    engine = out["eager_prepacked_step_s"] if bm.device.type == "cpu" else out["eager_dense_step_s"]
+    out["compiled_vs_engine"] = round(out["compiled_step_s"] / engine, 3)
+    return out
+
+
 def shared_prefix(eb: Any, stance: Any, *, system_tokens: int = 500, requests: int = 16) -> dict[str, Any]:
     """TTFT of ``requests`` concurrent requests sharing a ``system_tokens`` system prompt: prefix cache on vs off.
 

@@ -70,3 +70,15 @@ def test_random_adapters_are_content_addressed():
     a, same, other = (random_adapter(model, "llama", "a", rank=2, seed=s) for s in (0, 0, 1))
     assert a.id == same.id != other.id and a.id.name == "a"
     assert blend([a, same]).terms == ((a, 1.0),)  # listed twice: twice the weight
+
+
+@pytest.mark.slow
+def test_compile_scenario_times_eager_and_compiled_steps():
+    from bench.decode import compiled_step
+
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    out = compiled_step(bm, rows=2, context=4, repeats=1)
+    for k in ("eager_dense_step_s", "eager_prepacked_step_s", "compiled_step_s", "compile_s", "compiled_vs_engine"):
+        assert out[k] > 0, k
+    assert model.model.layers[0].self_attn.q_proj.weight.numel() > 0  # each variant ran on its own copy
