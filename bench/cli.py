@@ -37,8 +37,8 @@ from app.engine.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
-#: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU)
-EXTRA = ["compile"]
+#: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU; ``soak`` runs 1,000 requests)
+EXTRA = ["compile", "soak"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -157,6 +157,10 @@ def bench(
         if "prefix" in wanted:
             console.print("[dim]shared-prefix TTFT[/dim]")
             sc["shared_prefix"] = shared_prefix(eb, stance(adapters[0]), requests=n)
+        if "soak" in wanted:
+            console.print("[dim]soak: memory over 1,000 requests[/dim]")
+            sc["soak"] = eb.soak([Stance.base(), stance(adapters[0]), stance(adapters[1]),
+                                  blend(adapters[2:5])] * max(1, n // 4), requests=1000)
         if "compile" in wanted:
             from bench.decode import compiled_step
 

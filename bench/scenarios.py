@@ -201,6 +201,51 @@ class EngineBench:
             "ratio_p50": round(statistics.median(busy) / statistics.median(idle), 3),
         }
 
+    def soak(self, stances: list[Stance], *, requests: int = 1000, max_tokens: int = 4,
+             checkpoints: int = 10) -> dict[str, Any]:
+        """Memory over ``requests`` short requests (cycling ``stances``, ``len(stances)`` in flight).
+
+        Returns the process RSS (CPU) or the allocator's bytes in use (CUDA) after each ``requests /
+        checkpoints`` requests, in bytes, and ``growth_after_warmup_bytes``: the last checkpoint minus the
+        first (the first wave warms allocator pools and caches).
+        """
+        import gc
+
+        def used() -> int:
+            if self.bm.device.type == "cuda":
+                torch.cuda.synchronize(self.bm.device)
+                return int(torch.cuda.memory_allocated(self.bm.device))
+            import psutil
+
+            return int(psutil.Process(os.getpid()).memory_info().rss)
+
+        conc = len(stances)
+        per = max(conc, requests // checkpoints)
+        samples: list[int] = []
+        done = 0
+        t0 = time.perf_counter()
+
+        async def wave(n: int) -> None:
+            sem = asyncio.Semaphore(conc)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    await self._one(stances[i % conc], max_tokens=max_tokens)
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+
+        while done < requests:
+            n = min(per, requests - done)
+            asyncio.run(wave(n))
+            done += n
+            gc.collect()
+            samples.append(used())
+        return {
+            "requests": done, "concurrency": conc, "max_tokens": max_tokens, "wall_s": round(time.perf_counter() - t0, 1),
+            "memory_bytes_at_checkpoints": samples, "growth_after_warmup_bytes": samples[-1] - samples[0],
+            "growth_after_warmup_fraction": round((samples[-1] - samples[0]) / samples[0], 4),
+        }
+
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 5)

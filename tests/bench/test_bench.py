@@ -45,6 +45,9 @@ def test_engine_scenarios_run_on_a_tiny_model():
             assert r["decode_rows_per_step"] is not None
         busy = eb.busy_ttft(probes=2, background=3)
         assert busy["ratio_p50"] > 0
+        soak = eb.soak([Stance.base(), stance(ads[0])], requests=8, max_tokens=2, checkpoints=2)
+        assert soak["requests"] == 8 and len(soak["memory_bytes_at_checkpoints"]) == 2
+        assert soak["growth_after_warmup_bytes"] == soak["memory_bytes_at_checkpoints"][1] - soak["memory_bytes_at_checkpoints"][0]
     finally:
         eb.close()
     assert not any(".base_layer" in n for n, _ in model.named_modules())  # unwrapped again
