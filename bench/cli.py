@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
 #: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU; ``soak`` runs 1,000 requests)
-EXTRA = ["compile", "soak"]
+EXTRA = ["compile", "soak", "parity"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -161,6 +161,11 @@ def bench(
             console.print("[dim]soak: memory over 1,000 requests[/dim]")
             sc["soak"] = eb.soak([Stance.base(), stance(adapters[0]), stance(adapters[1]),
                                   blend(adapters[2:5])] * max(1, n // 4), requests=1000)
+        if "parity" in wanted:
+            from bench.parity import dtype_parity, probe_prompts
+
+            console.print("[dim]bf16 vs fp32 greedy parity on the stance probes[/dim]")
+            sc["bf16_parity"] = dtype_parity(bm.model, bm.tokenizer, probe_prompts(), max_tokens=max_tokens)
         if "compile" in wanted:
             from bench.decode import compiled_step
 

@@ -218,6 +218,7 @@ class FusedLinear:
         self._modules = linears
         #: oneDNN-packed weight (:meth:`prepack`), or ``None`` (then ``weight`` is used)
         self.packed: torch.Tensor | None = None
+        self._batch_hint = 0
         self.At: torch.Tensor | None = None
         self.Bt: list[torch.Tensor] = []
         self.rank = 0
@@ -239,6 +240,7 @@ class FusedLinear:
             return False
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
+            self._batch_hint = batch_hint
             if release:
                 empty = torch.empty(0, dtype=self.dtype, device=self.device)
                 for m in self._modules:
@@ -247,10 +249,22 @@ class FusedLinear:
         return True
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W^T + b``: ``[N, d_in]`` -> ``[N, D_out]``, through the packed weight when there is one."""
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        """``x @ W^T + b``: ``[N, d_in]`` -> ``[N, D_out]``, through the packed weight when there is one.
+
+        oneDNN builds (and caches) one primitive per distinct row count, about 0.6 MB each on this
+        project's CPU: prefill lengths alone grew a test process by 356 MB. So row counts are padded
+        with zero rows to a bucket (:func:`packed_rows`), which bounds the shapes per weight to about
+        ``log2(batch_hint) + max prefill chunk / PACKED_ROW_BUCKET``. A decode step is bound by reading
+        the weights, so its padded rows cost little.
+        """
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        n = x.shape[0]
+        padded = packed_rows(n, self._batch_hint)
+        if padded != n:
+            x = F.pad(x, (0, 0, 0, padded - n))
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return y if padded == n else y[:n]
 
     @property
     def enabled(self) -> bool:
@@ -343,6 +357,18 @@ class FusedLinear:
             delta = y.new_zeros(xa.shape[0], self.out_features)
             self._add_b(delta, xa * weight, slot)  # weight: [T, 1], each token's row's blend weight
             y.index_add_(0, tokens, delta)
+
+
+#: packed matmuls of more rows than the decode batch are padded to a multiple of this many rows (see FusedLinear.base)
+PACKED_ROW_BUCKET = 64
+
+
+def packed_rows(n: int, batch_hint: int) -> int:
+    """The row bucket a packed matmul of ``n`` rows runs at: the next power of two up to ``batch_hint`` (then
+    ``batch_hint``), past it the next multiple of :data:`PACKED_ROW_BUCKET`."""
+    if n <= batch_hint:
+        return min(1 << max(0, n - 1).bit_length(), batch_hint)
+    return -(-n // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:

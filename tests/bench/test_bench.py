@@ -85,3 +85,15 @@ def test_compile_scenario_times_eager_and_compiled_steps():
     for k in ("eager_dense_step_s", "eager_prepacked_step_s", "compiled_step_s", "compile_s", "compiled_vs_engine"):
         assert out[k] > 0, k
     assert model.model.layers[0].self_attn.q_proj.weight.numel() > 0  # each variant ran on its own copy
+
+
+def test_dtype_parity_counts_agreement_on_a_tiny_model():
+    from bench.parity import dtype_parity, probe_prompts
+
+    prompts = probe_prompts(per_stance=1)
+    assert len(prompts) == 3 and all(isinstance(p, str) and p for p in prompts)
+    same = dtype_parity(build_tiny_model("llama"), load_tokenizer(), prompts, max_tokens=4, dtype=torch.float32)
+    assert same["token_agreement"] == same["prefix_agreement"] == same["identical_answers"] == 1.0
+    low = dtype_parity(build_tiny_model("llama"), load_tokenizer(), prompts, max_tokens=4, dtype=torch.bfloat16)
+    assert 0.0 <= low["prefix_agreement"] <= low["token_agreement"] <= 1.0  # agreeing prefixes are agreeing tokens
+    assert low["dtype"] == "bfloat16" and low["prompts"] == 3

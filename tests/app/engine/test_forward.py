@@ -114,3 +114,12 @@ def test_unsupported_architecture_is_named():
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
         Decoder(model)
+
+
+def test_packed_row_buckets_bound_the_shapes():
+    from app.engine.lora import PACKED_ROW_BUCKET, packed_rows
+
+    assert [packed_rows(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert packed_rows(12, 12) == 12 and packed_rows(9, 12) == 12
+    assert packed_rows(17, 16) == PACKED_ROW_BUCKET and packed_rows(PACKED_ROW_BUCKET + 1, 16) == 2 * PACKED_ROW_BUCKET
+    assert len({packed_rows(n, 16) for n in range(1, 513)}) == 5 + 512 // PACKED_ROW_BUCKET
