@@ -30,7 +30,6 @@ import torch
 
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
-from app.engine.lora import prepack_supported
 from app.engine.request import FinishEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.registry.adapter import AdapterWeights
@@ -101,10 +100,9 @@ class EngineBench:
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_batch_size=max_batch_size, max_waiting=10_000,
             prefill_chunk_tokens=prefill_chunk_tokens, max_model_len=prompt_len + max_tokens + 16 + SHARED_PREFIX_ROOM,
         )
-        # prepacking frees the model's dense linear weights (CPU), which the peft baselines, adapter shapes and
-        # later engines still read: the engine gets its own copy then
-        model = copy.deepcopy(bm.model) if config.weight_prepack and prepack_supported(bm.device, bm.dtype) else bm.model
-        self.engine = Engine(model, bm.tokenizer, bm.name, bm.eos_token_ids, config=config, store=store)
+        # the peft baselines, adapter shapes and later engines still read the model's dense weights
+        self.engine = Engine(bm.model, bm.tokenizer, bm.name, bm.eos_token_ids, config=config, store=store,
+                             keep_model_callable=True)
         self.engine.start()
         self._rng = random.Random(0)
 

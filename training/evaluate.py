@@ -14,7 +14,6 @@ Scoring itself lives in :mod:`training.scoring`, the report in :mod:`training.re
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +63,6 @@ class LocalGenerator:
                  max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
         from app.config import EMBEDDED_MODEL, Settings
         from app.engine.engine import Engine
-        from app.engine.lora import prepack_supported
         from app.engine.model_loader import load_base_model
 
         kw: dict[str, Any] = {"model": base or EMBEDDED_MODEL, "device": device, "dtype": dtype}
@@ -78,14 +76,9 @@ class LocalGenerator:
 
         self.shapes = linear_shapes(self.loaded.model)
         self.max_in_flight = max_in_flight or 2 * max_batch_size
-        # on CPU the engine prepacks the weights and frees the model's dense copies, but callers still run
-        # ``self.loaded.model`` (likelihood scoring, peft references): the engine gets its own copy then
-        model = self.loaded.model
-        p = next(model.parameters())
-        if self.settings.weight_prepack and prepack_supported(p.device, p.dtype):
-            model = copy.deepcopy(model)
-        self.engine = Engine(model, self.loaded.tokenizer, self.base_name, self.loaded.eos_token_ids,
-                             max_loras=8, max_batch_size=max_batch_size, max_model_len=4096)
+        # callers still run ``self.loaded.model`` (likelihood scoring, peft references)
+        self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.base_name, self.loaded.eos_token_ids,
+                             keep_model_callable=True, max_loras=8, max_batch_size=max_batch_size, max_model_len=4096)
         self.engine.start()
         self._adapters: dict[str, Any] = {}
 

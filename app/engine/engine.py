@@ -66,6 +66,9 @@ class Engine:
         store: the adapter store (may be ``None`` for a base-only engine).
         metrics: Prometheus metrics, or ``None``.
         aliases: other strings accepted as the base model's name (e.g. its path).
+        keep_model_callable: on CPU with ``weight_prepack``, keep the model's dense weights beside the packed
+            ones (``Decoder(keep_dense=True)``), for callers that still run ``model`` themselves (peft
+            baselines, likelihood scoring); the linear weights are then held twice.
         overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_loras=4``); ``TypeError`` on
             an unknown name.
 
@@ -84,6 +87,7 @@ class Engine:
         store: AdapterSource | None = None,
         metrics: Metrics | None = None,
         aliases: tuple[str, ...] = (),
+        keep_model_callable: bool = False,
         **overrides: Any,
     ) -> None:
         config = (config or EngineConfig()).replace(**overrides)
@@ -93,7 +97,8 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
-        self.decoder = Decoder(model, prepack=config.max_batch_size if config.weight_prepack else None)
+        self.decoder = Decoder(model, prepack=config.max_batch_size if config.weight_prepack else None,
+                               keep_dense=keep_model_callable)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
         for limit, what in ((positions, "positions"), (self.decoder.max_context, "sliding window")):

@@ -152,6 +152,8 @@ class Decoder:
             (:meth:`~app.engine.lora.FusedLinear.prepack`); their dense copies are then freed (a tied
             ``lm_head`` keeps its, the embedding's) and the Hugging Face model can no longer be called.
             ``None``: plain ``F.linear`` over the dense weights.
+        keep_dense: with ``prepack``, keep the dense weights too (the model stays callable, at the cost of
+            holding the linear weights twice), for callers that still run the Hugging Face model.
 
     Attributes:
         num_layers, num_heads, kv_heads, head_dim: attention shape.
@@ -163,7 +165,7 @@ class Decoder:
         UnsupportedModelError: another architecture, or a feature this forward does not implement.
     """
 
-    def __init__(self, model: Any, *, prepack: int | None = None) -> None:
+    def __init__(self, model: Any, *, prepack: int | None = None, keep_dense: bool = False) -> None:
         cfg = model.config
         mt = getattr(cfg, "model_type", None)
         if mt not in SUPPORTED_MODEL_TYPES:
@@ -199,7 +201,7 @@ class Decoder:
         if prepack is not None:
             tied = model.lm_head.weight.data_ptr() == self.embed.weight.data_ptr()
             self.prepacked = all(
-                f.prepack(prepack, release=not (f is self.lm_head and tied)) for f in self.linears.values()
+                f.prepack(prepack, release=not (keep_dense or (f is self.lm_head and tied))) for f in self.linears.values()
             )
 
     def new_cache(self, rows: int, max_len: int, budget_bytes: int | None = None) -> KVCache:
