@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -69,17 +70,15 @@ class LoRABatch:
     weights: torch.Tensor
     segments: tuple[tuple[int, int], ...] | None = None
     uniform_slot: int | None = None
-    _cache: dict[tuple[str, int], object] = field(default_factory=dict, compare=False, repr=False)
+    _bags: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
 
-    @property
+    @cached_property
     def unit_weights(self) -> bool:
         """Every row has exactly one term, of weight 1 (plain adapters, no blend, no base-model row): the weight
         multiply can be skipped."""
-        key = ("unit", 0)
-        if key not in self._cache:
-            # a base-model row (no term) has weight 0 on its padding term: it must be multiplied too
-            self._cache[key] = all(len(r) == 1 and r[0][1] == 1.0 for r in self.rows)  # type: ignore[assignment]
-        return bool(self._cache[key])
+        # a base-model row (no term) has weight 0 on its padding term: it must be multiplied too
+        return all(len(r) == 1 and r[0][1] == 1.0 for r in self.rows)
 
     def bags(self, width: int, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [rows * K * width], offsets)`` for ``embedding_bag`` over a ``[slots * width, n]`` table.
@@ -89,45 +88,41 @@ class LoRABatch:
         is ``[rows * K]``, or with ``per_row`` ``[rows]`` (a row's K term bags merged into one). Cached,
         so the layers of a step share them (no index arithmetic per layer).
         """
-        key = ("bag-row" if per_row else "bag", width)
-        hit = self._cache.get(key)
+        hit = self._bags.get((width, per_row))
         if hit is None:
             ar = torch.arange(width, device=self.idx.device)
             flat = (self.idx.reshape(-1, 1) * width + ar).reshape(-1)
             step = width * self.idx.shape[1] if per_row else width
             offsets = torch.arange(0, flat.numel(), step, device=self.idx.device)
-            hit = self._cache[key] = (flat, offsets)  # type: ignore[assignment]
-        return hit  # type: ignore[return-value]
+            hit = self._bags[(width, per_row)] = (flat, offsets)
+        return hit
 
+    @cached_property
     def slot_groups(self) -> list[tuple[int, slice | torch.Tensor, Any]]:
-        """Prefill: each slot with the packed tokens that use it, and their weights (cached).
+        """Prefill: each slot with the packed tokens that use it, and their weights (computed once per batch).
 
         Returns:
             ``(slot, tokens, weight)`` per slot used with a non-zero weight: ``tokens`` a ``slice`` when
             one row uses the slot (then ``weight`` is that row's float), else an int64 index tensor
             ``[T]`` of the tokens of every row using it, with ``weight`` ``[T, 1]`` (each token's row's).
         """
-        key = ("groups", 0)
-        hit = self._cache.get(key)
-        if hit is None:
-            assert self.segments is not None
-            uses: dict[int, list[tuple[int, int, float]]] = {}
-            for (a, b), pairs in zip(self.segments, self.rows):
-                for slot, weight in pairs:
-                    if weight != 0.0 and b > a:
-                        uses.setdefault(slot, []).append((a, b, weight))
-            groups: list[tuple[int, slice | torch.Tensor, Any]] = []
-            dev, dtype = self.idx.device, self.weights.dtype
-            for slot, runs in uses.items():
-                if len(runs) == 1:
-                    a, b, w = runs[0]
-                    groups.append((slot, slice(a, b), w))
-                    continue
-                tokens = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in runs])
-                weight = torch.cat([torch.full((b - a, 1), w, dtype=dtype, device=dev) for a, b, w in runs])
-                groups.append((slot, tokens, weight))
-            hit = self._cache[key] = groups  # type: ignore[assignment]
-        return hit  # type: ignore[return-value]
+        assert self.segments is not None
+        uses: dict[int, list[tuple[int, int, float]]] = {}
+        for (a, b), pairs in zip(self.segments, self.rows):
+            for slot, weight in pairs:
+                if weight != 0.0 and b > a:
+                    uses.setdefault(slot, []).append((a, b, weight))
+        groups: list[tuple[int, slice | torch.Tensor, Any]] = []
+        dev, dtype = self.idx.device, self.weights.dtype
+        for slot, runs in uses.items():
+            if len(runs) == 1:
+                a, b, w = runs[0]
+                groups.append((slot, slice(a, b), w))
+                continue
+            tokens = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in runs])
+            weight = torch.cat([torch.full((b - a, 1), w, dtype=dtype, device=dev) for a, b, w in runs])
+            groups.append((slot, tokens, weight))
+        return groups
 
     @classmethod
     def from_rows(
@@ -349,7 +344,7 @@ class FusedLinear:
 
     def _prefill(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
         # one matmul pair per slot over all the tokens that use it (a blend's slots are shared by many rows)
-        for slot, tokens, weight in routing.slot_groups():
+        for slot, tokens, weight in routing.slot_groups:
             if isinstance(tokens, slice):
                 self._add_b(y[tokens], x[tokens] @ self.At[slot], slot, weight)
                 continue
