@@ -168,6 +168,10 @@ def eval_cmd(
     pairs: Annotated[bool, typer.Option(help="--sweep: also sweep every pair of stances.")] = True,
     resamples: Annotated[int, typer.Option(help="--sweep: bootstrap resamples for the CIs.")] = 2000,
     batch: Annotated[int, typer.Option(help="Local engine batch size (sequences per decode step).")] = 16,
+    trace_style: Annotated[str, typer.Option(
+        help="--task scheduling: the trace style the adapter was trained on (sweep or grid; "
+             "only the 'trace all correct' column reads it).")] = "sweep",
+    with_base: Annotated[bool, typer.Option(help="--task scheduling: also run the base model.")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy),
@@ -191,7 +195,10 @@ def eval_cmd(
         stack.callback(raw.close)
         gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
         if task == "scheduling":
-            res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out)
+            if trace_style not in ("sweep", "grid"):
+                _fail(f"--trace-style must be sweep or grid, got {trace_style!r}")
+            res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out,
+                                   style=trace_style, with_base=with_base)
         else:
             from training.datasets import DatasetError, load_probes, load_reference_answers
             from training.scoring import MARKERS
@@ -319,19 +326,23 @@ def inspect(
 
 
 def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_tokens: int,
-                     out: Path | None) -> dict[str, Any]:
+                     out: Path | None, style: str = "sweep", with_base: bool = True) -> dict[str, Any]:
     """``eval --task scheduling``: base and adapter on the held-out problems, strict scoring; report or JSON."""
     from training.evaluate import BASE
     from training.tasks import scheduling_eval as se
 
-    base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens)
-    ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens) if adapter else None
+    if not with_base and not adapter:
+        _fail("--no-with-base needs --adapter")
+    base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens, style=style) if with_base else None
+    ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens, style=style) if adapter else None
     keep = ("n", "accuracy", "lenient_accuracy", "unparsable", "trace_ok", "by_difficulty", "batches", "generation_s")
-    res: dict[str, Any] = {"n": n, "seed": seed, "base": {k: base[k] for k in keep}}
+    res: dict[str, Any] = {"n": n, "seed": seed, "style": style}
+    if base:
+        res["base"] = {k: base[k] for k in keep}
     if ad:
         res["adapter"] = {k: ad[k] for k in keep}
         res["adapter_name"] = adapter
-    if out and out.suffix == ".md" and ad:
+    if out and out.suffix == ".md" and ad and base:
         se.write_report(out, adapter=ad, base=base)
     elif out:
         out.write_text(json.dumps(res, indent=2) + "\n")
@@ -344,6 +355,7 @@ def scheduling_data(
     seed: Annotated[int, typer.Option(help="Generator seed (refused if a problem is in the held-out seed-123 set).")] = 42,
     out: Annotated[Path, typer.Option(help="SFT JSONL to write.")] = Path("training/data/scheduling/train.sft.jsonl"),
     style: Annotated[str, typer.Option(help="trace: the sweep line step by step (training.tasks.sweep_trace); "
+                                            "grid: every half hour 08:00-17:30 with its ends, starts and count; "
                                             "worked: a short free-text explanation.")] = "trace",
 ) -> None:
     """Write generated meeting-room problems with their answers as an SFT dataset."""
@@ -351,15 +363,17 @@ def scheduling_data(
     from training.tasks.scheduling_eval import check_disjoint
     from training.tasks.sweep_trace import to_trace_sft_rows
 
-    if style not in ("trace", "worked"):
-        _fail(f"--style must be trace or worked, got {style!r}")
+    if style not in ("trace", "grid", "worked"):
+        _fail(f"--style must be trace, grid or worked, got {style!r}")
     problems = generate(n, seed)
     try:
         check_disjoint(problems)
     except ValueError as e:
         _fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(to_trace_sft_rows(problems) if style == "trace" else to_sft_rows(problems), out)
+    rows = to_sft_rows(problems) if style == "worked" else to_trace_sft_rows(
+        problems, "sweep" if style == "trace" else style)
+    write_jsonl(rows, out)
     typer.echo(json.dumps({"out": str(out), "n": n, "seed": seed, "style": style}))
 
 

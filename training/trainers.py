@@ -45,6 +45,8 @@ class TrainConfig:
         save_dtype: dtype of the saved adapter tensors.
         bf16_autocast: train fp32 weights under bf16 autocast (faster on CPUs with AVX512-BF16 / AMX).
         precompute_ref: DPO: compute the reference model's log-probs once before training.
+        save_every: also save the adapter every this many optimiser steps, to
+            ``OUT/checkpoints/step-N`` (same format as the final adapter; a learning curve from one run); 0 = never.
         sft_weight: DPO: add this weight times the NLL of the chosen answer to the DPO loss (TRL's
             ``loss_type=["sigmoid", "sft"]``; the RPO objective of Pang et al. 2024, arXiv:2404.19733),
             which teaches the chosen answers' form, not only the preference; 0 = plain DPO.
@@ -67,6 +69,7 @@ class TrainConfig:
     bf16_autocast: bool = False
     precompute_ref: bool = True
     sft_weight: float = 0.0
+    save_every: int = 0
 
 
 @dataclass
@@ -77,20 +80,30 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _callback(records: list[dict[str, Any]]):
+def _save_adapter(model: Any, out_dir: Path, base_name: str, dtype: torch.dtype) -> None:
+    """Write a peft model's adapter to ``out_dir`` (config + safetensors cast to ``dtype``)."""
+    model.peft_config["default"].base_model_name_or_path = base_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    _cast_safetensors(out_dir / "adapter_model.safetensors", dtype)
+
+
+def _callback(records: list[dict[str, Any]], save_every: int = 0, save=None):
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
-        """Keeps every log line with the wall time of each optimiser step."""
+        """Keeps every log line with the wall time of each optimiser step; saves checkpoints every ``save_every``."""
 
         def __init__(self) -> None:
             self.t_last = time.perf_counter()
             self.step_times: list[float] = []
 
-        def on_step_end(self, args, state, control, **kw):
+        def on_step_end(self, args, state, control, model=None, **kw):
             now = time.perf_counter()
             self.step_times.append(now - self.t_last)
-            self.t_last = now
+            if save_every and save is not None and model is not None and state.global_step % save_every == 0:
+                save(model, state.global_step)
+            self.t_last = time.perf_counter()  # checkpoint writing is not part of the step's time
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -162,7 +175,12 @@ def train_adapter(
         dataloader_num_workers=0,
     )
     records: list[dict[str, Any]] = []
-    recorder = _callback(records)
+    save_dtype = getattr(torch, config.save_dtype)
+
+    def save_checkpoint(m: Any, step: int) -> None:
+        _save_adapter(m, out_dir / "checkpoints" / f"step-{step}", loaded.name, save_dtype)
+
+    recorder = _callback(records, config.save_every, save_checkpoint)
     train_ds = Dataset.from_list(ds.rows)
     if config.method == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -185,11 +203,7 @@ def train_adapter(
     trainer.train()
     total_s = time.perf_counter() - t0
 
-    peft_model = trainer.model
-    peft_model.peft_config["default"].base_model_name_or_path = loaded.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out_dir))
-    _cast_safetensors(out_dir / "adapter_model.safetensors", getattr(torch, config.save_dtype))
+    _save_adapter(trainer.model, out_dir, loaded.name, save_dtype)
     _remove_tree(work)
 
     metrics = {

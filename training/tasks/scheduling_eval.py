@@ -50,14 +50,15 @@ def check_disjoint(train: Sequence[Problem], test: Sequence[Problem] | None = No
         raise ValueError(f"{len(shared)} training problems are in the held-out set (first: index {shared[0]})")
 
 
-def score_answers(answers: Sequence[str], problems: Sequence[Problem]) -> dict[str, Any]:
+def score_answers(answers: Sequence[str], problems: Sequence[Problem], style: str = "sweep") -> dict[str, Any]:
     """Accuracy of ``answers`` (same order as ``problems``), strict and lenient.
 
     Returns ``{"n", "accuracy", "unparsable", "lenient_accuracy", "by_difficulty": {d: {"n", "accuracy",
     "lenient_accuracy"}}, "batches": [accuracy of problems 0-9, 10-19, ...], "trace_ok",
     "per_problem": [{"difficulty", "truth", "strict", "lenient", "correct", "first_wrong_line"}]}``.
     ``accuracy`` uses the strict parser (unparsable counts as wrong); fractions lie in [0, 1];
-    ``trace_ok`` is the fraction of answers whose every sweep line is the true one.
+    ``trace_ok`` is the fraction of answers whose every step line is the true one in ``style``
+    (:data:`training.tasks.sweep_trace.STYLES`); the answer itself is scored the same in every style.
 
     Raises:
         ValueError: ``answers`` and ``problems`` differ in length.
@@ -69,7 +70,7 @@ def score_answers(answers: Sequence[str], problems: Sequence[Problem]) -> dict[s
         strict, lenient = parse_final_answer(text), parse_answer(text)
         rows.append({"difficulty": p.difficulty, "truth": p.answer, "strict": strict, "lenient": lenient,
                      "correct": strict is not None and strict == p.answer,
-                     "first_wrong_line": trace_errors(text, p)["first_wrong_line"]})
+                     "first_wrong_line": trace_errors(text, p, style)["first_wrong_line"]})
     n = len(rows)
 
     def frac(sel: list[dict], key: str = "correct") -> float:
@@ -93,17 +94,19 @@ def score_answers(answers: Sequence[str], problems: Sequence[Problem]) -> dict[s
     }
 
 
-def run(gen: Any, model: str, *, n: int = TEST_N, seed: int = TEST_SEED, max_tokens: int = 360) -> dict[str, Any]:
+def run(gen: Any, model: str, *, n: int = TEST_N, seed: int = TEST_SEED, max_tokens: int = 360,
+        style: str = "sweep") -> dict[str, Any]:
     """Greedy answers of ``model`` (an adapter, or :data:`training.evaluate.BASE`) on ``n`` problems of ``seed``.
 
     ``max_tokens`` (tokens per answer) must cover the longest trace: 325 tokens for
-    the seed-123 set with the SmolLM2 tokenizer. Returns :func:`score_answers`'s
+    the seed-123 set with the SmolLM2 tokenizer (``sweep``), 333 (``grid``). ``style`` is
+    the trace style the model was trained on (only the ``trace_ok`` diagnosis reads it). Returns :func:`score_answers`'s
     dict plus ``"model"``, ``"seed"``, ``"answers"`` and ``"generation_s"`` (wall seconds).
     """
     problems = generate(n, seed)
     t0 = time.perf_counter()
     answers = gen.generate([p.question() for p in problems], model, max_tokens)
-    out = score_answers(answers, problems)
+    out = score_answers(answers, problems, style)
     out.update(model=model, seed=seed, answers=answers, generation_s=round(time.perf_counter() - t0, 1))
     return out
 

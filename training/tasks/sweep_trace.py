@@ -33,6 +33,24 @@ last non-blank line counts, and it must be exactly ``Answer: yes`` or
 unparsable and scored wrong, so a model gets no credit for a ``yes`` that
 happens to appear somewhere in its text.
 
+A second style, :func:`grid_answer` (``--style grid``), needs no sorting at
+all: it walks the half-hour grid 08:00, 08:30, ..., 17:30 (every time a
+generated meeting can start) and, at each time, lists the meetings that end
+there and then those that start there, each with the running count::
+
+    Rooms: 2. Each half hour, ends before starts:
+    08:00 start 2: 1
+    08:30: 1
+    09:00 start 1: 2
+    09:30 end 2: 1
+    10:00 start 3: 2, start 4: 3 > 2
+    Answer: no
+
+The times come in a fixed order the model can count through; what it must do
+at each line is find the exact string ``-10:00`` / ``10:00-`` in the
+question (an exact-match lookup, which small transformers do well) and add or
+subtract one. The price is length: every grid time gets a line (up to 20).
+
 What this module does not do: generate problems, compute the ground truth
 (:mod:`training.tasks.scheduling` does both), tokenize or train.
 """
@@ -46,6 +64,10 @@ from training.tasks.scheduling import Problem
 
 _FINAL = re.compile(r"Answer: (yes|no)")
 _EVENT = re.compile(r"(\d\d:\d\d) (start|end) (\d+): (\d+)( > \d+)?")
+_STEP = r"(?:end|start) \d+: \d+(?: > \d+)?"
+_GRID_LINE = re.compile(rf"\d\d:\d\d(?:: \d+| {_STEP}(?:, {_STEP})*)")
+#: Trace styles: the completion writer and the regex of its step lines (what :func:`trace_errors` compares).
+STYLES = ("sweep", "grid")
 
 
 def _hhmm(t: int) -> str:
@@ -86,10 +108,64 @@ def trace_answer(problem: Problem) -> str:
     return "\n".join(lines)
 
 
-def to_trace_sft_rows(problems: Iterable[Problem]) -> list[dict]:
-    """Chat rows for SFT: ``{"messages": [user question, assistant sweep trace]}``."""
+def grid_answer(problem: Problem) -> str:
+    """The ``grid`` completion: rooms line, one line per half hour 08:00-17:30 up to the first overflow, verdict.
+
+    A line is ``HH:MM: COUNT`` when nothing starts or ends then, else ``HH:MM``
+    followed by ``end K: COUNT`` for each meeting ending then and ``start K: COUNT``
+    for each one starting (ends first, each group by meeting number, joined by
+    ``, ``), the count updated after each. The first start that takes the count
+    above the rooms gets `` > ROOMS`` and ends the trace (``Answer: no``);
+    otherwise ``Never more than ROOMS at once`` and ``Answer: yes`` follow the
+    17:30 line (ends at 18:00 cannot raise the count). Times are assumed on the
+    generator's 30-minute grid (:data:`training.tasks.scheduling.GRID`).
+
+    Raises:
+        ValueError: a meeting starts off the grid or outside 08:00-17:30.
+    """
+    from training.tasks.scheduling import DAY_END, DAY_START, GRID
+
+    slots = range(DAY_START, DAY_END, GRID)
+    if any(s not in slots for s, _ in problem.meetings):
+        raise ValueError("grid traces need every meeting to start on the 30-minute grid between 08:00 and 17:30")
+    rooms, count = problem.rooms, 0
+    lines = [f"Rooms: {rooms}. Each half hour, ends before starts:"]
+    for t in slots:
+        ends = [i for i, (_, e) in enumerate(problem.meetings, 1) if e == t]
+        starts = [i for i, (s, _) in enumerate(problem.meetings, 1) if s == t]
+        if not ends and not starts:
+            lines.append(f"{_hhmm(t)}: {count}")
+            continue
+        steps = []
+        for k in ends:
+            count -= 1
+            steps.append(f"end {k}: {count}")
+        for k in starts:
+            count += 1
+            if count > rooms:
+                steps.append(f"start {k}: {count} > {rooms}")
+                lines += [f"{_hhmm(t)} " + ", ".join(steps), "Answer: no"]
+                return "\n".join(lines)
+            steps.append(f"start {k}: {count}")
+        lines.append(f"{_hhmm(t)} " + ", ".join(steps))
+    lines += [f"Never more than {rooms} at once", "Answer: yes"]
+    return "\n".join(lines)
+
+
+def answer_for(problem: Problem, style: str = "sweep") -> str:
+    """The completion of ``problem`` in ``style`` (one of :data:`STYLES`); ValueError for another style."""
+    if style == "sweep":
+        return trace_answer(problem)
+    if style == "grid":
+        return grid_answer(problem)
+    raise ValueError(f"unknown trace style {style!r}; expected one of {STYLES}")
+
+
+def to_trace_sft_rows(problems: Iterable[Problem], style: str = "sweep") -> list[dict]:
+    """Chat rows for SFT: ``{"messages": [user question, assistant trace in style]}``."""
     return [
-        {"messages": [{"role": "user", "content": p.question()}, {"role": "assistant", "content": trace_answer(p)}]}
+        {"messages": [{"role": "user", "content": p.question()},
+                      {"role": "assistant", "content": answer_for(p, style)}]}
         for p in problems
     ]
 
@@ -108,16 +184,17 @@ def parse_final_answer(text: str) -> bool | None:
     return None if m is None else m.group(1) == "yes"
 
 
-def trace_errors(text: str, problem: Problem) -> dict:
+def trace_errors(text: str, problem: Problem, style: str = "sweep") -> dict:
     """Where a model's trace departs from the true one: a diagnosis for reports, not a score.
 
     Returns ``{"first_wrong_line": int | None, "events_ok": bool}``: the 0-based
-    index (among event lines) of the first line that differs from
-    :func:`trace_answer`'s, None when every event line matches and none is
-    missing or extra.
+    index (among step lines: event lines for ``sweep``, time lines for ``grid``)
+    of the first line that differs from :func:`answer_for`'s, None when every
+    step line matches and none is missing or extra.
     """
-    want = [ln for ln in trace_answer(problem).splitlines() if _EVENT.fullmatch(ln)]
-    got = [ln.strip() for ln in text.splitlines() if _EVENT.fullmatch(ln.strip())]
+    step = _EVENT if style == "sweep" else _GRID_LINE
+    want = [ln for ln in answer_for(problem, style).splitlines() if step.fullmatch(ln)]
+    got = [ln.strip() for ln in text.splitlines() if step.fullmatch(ln.strip())]
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     if first is None and len(got) != len(want):
         first = min(len(got), len(want))
