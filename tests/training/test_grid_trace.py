@@ -124,3 +124,15 @@ def test_checkpoints_every_n_steps_on_a_tiny_llama(tmp_path):
     assert all((w2[k] == final[k]).all() for k in final)  # the last checkpoint is the final adapter
     cfg0, cfg_final = (json.loads((d / "adapter_config.json").read_text()) for d in (ckpts[0], res.out_dir))
     assert cfg0 == cfg_final and cfg0["r"] == 4
+
+
+def test_report_with_a_saved_base_summary(tmp_path):
+    """A base result saved without its answers (an earlier run's eval_summary.json) still fills the tables."""
+    problems = generate(se.TEST_N, se.TEST_SEED)
+    ad = se.score_answers([grid_answer(q) for q in problems], problems, "grid")
+    ad.update(n=se.TEST_N, seed=se.TEST_SEED, answers=[grid_answer(q) for q in problems])
+    base = {k: v for k, v in se.score_answers(["yes"] * len(problems), problems).items()
+            if k not in ("per_problem",)}
+    text = se.write_report(tmp_path / "r.md", adapter=ad, base=base).read_text()
+    assert "| adapter | 100.0% |" in text and "| base | 0.0% |" in text
+    assert "**adapter** (correct)" in text and "**base**" not in text

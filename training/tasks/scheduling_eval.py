@@ -120,7 +120,8 @@ def write_report(path: Path, *, adapter: dict, base: dict | None = None, tries: 
     """Write the Markdown report of one adapter (and optionally the base model) on the held-out set.
 
     Args:
-        adapter, base: :func:`run` results (``base`` may be a lenient-parser free-text run).
+        adapter, base: :func:`run` results (``base`` may be a lenient-parser free-text run, and may be a
+            saved summary without ``answers``/``per_problem``: its answers are then left out of the side by side).
         tries: rows ``{"try", "config", "train_n", "train_s", "accuracy", "easy", "medium", "hard"}``
             for the table of all tries, in the order they were run.
         training: ``training_metrics.json`` content of the adapter (time, steps, hyperparameters).
@@ -134,7 +135,7 @@ def write_report(path: Path, *, adapter: dict, base: dict | None = None, tries: 
               "Strict: only a last line that is exactly `Answer: yes` or `Answer: no` counts "
               "(`training/tasks/sweep_trace.py`, `parse_final_answer`). Lenient: the last `Answer: yes|no`, "
               "else the last standalone yes/no anywhere (`training/tasks/scheduling.py`, `parse_answer`).", "",
-              "| model | strict | lenient | unparsable (strict) | sweep trace all correct | generation time |",
+              "| model | strict | lenient | unparsable (strict) | trace all correct | generation time |",
               "|---|---|---|---|---|---|"]
     for name, r in cols:
         lines.append(f"| {name} | {_pct(r['accuracy'])} | {_pct(r['lenient_accuracy'])} | {_pct(r['unparsable'])} "
@@ -178,6 +179,8 @@ def write_report(path: Path, *, adapter: dict, base: dict | None = None, tries: 
             lines += [f"### Problem {i + 1} ({d}, truth: {'yes' if p.answer else 'no'})", "", "```", p.question(),
                       "```", ""]
             for name, r in cols:
+                if "answers" not in r:
+                    continue
                 ok = "correct" if r["per_problem"][i]["correct"] else "wrong"
                 lines += [f"**{name}** ({ok}):", "", "```", r["answers"][i], "```", ""]
     path = Path(path)
