@@ -195,8 +195,10 @@ def eval_cmd(
         stack.callback(raw.close)
         gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
         if task == "scheduling":
-            if trace_style not in ("sweep", "grid"):
-                _fail(f"--trace-style must be sweep or grid, got {trace_style!r}")
+            from training.tasks.sweep_trace import STYLES
+
+            if trace_style not in STYLES:
+                _fail(f"--trace-style must be one of {', '.join(STYLES)}, got {trace_style!r}")
             res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out,
                                    style=trace_style, with_base=with_base)
         else:

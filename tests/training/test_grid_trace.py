@@ -59,6 +59,8 @@ def test_grid_trace_errors_and_bad_input():
         grid_answer(Problem.from_meetings([(545, 600)], rooms=1))  # 09:05 is off the grid
     with pytest.raises(ValueError, match="style"):
         answer_for(p, "zigzag")
+    with pytest.raises(ValueError, match="style"):
+        trace_errors(good, p, "zigzag")
 
 
 def test_scheduling_data_grid_style_and_scoring_with_it(tmp_path):

@@ -60,14 +60,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from training.tasks.scheduling import Problem
+from training.tasks.scheduling import DAY_END, DAY_START, GRID, Problem
 
 _FINAL = re.compile(r"Answer: (yes|no)")
 _EVENT = re.compile(r"(\d\d:\d\d) (start|end) (\d+): (\d+)( > \d+)?")
 _STEP = r"(?:end|start) \d+: \d+(?: > \d+)?"
 _GRID_LINE = re.compile(rf"\d\d:\d\d(?:: \d+| {_STEP}(?:, {_STEP})*)")
-#: Trace styles: the completion writer and the regex of its step lines (what :func:`trace_errors` compares).
-STYLES = ("sweep", "grid")
 
 
 def _hhmm(t: int) -> str:
@@ -123,8 +121,6 @@ def grid_answer(problem: Problem) -> str:
     Raises:
         ValueError: a meeting starts off the grid or outside 08:00-17:30.
     """
-    from training.tasks.scheduling import DAY_END, DAY_START, GRID
-
     slots = range(DAY_START, DAY_END, GRID)
     if any(s not in slots for s, _ in problem.meetings):
         raise ValueError("grid traces need every meeting to start on the 30-minute grid between 08:00 and 17:30")
@@ -152,13 +148,22 @@ def grid_answer(problem: Problem) -> str:
     return "\n".join(lines)
 
 
+#: Trace style -> (completion writer, regex of its step lines, the lines :func:`trace_errors` compares).
+_STYLES = {"sweep": (trace_answer, _EVENT), "grid": (grid_answer, _GRID_LINE)}
+#: The trace styles' names.
+STYLES = tuple(_STYLES)
+
+
+def _style(style: str):
+    try:
+        return _STYLES[style]
+    except KeyError:
+        raise ValueError(f"unknown trace style {style!r}; expected one of {STYLES}") from None
+
+
 def answer_for(problem: Problem, style: str = "sweep") -> str:
     """The completion of ``problem`` in ``style`` (one of :data:`STYLES`); ValueError for another style."""
-    if style == "sweep":
-        return trace_answer(problem)
-    if style == "grid":
-        return grid_answer(problem)
-    raise ValueError(f"unknown trace style {style!r}; expected one of {STYLES}")
+    return _style(style)[0](problem)
 
 
 def to_trace_sft_rows(problems: Iterable[Problem], style: str = "sweep") -> list[dict]:
@@ -191,9 +196,12 @@ def trace_errors(text: str, problem: Problem, style: str = "sweep") -> dict:
     index (among step lines: event lines for ``sweep``, time lines for ``grid``)
     of the first line that differs from :func:`answer_for`'s, None when every
     step line matches and none is missing or extra.
+
+    Raises:
+        ValueError: ``style`` is not one of :data:`STYLES`.
     """
-    step = _EVENT if style == "sweep" else _GRID_LINE
-    want = [ln for ln in answer_for(problem, style).splitlines() if step.fullmatch(ln)]
+    write, step = _style(style)
+    want = [ln for ln in write(problem).splitlines() if step.fullmatch(ln)]
     got = [ln.strip() for ln in text.splitlines() if step.fullmatch(ln.strip())]
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     if first is None and len(got) != len(want):
