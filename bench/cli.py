@@ -202,7 +202,7 @@ def bench(
 
 def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
     """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile."""
-    from bench.decode import decode_step, profile_step, roofline
+    from bench.decode import decode_step, profile_step, roofline, weight_bytes
 
     eng = eb.engine
     held = [eng.scheduler.call(lambda a=a: eng.slots.acquire(a)) for a in adapters[:n]]
@@ -217,6 +217,10 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         out: dict[str, Any] = {"rows": n, "context_tokens": context}
         for k, routes in mixes.items():
             out[f"{k}_step_s"] = round(decode_step(eng, routes, context=context), 5)
+        base_step = out["base_step_s"]
+        for k, routes in mixes.items():  # what reading the weights alone allows, next to what the step reaches
+            out[f"{k}_weight_bytes"] = weight_bytes(eng, routes)
+            out[f"{k}_step_ratio_to_base"] = round(base_step / out[f"{k}_step_s"], 3)
         out["matmul_roofline_s"] = round(roofline(eng, n), 5)
         out["base_step_vs_roofline"] = round(out["base_step_s"] / out["matmul_roofline_s"], 3)
         out["profile_base"] = profile_step(eng, mixes["base"], context=context)

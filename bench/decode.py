@@ -5,6 +5,8 @@
   :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds.
 * :func:`roofline` times only the step's matmuls: the same fused (q/k/v, o, gate/up, down, lm_head)
   weights, prepacked when the engine packs them, at the same batch: what the step cannot beat here.
+* :func:`weight_bytes` counts the bytes of weights one decode step must read, base and LoRA, so the bench
+  can say how close to base speed an adapter mix can come on a step bound by reading weights.
 * :func:`profile_step` gives the per-op split of one step (``torch.profiler``, self CPU/CUDA time per
   op, averaged over steps), so the bench shows where each remaining millisecond goes.
 * :func:`shared_prefix` is the TTFT of concurrent requests sharing a long stance system prompt, with
@@ -49,7 +51,8 @@ def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, flo
     dec = engine.decoder
     cache = dec.new_cache(rows, context + 2)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, 1000, (rows, context), generator=g).tolist()
+    vocab = dec.lm_head.out_features
+    prompts = torch.randint(min(100, vocab // 2), min(1000, vocab), (rows, context), generator=g).tolist()
     plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
     step = Plan.build([(i, [7], context) for i in range(rows)], dec.device)
@@ -73,6 +76,27 @@ def roofline(engine: Any, rows: int, *, repeats: int = 10) -> float:
             f.base(xs[f.in_features])  # the prepacked weight when the engine packed it
 
     return _timed(run, dec.device, repeats)
+
+
+def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str, Any]:
+    """Bytes of weights one decode step routed by ``routes`` reads: the base model's and the LoRA slots'.
+
+    Every fused base weight is read once per step. Each distinct slot the rows use is read once too
+    (``A`` and ``B`` of every enabled layer, at the slots' padded rank), whatever the number of rows
+    using it: gathers of one slot by several rows hit the cache.
+
+    Returns:
+        ``base_bytes``, ``lora_bytes``, ``slots_read`` and ``bytes_bound_ratio``: ``base / (base + lora)``,
+        the highest tok/s ratio to the base model a step bound by reading weights can reach with this mix.
+    """
+    dec, lora = engine.decoder, engine.lora
+    elem = torch.empty(0, dtype=dec.dtype).element_size()
+    base = sum(f.out_features * f.in_features for f in dec.linears.values()) * elem
+    slots = {s for r in routes for s, w in r if w != 0.0}
+    per_slot = lora.slot_bytes() // max(lora.slots, 1)
+    lora_b = len(slots) * per_slot
+    return {"base_bytes": base, "lora_bytes": lora_b, "slots_read": len(slots),
+            "bytes_bound_ratio": round(base / (base + lora_b), 3)}
 
 
 def profile_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, steps: int = 5,

@@ -97,3 +97,30 @@ def test_dtype_parity_counts_agreement_on_a_tiny_model():
     low = dtype_parity(build_tiny_model("llama"), load_tokenizer(), prompts, max_tokens=4, dtype=torch.bfloat16)
     assert 0.0 <= low["prefix_agreement"] <= low["token_agreement"] <= 1.0  # agreeing prefixes are agreeing tokens
     assert low["dtype"] == "bfloat16" and low["prompts"] == 3
+
+
+def test_step_scenario_counts_the_weight_bytes_each_mix_reads():
+    """The step scenario's byte counts: every base weight once, and each distinct slot once however many rows use it."""
+    from bench.cli import _step_scenario
+
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    ads = [random_adapter(model, "llama", f"a{i}", rank=4, seed=i) for i in range(4)]
+    eb = EngineBench(bm, prompt_len=8, max_tokens=3, max_loras=8, max_batch_size=4)
+    try:
+        out = _step_scenario(eb, ads, 4, 10)
+        lora = eb.engine.lora
+        per_slot = lora.slot_bytes() // lora.slots
+    finally:
+        eb.close()
+    linear_params = sum(m.weight.numel() for n, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and n.startswith("model.layers"))
+    linear_params += model.lm_head.weight.numel()
+    assert out["base_weight_bytes"] == {"base_bytes": 4 * linear_params, "lora_bytes": 0, "slots_read": 0,
+                                        "bytes_bound_ratio": 1.0}
+    assert out["one_adapter_weight_bytes"]["lora_bytes"] == per_slot > 0
+    assert out["distinct_adapters_weight_bytes"]["lora_bytes"] == 4 * per_slot
+    assert out["blend3_weight_bytes"]["slots_read"] == 4  # 3 terms per row, rotating over the 4 slots
+    assert 1.0 > out["one_adapter_weight_bytes"]["bytes_bound_ratio"] > out["distinct_adapters_weight_bytes"]["bytes_bound_ratio"]
+    assert out["base_step_ratio_to_base"] == 1.0 and out["distinct_adapters_step_ratio_to_base"] > 0
+    assert out["matmul_roofline_s"] > 0 and out["profile_base"][-1]["op"] == "(all ops)"
