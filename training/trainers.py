@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -88,11 +88,13 @@ def _save_adapter(model: Any, out_dir: Path, base_name: str, dtype: torch.dtype)
     _cast_safetensors(out_dir / "adapter_model.safetensors", dtype)
 
 
-def _callback(records: list[dict[str, Any]], save_every: int = 0, save=None):
+def _callback(records: list[dict[str, Any]], on_step: Callable[[Any, int], None] | None = None):
+    """A TrainerCallback that appends each log line, with its optimiser step's wall time, to ``records``,
+    and calls ``on_step(model, global_step)`` after each optimiser step (outside the timed span)."""
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
-        """Keeps every log line with the wall time of each optimiser step; saves checkpoints every ``save_every``."""
+        """Keeps every log line with the wall time of each optimiser step; runs ``on_step`` after each."""
 
         def __init__(self) -> None:
             self.t_last = time.perf_counter()
@@ -101,8 +103,8 @@ def _callback(records: list[dict[str, Any]], save_every: int = 0, save=None):
         def on_step_end(self, args, state, control, model=None, **kw):
             now = time.perf_counter()
             self.step_times.append(now - self.t_last)
-            if save_every and save is not None and model is not None and state.global_step % save_every == 0:
-                save(model, state.global_step)
+            if on_step is not None and model is not None:
+                on_step(model, state.global_step)
             self.t_last = time.perf_counter()  # checkpoint writing is not part of the step's time
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -178,9 +180,10 @@ def train_adapter(
     save_dtype = getattr(torch, config.save_dtype)
 
     def save_checkpoint(m: Any, step: int) -> None:
-        _save_adapter(m, out_dir / "checkpoints" / f"step-{step}", loaded.name, save_dtype)
+        if step % config.save_every == 0:
+            _save_adapter(m, out_dir / "checkpoints" / f"step-{step}", loaded.name, save_dtype)
 
-    recorder = _callback(records, config.save_every, save_checkpoint)
+    recorder = _callback(records, save_checkpoint if config.save_every else None)
     train_ds = Dataset.from_list(ds.rows)
     if config.method == "dpo":
         from trl import DPOConfig, DPOTrainer

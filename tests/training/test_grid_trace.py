@@ -104,7 +104,7 @@ def test_scheduling_eval_without_the_base_run(tmp_path):
 
 
 def test_checkpoints_every_n_steps_on_a_tiny_llama(tmp_path):
-    """``--save-every 1``: an adapter folder per optimiser step, each loadable and different from the last."""
+    """``--save-every 2``: an adapter folder every second optimiser step (none between), each loadable and moving on."""
     from safetensors.torch import load_file
 
     from tests.factories import save_tiny_base
@@ -113,16 +113,16 @@ def test_checkpoints_every_n_steps_on_a_tiny_llama(tmp_path):
 
     base = save_tiny_base(tmp_path / "llama", arch="llama")
     data = tmp_path / "train.jsonl"
-    write_jsonl(to_trace_sft_rows(generate(4, seed=42, difficulties=("easy",)), "grid"), data)
-    cfg = TrainConfig(method="sft", rank=4, alpha=8, epochs=1, batch_size=1, grad_accum=2, lr=1e-2,
-                      max_length=256, save_dtype="float32", save_every=1)
+    write_jsonl(to_trace_sft_rows(generate(8, seed=42, difficulties=("easy",)), "grid"), data)
+    cfg = TrainConfig(method="sft", rank=4, alpha=8, epochs=1, batch_size=1, grad_accum=1, lr=1e-2,
+                      max_length=256, save_dtype="float32", save_every=2)
     res = train_adapter(data, "m", tmp_path / "ad", cfg, base=str(base), progress=False)
     ckpts = sorted((res.out_dir / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["step-1", "step-2"]
+    assert [c.name for c in ckpts] == ["step-2", "step-4"]  # 4 steps (the rows that fit max_length)
     w1, w2 = (load_file(c / "adapter_model.safetensors") for c in ckpts)
     final = load_file(res.out_dir / "adapter_model.safetensors")
     assert w1.keys() == final.keys()
-    assert any(not (w1[k] == w2[k]).all() for k in w1)  # step 2 moved the weights
+    assert any(not (w1[k] == w2[k]).all() for k in w1)  # steps 3-4 moved the weights
     assert all((w2[k] == final[k]).all() for k in final)  # the last checkpoint is the final adapter
     cfg0, cfg_final = (json.loads((d / "adapter_config.json").read_text()) for d in (ckpts[0], res.out_dir))
     assert cfg0 == cfg_final and cfg0["r"] == 4
