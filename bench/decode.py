@@ -90,8 +90,7 @@ def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str
         the highest tok/s ratio to the base model a step bound by reading weights can reach with this mix.
     """
     dec, lora = engine.decoder, engine.lora
-    elem = torch.empty(0, dtype=dec.dtype).element_size()
-    base = sum(f.out_features * f.in_features for f in dec.linears.values()) * elem
+    base = sum(f.out_features * f.in_features for f in dec.linears.values()) * dec.dtype.itemsize
     slots = {s for r in routes for s, w in r if w != 0.0}
     per_slot = lora.slot_bytes() // max(lora.slots, 1)
     lora_b = len(slots) * per_slot

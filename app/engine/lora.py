@@ -74,7 +74,7 @@ class LoRABatch:
     weights: torch.Tensor
     segments: tuple[tuple[int, int], ...] | None = None
     uniform_slot: int | None = None
-    _bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(
+    _bags: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False)
 
     @cached_property
@@ -91,11 +91,11 @@ class LoRABatch:
         table: with ``width = d_in`` the rows of ``A^T`` of the term's slot. Cached, so the layers of a
         step share them (no index arithmetic per layer).
         """
-        hit = self._bags.get((width, 0))
+        hit = self._bags.get(("A", width))
         if hit is None:
             ar = torch.arange(width, device=self.idx.device)
             flat = (self.idx.reshape(-1, 1) * width + ar).reshape(-1)
-            hit = self._bags[(width, 0)] = (flat, torch.arange(0, flat.numel(), width, device=self.idx.device))
+            hit = self._bags[("A", width)] = (flat, torch.arange(0, flat.numel(), width, device=self.idx.device))
         return hit
 
     def group_bags(self, rank: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,14 +106,14 @@ class LoRABatch:
         ``j < rank``: row ``b``'s terms for part ``p``, so one call gives ``[rows * count, n]``, which is
         ``[rows, count * n]``: the group's output columns in order. Cached like :meth:`bags`.
         """
-        hit = self._bags.get((rank, count))
+        hit = self._bags.get(("B", rank, count))
         if hit is None:
             dev = self.idx.device
             rows, k = self.idx.shape
             p = torch.arange(count, device=dev).view(1, count, 1, 1)
             j = torch.arange(rank, device=dev).view(1, 1, 1, rank)
             flat = ((self.idx.view(rows, 1, k, 1) * count + p) * rank + j).reshape(-1)
-            hit = self._bags[(rank, count)] = (flat, torch.arange(0, flat.numel(), k * rank, device=dev))
+            hit = self._bags[("B", rank, count)] = (flat, torch.arange(0, flat.numel(), k * rank, device=dev))
         return hit
 
     @cached_property
