@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         True, description="On CPU, reorder the linear weights once into oneDNN's blocked layout (as vLLM's CPU backend "
         "does): decode steps ~1.5x faster; the dense copies are freed, so weights are not held twice. No effect on CUDA.",
     )
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, capture decode steps as CUDA graphs (one per batch-size, context and blend-size "
+        "bucket; the base model's at start-up) and replay them, so a step costs one launch instead of one per kernel. "
+        "A capture that fails, or replays differently from the eager step, turns them off. No effect on CPU.",
+    )
     # --- scale-out (Ray Serve, the [ray] extra; see the README's "Scaling out") ---
     ray: bool = Field(
         False, description="Serve through Ray Serve: one ingress and `replicas` engine replicas, each request routed "

@@ -120,7 +120,7 @@ def bench(
         "model": bm.name, "weight_bytes": bm.weight_bytes, "machine": _machine(bm),
         "settings": {"requests": n, "prompt_len": prompt_len, "max_tokens": max_tokens, "rank": rank,
                      "repeats": repeats, "max_loras": max_loras, "prefill_chunk_tokens": prefill_chunk_tokens,
-                     "weight_prepack": EngineConfig().weight_prepack},
+                     "weight_prepack": EngineConfig().weight_prepack, "cuda_graphs": EngineConfig().cuda_graphs},
         "scenarios": {},
     }
     sc = result["scenarios"]
@@ -193,6 +193,9 @@ def bench(
         sc["many_adapters"] = many(bm, work, n_adapters=many_adapters, slots=max_loras, requests=many_requests,
                                    concurrency=n, prompt_len=prompt_len, max_tokens=max_tokens, rank=8,
                                    max_cpu_loras=4 * max_loras)
+    graphs = getattr(eb.engine, "graphs", None)
+    if graphs is not None:  # on CUDA: did the engine's decode steps replay graphs, or run eagerly (and why)?
+        result["cuda_graphs"] = {**graphs.stats, "disabled": graphs.disabled}
     result["summary"] = _summary(sc, bm, hbm_gbps or _default_hbm_gbps(bm))
     result["total_s"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(result, indent=2)
@@ -217,6 +220,12 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         out: dict[str, Any] = {"rows": n, "context_tokens": context}
         for k, routes in mixes.items():
             out[f"{k}_step_s"] = round(decode_step(eng, routes, context=context), 5)
+            if eng.device.type == "cuda":  # the same step replayed from its CUDA graph, as the engine runs it there
+                try:
+                    out[f"{k}_graph_step_s"] = round(decode_step(eng, routes, context=context, graphs=True), 5)
+                except RuntimeError as e:
+                    out[f"{k}_graph_step_s"] = None
+                    out[f"{k}_graph_error"] = str(e)
         base_step = out["base_step_s"]
         for k, routes in mixes.items():  # what reading the weights alone allows, next to what the step reaches
             out[f"{k}_weight_bytes"] = weight_bytes(eng, routes)

@@ -2,7 +2,8 @@
 
 * :func:`decode_step` runs the engine's own forward pass for ``rows`` sequences of ``context`` tokens,
   one token each, on the calling thread (no scheduler, no sampling), and times it: the same
-  :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds.
+  :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds; on CUDA also replayed from
+  its CUDA graph (:mod:`app.engine.graphs`).
 * :func:`roofline` times only the step's matmuls: the same fused (q/k/v, o, gate/up, down, lm_head)
   weights, prepacked when the engine packs them, at the same batch: what the step cannot beat here.
 * :func:`weight_bytes` counts the bytes of weights one decode step must read, base and LoRA, so the bench
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from app.engine.forward import Plan
+from app.engine.graphs import DecodeGraphs
 from app.engine.lora import LoRABatch
 
 
@@ -46,8 +48,9 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, float]]]):
-    """A prefilled KV cache of ``rows`` x ``context`` tokens and the closure running one decode step on it."""
+def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, float]]], graphs: bool = False):
+    """A prefilled KV cache of ``rows`` x ``context`` tokens and the closure running one decode step on it
+    (with ``graphs``, through :class:`~app.engine.graphs.DecodeGraphs`: CUDA graphs on CUDA)."""
     dec = engine.decoder
     cache = dec.new_cache(rows, context + 2)
     g = torch.Generator().manual_seed(0)
@@ -57,12 +60,23 @@ def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, flo
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
     step = Plan.build([(i, [7], context) for i in range(rows)], dec.device)
     routing = LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype)
-    return lambda: dec.forward(step, cache, routing)
+    if not graphs:
+        return lambda: dec.forward(step, cache, routing)
+    static = DecodeGraphs(dec, cache, engine.lora, max_rows=rows, max_terms=max(len(r) for r in routes) or 1)
+    if static.run(step, routing) is None:
+        raise RuntimeError(f"no decode graph for this step: {static.disabled or 'no bucket'}")
+    return lambda: static.run(step, routing)
 
 
-def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, repeats: int = 10) -> float:
-    """Median seconds of one decode step of ``len(routes)`` rows at ``context`` tokens each, routed by ``routes``."""
-    return _timed(_step(engine, len(routes), context, routes), engine.decoder.device, repeats)
+def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, repeats: int = 10,
+                graphs: bool = False) -> float:
+    """Median seconds of one decode step of ``len(routes)`` rows at ``context`` tokens each, routed by ``routes``
+    (with ``graphs``: replayed from its CUDA graph, inputs copied in and logits out as the scheduler does).
+
+    Raises:
+        RuntimeError: with ``graphs``, the step could not be captured (the message says why).
+    """
+    return _timed(_step(engine, len(routes), context, routes, graphs), engine.decoder.device, repeats)
 
 
 def roofline(engine: Any, rows: int, *, repeats: int = 10) -> float:

@@ -40,6 +40,7 @@ class EngineConfig:
         kv_cache_memory_bytes: KV cache budget in bytes (``None``: ``max_batch_size`` rows of ``max_model_len``).
         prefix_cache_memory_bytes: prefix cache pool, in bytes (0: off).
         weight_prepack: pack linear weights for oneDNN on CPU (:meth:`~app.engine.lora.FusedLinear.prepack`).
+        cuda_graphs: on CUDA, replay decode steps from CUDA graphs (:mod:`app.engine.graphs`).
 
     The field descriptions that the CLI and the README show live on the settings fields of the same names.
     """
@@ -55,6 +56,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = _default("kv_cache_memory_bytes")
     prefix_cache_memory_bytes: int = _default("prefix_cache_memory_bytes")
     weight_prepack: bool = _default("weight_prepack")
+    cuda_graphs: bool = _default("cuda_graphs")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:

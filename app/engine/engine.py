@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
 from app.engine.forward import Decoder
+from app.engine.graphs import DecodeGraphs
 from app.engine.lora import MultiLoRA
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
@@ -125,9 +126,15 @@ class Engine:
         self.lora = MultiLoRA(self.decoder.linears, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
+        #: CUDA graphs of decode steps (``cuda_graphs``, on CUDA only), or ``None``
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.decoder, self.kv_cache, self.lora, max_rows=config.max_batch_size,
+                                       max_terms=MAX_BLEND_ADAPTERS)
         self.scheduler = Scheduler(
             self.decoder, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
             prefix_cache=self.prefix_cache, listeners=[metrics.observe] if metrics is not None else None,
+            graphs=self.graphs,
         )
         if metrics is not None:
             metrics.bind_gauges(

@@ -50,6 +50,8 @@ class Plan:
         decode: every sequence has one token (then token ``i`` is sequence ``i``).
         logit_index: ``[M]`` int64, the packed tokens whose logits are returned.
         contiguous: decode rows are KV rows ``0 .. n-1`` in order (attention reads a view).
+        mask_length: decode attention reads this many positions of each row (``None``: the longest row's
+            length); a fixed length gives a step static shapes (:mod:`app.engine.graphs`).
     """
 
     ids: torch.Tensor
@@ -60,6 +62,7 @@ class Plan:
     logit_index: torch.Tensor
     contiguous: bool = False
     all_logits: bool = False
+    mask_length: int | None = None
     _decode_mask: torch.Tensor | None = None
 
     @classmethod
@@ -95,7 +98,7 @@ class Plan:
     def decode_mask(self) -> tuple[torch.Tensor, int]:
         """``([rows, 1, 1, L] bool, L)``: key ``j`` of row ``b`` is visible iff ``j <= position_b``."""
         if self._decode_mask is None:
-            length = max(c for *_, c in self.rows) + 1
+            length = self.mask_length or max(c for *_, c in self.rows) + 1
             ar = torch.arange(length, device=self.positions.device)
             self._decode_mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
         return self._decode_mask, int(self._decode_mask.shape[-1])

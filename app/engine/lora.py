@@ -431,6 +431,9 @@ class MultiLoRA:
         self.slots = min(initial_slots or max_slots, max_slots)
         self.rank = 0
         self.layers = layers
+        #: bumped whenever a layer's slot tensors are (re)allocated, so captured steps that hold their addresses
+        #: (:mod:`app.engine.graphs`) know to capture again; writing a slot keeps the tensors and the version
+        self.version = 0
         #: module path -> its fused layer
         self.targets: dict[str, FusedLinear] = {p: layer for layer in layers.values() for p in layer.paths}
 
@@ -451,6 +454,7 @@ class MultiLoRA:
                 if layer.enabled:
                     layer.enable(new_slots, new_rank)
             self.slots, self.rank = new_slots, new_rank
+            self.version += 1
 
     def write_slot(self, slot: int, adapter: AdapterWeights) -> None:
         """Copy ``adapter``'s factors into ``slot`` of every enabled layer (zeros where it has none).
@@ -466,6 +470,7 @@ class MultiLoRA:
             layer = self.targets[path]
             if not layer.enabled:
                 layer.enable(self.slots, self.rank)
+                self.version += 1
         with torch.no_grad():
             for layer in self.layers.values():
                 if layer.enabled:

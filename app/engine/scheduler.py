@@ -43,6 +43,7 @@ import torch
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
 from app.engine.forward import Decoder, Plan
+from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import KVCache
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.prefix_cache import PrefixCache, stance_key
@@ -69,6 +70,8 @@ class Scheduler:
         prefix_cache: KV blocks of prompt prefixes per stance, reused at admission (``None``: off).
         listeners: called with ``(request, event)`` for every event of every request, on the engine thread
             (metrics subscribe here); see :data:`~app.engine.request.Listener`.
+        graphs: static-shape decode steps (CUDA graphs) that decode steps go through when one fits
+            (:mod:`app.engine.graphs`), warmed up when the thread starts; ``None``: every step runs eagerly.
         overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_batch_size=4``).
     """
 
@@ -83,6 +86,7 @@ class Scheduler:
         config: EngineConfig | None = None,
         prefix_cache: PrefixCache | None = None,
         listeners: list[Listener] | None = None,
+        graphs: DecodeGraphs | None = None,
         **overrides: Any,
     ) -> None:
         config = (config or EngineConfig()).replace(**overrides)
@@ -92,6 +96,7 @@ class Scheduler:
         self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self.lora = lora
         self.slots = slots
+        self.graphs = graphs
         self.eos_token_ids = set(eos_token_ids)
         self.max_batch_size = config.max_batch_size
         self.max_waiting = config.max_waiting
@@ -188,6 +193,10 @@ class Scheduler:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.graphs is not None:
+            t0 = time.perf_counter()
+            held = self.graphs.warm_up()
+            logger.info("captured %d decode graphs in %.1f s", held, time.perf_counter() - t0)
         while True:
             with self._cv:
                 while not (self._stop or self._waiting or self._control or self.num_running):
@@ -307,6 +316,10 @@ class Scheduler:
             [s.slots for s in seqs], device=self.device, dtype=self.dtype,
             segments=None if plan.decode else plan.segments,
         )
+        if plan.decode and self.graphs is not None:
+            logits = self.graphs.run(plan, routing)
+            if logits is not None:
+                return logits
         return self.decoder.forward(plan, self.kv, routing)
 
     def _prefill_chunk(self) -> None:
