@@ -88,6 +88,18 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self.blocks * self.block_bytes
 
+    def cached_tokens(self, stance: bytes, tokens: list[int]) -> int:
+        """How many leading tokens of ``tokens`` :meth:`load` would serve now, in tokens (nothing copied or
+        counted, LRU order untouched): what admission subtracts from a prompt's prefill cost."""
+        if not self.enabled:
+            return 0
+        n = 0
+        for key in block_keys(stance, tokens, (len(tokens) - 1) // BLOCK_TOKENS):
+            if key not in self._index:
+                break
+            n += BLOCK_TOKENS
+        return n
+
     def load(self, stance: bytes, tokens: list[int], row: int) -> int:
         """Copy the longest cached prefix of ``tokens`` (whole blocks) into KV row ``row``.
 

@@ -5,7 +5,8 @@ Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 1. drop cancelled rows; if no group is prefilling, admit waiting requests as a
    new group while the batch has room (``max_batch_size`` and a free KV cache
    row), their adapters fit in free slots, and the group's prompts fit one
-   prefill chunk (``prefill_chunk_tokens``; a longer single prompt goes alone);
+   prefill chunk (``prefill_chunk_tokens``, counting the tokens the prefix
+   cache does not serve; a longer single prompt goes alone);
 2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` packed
    prompt tokens (chunked prefill: a long prompt never stalls the running rows
    for more than one chunk per step); when its prompts are done, sample their
@@ -248,7 +249,11 @@ class Scheduler:
                 self._finish_unstarted(req, req.cancel_reason)
                 continue
             n = len(req.prompt_ids)
-            if seqs and sum(s.prompt_len for s in seqs) + n > budget:
+            key = stance_key(req.stance) if self.prefix is not None else None
+            # the prefill cost is the tokens left after the prefix cache: many requests sharing a cached system
+            # prompt fit one group, where counting whole prompts would prefill them one group each
+            todo = n - (self.prefix.cached_tokens(key, req.prompt_ids) if key is not None else 0)
+            if seqs and sum(s.prompt_len - s.cached for s in seqs) + todo > budget:
                 break  # the group's prefill would exceed one chunk: leave it for the next group
             try:
                 self._inject("admission", req)
@@ -278,8 +283,8 @@ class Scheduler:
                 self._error(req, e)
                 continue
             seq.kv_row = self.kv.allocate()
-            if self.prefix is not None:
-                seq.prefix_key = stance_key(req.stance)
+            if key is not None:
+                seq.prefix_key = key
                 seq.cached = seq.prefilled = self.prefix.load(seq.prefix_key, req.prompt_ids, seq.kv_row)
             seqs.append(seq)
             self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))

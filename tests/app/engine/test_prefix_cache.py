@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -106,3 +108,46 @@ def test_engine_reuses_a_shared_system_prompt_per_stance(tiny_model, tokenizer, 
     assert [c for c, _ in warm] == [0, 4 * BLOCK_TOKENS, 0, 0]  # a hit only for the same stance
     assert [c for c, _ in cold] == [0, 0, 0, 0]
     assert [t for _, t in warm] == [t for _, t in cold]  # and the same greedy tokens
+
+
+def test_admission_counts_only_the_prompt_tokens_the_prefix_cache_leaves(tiny_model, tokenizer):
+    """Three requests sharing a cached 64-token system prompt, 5 tokens of their own each, with a 16-token
+    prefill chunk: one group and one prefill step for all three (counting whole 69-token prompts made a group
+    of each), and the same greedy tokens as with the cache off."""
+    system = prompt(4 * BLOCK_TOKENS, 7)
+    asks = [system + prompt(5, 20 + i) for i in range(3)]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def one(eng, ask):
+        toks, cached = [], None
+        async for ev in eng.generate(ask, params, eng.resolve_stance("tiny")):
+            if isinstance(ev, TokenEvent):
+                toks.append(ev.token_id)
+            elif isinstance(ev, ErrorEvent):
+                raise ev.error
+            elif isinstance(ev, FinishEvent):
+                cached = ev.cached_tokens
+        return toks, cached
+
+    def serve(prefix_bytes):
+        eng = make_engine(tiny_model, tokenizer, FakeStore({}), prefill_chunk_tokens=16,
+                          prefix_cache_memory_bytes=prefix_bytes)
+        try:
+            asyncio.run(one(eng, system + prompt(5, 19)))  # a first user of the system prompt fills the cache
+            before = eng.scheduler.timings["prefill_steps"]
+            hold = threading.Thread(target=eng.scheduler.call, args=(lambda: time.sleep(0.5),))
+            hold.start()  # the engine thread sleeps while the three requests arrive, so they wait together
+
+            async def together():
+                return await asyncio.gather(*(one(eng, a) for a in asks))
+
+            out = asyncio.run(together())
+            hold.join()
+            return out, eng.scheduler.timings["prefill_steps"] - before
+        finally:
+            eng.stop()
+
+    (warm, warm_steps), (cold, cold_steps) = serve(1 << 20), serve(0)
+    assert [c for _, c in warm] == [4 * BLOCK_TOKENS] * 3 and warm_steps == 1
+    assert cold_steps >= 3 * 5  # 69 tokens each in chunks of 16, one request per group
+    assert [t for t, _ in warm] == [t for t, _ in cold]
