@@ -122,15 +122,21 @@ class LoRABatch:
 
         Returns:
             ``(slot, tokens, weight)`` per slot used with a non-zero weight: ``tokens`` a ``slice`` when
-            one row uses the slot (then ``weight`` is that row's float), else an int64 index tensor
-            ``[T]`` of the tokens of every row using it, with ``weight`` ``[T, 1]`` (each token's row's).
+            the tokens using the slot are one run at one weight (one row, or adjacent rows of the same
+            weight: a group's requests on one stance or blend; then ``weight`` is that float), else an
+            int64 index tensor ``[T]`` of the tokens of every row using it, with ``weight`` ``[T, 1]``
+            (each token's row's).
         """
         assert self.segments is not None
         uses: dict[int, list[tuple[int, int, float]]] = {}
         for (a, b), pairs in zip(self.segments, self.rows):
             for slot, weight in pairs:
                 if weight != 0.0 and b > a:
-                    uses.setdefault(slot, []).append((a, b, weight))
+                    runs = uses.setdefault(slot, [])
+                    if runs and runs[-1][1] == a and runs[-1][2] == weight:
+                        runs[-1] = (runs[-1][0], b, weight)  # adjacent and the same weight: one slice
+                    else:
+                        runs.append((a, b, weight))
         groups: list[tuple[int, slice | torch.Tensor, Any]] = []
         dev, dtype = self.idx.device, self.weights.dtype
         for slot, runs in uses.items():
@@ -380,10 +386,10 @@ class FusedLinear:
             if isinstance(tokens, slice):
                 self._add_b(y[tokens], x[tokens] @ self.At[slot], slot, weight)
                 continue
-            xa = x.index_select(0, tokens) @ self.At[slot]
-            delta = y.new_zeros(xa.shape[0], self.out_features)
-            self._add_b(delta, xa * weight, slot)  # weight: [T, 1], each token's row's blend weight
-            y.index_add_(0, tokens, delta)
+            xa = (x.index_select(0, tokens) @ self.At[slot]) * weight  # weight: [T, 1], each token's row's
+            r = self.rank
+            for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):  # each part's columns, added in place
+                y[:, off : off + n].index_add_(0, tokens, xa[:, i * r : (i + 1) * r] @ self.Bt[i][slot])
 
 
 #: packed matmuls of more rows than the decode batch are padded to a multiple of this many rows (see FusedLinear.base)

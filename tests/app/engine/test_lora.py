@@ -198,3 +198,29 @@ def test_real_smollm2_mixed_batch_logits_match_peft(tmp_path):
     assert (refs[0] - refs[2]).abs().max() > 0.1  # the adapter matters
     for i, ref in enumerate(refs):
         torch.testing.assert_close(out[i : i + 1], ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows_of_blend", [(0, 1), (0, 1, 3)], ids=["adjacent", "scattered"])
+def test_prefill_of_one_blend_on_several_rows(tiny_model, arch, two_adapters, rows_of_blend):
+    """Rows of one blend: adjacent ones at equal weights share one slice per slot (no gather); with a row of another
+    stance between them, each slot gathers its tokens. Every row equals its reference (hand-merged blend, peft)."""
+    d1, d2 = two_adapters
+    a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
+    dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 3, 4, 6, 2)][: max(rows_of_blend) + 2]
+    blend = [(0, 0.5), (1, 0.5)]
+    routes = [blend if i in rows_of_blend else [(1, 1.0)] for i in range(len(ids))]
+    plan = Plan.build([(i, p, 0) for i, p in enumerate(ids)], dec.device)
+    groups = {s: t for s, t, _ in LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype,
+                                                         segments=plan.segments).slot_groups}
+    if rows_of_blend == (0, 1):
+        assert groups[0] == slice(0, 8)  # rows 0 and 1 (5 + 3 tokens), one run at weight 0.5
+    else:
+        assert isinstance(groups[0], torch.Tensor) and groups[0].tolist() == [*range(8), *range(12, 18)]
+    assert isinstance(groups[1], torch.Tensor)  # weights 0.5 and 1.0: never merged
+    out = decoder_logits(None, [(p, r) for p, r in zip(ids, routes)], decoder=dec)
+    for p, r, got in zip(ids, routes, out):
+        want = (hand_merged_logits(tiny_model, [a1, a2], (0.5, 0.5), torch.tensor([p])) if r == blend
+                else peft_logits(tiny_model, d2, torch.tensor([p])))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
