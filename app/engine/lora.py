@@ -370,7 +370,10 @@ class FusedLinear:
         xa = F.embedding_bag(index, self.At.view(-1, p * r), offsets, mode="sum", per_sample_weights=x2.reshape(-1))
         xa = xa.view(rows, k, p, r)
         if not routing.unit_weights:
-            xa = xa * routing.weights.view(rows, k, 1, 1)
+            w = routing.weights.view(rows, k, 1, 1)
+            xa = xa * w
+            if xa.dtype == torch.float16:  # a padding term (weight 0) reads slot 0: if that adapter's A x overflows
+                xa = xa.masked_fill(w == 0, 0.0)  # fp16 for this row, inf * 0 = NaN must not reach the row
         for (first, count, n), table in zip(self.groups, self.Bg):
             # y[b, part i] += sum_{k, j} xa[b, k, i, j] * Bt[i][s_bk, j, :], for the group's parts i at once:
             # a bag per (row, part) over its K terms' B^T rows, weighted in (row, part, term, j) order

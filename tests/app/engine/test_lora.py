@@ -224,3 +224,30 @@ def test_prefill_of_one_blend_on_several_rows(tiny_model, arch, two_adapters, ro
         want = (hand_merged_logits(tiny_model, [a1, a2], (0.5, 0.5), torch.tensor([p])) if r == blend
                 else peft_logits(tiny_model, d2, torch.tensor([p])))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_padding_terms_never_carry_another_adapters_overflow(tiny_model, arch, two_adapters):
+    """fp16: slot 0 holds an adapter whose ``A x`` overflows to inf. A base-model row next to a 2-term blend pads
+    its terms with (slot 0, weight 0), and inf * 0 is NaN; the row must still equal the base model run alone."""
+    d1, d2 = two_adapters
+    huge = read_adapter(d1, "a1")
+    for m in huge.modules.values():
+        m.A.fill_(65000.0)
+    dec = Decoder(copy.deepcopy(tiny_model).half())
+    lora = MultiLoRA(dec.linears, max_slots=4)
+    for slot, ad in ((0, huge), (1, read_adapter(d1, "a1")), (2, read_adapter(d2, "a2"))):
+        lora.write_slot(slot, ad)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 4)]
+
+    def step(routes, rows):
+        cache = dec.new_cache(2, 16)
+        plan = Plan.build([(i, prompts[r], 0) for i, r in enumerate(rows)], dec.device)
+        dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
+        step = Plan.build([(i, [7], len(prompts[r])) for i, r in enumerate(rows)], dec.device)
+        return dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
+
+    mixed = step([[], [(1, 0.5), (2, 0.5)]], [0, 1])
+    alone = step([[]], [0])
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[0], alone[0])
