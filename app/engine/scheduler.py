@@ -6,7 +6,8 @@ Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
    new group while the batch has room (``max_batch_size`` and a free KV cache
    row), their adapters fit in free slots, and the group's prompts fit one
    prefill chunk (``prefill_chunk_tokens``, counting the tokens the prefix
-   cache does not serve; a longer single prompt goes alone);
+   cache does not serve; a longer single prompt goes alone); the group's rows
+   are ordered by stance, so rows of one adapter or blend sit side by side;
 2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` packed
    prompt tokens (chunked prefill: a long prompt never stalls the running rows
    for more than one chunk per step); when its prompts are done, sample their
@@ -288,7 +289,8 @@ class Scheduler:
                 seq.cached = seq.prefilled = self.prefix.load(seq.prefix_key, req.prompt_ids, seq.kv_row)
             seqs.append(seq)
             self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
-        return seqs
+        # rows of one stance side by side: prefill then runs one slice per adapter slot over them (no gather)
+        return sorted(seqs, key=lambda s: s.prefix_key or stance_key(s.req.stance))
 
     def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
         """Pin every adapter of the request's stance; ``None`` (nothing pinned) when a slot is not free now.

@@ -228,3 +228,33 @@ def test_running_request_finishes_on_the_version_it_started_with(tiny_model, tok
         eng.stop()
     assert old_fin.completion_tokens == n and old_toks == old_ref
     assert new_toks == new_ref
+
+
+def test_a_prefill_group_puts_rows_of_one_stance_side_by_side(tiny_model, tokenizer, adapters):
+    """Requests arriving blend, a2, blend, a1 are prefilled as one group with the two blend rows adjacent (so each
+    of the blend's slots is one slice of tokens); each request's tokens equal those it gets served alone."""
+    import threading
+
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    blend = eng.resolve_stance("tiny", {"a1": 0.5, "a2": 0.5})
+    stances = [blend, eng.resolve_stance("a2"), blend, eng.resolve_stance("a1")]
+    prompts = [[1, 45, 80, 99], [1, 300, 12], [1, 7, 8, 9, 10], [1, 200]]
+    params = SamplingParams(max_tokens=5, temperature=0)
+    order: list[int] = []
+    try:
+        alone = [asyncio.run(collect(eng, p, params, s))[0] for p, s in zip(prompts, stances)]
+        eng.scheduler.fault_hook = lambda stage, req: order.append(req.prompt_ids[1]) if stage == "prefill" else None
+        hold = threading.Thread(target=eng.scheduler.call, args=(lambda: time.sleep(0.5),))
+        hold.start()  # the engine thread sleeps while the four requests arrive, so they form one group
+
+        async def together():
+            return await asyncio.gather(*(collect(eng, p, params, s) for p, s in zip(prompts, stances)))
+
+        outs = asyncio.run(together())
+        hold.join()
+    finally:
+        eng.stop()
+    assert [t for t, _, _ in outs] == alone
+    first = order[:4]  # the group's one prefill step, rows in plan order (named by their prompts' 2nd token)
+    assert sorted(first) == [7, 45, 200, 300]
+    assert abs(first.index(45) - first.index(7)) == 1  # the blend's two rows side by side
