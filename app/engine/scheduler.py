@@ -7,7 +7,7 @@ Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
    row), their adapters fit in free slots, and the group's prompts fit one
    prefill chunk (``prefill_chunk_tokens``, counting the tokens the prefix
    cache does not serve; a longer single prompt goes alone); the group's rows
-   are ordered by stance, so rows of one adapter or blend sit side by side;
+   of one adapter or blend are moved next to its first row (side by side);
 2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` packed
    prompt tokens (chunked prefill: a long prompt never stalls the running rows
    for more than one chunk per step); when its prompts are done, sample their
@@ -289,8 +289,13 @@ class Scheduler:
                 seq.cached = seq.prefilled = self.prefix.load(seq.prefix_key, req.prompt_ids, seq.kv_row)
             seqs.append(seq)
             self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
-        # rows of one stance side by side: prefill then runs one slice per adapter slot over them (no gather)
-        return sorted(seqs, key=lambda s: s.prefix_key or stance_key(s.req.stance))
+        # rows of one stance side by side, at the place of its first row (distinct stances keep their order): prefill
+        # then runs one slice per adapter slot over them, not a gather
+        keys = [s.prefix_key or stance_key(s.req.stance) for s in seqs]
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        return [seqs[i] for i in sorted(range(len(seqs)), key=lambda i: first[keys[i]])]
 
     def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
         """Pin every adapter of the request's stance; ``None`` (nothing pinned) when a slot is not free now.
