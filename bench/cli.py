@@ -205,7 +205,7 @@ def bench(
 
 def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
     """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile."""
-    from bench.decode import decode_step, profile_step, roofline, weight_bytes
+    from bench.decode import decode_step, profile_step, step_vs_roofline, weight_bytes
 
     eng = eb.engine
     held = [eng.scheduler.call(lambda a=a: eng.slots.acquire(a)) for a in adapters[:n]]
@@ -230,8 +230,11 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         for k, routes in mixes.items():  # what reading the weights alone allows, next to what the step reaches
             out[f"{k}_weight_bytes"] = weight_bytes(eng, routes)
             out[f"{k}_step_ratio_to_base"] = round(base_step / out[f"{k}_step_s"], 3)
-        out["matmul_roofline_s"] = round(roofline(eng, n), 5)
-        out["base_step_vs_roofline"] = round(out["base_step_s"] / out["matmul_roofline_s"], 3)
+        # the ratio from alternating rounds of the base step and its matmuls: the box's speed drifts between minutes
+        paired = step_vs_roofline(eng, n, context=context)
+        out["matmul_roofline_s"] = paired["roofline_s"]
+        out["base_step_paired_s"] = paired["step_s"]
+        out["base_step_vs_roofline"] = paired["ratio"]
         out["profile_base"] = profile_step(eng, mixes["base"], context=context)
         out["profile_distinct_adapters"] = profile_step(eng, mixes["distinct_adapters"], context=context)
         return out

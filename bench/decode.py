@@ -4,8 +4,9 @@
   one token each, on the calling thread (no scheduler, no sampling), and times it: the same
   :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds; on CUDA also replayed from
   its CUDA graph (:mod:`app.engine.graphs`).
-* :func:`roofline` times only the step's matmuls: the same fused (q/k/v, o, gate/up, down, lm_head)
-  weights, prepacked when the engine packs them, at the same batch: what the step cannot beat here.
+* :func:`step_vs_roofline` times the base step and, in alternating rounds, only its matmuls (the
+  roofline): the same fused (q/k/v, o, gate/up, down, lm_head) weights, prepacked when the engine packs
+  them, at the same batch: what the step cannot beat here.
 * :func:`weight_bytes` counts the bytes of weights one decode step must read, base and LoRA, so the bench
   can say how close to base speed an adapter mix can come on a step bound by reading weights.
 * :func:`profile_step` gives the per-op split of one step (``torch.profiler``, self CPU/CUDA time per
@@ -79,17 +80,37 @@ def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: 
     return _timed(_step(engine, len(routes), context, routes, graphs), engine.decoder.device, repeats)
 
 
-def roofline(engine: Any, rows: int, *, repeats: int = 10) -> float:
-    """Median seconds of only the matmuls of one decode step: every fused weight of the model at ``rows`` rows."""
+def _matmuls(engine: Any, rows: int):
+    """A closure running only the matmuls of one decode step: every fused weight of the model at ``rows`` rows
+    (the prepacked weight when the engine packed it)."""
     dec = engine.decoder
     layers = list(dec.linears.values())
     xs = {f.in_features: torch.randn(rows, f.in_features, dtype=dec.dtype, device=dec.device) for f in layers}
 
     def run() -> None:
         for f in layers:
-            f.base(xs[f.in_features])  # the prepacked weight when the engine packed it
+            f.base(xs[f.in_features])
 
-    return _timed(run, dec.device, repeats)
+    return run
+
+
+def step_vs_roofline(engine: Any, rows: int, *, context: int, rounds: int = 5, repeats: int = 5) -> dict[str, float]:
+    """The base decode step and its matmul roofline timed in alternating rounds, so that both medians come from the
+    same minutes of a machine whose speed drifts (this project's box drifts up to 2x within an hour).
+
+    Returns:
+        ``step_s`` and ``roofline_s`` (medians over ``rounds`` rounds of ``repeats``-run medians, seconds) and
+        ``ratio`` (``step_s / roofline_s``).
+    """
+    dec = engine.decoder
+    step = _step(engine, rows, context, [[] for _ in range(rows)])
+    matmuls = _matmuls(engine, rows)
+    steps, roofs = [], []
+    for _ in range(rounds):
+        steps.append(_timed(step, dec.device, repeats))
+        roofs.append(_timed(matmuls, dec.device, repeats))
+    s, r = statistics.median(steps), statistics.median(roofs)
+    return {"step_s": round(s, 5), "roofline_s": round(r, 5), "ratio": round(s / r, 3)}
 
 
 def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str, Any]:
