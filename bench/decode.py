@@ -110,7 +110,7 @@ def step_vs_roofline(engine: Any, rows: int, *, context: int, rounds: int = 5, r
         steps.append(_timed(step, dec.device, repeats))
         roofs.append(_timed(matmuls, dec.device, repeats))
     s, r = statistics.median(steps), statistics.median(roofs)
-    return {"step_s": round(s, 5), "roofline_s": round(r, 5), "ratio": round(s / r, 3)}
+    return {"step_s": round(s, 6), "roofline_s": round(r, 6), "ratio": round(s / r, 3)}
 
 
 def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str, Any]:

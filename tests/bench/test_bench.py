@@ -124,5 +124,6 @@ def test_step_scenario_counts_the_weight_bytes_each_mix_reads():
     assert 1.0 > out["one_adapter_weight_bytes"]["bytes_bound_ratio"] > out["distinct_adapters_weight_bytes"]["bytes_bound_ratio"]
     assert out["base_step_ratio_to_base"] == 1.0 and out["distinct_adapters_step_ratio_to_base"] > 0
     assert out["matmul_roofline_s"] > 0 and out["profile_base"][-1]["op"] == "(all ops)"
-    # the roofline ratio pairs a step and a roofline timed in alternating rounds
-    assert out["base_step_vs_roofline"] == pytest.approx(out["base_step_paired_s"] / out["matmul_roofline_s"], rel=1e-2)
+    # the roofline ratio pairs a step and a roofline timed in alternating rounds (times rounded to microseconds:
+    # the tiny model's roofline is tens of them)
+    assert out["base_step_vs_roofline"] == pytest.approx(out["base_step_paired_s"] / out["matmul_roofline_s"], rel=0.05)
