@@ -124,3 +124,18 @@ def test_packed_row_buckets_bound_the_shapes():
     assert packed_rows(12, 12) == 12 and packed_rows(9, 12) == 12
     assert packed_rows(17, 16) == PACKED_ROW_BUCKET and packed_rows(PACKED_ROW_BUCKET + 1, 16) == 2 * PACKED_ROW_BUCKET
     assert len({packed_rows(n, 16) for n in range(1, 513)}) == 5 + 512 // PACKED_ROW_BUCKET
+
+
+def test_matmul_decode_attention_equals_sdpa(any_model):
+    """The CPU fp32 decode attention (two matmuls and a softmax) against SDPA's, on rows of different lengths."""
+    dec = Decoder(copy.deepcopy(any_model))
+    assert dec.matmul_decode_attention  # CPU, fp32
+    cache = dec.new_cache(3, 32)
+    rows = {0: [5, 6, 7, 8, 9, 10, 11], 1: [9, 10], 2: [3, 4, 5, 6]}
+    dec.forward(Plan.build([(r, s, 0) for r, s in rows.items()], dec.device), cache, None)
+    out = {}
+    for matmul in (True, False):
+        dec.matmul_decode_attention = matmul
+        out[matmul] = dec.forward(Plan.build([(r, [12], len(s)) for r, s in rows.items()], dec.device), cache, None)
+    assert not torch.allclose(out[True][0], out[True][1], atol=1e-3)  # rows really differ
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
