@@ -38,10 +38,12 @@ N_CLIENTS = 200
 #: of the same mix). Measured on a shared 2-core box: about +11 MB (RSS ~455 MB).
 LOAD_RSS_BOUND = 64 * MB
 #: Bound on the server's RSS growth over the 20,000-token soak, after a warm-up of the same shape
-#: (16 x 500 tokens, 8 concurrent). Measured: +0.1 to +0.9 MB whatever the number of rounds (no trend).
-#: RSS noise of ~1 MB means this catches a leak of >= ~400 B/token, not the old gauge's 88 B/token
-#: (1.8 MB over 20,000 tokens); the gauge's own bound is unit-tested in tests/app/test_metrics.py.
-SOAK_RSS_BOUND = 8 * MB
+#: (16 x 500 tokens, 8 concurrent). Measured: +0.1 to +0.9 MB whatever the number of rounds (no trend), and
+#: on 2026-12-02 the same code (ee6510d) gave +0.32 MB and +8.02 MB in two runs back to back: a one-off step of
+#: 8 MiB (the allocator taking a new region, not a trend), which the old 8 MB bound failed on. So the bound
+#: allows one such step: this catches a leak of >= ~630 B/token, not the old gauge's 88 B/token (1.8 MB over
+#: 20,000 tokens); the gauge's own bound is unit-tested in tests/app/test_metrics.py.
+SOAK_RSS_BOUND = 12 * MB
 
 
 @pytest.fixture(scope="module")
