@@ -88,17 +88,20 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self.blocks * self.block_bytes
 
+    def _chain(self, stance: bytes, tokens: list[int]) -> list[tuple[bytes, int]]:
+        """``(key, block)`` of the longest cached run of ``tokens``' leading full blocks, leaving at least one token."""
+        found = []
+        for key in block_keys(stance, tokens, (len(tokens) - 1) // BLOCK_TOKENS):
+            block = self._index.get(key)
+            if block is None:
+                break
+            found.append((key, block))
+        return found
+
     def cached_tokens(self, stance: bytes, tokens: list[int]) -> int:
         """How many leading tokens of ``tokens`` :meth:`load` would serve now, in tokens (nothing copied or
         counted, LRU order untouched): what admission subtracts from a prompt's prefill cost."""
-        if not self.enabled:
-            return 0
-        n = 0
-        for key in block_keys(stance, tokens, (len(tokens) - 1) // BLOCK_TOKENS):
-            if key not in self._index:
-                break
-            n += BLOCK_TOKENS
-        return n
+        return len(self._chain(stance, tokens)) * BLOCK_TOKENS if self.enabled else 0
 
     def load(self, stance: bytes, tokens: list[int], row: int) -> int:
         """Copy the longest cached prefix of ``tokens`` (whole blocks) into KV row ``row``.
@@ -110,16 +113,12 @@ class PrefixCache:
         self.queries += len(tokens)
         if not self.enabled:
             return 0
-        found = []
-        for key in block_keys(stance, tokens, (len(tokens) - 1) // BLOCK_TOKENS):
-            block = self._index.get(key)
-            if block is None:
-                break
-            self._index.move_to_end(key)
-            found.append(block)
+        found = self._chain(stance, tokens)
         if not found:
             return 0
-        idx = torch.tensor(found, dtype=torch.long, device=self.k[0].device)
+        for key, _ in found:
+            self._index.move_to_end(key)
+        idx = torch.tensor([block for _, block in found], dtype=torch.long, device=self.k[0].device)
         n = len(found) * BLOCK_TOKENS
         for pool, rows in ((self.k, self.cache.k), (self.v, self.cache.v)):
             for src, dst in zip(pool, rows):

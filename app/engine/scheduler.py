@@ -240,6 +240,7 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
     def _admit(self) -> list[Sequence]:
         seqs: list[Sequence] = []
+        keys: list[bytes] = []  # each admitted row's stance key
         budget = self.prefill_chunk_tokens
         while self._waiting and self.num_running + len(seqs) < self.max_batch_size and self.kv.free_rows:
             with self._cv:
@@ -250,10 +251,10 @@ class Scheduler:
                 self._finish_unstarted(req, req.cancel_reason)
                 continue
             n = len(req.prompt_ids)
-            key = stance_key(req.stance) if self.prefix is not None else None
+            key = stance_key(req.stance)
             # the prefill cost is the tokens left after the prefix cache: many requests sharing a cached system
             # prompt fit one group, where counting whole prompts would prefill them one group each
-            todo = n - (self.prefix.cached_tokens(key, req.prompt_ids) if key is not None else 0)
+            todo = n - (self.prefix.cached_tokens(key, req.prompt_ids) if self.prefix is not None else 0)
             if seqs and sum(s.prompt_len - s.cached for s in seqs) + todo > budget:
                 break  # the group's prefill would exceed one chunk: leave it for the next group
             try:
@@ -284,14 +285,14 @@ class Scheduler:
                 self._error(req, e)
                 continue
             seq.kv_row = self.kv.allocate()
-            if key is not None:
+            if self.prefix is not None:
                 seq.prefix_key = key
-                seq.cached = seq.prefilled = self.prefix.load(seq.prefix_key, req.prompt_ids, seq.kv_row)
+                seq.cached = seq.prefilled = self.prefix.load(key, req.prompt_ids, seq.kv_row)
             seqs.append(seq)
+            keys.append(key)
             self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
         # rows of one stance side by side, at the place of its first row (distinct stances keep their order): prefill
         # then runs one slice per adapter slot over them, not a gather
-        keys = [s.prefix_key or stance_key(s.req.stance) for s in seqs]
         first: dict[bytes, int] = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
