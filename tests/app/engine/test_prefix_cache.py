@@ -19,13 +19,20 @@ import torch
 from app.engine.forward import Decoder, Plan
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, stance_key
-from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
+from app.engine.request import Stance
 from app.engine.sampling import SamplingParams
+from tests.app.engine.test_engine import collect
 from tests.factories import FakeStore, make_engine, read_adapter, write_peft_adapter
 
 
 def prompt(n, seed):
     return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+async def cached_and_tokens(eng, model, ask, max_tokens):
+    """``(cached_tokens, token ids)`` of one greedy request on stance ``model``."""
+    toks, _, fin = await collect(eng, ask, SamplingParams(max_tokens=max_tokens, temperature=0.0), eng.resolve_stance(model))
+    return fin.cached_tokens, toks
 
 
 def run(dec, cache, row, tokens, start, routes):
@@ -85,22 +92,10 @@ def test_engine_reuses_a_shared_system_prompt_per_stance(tiny_model, tokenizer, 
     system = prompt(4 * BLOCK_TOKENS, 7)
     asks = [system + prompt(5, 10 + i) for i in range(3)]
 
-    async def go(eng, model, ask):
-        admitted, toks = None, []
-        async for ev in eng.generate(ask, SamplingParams(max_tokens=6, temperature=0.0), eng.resolve_stance(model)):
-            if isinstance(ev, TokenEvent):
-                toks.append(ev.token_id)
-            elif isinstance(ev, ErrorEvent):
-                raise ev.error
-            elif isinstance(ev, FinishEvent):
-                admitted = ev.cached_tokens
-                break
-        return admitted, toks
-
     def serve(prefix_bytes):
         eng = make_engine(tiny_model, tokenizer, FakeStore(dirs), prefix_cache_memory_bytes=prefix_bytes)
         try:
-            return [asyncio.run(go(eng, m, a)) for m, a in (("a1", asks[0]), ("a1", asks[1]), ("a2", asks[2]), ("tiny", asks[0]))]
+            return [asyncio.run(cached_and_tokens(eng, m, a, 6)) for m, a in (("a1", asks[0]), ("a1", asks[1]), ("a2", asks[2]), ("tiny", asks[0]))]
         finally:
             eng.stop()
 
@@ -116,30 +111,18 @@ def test_admission_counts_only_the_prompt_tokens_the_prefix_cache_leaves(tiny_mo
     of each), and the same greedy tokens as with the cache off."""
     system = prompt(4 * BLOCK_TOKENS, 7)
     asks = [system + prompt(5, 20 + i) for i in range(3)]
-    params = SamplingParams(max_tokens=4, temperature=0.0)
-
-    async def one(eng, ask):
-        toks, cached = [], None
-        async for ev in eng.generate(ask, params, eng.resolve_stance("tiny")):
-            if isinstance(ev, TokenEvent):
-                toks.append(ev.token_id)
-            elif isinstance(ev, ErrorEvent):
-                raise ev.error
-            elif isinstance(ev, FinishEvent):
-                cached = ev.cached_tokens
-        return toks, cached
 
     def serve(prefix_bytes):
         eng = make_engine(tiny_model, tokenizer, FakeStore({}), prefill_chunk_tokens=16,
                           prefix_cache_memory_bytes=prefix_bytes)
         try:
-            asyncio.run(one(eng, system + prompt(5, 19)))  # a first user of the system prompt fills the cache
+            asyncio.run(cached_and_tokens(eng, "tiny", system + prompt(5, 19), 4))  # a first user of the system prompt fills the cache
             before = eng.scheduler.timings["prefill_steps"]
             hold = threading.Thread(target=eng.scheduler.call, args=(lambda: time.sleep(0.5),))
             hold.start()  # the engine thread sleeps while the three requests arrive, so they wait together
 
             async def together():
-                return await asyncio.gather(*(one(eng, a) for a in asks))
+                return await asyncio.gather(*(cached_and_tokens(eng, "tiny", a, 4) for a in asks))
 
             out = asyncio.run(together())
             hold.join()
@@ -148,6 +131,6 @@ def test_admission_counts_only_the_prompt_tokens_the_prefix_cache_leaves(tiny_mo
             eng.stop()
 
     (warm, warm_steps), (cold, cold_steps) = serve(1 << 20), serve(0)
-    assert [c for _, c in warm] == [4 * BLOCK_TOKENS] * 3 and warm_steps == 1
+    assert [c for c, _ in warm] == [4 * BLOCK_TOKENS] * 3 and warm_steps == 1
     assert cold_steps >= 3 * 5  # 69 tokens each in chunks of 16, one request per group
-    assert [t for t, _ in warm] == [t for t, _ in cold]
+    assert [t for _, t in warm] == [t for _, t in cold]
