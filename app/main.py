@@ -38,6 +38,7 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.catalog import StanceCatalog
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
+    from app.engine.model_loader import cpu_has_native_bf16
     from app.registry.seed import seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
@@ -68,6 +69,9 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     state.store = store
     state.catalog = StanceCatalog(store, engine, state.metrics)
     state.engine = engine
+    if state.metrics is not None:
+        state.metrics.model_info.info({"model": loaded.name, **engine.served,
+                                       "cpu_native_bf16": str(cpu_has_native_bf16()).lower()})
     logger.info(
         "ready: model %s on %s (%s), %d adapters registered from %s: %s",
         loaded.name, loaded.device, loaded.dtype, len(records), s.adapters_dir,

@@ -21,7 +21,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -187,6 +195,10 @@ class Metrics:
         self.http_errors = Counter(
             "stanceserve_http_errors", "Error responses (HTTP status >= 400) by status and the body's error code.",
             ["status", "code"], registry=r,
+        )
+        self.model_info = Info(
+            "stanceserve_model", "The served base model: name, device, dtype, and whether the CPU has native bf16.",
+            registry=r,
         )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux)
         self.token_rate = _TokenRate(window_s)

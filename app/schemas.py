@@ -131,6 +131,8 @@ class _GenerationFields(BaseModel):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_tokens_as_token_ids: bool = Field(
+        False, description='Logprobs name each token "token_id:<id>" instead of its text (vLLM extra).')
     n: int = Field(1, ge=1, le=MAX_N, description=f"Number of choices (at most {MAX_N}).")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's presence penalty.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's frequency penalty.")
@@ -415,6 +417,9 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
+    device: str | None = Field(None, description="Where the model is served: cpu, cuda:0... (stanceserve extra).")
+    dtype: str | None = Field(
+        None, description="The dtype it computes in: float32, bfloat16 or float16 (stanceserve extra).")
     stances: dict[str, float] | None = Field(
         None, description="A named blend's recipe {adapter: weight} (stanceserve extra; absent for other models).")
 

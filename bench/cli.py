@@ -33,6 +33,7 @@ from rich.console import Console
 
 from app.config import Settings
 from app.engine.config import EngineConfig
+from app.engine.model_loader import cpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ def _machine(bm: Any) -> dict[str, Any]:
             "device": str(bm.device), "dtype": str(bm.dtype).replace("torch.", "")}
     if bm.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(bm.device)
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
+    cpu = cpu_info()
+    info["cpu"] = cpu["model"] if cpu["model"] != "unknown" else (platform.processor() or platform.machine())
+    info["cpu_flags"] = cpu["flags"]  # the flags that decide `--dtype auto` (avx512_bf16, amx_bf16...)
+    info["cpu_native_bf16"] = cpu["native_bf16"]
     return info
 
 

@@ -201,10 +201,15 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 
 # ---------------------------------------------------------------------------- logprobs formats
-def _chat_logprobs(engine: Engine, tokens: list[TokenEvent]) -> ChatLogprobs:
+def _token_label(engine: Engine, token_id: int, as_ids: bool) -> str:
+    """A token as logprobs name it: its text, or ``"token_id:<id>"`` with vLLM's ``return_tokens_as_token_ids``."""
+    return f"token_id:{token_id}" if as_ids else engine.token_text(token_id)
+
+
+def _chat_logprobs(engine: Engine, tokens: list[TokenEvent], as_ids: bool = False) -> ChatLogprobs:
     def entry(tok: int, lp: float) -> dict[str, Any]:
         text = engine.token_text(tok)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"token": _token_label(engine, tok, as_ids), "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     content = [
         TokenLogprob(**entry(t.token_id, t.logprob), top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in t.top_logprobs])
@@ -214,15 +219,16 @@ def _chat_logprobs(engine: Engine, tokens: list[TokenEvent]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def _completion_logprobs(engine: Engine, tokens: list[TokenEvent], offset: int = 0) -> CompletionLogprobs:
+def _completion_logprobs(engine: Engine, tokens: list[TokenEvent], offset: int = 0,
+                         as_ids: bool = False) -> CompletionLogprobs:
     out = CompletionLogprobs()
     for t in tokens:
         if t.logprob is None:
             continue
         text = engine.token_text(t.token_id)
-        out.tokens.append(text)
+        out.tokens.append(_token_label(engine, t.token_id, as_ids))
         out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({engine.token_text(i): lp for i, lp in t.top_logprobs})
+        out.top_logprobs.append({_token_label(engine, i, as_ids): lp for i, lp in t.top_logprobs})
         out.text_offset.append(offset)
         offset += len(text)
     return out
@@ -261,7 +267,7 @@ async def _stream_chat(
             if ev.text or (want_lp and ev.logprob is not None):
                 choice = ChatChunkChoice(index=i, delta=ChatDelta(content=ev.text), finish_reason=None)
                 if want_lp:
-                    choice.logprobs = _chat_logprobs(engine, [ev])
+                    choice.logprobs = _chat_logprobs(engine, [ev], body.return_tokens_as_token_ids)
                 yield _sse(ChatCompletionChunk(**head, choices=[choice]))
         elif isinstance(ev, FinishEvent):
             completion += ev.completion_tokens
@@ -293,7 +299,7 @@ async def _stream_completion(
             if ev.text or (want_lp and ev.logprob is not None):
                 choice = CompletionChoice(index=i, text=ev.text, finish_reason=None)
                 if want_lp:
-                    choice.logprobs = _completion_logprobs(engine, [ev])
+                    choice.logprobs = _completion_logprobs(engine, [ev], as_ids=body.return_tokens_as_token_ids)
                 yield _sse(CompletionChunk(**head, choices=[choice]))
         elif isinstance(ev, FinishEvent):
             completion += ev.completion_tokens
@@ -332,7 +338,7 @@ async def chat_completions(
             ChatChoice(
                 index=i,
                 message=ChatCompletionMessage(content="".join(c.parts)),
-                logprobs=_chat_logprobs(engine, c.tokens) if body.logprobs else None,
+                logprobs=_chat_logprobs(engine, c.tokens, body.return_tokens_as_token_ids) if body.logprobs else None,
                 finish_reason=_reason(c.finish),
             )
             for i, c in enumerate(choices)
@@ -362,7 +368,8 @@ async def completions(
             CompletionChoice(
                 index=i,
                 text=prefix + "".join(c.parts),
-                logprobs=_completion_logprobs(engine, c.tokens, len(prefix)) if body.logprobs is not None else None,
+                logprobs=(_completion_logprobs(engine, c.tokens, len(prefix), body.return_tokens_as_token_ids)
+                          if body.logprobs is not None else None),
                 finish_reason=_reason(c.finish),
             )
             for i, c in enumerate(choices)
@@ -376,11 +383,13 @@ async def completions(
 async def list_models(engine: EngineDep, catalog: CatalogDep, settings: SettingsDep) -> ModelList:
     """The base model, every registered adapter, then every named blend with its recipe (``stances``);
     adapters and blends name the base as ``parent``."""
-    now = int(time.time())
-    cards = [ModelCard(id=engine.model_name, created=now, root=settings.model, max_model_len=engine.max_model_len)]
+    now, served = int(time.time()), engine.served
+    cards = [ModelCard(id=engine.model_name, created=now, root=settings.model, max_model_len=engine.max_model_len,
+                       **served)]
     for rec in catalog.list():
-        cards.append(ModelCard(id=rec.name, created=int(rec.created), root=rec.name, parent=engine.model_name))
+        cards.append(ModelCard(id=rec.name, created=int(rec.created), root=rec.name, parent=engine.model_name,
+                               **served))
     for blend in catalog.list_blends():
         cards.append(ModelCard(id=blend.name, created=int(blend.created), root=blend.name, parent=engine.model_name,
-                               stances=dict(blend.stances)))
+                               stances=dict(blend.stances), **served))
     return ModelList(data=cards)
