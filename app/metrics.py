@@ -196,6 +196,16 @@ class Metrics:
             "stanceserve_http_errors", "Error responses (HTTP status >= 400) by status and the body's error code.",
             ["status", "code"], registry=r,
         )
+        self.constrained_requests = Counter(
+            "stanceserve_constrained_requests",
+            "Admitted requests under constrained decoding (kind: json, regex, choice, grammar, tools).",
+            ["stance", "kind"], registry=r,
+        )
+        self.grammar_mask_seconds = Counter(
+            "stanceserve_grammar_mask_seconds",
+            "Time spent computing token masks of constrained requests, in seconds (beside the forward pass).",
+            ["stance"], registry=r,
+        )
         self.model_info = Info(
             "stanceserve_model", "The served base model: name, device, dtype, and whether the CPU has native bf16.",
             registry=r,
@@ -208,7 +218,7 @@ class Metrics:
     def _per_stance(self) -> tuple[Histogram | Counter, ...]:
         """The labelled metrics that carry a ``stance`` label (the tokens/s gauge aside)."""
         return (self.request_latency, self.ttft, self.itl, self.prompt_tokens, self.generation_tokens, self.requests,
-                self.prefix_cache_tokens)
+                self.prefix_cache_tokens, self.constrained_requests, self.grammar_mask_seconds)
 
     def forget_stance(self, name: str, *, force: bool = False) -> None:
         """Remove every series of stance ``name`` from every per-stance metric.
@@ -253,8 +263,13 @@ class Metrics:
             self.prompt_tokens.labels(label).inc(event.prompt_tokens)
             self.prefix_cache_tokens.labels(label, "hit").inc(event.cached_tokens)
             self.prefix_cache_tokens.labels(label, "miss").inc(event.prompt_tokens - event.cached_tokens)
+            grammar = request.params.grammar
+            if grammar is not None:
+                self.constrained_requests.labels(label, grammar.kind).inc()
         elif isinstance(event, FinishEvent):
             self._last_token_at.pop(request.request_id, None)
+            if event.mask_s:
+                self.grammar_mask_seconds.labels(label).inc(event.mask_s)
             self.request_latency.labels(label).observe(event.at - request.arrival)
             self.requests.labels(label, event.reason).inc()
         elif isinstance(event, ErrorEvent):

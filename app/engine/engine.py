@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
 from app.engine.forward import Decoder
+from app.engine.grammar import GrammarCompiler
 from app.engine.graphs import DecodeGraphs
 from app.engine.lora import MultiLoRA
 from app.engine.prefix_cache import PrefixCache
@@ -117,6 +118,8 @@ class Engine:
         #: longest vocabulary entry, in characters: bounds the characters one token can cover
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self.metrics = metrics
+        #: constrained decoding: grammar text -> compiled :class:`~app.engine.grammar.Grammar` (cached)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         self.device = next(model.parameters()).device
         #: the dtype the model computes in (its first floating-point parameter's)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
