@@ -36,7 +36,7 @@ from training.stats import RESAMPLES, bootstrap_mean, paired_delta, sweep_rho
 
 logger = logging.getLogger(__name__)
 
-#: Stance weights swept per stance (issue 11: at least these).
+#: Stance weights swept per stance.
 WEIGHTS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 #: Interpolation steps t of (1-t)·A + t·B per pair.
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -140,7 +140,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bfloat16 matmul instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``).
+    """Whether the CPU has bfloat16 matmul instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``).
 
     ``cpuinfo``: the text to read instead (tests). False where ``/proc/cpuinfo`` is missing (not Linux).
     """
@@ -161,8 +161,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
     ``"auto"`` is bfloat16 on CUDA (float16 on GPUs without bfloat16 support); on CPU it is
     bfloat16 only where the CPU computes it natively (:func:`cpu_has_native_bf16`: AVX512-BF16 or
-    AMX-BF16), else float32: measured on an AVX2-only EPYC, bfloat16 matmuls ran 4x slower than
-    float32 (all SmolLM2 linears at batch 16, one thread: 451 vs 115 ms).
+    AMX-BF16), else float32: without those instructions bfloat16 matmuls are emulated and run several
+    times slower than float32.
 
     Raises:
         ModelLoadError: ``name`` is not auto, float32, bfloat16 or float16.
