@@ -90,7 +90,7 @@ def bench(
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per engine step (the server's default).")] = EngineConfig().prefill_chunk_tokens,
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
-    report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md; the headline table of ./README.md follows it.")] = None,
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
     from app.engine.request import Stance
@@ -205,7 +205,7 @@ def bench(
     if report is not None:
         from bench.report import write_report
 
-        write_report(report, result, command=_command_line())
+        write_report(report, result, command=_command_line(), readme=Path("README.md"))
     typer.echo(text)
 
 

@@ -3,6 +3,8 @@
 :func:`write_report` turns the JSON result of :mod:`bench.cli` into a Markdown page that a reader can rerun:
 the machine (CPU model and the instruction-set flags that matter to the matmuls, cores, torch version and
 threads, GPU name on CUDA), the command, the date, the settings, and the medians of every scenario that ran.
+:func:`update_headline` keeps the README's short table (between :data:`HEADLINE_BEGIN` and :data:`HEADLINE_END`)
+in step with the page.
 :func:`machine_info` reads the machine. The page holds one run only: no history, no comparison with other runs.
 This module measures nothing and imports neither torch nor the engine (the caller passes what torch reports).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +65,7 @@ def _s(x: float | None, unit: str = "s") -> str:
         return "-"
     if unit == "ms":
         return f"{x * 1000:.1f} ms"
-    return f"{x:.3g} s" if x < 10 else f"{x:.1f} s"
+    return f"{x:.2f} s" if x < 10 else f"{x:.1f} s"
 
 
 def _mb(x: float | None) -> str:
@@ -207,9 +210,52 @@ def render_report(result: dict[str, Any], *, command: str, date: dt.datetime | N
     return "\n".join(lines)
 
 
+#: Markers around the README's headline table, which :func:`headline` derives from the benchmarks page.
+HEADLINE_BEGIN = "<!-- BEGIN bench-headline: from docs/benchmarks.md, rewritten by `stanceserve bench --report` -->"
+HEADLINE_END = "<!-- END bench-headline -->"
+
+
+def headline(page: str, link: str = "docs/benchmarks.md") -> str:
+    """The README's short version of a benchmarks page: its command, date and machine, and the throughput table.
+
+    Args:
+        page: the text :func:`render_report` wrote.
+        link: where the README links to the full page.
+
+    Raises:
+        ValueError: the page has no command, date, machine or throughput table.
+    """
+    rows = dict(re.findall(r"^\| (command|date|machine|model) \| (.*) \|$", page, re.MULTILINE))
+    table = re.search(r"^## Throughput and latency[^\n]*\n\n((?:\|[^\n]*\|\n?)+)", page, re.MULTILINE)
+    if not table or not {"command", "date", "machine", "model"} <= set(rows):
+        raise ValueError("not a benchmarks page written by bench.report")
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")][:4] for line in table.group(1).strip().splitlines()]
+    short = "\n".join("| " + " | ".join(row) + " |" for row in cells)
+    return (f"{short}\n\n{rows['model']}; {rows['machine']}; {rows['date']}; `{rows['command'].strip('`')}`. "
+            f"More scenarios and what they measure: [benchmarks]({link}).")
+
+
+def update_headline(readme: str, page: str) -> str:
+    """``readme`` with the block between :data:`HEADLINE_BEGIN` and :data:`HEADLINE_END` set to :func:`headline`.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    start, end = readme.find(HEADLINE_BEGIN), readme.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {HEADLINE_BEGIN!r} ... {HEADLINE_END!r} block")
+    return f"{readme[: start + len(HEADLINE_BEGIN)]}\n{headline(page)}\n{readme[end:]}"
+
+
 def write_report(path: Path, result: dict[str, Any], *, command: str, date: dt.datetime | None = None,
-                 machine: dict[str, Any] | None = None) -> Path:
-    """Write :func:`render_report` to ``path`` (parents created); returns ``path``."""
+                 machine: dict[str, Any] | None = None, readme: Path | None = None) -> Path:
+    """Write :func:`render_report` to ``path`` (parents created), and the headline into ``readme`` when it has
+    the :data:`HEADLINE_BEGIN` block; returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(result, command=command, date=date, machine=machine), encoding="utf-8")
+    page = render_report(result, command=command, date=date, machine=machine)
+    path.write_text(page, encoding="utf-8")
+    if readme is not None and readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        if HEADLINE_BEGIN in text:
+            readme.write_text(update_headline(text, page), encoding="utf-8")
     return path
