@@ -37,7 +37,8 @@ def machine_info(cpuinfo: str | None = None) -> dict[str, Any]:
         cpuinfo: the text of ``/proc/cpuinfo`` (default: read it; empty on systems without one).
 
     Returns:
-        ``{"cpu_model": str, "cpu_flags": [str], "cores": int, "os": str}``.
+        ``{"cpu_model": str, "cpu_flags": [str], "cores": int, "os": str, "load_average": float | None}``: the
+        load average is the 1-minute one when the report is written (other work on the machine skews timings).
     """
     if cpuinfo is None:
         try:
@@ -57,6 +58,7 @@ def machine_info(cpuinfo: str | None = None) -> dict[str, Any]:
         "cpu_flags": [f for f in CPU_FLAGS if f in flags],
         "cores": os.cpu_count() or 1,
         "os": f"{platform.system()} {platform.release()}",
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -182,6 +184,8 @@ def render_report(result: dict[str, Any], *, command: str, date: dt.datetime | N
         f"| date | {date.strftime('%Y-%m-%d %H:%M')} UTC |",
         f"| machine | {hw} |",
         f"| OS | {machine.get('os', '?')} |",
+        *([f"| load average (1 min) at the end | {machine['load_average']} on {machine.get('cores', '?')} cores "
+           "(other work on the machine slows every row) |"] if machine.get("load_average") is not None else []),
         f"| torch | {run.get('torch', '?')} ({run.get('cpu_threads', '?')} threads), Python {run.get('python', '?')} |",
         f"| model | {result.get('model', '?')}, {run.get('device', '?')}, {run.get('dtype', '?')}"
         + (f", {result['weight_bytes'] / 1e6:,.0f} MB of weights |" if result.get("weight_bytes") else " |"),

@@ -197,9 +197,9 @@ def render_routes(spec: dict[str, Any] | None = None) -> str:
                 out += [f"Request body (`{media}`, {name}):", ""]
                 out += _fields(schema) or ["(see the description)"]
                 out.append("")
-            statuses = ", ".join(f"{code} ({_cell(r.get('description', ''))})"
-                                 for code, r in op.get("responses", {}).items())
-            out += [f"Answers: {statuses}.", ""]
+            out += ["| status | when |", "|---|---|"]
+            out += [f"| {code} | {_cell(r.get('description', ''))} |" for code, r in op.get("responses", {}).items()]
+            out.append("")
     return "\n".join(out)
 
 

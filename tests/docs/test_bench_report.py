@@ -17,7 +17,8 @@ model name\t: Example CPU 9000
 flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 foo
 """
 
-MACHINE = {"cpu_model": "Example CPU 9000", "cpu_flags": ["avx2", "fma"], "cores": 8, "os": "Linux 6.1"}
+MACHINE = {"cpu_model": "Example CPU 9000", "cpu_flags": ["avx2", "fma"], "cores": 8, "os": "Linux 6.1",
+           "load_average": 0.5}
 DATE = dt.datetime(2030, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
 
 
@@ -56,6 +57,7 @@ def test_page_records_machine_command_date_and_medians(tmp_path):
     assert "| date | 2030-01-02 03:04 UTC |" in page
     assert "Example CPU 9000, 8 cores (flags: avx2, fma)" in page
     assert "2.13.0+cpu (8 threads)" in page and "TinyModel" in page
+    assert "| load average (1 min) at the end | 0.5 on 8 cores" in page
     assert "| base model | **100.0** | 1.00 | 0.50 s | 40.0 ms | 100.0 ms | 2,500 MB |" in page
     assert "| 3-adapter blends | **60.0** | 0.60 |" in page
     assert "median of 3" in page
