@@ -122,9 +122,9 @@ def run_sweep(
         progress: ``progress(task description, total) -> advance()``, e.g. a rich progress bar's task.
 
     Returns:
-        ``(result, answers)``: ``result`` is the JSON-ready summary (see the README's "Blend response
-        curves" for its fields); ``answers`` maps each distinct blend (:func:`blend_key`; ``()`` is the
-        base model) to its answers, in probe order.
+        ``(result, answers)``: ``result`` is the JSON-ready summary (see "Blend response curves" in
+        docs/training.md for its fields); ``answers`` maps each distinct blend (:func:`blend_key`; ``()`` is
+        the base model) to its answers, in probe order.
 
     Raises:
         ValueError: no probes, or a stance without a scorer.
