@@ -8,13 +8,14 @@
 #                (STANCESERVE_CPU_BF16=1: `--dtype auto` picks bfloat16, emulated where the CPU lacks it);
 #                BF16_PASS= skips that second pass
 #   make lint    byte-compile everything (ruff check too, when installed)
+#   make docs    build the documentation site into site/ (mkdocs, strict); `make docs-serve` previews it on :8001
 #   make clean   remove the venv and build/test leftovers (not the model cache)
 #   make prometheus  install Debian's prometheus + promtool when missing (the scrape test runs them)
 #   make dashboard   rebuild deploy/grafana/dashboards/stanceserve.json from deploy/grafana/dashboard.py
 #
 # The model cache lives in $$STANCESERVE_CACHE_DIR (default ~/.cache/stanceserve).
 #
-# Where torch comes from: TORCH_INDEX_URL (empty = pip's own indexes; see "Install" in the README).
+# Where torch comes from: TORCH_INDEX_URL (empty = pip's own indexes; see docs/getting-started.md).
 #   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     CPU only (~200 MB)
 #   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130   CUDA 13.0 (what PyPI's torch==2.13.0 is)
 #   make venv TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   CUDA 12.8, older drivers (if built for 2.13.0)
@@ -41,7 +42,7 @@ ALLOW_NO_TESTS ?=
 # Non-empty: after the suite, rerun the tests marked `dtype` with the CPU's bf16 probe forced to "has bf16".
 BF16_PASS ?= 1
 
-.PHONY: venv model serve test lint clean prometheus dashboard
+.PHONY: venv model serve test lint docs docs-serve clean prometheus dashboard
 
 venv: $(STAMP)
 
@@ -76,6 +77,12 @@ lint: venv
 	$(BIN)/python -m compileall -q app training bench tests
 	@if [ -x $(BIN)/ruff ]; then $(BIN)/ruff check app training bench tests; else echo "ruff not installed: skipped"; fi
 
+docs: venv
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: venv
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
+
 # Debian's prometheus package (the version is Debian's: 2.42 on bookworm); as root, or through sudo.
 prometheus:
 	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then \
@@ -91,5 +98,5 @@ dashboard: venv
 	$(BIN)/python deploy/grafana/dashboard.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +

@@ -137,7 +137,8 @@ def train_adapter(
         data: JSONL dataset in ``config.method``'s format (:mod:`training.datasets`).
         name: the stance name (recorded in the metrics; the server name at registration).
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
-        device, dtype: where and in what precision the base model trains (``cpu``/``float32`` by default).
+        device: where the base model trains (``cpu`` by default).
+        dtype: the precision it trains in (``float32`` by default).
         command: the command line to record for reproduction (default: ``sys.argv``).
 
     Returns:

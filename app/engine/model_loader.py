@@ -178,7 +178,7 @@ def _read_cpuinfo() -> str:
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bfloat16 matmul instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``).
+    """Whether the CPU has bfloat16 matmul instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``).
 
     ``STANCESERVE_CPU_BF16`` (:data:`CPU_BF16_ENV`) set to ``1`` or ``0`` overrides the host's answer, so a
     test run can take either branch of the ``auto`` rule on any host. ``cpuinfo``: the text to read instead
@@ -202,8 +202,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
     ``"auto"`` is bfloat16 on CUDA (float16 on GPUs without bfloat16 support); on CPU it is
     bfloat16 only where the CPU computes it natively (:func:`cpu_has_native_bf16`: AVX512-BF16 or
-    AMX-BF16), else float32: measured on an AVX2-only EPYC, bfloat16 matmuls ran 4x slower than
-    float32 (all SmolLM2 linears at batch 16, one thread: 451 vs 115 ms).
+    AMX-BF16), else float32: without those instructions bfloat16 matmuls are emulated and run several
+    times slower than float32.
 
     Raises:
         ModelLoadError: ``name`` is not auto, float32, bfloat16 or float16.
