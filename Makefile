@@ -7,6 +7,7 @@
 #   make lint    byte-compile everything (ruff check too, when installed)
 #   make clean   remove the venv and build/test leftovers (not the model cache)
 #   make prometheus  install Debian's prometheus + promtool when missing (the scrape test runs them)
+#   make chromium    install Debian's chromium when missing (the playground's browser test drives it)
 #   make dashboard   rebuild deploy/grafana/dashboards/stanceserve.json from deploy/grafana/dashboard.py
 #
 # The model cache lives in $$STANCESERVE_CACHE_DIR (default ~/.cache/stanceserve).
@@ -36,7 +37,7 @@ PYTEST_ARGS ?=
 # Set to 1 to treat pytest's exit code 5 ("no tests collected") as success (.ci/run does).
 ALLOW_NO_TESTS ?=
 
-.PHONY: venv model serve test lint clean prometheus dashboard
+.PHONY: venv model serve test lint clean prometheus chromium dashboard
 
 venv: $(STAMP)
 
@@ -75,6 +76,18 @@ prometheus:
 		$$sudo apt-get update -qq; \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 		prometheus --version 2>&1 | head -n 1; \
+	fi
+
+# Debian's chromium, which tests/playground drives headless through Playwright (Playwright's own browser
+# download is never used); as root, or through sudo.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "chromium: $$(chromium --version 2>/dev/null | head -n 1)"; \
+	else \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		chromium --version 2>/dev/null | head -n 1; \
 	fi
 
 dashboard: venv
