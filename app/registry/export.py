@@ -12,7 +12,7 @@ ranks: a member that does not target a module, or targets it at a lower rank (``
 rows and columns there, so the config needs no patterns and any peft loads it. ``target_modules`` lists the
 full module paths, so peft wraps exactly the modules that have tensors.
 
-:func:`export_zip` is what ``POST /v1/stances/export`` sends: a zip of ``adapter_config.json``,
+:func:`export_zip` is what ``POST /v1/export-blend`` sends: a zip of ``adapter_config.json``,
 ``adapter_model.safetensors`` (float32) and ``export_blend.json`` (the recipe and each member's version),
 which ``POST /v1/adapters`` accepts back as an upload. Not here: resolving names to weights
 (:class:`app.catalog.StanceCatalog`), HTTP.

@@ -12,9 +12,10 @@ What it checks, as a person would use the page (with the page's own Content-Secu
   it is saved and listed in ``/v1/models``; downloading it gives one peft adapter (a zip).
 * Adapters: the table lists the registered adapters; an upload (file chooser) registers a new one; an invalid
   one (dropped on the drop zone) shows the server's validation error as the API returns it.
-* Keyboard and accessibility: the main action is reachable and usable with the keyboard alone, the tabs follow
-  the arrow keys, and axe-core finds no serious or critical violation (WCAG 2.x A/AA rules, colour contrast
-  included) in any view.
+* Keyboard and accessibility: the main action is reachable and usable with the keyboard alone (and Ctrl+Enter
+  sends), the tabs follow the arrow keys, panes can be added up to four and removed, the live view charts the
+  stances that served, and axe-core finds no serious or critical violation (WCAG 2.x A/AA rules, colour
+  contrast included) in any view.
 
 Screenshots of the compare and sweep views are saved under the test's output folder; with
 ``STANCESERVE_DOCS_SCREENSHOTS=1`` they are also written to ``docs/img/`` (the user docs show them).
@@ -243,6 +244,7 @@ def test_save_a_blend_as_a_named_stance_and_download_it(web, server):
     pane.get_by_text("Save or download this blend").click()
     pane.get_by_label("Name").fill("fox-blend")
     status = pane.locator(".save-status")
+    expect(page.locator("#admin-note")).to_contain_text("This server asks for the admin key to save, download and upload")
 
     pane.get_by_role("button", name="Save as a named stance").click()  # no admin key yet: the server's 401
     expect(status).to_contain_text("a valid admin key is required")
@@ -361,6 +363,13 @@ def test_keyboard_only_use_and_no_serious_accessibility_violation(web):
     assert len(web.chats) == 3
     expect(page.locator(".pane[data-state=done]")).to_have_count(3)
 
+    # two to four panes
+    page.get_by_role("button", name="Add a pane").click()
+    expect(page.locator(".pane")).to_have_count(4)
+    expect(page.get_by_role("button", name="Add a pane")).to_be_disabled()
+    page.get_by_role("button", name="Remove pane 4").click()
+    expect(page.locator(".pane")).to_have_count(3)
+
     # the check can fail: an input without a label is a critical violation
     page.evaluate("() => document.querySelector('main').append(Object.assign(document.createElement('input'), "
                   "{id: 'axe-canary'}))")
@@ -375,7 +384,10 @@ def test_keyboard_only_use_and_no_serious_accessibility_violation(web):
         page.keyboard.press("ArrowRight")
         expect(page.locator(f"#panel-{name}")).to_be_visible()
         expect(page.locator(f"#tab-{name}")).to_be_focused()
-        if name == "live":
-            expect(page.locator(".chart-card").first).to_be_visible()
+        if name == "live":  # a chart per stance that served: tokens/s and TTFT, from GET /metrics/stances
+            chart = page.locator('.chart-card[data-stance="blend"]')
+            expect(chart.locator("svg polyline, svg circle").first).to_be_attached()
+            expect(chart).to_contain_text("Tokens per second: now")
+            expect(chart).to_contain_text("Time to first token: last")
         found[name] = axe_violations(page)
     assert found == {"compare": [], "dial": [], "adapters": [], "live": []}

@@ -1,5 +1,5 @@
 """The playground's server side, in-process on the tiny Llama: the page and its files, its config, the live
-numbers (``GET /metrics/stances``) and the blend export (``POST /v1/stances/export``); and that the page ships
+numbers (``GET /metrics/stances``) and the blend export (``POST /v1/export-blend``); and that the page ships
 in the wheel and that CI installs the browser its test drives. The page itself is driven in
 :mod:`tests.playground.test_browser`.
 """
@@ -144,7 +144,7 @@ def test_stance_numbers_are_the_metrics_registry_s(client):
 
 # ---------------------------------------------------------------------------- the blend export
 def _export(client, stances, name="mix", **kw):
-    return client.post("/v1/stances/export", json={"stances": stances, "name": name}, **kw)
+    return client.post("/v1/export-blend", json={"stances": stances, "name": name}, **kw)
 
 
 def test_export_is_one_peft_adapter_equal_to_the_blend(client, peft_dirs, tmp_path):
@@ -204,7 +204,7 @@ def test_export_needs_the_admin_key_and_registered_members(client):
     r = _export(client, {"calm": 1e6}, headers=AUTH)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_blend"
     for bad in ({"stances": {}}, {"stances": RECIPE, "name": "../x"}, {"stances": RECIPE, "extra": 1}):
-        r = client.post("/v1/stances/export", json=bad, headers=AUTH)
+        r = client.post("/v1/export-blend", json=bad, headers=AUTH)
         assert r.status_code == 422, (bad, r.text)
 
 

@@ -1,4 +1,4 @@
-"""``POST /v1/stances/export`` (admin): a blend downloaded as one plain peft adapter (a zip).
+"""``POST /v1/export-blend`` (admin): a blend downloaded as one plain peft adapter (a zip).
 
 The HTTP face of ``stanceserve export-blend --method cat``, computed from the weights the server already
 holds (:mod:`app.registry.export`): exact, no base model copied. The body names the blend as a request's
@@ -34,7 +34,7 @@ _STANCES = {"type": "object", "additionalProperties": {"type": "number"}, "minPr
 
 
 class ExportBlendRequest(BaseModel):
-    """``POST /v1/stances/export``: the blend to export, and the name of the download."""
+    """``POST /v1/export-blend``: the blend to export, and the name of the download."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -62,7 +62,7 @@ def _export(catalog: StanceCatalog, body: ExportBlendRequest) -> bytes:
     return export_zip(stance.terms, base_model=base, name=body.name)
 
 
-@router.post("/stances/export", response_class=Response, responses=_ZIP, dependencies=[AdminDep])
+@router.post("/export-blend", response_class=Response, responses=_ZIP, dependencies=[AdminDep])
 async def export_blend(body: ExportBlendRequest, catalog: CatalogDep) -> Response:
     """The blend as one peft LoRA adapter (exact: factors stacked, rank = sum of the member ranks), as a zip."""
     data = await run_in_threadpool(_export, catalog, body)

@@ -11,7 +11,7 @@
   chart polls it.
 
 The page talks to the public API only (``/v1/models``, ``/v1/chat/completions``, ``/v1/stances``,
-``/v1/stances/export``, ``/v1/adapters``); nothing here generates.
+``/v1/export-blend``, ``/v1/adapters``); nothing here generates.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 // Compare: the same conversation sent to two to four panes at once, each answer streamed side by side.
 // A pane is the base model, an adapter, a named blend, or a blend dialled with one slider per adapter; a
 // dialled blend can be saved as a named stance (POST /v1/stances) or downloaded as one peft adapter
-// (POST /v1/stances/export).
+// (POST /v1/export-blend).
 
 import { postAdmin, showError, showOk, clearStatus, streamChat } from "./api.js";
 import { readRequest, settingsText, currentSettings } from "./request.js";
@@ -205,7 +205,7 @@ class Pane {
     let blend;
     try { blend = this.checkSave(); } catch (e) { showError(this.saveStatus, e); return; }
     try {
-      const res = await postAdmin("v1/stances/export", blend);
+      const res = await postAdmin("v1/export-blend", blend);
       const blob = await res.blob();
       const a = document.createElement("a");
       a.href = URL.createObjectURL(blob);

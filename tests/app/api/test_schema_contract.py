@@ -251,7 +251,7 @@ def _prepare(case, *, steer: bool = True) -> None:
     elif op.path == "/v1/load_lora_adapter":
         # the schema cannot say which folders on the server hold an adapter: a valid request names one
         case.body = {**body, **_unreserved(body, "lora_name"), "lora_path": _RUNTIME["folder"]}
-    elif op.path in ("/v1/stances", "/v1/stances/export") and op.method.upper() == "POST":
+    elif op.path in ("/v1/stances", "/v1/export-blend") and op.method.upper() == "POST":
         # a blend's members (named or exported) must be registered adapters (else 409 / 422) and its weights within
         # the server's bound (else 422); "base" and "blend" are the shared metric labels, refused with 422
         engine = APP.state.service.engine
