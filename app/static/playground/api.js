@@ -10,6 +10,8 @@ export function url(path) {
 }
 
 const KEY_STORE = "stanceserve.adminKey";
+/** The shortest first-to-last-text time that times tokens/s after the first token, in milliseconds. */
+const MIN_SPAN_MS = 50;
 
 /** The admin key the user typed (kept in this tab's session storage only). */
 export function adminKey() {
@@ -84,18 +86,17 @@ export async function streamChat(body, { signal, onText } = {}) {
   });
   if (!res.ok) throw await errorOf(res);
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "", text = "", usage = null, finish = null, first = null, chunks = 0;
+  let buffer = "", text = "", usage = null, finish = null, first = null, last = null, chunks = 0;
   const result = () => {
     const end = performance.now();
     const tokens = usage ? usage.completion_tokens : chunks;
-    // over the request's whole time, TTFT included: text arrives in bursts (the server holds back partial
-    // characters and stop-string prefixes), so the gaps between chunks do not time single tokens
-    return {
-      text, usage, finish, tokens,
-      ttftMs: first === null ? null : first - t0,
-      tokensPerSecond: tokens > 0 ? tokens / ((end - t0) / 1000) : null,
-      elapsedMs: end - t0,
-    };
+    // after the first token: (tokens - 1) over the time from the first text to the last. An answer that arrives
+    // in one burst (a fast server: the whole text within a few milliseconds) cannot be timed that way, so it
+    // gets tokens over the request's whole time, TTFT included.
+    const span = first === null ? 0 : last - first;
+    const rate = chunks >= 3 && span >= MIN_SPAN_MS ? (tokens - 1) / (span / 1000)
+      : tokens > 0 ? tokens / ((end - t0) / 1000) : null;
+    return { text, usage, finish, tokens, ttftMs: first === null ? null : first - t0, tokensPerSecond: rate, elapsedMs: end - t0 };
   };
   for (;;) {
     const { value, done } = await reader.read();
@@ -117,7 +118,8 @@ export async function streamChat(body, { signal, onText } = {}) {
       for (const choice of chunk.choices || []) {
         const piece = choice.delta && choice.delta.content;
         if (piece) {
-          if (first === null) first = performance.now();
+          last = performance.now();
+          if (first === null) first = last;
           chunks += 1;
           text += piece;
           if (onText) onText(text);

@@ -12,7 +12,7 @@ const panes = [];
 let paneIds = 0;
 let controller = null;
 
-/** Format a stream's timing for a pane: "TTFT 12 ms · 85.3 tokens/s · 64 tokens · length". */
+/** A stream's timing for a pane: "TTFT 12 ms · 85.3 tokens/s · 64 tokens · finish: length". */
 export function statsText(r) {
   const ttft = r.ttftMs === null ? "TTFT —" : r.ttftMs < 1000 ? `TTFT ${Math.round(r.ttftMs)} ms` : `TTFT ${(r.ttftMs / 1000).toFixed(2)} s`;
   const tps = r.tokensPerSecond === null ? "— tokens/s" : `${r.tokensPerSecond.toFixed(1)} tokens/s`;

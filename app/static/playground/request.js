@@ -97,6 +97,9 @@ export function readRequest() {
   }));
   if (!messages.some((m) => m.content.trim())) throw new Error("Write a prompt first.");
   const seedField = num("seed", { integer: true });
+  if (seedField !== null && (seedField < 0 || seedField > Number.MAX_SAFE_INTEGER)) {
+    throw new Error(`Seed must be between 0 and ${Number.MAX_SAFE_INTEGER} here.`);
+  }
   const seed = seedField ?? Math.floor(Math.random() * 2 ** 31);
   const sampling = {
     max_tokens: num("max-tokens", { integer: true }) ?? 64,
