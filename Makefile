@@ -11,6 +11,7 @@
 #   make docs    build the documentation site into site/ (mkdocs, strict); `make docs-serve` previews it on :8001
 #   make clean   remove the venv and build/test leftovers (not the model cache)
 #   make prometheus  install Debian's prometheus + promtool when missing (the scrape test runs them)
+#   make chromium    install Debian's chromium when missing (the playground's browser test drives it)
 #   make dashboard   rebuild deploy/grafana/dashboards/stanceserve.json from deploy/grafana/dashboard.py
 #
 # The model cache lives in $$STANCESERVE_CACHE_DIR (default ~/.cache/stanceserve).
@@ -42,7 +43,7 @@ ALLOW_NO_TESTS ?=
 # Non-empty: after the suite, rerun the tests marked `dtype` with the CPU's bf16 probe forced to "has bf16".
 BF16_PASS ?= 1
 
-.PHONY: venv model serve test lint docs docs-serve clean prometheus dashboard
+.PHONY: venv model serve test lint docs docs-serve clean prometheus chromium dashboard
 
 venv: $(STAMP)
 
@@ -92,6 +93,18 @@ prometheus:
 		$$sudo apt-get update -qq; \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 		prometheus --version 2>&1 | head -n 1; \
+	fi
+
+# Debian's chromium, which tests/playground drives headless through Playwright (Playwright's own browser
+# download is never used); as root, or through sudo.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "chromium: $$(chromium --version 2>/dev/null | head -n 1)"; \
+	else \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		chromium --version 2>/dev/null | head -n 1; \
 	fi
 
 dashboard: venv

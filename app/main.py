@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
-from app.api.routes import adapters, health, openai, stances
+from app.api.routes import adapters, blend_export, health, openai, playground, stances
 from app.config import Settings
 from app.deps import ServiceState
 from app.errors import install_error_handlers
@@ -167,4 +167,6 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     app.include_router(openai.router)
     app.include_router(adapters.router)
     app.include_router(stances.router)
+    app.include_router(blend_export.router)
+    app.include_router(playground.router)
     return app

@@ -286,6 +286,32 @@ class Metrics:
         self.requests_waiting.set_function(waiting)
         self.adapters_loaded.set_function(loaded)
 
+    def stance_summary(self) -> dict[str, dict[str, float]]:
+        """Per stance label, read from the same series ``/metrics`` renders (``GET /metrics/stances``).
+
+        ``tokens_per_second`` (the windowed gauge), and the running totals ``ttft_seconds_sum`` / ``ttft_count``
+        (the TTFT histogram's), ``generation_tokens`` and ``requests`` (every outcome): a reader that polls
+        gets the mean TTFT of an interval as the difference of sums over the difference of counts.
+        """
+        out: dict[str, dict[str, float]] = {}
+
+        def row(stance: str) -> dict[str, float]:
+            return out.setdefault(stance, {"tokens_per_second": 0.0, "ttft_seconds_sum": 0.0, "ttft_count": 0.0,
+                                           "generation_tokens": 0.0, "requests": 0.0})
+
+        reads = ((self.ttft, {"stanceserve_time_to_first_token_seconds_sum": "ttft_seconds_sum",
+                              "stanceserve_time_to_first_token_seconds_count": "ttft_count"}),
+                 (self.generation_tokens, {"stanceserve_generation_tokens_total": "generation_tokens"}),
+                 (self.requests, {"stanceserve_requests_total": "requests"}))
+        for metric, names in reads:
+            for family in metric.collect():
+                for s in family.samples:
+                    if s.name in names:
+                        row(s.labels["stance"])[names[s.name]] += s.value
+        for stance, rate in self.token_rate.rates().items():
+            row(stance)["tokens_per_second"] = rate
+        return dict(sorted(out.items()))
+
     def render(self) -> bytes:
         """The text exposition format (what ``GET /metrics`` returns)."""
         return generate_latest(self.registry)

@@ -263,14 +263,15 @@ def _prepare(case, *, steer: bool = True) -> None:
     elif op.path == "/v1/load_lora_adapter":
         # the schema cannot say which folders on the server hold an adapter: a valid request names one
         case.body = {**body, **_unreserved(body, "lora_name"), "lora_path": _RUNTIME["folder"]}
-    elif op.path == "/v1/stances" and op.method.upper() == "POST":
-        # a named blend's members must be registered adapters (else 409) and its weights within the server's bound
-        # (else 422); "base" and "blend" are the shared metric labels, refused with 422
+    elif op.path in ("/v1/stances", "/v1/export-blend") and op.method.upper() == "POST":
+        # a blend's members (named or exported) must be registered adapters (else 409 / 422) and its weights within
+        # the server's bound (else 422); "base" and "blend" are the shared metric labels, refused with 422
         engine = APP.state.service.engine
         stances = body.get("stances")
         weight = next(iter(stances.values())) if isinstance(stances, dict) and stances else 1.0
         renamed = {BASE: f"{BASE}-blend", "base": "base-blend", "blend": "blend-named"}
-        case.body = {**body, "name": renamed.get(body.get("name"), body.get("name")),
+        named = {"name": renamed.get(body["name"], body["name"])} if "name" in body else {}
+        case.body = {**body, **named,
                      "stances": {RESIDENT: max(-engine.max_blend_weight, min(engine.max_blend_weight, weight))}}
     elif op.path == "/v1/unload_lora_adapter" and body.get("lora_name") == RESIDENT:
         case.body = {**body, "lora_name": f"{RESIDENT}-kept"}
