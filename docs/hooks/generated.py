@@ -56,6 +56,9 @@ ADVICE: dict[str, str] = {
                  "server host itself (loopback); behind a reverse proxy, list it in `STANCESERVE_TRUSTED_PROXIES`.",
     "context_length_exceeded": "Shorten the prompt or lower `max_tokens`; the limits are `max_model_len` and "
                                "`max_prompt_tokens`.",
+    "invalid_constraint": "Fix the constraint named in `param`: a valid JSON schema, regular expression, Lark or "
+                          "GBNF grammar, or tool list, and only one of `response_format`, `tools` (with a "
+                          "`tool_choice` other than none), `guided_*` and `structured_outputs` per request.",
     "unsupported_parameter": "Remove the field named in `param`: stanceserve refuses OpenAI fields it does not "
                              "implement rather than ignore them.",
     "request_too_large": "Send a smaller body, or raise `STANCESERVE_MAX_REQUEST_BYTES`.",
