@@ -4,9 +4,9 @@
 #   make model   download and cache the embedded SmolLM2-135M-Instruct (no-op when cached)
 #   make serve   run the service on http://$(HOST):$(PORT)
 #   make test    run the test suite (slow tests included), PYTEST_ARGS="..." to pass options; then the
-#                dtype-sensitive tests (marker `dtype`) again as a CPU with native bf16 would run them
-#                (STANCESERVE_CPU_BF16=1: `--dtype auto` picks bfloat16, emulated where the CPU lacks it);
-#                BF16_PASS= skips that second pass
+#                dtype-sensitive tests (marker `dtype`) again as the other kind of CPU would run them
+#                (STANCESERVE_CPU_BF16=1 on a host without native bf16: `--dtype auto` picks bfloat16,
+#                emulated; STANCESERVE_CPU_BF16=0 on a host with it: float32); BF16_PASS= skips that pass
 #   make lint    byte-compile everything (ruff check too, when installed)
 #   make docs    build the documentation site into site/ (mkdocs, strict); `make docs-serve` previews it on :8001
 #   make clean   remove the venv and build/test leftovers (not the model cache)
@@ -40,7 +40,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 # Set to 1 to treat pytest's exit code 5 ("no tests collected") as success (.ci/run does).
 ALLOW_NO_TESTS ?=
-# Non-empty: after the suite, rerun the tests marked `dtype` with the CPU's bf16 probe forced to "has bf16".
+# Non-empty: after the suite, rerun the tests marked `dtype` with the CPU's bf16 probe forced to the other answer.
 BF16_PASS ?= 1
 
 .PHONY: venv model serve test lint docs docs-serve clean prometheus chromium dashboard
@@ -68,8 +68,9 @@ test: venv model
 		echo "pytest collected no tests (exit 5); accepted because ALLOW_NO_TESTS is set"; rc=0; \
 	fi; \
 	if [ $$rc -eq 0 ] && [ -n "$(BF16_PASS)" ]; then \
-		echo "dtype-sensitive tests again, as on a CPU with native bf16 (STANCESERVE_CPU_BF16=1)"; \
-		STANCESERVE_CPU_BF16=1 $(BIN)/pytest -m dtype $(PYTEST_ARGS) || rc=$$?; \
+		other=$$($(BIN)/python -c 'from app.engine.model_loader import cpu_has_native_bf16 as h; print(int(not h()))'); \
+		echo "dtype-sensitive tests again, as on the other kind of CPU (STANCESERVE_CPU_BF16=$$other)"; \
+		STANCESERVE_CPU_BF16=$$other $(BIN)/pytest -m dtype $(PYTEST_ARGS) || rc=$$?; \
 		if [ $$rc -eq 5 ]; then rc=0; fi; \
 	fi; \
 	exit $$rc

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
 #: scenarios run only when named (``compile`` spends minutes compiling; ``soak`` runs 1,000 requests)
-EXTRA = ["compile", "soak", "parity"]
+EXTRA = ["compile", "soak", "parity", "structured", "grammars"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -176,6 +176,16 @@ def bench(
 
             console.print("[dim]torch.compile vs eager decode step[/dim]")
             sc["compile"] = compiled_step(bm, rows=n, context=prompt_len + max_tokens // 2)
+        if "structured" in wanted:
+            from bench.structured import structured_scenario
+
+            console.print("[dim]structured: half the rows under a JSON schema vs none[/dim]")
+            sc["structured"] = structured_scenario(eb, [stance(a) for a in adapters], repeats=repeats)
+        if "grammars" in wanted:
+            from bench.structured import grammar_libraries
+
+            console.print("[dim]grammar libraries: compile and mask times[/dim]")
+            sc["grammar_libraries"] = grammar_libraries(bm.tokenizer, eb.engine.vocab_size)
         if "busy" in wanted:
             console.print("[dim]busy TTFT[/dim]")
             sc["busy_ttft"] = eb.busy_ttft(background=n - 1)
