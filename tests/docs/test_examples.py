@@ -28,7 +28,8 @@ def test_every_example_is_marked_run_or_a_documented_exception():
 
 def test_most_examples_run():
     counts = Counter("run" if e.runs else "norun" for e in EXAMPLES)
-    assert counts["run"] >= 20 and counts["norun"] <= 8, counts
+    # the exceptions stay few: at most one block in four is not run
+    assert counts["run"] >= 20 and counts["norun"] * 3 <= counts["run"], counts
 
 
 def test_extract_reads_markers_and_fences(tmp_path):
