@@ -64,7 +64,13 @@ def train(
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | auto")] = _RUN_DEFAULTS["dtype"],
     register: Annotated[str | None, typer.Option(help="Upload the result to this server URL, e.g. http://127.0.0.1:8000.")] = None,
-    admin_key: Annotated[str | None, typer.Option(help="Admin key for --register (or STANCESERVE_ADMIN_KEY).", envvar="STANCESERVE_ADMIN_KEY")] = None,
+    admin_key_file: Annotated[Path | None, typer.Option(
+        help="With --register: a file whose first line is the server's admin key (preferred, with "
+             "STANCESERVE_ADMIN_KEY).")] = None,
+    admin_key: Annotated[str | None, typer.Option(
+        help="With --register: the admin key itself. Prefer STANCESERVE_ADMIN_KEY or --admin-key-file: a key on "
+             "the command line is readable by other local users (ps) and stays in shell history. Never recorded.",
+        envvar="STANCESERVE_ADMIN_KEY", show_envvar=True)] = None,
     description: Annotated[str | None, typer.Option(help="Description stored with the adapter.")] = None,
     replace: Annotated[bool, typer.Option(help="With --register: replace an existing adapter of that name.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -83,10 +89,12 @@ def train(
         _fail("give --data and --name (or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
     out_dir = out or Path("runs") / name
+    key = _admin_key(admin_key, admin_key_file) if register else None
     try:
         # the trainer prints its log lines to stdout: keep stdout for the JSON result
         with contextlib.redirect_stdout(sys.stderr):
-            result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet)
+            result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet,
+                                   secrets=[key] if key else ())
     except DatasetError as e:
         _fail(str(e))
     summary = result.metrics["summary"]
@@ -96,7 +104,7 @@ def train(
         from training.register import RegistrationError, register_adapter
 
         try:
-            report["registered"] = register_adapter(register, name, result.out_dir, admin_key=admin_key,
+            report["registered"] = register_adapter(register, name, result.out_dir, admin_key=key,
                                                     description=description or f"{cfg.method} stance adapter {name}",
                                                     replace=replace)
         except RegistrationError as e:
@@ -104,10 +112,33 @@ def train(
     typer.echo(json.dumps(report, indent=2))
 
 
+def _admin_key(key: str | None, key_file: Path | None) -> str | None:
+    """The admin key for ``--register`` (``--admin-key-file``, else ``--admin-key`` / ``$STANCESERVE_ADMIN_KEY``).
+
+    Warns when the key itself was typed on the command line (where ``ps`` and shell history show it).
+    """
+    from training.register import RegistrationError, admin_key_from
+
+    if key_file is None and any(a == "--admin-key" or a.startswith("--admin-key=") for a in sys.argv):
+        console.print("[yellow]warning:[/yellow] --admin-key on the command line is visible to other local users "
+                      "and kept in shell history; prefer STANCESERVE_ADMIN_KEY or --admin-key-file "
+                      "(the key is never recorded either way)", soft_wrap=True)
+    try:
+        return admin_key_from(key, key_file)
+    except RegistrationError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _recorded_command(command: str) -> str | None:
+    """``stanceserve COMMAND ...`` as run (from ``sys.argv``), secret option values redacted; None if unknown."""
+    from app.redaction import redact_command
+
+    return redact_command(["stanceserve", command, *sys.argv[2:]]) if len(sys.argv) > 2 else None
+
+
 def _compare(runs: list[Path], out: Path) -> None:
     """``train --compare``: table (stderr, Markdown, JSON on stdout) and overlaid curves of finished runs."""
-    import shlex
-
     from rich.table import Table
 
     from training.compare import (
@@ -129,7 +160,7 @@ def _compare(runs: list[Path], out: Path) -> None:
     rows = compare_table(loaded)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_compare(loaded, out / "compare.png", title=f"{len(runs)} training runs")
-    command = "stanceserve train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = _recorded_command("train")
     md = write_compare_markdown(out / "compare.md", rows, png, command)
     table = Table(*COLUMNS, title="training runs")
     for r in rows:
@@ -253,7 +284,6 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
            base: str | None, adapters_dir: Path | None, max_tokens: int, likelihood: bool, out: Path, resamples: int,
            batch: int, quiet: bool) -> None:
     """``eval --sweep``: run :func:`training.sweep.run_sweep`, write JSON, answers, PNGs and the report into ``out``."""
-    import shlex
 
     from training.datasets import DatasetError, load_probes
     from training.evaluate import HttpGenerator, LocalGenerator
@@ -302,7 +332,7 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
         pngs[c["name"]] = path.name
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     write_answers(out / "answers.jsonl", prompts, answers)
-    command = "stanceserve eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = _recorded_command("eval")
     write_sweep_report(out / "sweep_report.md", result, prompts, answers, pngs=pngs, command=command)
     summary = {"out": str(out), "json": str(out / "sweep.json"), "report": str(out / "sweep_report.md"),
                "pngs": sorted(str(out / p) for p in pngs.values()),

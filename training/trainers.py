@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.redaction import redact_command, redact_json, redact_text
 from training.datasets import Method, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def train_adapter(
     cache_dir: Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    secrets: Iterable[str] = (),
 ) -> TrainResult:
     """Train a LoRA adapter on ``data`` and write it to ``out_dir``.
 
@@ -138,7 +139,9 @@ def train_adapter(
         name: the stance name (recorded in the metrics; the server name at registration).
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
         device, dtype: where and in what precision the base model trains (``cpu``/``float32`` by default).
-        command: the command line to record for reproduction (default: ``sys.argv``).
+        command: the command line to record for reproduction (default: ``sys.argv``); recorded with the values
+            of secret options (``--admin-key``...) replaced by ``***`` (:mod:`app.redaction`).
+        secrets: secret values (the admin key in use) that must appear nowhere in what is written.
 
     Returns:
         The output folder and the metrics written to ``training_metrics.json``.
@@ -223,9 +226,10 @@ def train_adapter(
         "time_per_step_s": round(total_s / max(1, len(records)), 3),
         "machine": {"device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
-        "command": command or " ".join(shlex.quote(a) for a in ["stanceserve", *sys.argv[1:]]),
+        "command": redact_text(command, secrets) if command else redact_command(["stanceserve", *sys.argv[1:]], secrets),
         "summary": summarize(records, config.method, ds.sha256, loaded.name, total_s),
     }
+    metrics = redact_json(metrics, secrets)  # no secret is ever written (app.redaction)
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_curves(records, config.method, out_dir / "training_curves.png", title=f"{name} ({config.method})")
     return TrainResult(out_dir, metrics)
