@@ -44,6 +44,10 @@ _EXTRA_HELP = {
 _RUN_DEFAULTS = {n: p.default for n, p in _inspect.signature(train_adapter).parameters.items()}
 
 
+_DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (the server's rule: bfloat16 on CUDA and on CPUs with native "
+               "bf16, else float32; the dtype used is recorded in every output).")
+
+
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(1)
@@ -62,7 +66,7 @@ def train(
     base: Annotated[str | None, typer.Option(help="HF causal LM id or path (default: the embedded SmolLM2 the server uses).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME).")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | auto")] = _RUN_DEFAULTS["dtype"],
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = _RUN_DEFAULTS["dtype"],
     register: Annotated[str | None, typer.Option(help="Upload the result to this server URL, e.g. http://127.0.0.1:8000.")] = None,
     admin_key_file: Annotated[Path | None, typer.Option(
         help="With --register: a file whose first line is the server's admin key (preferred, with "
@@ -199,6 +203,8 @@ def eval_cmd(
     pairs: Annotated[bool, typer.Option(help="--sweep: also sweep every pair of stances.")] = True,
     resamples: Annotated[int, typer.Option(help="--sweep: bootstrap resamples for the CIs.")] = 2000,
     batch: Annotated[int, typer.Option(help="Local engine batch size (sequences per decode step).")] = 16,
+    device: Annotated[str, typer.Option(help="Local evaluation: cpu | cuda | auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
     trace_style: Annotated[str, typer.Option(
         help="--task scheduling: the trace style the adapter was trained on (sweep or grid; "
              "only the 'trace all correct' column reads it).")] = "sweep",
@@ -213,7 +219,8 @@ def eval_cmd(
     if sweep:
         _sweep(stances=stances, probes=probes, per_stance=probes_per_stance, weights=weights, ts=ts, pairs=pairs,
                url=url, base=base, adapters_dir=adapters_dir, max_tokens=max_tokens, likelihood=likelihood,
-               out=out or Path("runs/sweep"), resamples=resamples, batch=batch, quiet=quiet)
+               out=out or Path("runs/sweep"), resamples=resamples, batch=batch, quiet=quiet, device=device,
+               dtype=dtype)
         return
     if task not in (None, "scheduling"):
         _fail(f"unknown --task {task!r} (only 'scheduling')")
@@ -221,7 +228,8 @@ def eval_cmd(
         _fail("give --adapter and --probes (or --task scheduling)")
     if not url and adapter:
         _check_local_adapters([adapter], adapters_dir)
-    raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
+    raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
+                                                        device=device, dtype=dtype)
     with contextlib.ExitStack() as stack:
         stack.callback(raw.close)
         gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
@@ -252,7 +260,7 @@ def eval_cmd(
                     from app.config import EMBEDDED_MODEL, Settings
                     from app.engine.model_loader import load_base_model
 
-                    loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu"))
+                    loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                     lm, tok = loaded.model, loaded.tokenizer
             res = evaluate_stance(gen, adapter, prompts, st, report_path=out or Path(f"eval-{Path(adapter).name}.md"),
                                   max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok,
@@ -282,11 +290,11 @@ def _floats(text: str, option: str) -> list[float]:
 
 def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, ts: str, pairs: bool, url: str | None,
            base: str | None, adapters_dir: Path | None, max_tokens: int, likelihood: bool, out: Path, resamples: int,
-           batch: int, quiet: bool) -> None:
+           batch: int, quiet: bool, device: str = "cpu", dtype: str = "auto") -> None:
     """``eval --sweep``: run :func:`training.sweep.run_sweep`, write JSON, answers, PNGs and the report into ``out``."""
 
     from training.datasets import DatasetError, load_probes
-    from training.evaluate import HttpGenerator, LocalGenerator
+    from training.evaluate import HttpGenerator, LocalGenerator, runtime_of
     from training.progress import progress_bars
     from training.scoring import MARKERS, LikelihoodScorer
     from training.sweep import run_sweep, write_answers
@@ -306,9 +314,11 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
     if not url:
         _check_local_adapters(names, adapters_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
+    gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
+                                                        device=device, dtype=dtype)
     try:
         scorer = None
+        lm = None
         if likelihood:
             if isinstance(gen, LocalGenerator):  # the engine is idle while scoring: no adapter is routed
                 lm, tok = gen.loaded.model, gen.loaded.tokenizer
@@ -316,13 +326,14 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
                 from app.config import EMBEDDED_MODEL, Settings
                 from app.engine.model_loader import load_base_model
 
-                loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu"))
+                loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                 lm, tok = loaded.model, loaded.tokenizer
             scorer = LikelihoodScorer(lm, tok, batch_size=16)
         with progress_bars(enabled=not quiet, console=console) as new_task:
             result, answers = run_sweep(gen, names, prompts, weights=_floats(weights, "--weights"),
                                         ts=_floats(ts, "--ts"), pairs=pairs, max_tokens=max_tokens,
                                         likelihood_scorer=scorer, resamples=resamples, progress=new_task)
+        result["runtime"] = runtime_of(gen, lm)
     finally:
         gen.close()
     pngs = {}
@@ -367,15 +378,17 @@ def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_to
         _fail("--no-with-base needs --adapter")
     base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens, style=style) if with_base else None
     ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens, style=style) if adapter else None
+    from training.evaluate import runtime_of
+
     keep = ("n", "accuracy", "lenient_accuracy", "unparsable", "trace_ok", "by_difficulty", "batches", "generation_s")
-    res: dict[str, Any] = {"n": n, "seed": seed, "style": style}
+    res: dict[str, Any] = {"n": n, "seed": seed, "style": style, "runtime": runtime_of(gen)}
     if base:
         res["base"] = {k: base[k] for k in keep}
     if ad:
         res["adapter"] = {k: ad[k] for k in keep}
         res["adapter_name"] = adapter
     if out and out.suffix == ".md" and ad and base:
-        se.write_report(out, adapter=ad, base=base)
+        se.write_report(out, adapter=ad, base=base, runtime=res["runtime"])
     elif out:
         out.write_text(json.dumps(res, indent=2) + "\n")
     return res

@@ -126,7 +126,7 @@ def train_adapter(
     *,
     base: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     cache_dir: Path | None = None,
     progress: bool = True,
     command: str | None = None,
@@ -138,7 +138,9 @@ def train_adapter(
         data: JSONL dataset in ``config.method``'s format (:mod:`training.datasets`).
         name: the stance name (recorded in the metrics; the server name at registration).
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
-        device, dtype: where and in what precision the base model trains (``cpu``/``float32`` by default).
+        device, dtype: where and in what precision the base model trains (default ``cpu`` and ``auto``: the
+            server's rule, :func:`app.engine.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16,
+            else float32); the resolved pair is recorded in ``machine``.
         command: the command line to record for reproduction (default: ``sys.argv``); recorded with the values
             of secret options (``--admin-key``...) replaced by ``***`` (:mod:`app.redaction`).
         secrets: secret values (the admin key in use) that must appear nowhere in what is written.
