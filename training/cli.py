@@ -25,6 +25,7 @@ from rich.markup import escape
 
 from app.cli_options import dataclass_options, from_cli, with_options
 from training.adapter_lookup import store_help
+from training.outputs import OutputExistsError, check_dir, check_file, default_out
 from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
@@ -48,9 +49,30 @@ _DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (the server's rule: bfloat16
                "bf16, else float32; the dtype used is recorded in every output).")
 
 
+_OVERWRITE_HELP = "Replace outputs that exist already (by default an existing output is kept and the command stops)."
+
+
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}")
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _free_file(path: Path, overwrite: bool, option: str = "--out") -> Path:
+    """``path``, or exit 1 when it exists and ``--overwrite`` was not given (:func:`training.outputs.check_file`)."""
+    try:
+        return check_file(path, overwrite=overwrite, option=option)
+    except OutputExistsError as e:
+        _fail(str(e))
+        raise  # unreachable
+
+
+def _free_dir(path: Path, overwrite: bool, option: str = "--out") -> Path:
+    """``path``, or exit 1 when it holds anything and ``--overwrite`` was not given (:func:`training.outputs.check_dir`)."""
+    try:
+        return check_dir(path, overwrite=overwrite, option=option)
+    except OutputExistsError as e:
+        _fail(str(e))
+        raise  # unreachable
 
 
 @app.command()
@@ -64,7 +86,9 @@ def train(
         help="Compare finished runs instead of training: stanceserve train --compare runs/a runs/b ... "
              "(overlaid curves PNG + table; --out is the output folder, default runs/compare).")] = False,
     base: Annotated[str | None, typer.Option(help="HF causal LM id or path (default: the embedded SmolLM2 the server uses).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME; must be missing or empty "
+                                                  "unless --overwrite).")] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = _RUN_DEFAULTS["dtype"],
     register: Annotated[str | None, typer.Option(help="Upload the result to this server URL, e.g. http://127.0.0.1:8000.")] = None,
@@ -85,14 +109,17 @@ def train(
     from training.datasets import DatasetError
 
     if compare:
-        _compare(runs or [], out or Path("runs/compare"))
+        out = out or default_out("compare")
+        for f in ("compare.md", "compare.png"):
+            _free_file(out / f, overwrite)
+        _compare(runs or [], out)
         return
     if runs:
         _fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
     if data is None or name is None:
         _fail("give --data and --name (or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
-    out_dir = out or Path("runs") / name
+    out_dir = _free_dir(out or default_out(name), overwrite)
     key = _admin_key(admin_key, admin_key_file) if register else None
     try:
         # the trainer prints its log lines to stdout: keep stdout for the JSON result
@@ -189,7 +216,10 @@ def eval_cmd(
                                                       show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
     likelihood: Annotated[bool, typer.Option(help="Also run the likelihood-based stance scorer (loads the base model).")] = True,
-    out: Annotated[Path | None, typer.Option(help="Report (Markdown) or result (JSON) path.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Report (Markdown) or result (JSON) path (default runs/eval/ADAPTER.md; with --sweep a folder, default "
+             "runs/sweep).")] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
     reference: Annotated[Path | None, typer.Option(
         help="Training JSONL whose chosen answers (DPO) or completions (SFT) calibrate the scorers.")] = None,
     sweep: Annotated[bool, typer.Option(
@@ -219,7 +249,7 @@ def eval_cmd(
     if sweep:
         _sweep(stances=stances, probes=probes, per_stance=probes_per_stance, weights=weights, ts=ts, pairs=pairs,
                url=url, base=base, adapters_dir=adapters_dir, max_tokens=max_tokens, likelihood=likelihood,
-               out=out or Path("runs/sweep"), resamples=resamples, batch=batch, quiet=quiet, device=device,
+               out=_free_dir(out or default_out("sweep"), overwrite), resamples=resamples, batch=batch, quiet=quiet, device=device,
                dtype=dtype)
         return
     if task not in (None, "scheduling"):
@@ -228,6 +258,10 @@ def eval_cmd(
         _fail("give --adapter and --probes (or --task scheduling)")
     if not url and adapter:
         _check_local_adapters([adapter], adapters_dir)
+    if out is not None:
+        _free_file(out, overwrite)
+    elif task is None:
+        out = _free_file(default_out("eval", f"{Path(adapter).name}.md"), overwrite)
     raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
                                                         device=device, dtype=dtype)
     with contextlib.ExitStack() as stack:
@@ -262,7 +296,7 @@ def eval_cmd(
 
                     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                     lm, tok = loaded.model, loaded.tokenizer
-            res = evaluate_stance(gen, adapter, prompts, st, report_path=out or Path(f"eval-{Path(adapter).name}.md"),
+            res = evaluate_stance(gen, adapter, prompts, st, report_path=out,
                                   max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok,
                                   reference=ref)
     typer.echo(json.dumps(res, indent=2))
@@ -354,17 +388,27 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
 
 @app.command()
 def inspect(
-    adapter: Annotated[Path, typer.Argument(help="Adapter folder (adapter_config.json + adapter_model.safetensors).")],
-    png: Annotated[Path | None, typer.Option(help="Heatmap path (default ADAPTER/update_norms.png).")] = None,
+    adapter: Annotated[str, typer.Argument(
+        help="A peft folder path, else a name in --adapters-dir, else a shipped adapter's name.")],
+    png: Annotated[Path | None, typer.Option(help="Heatmap path (default runs/inspect/NAME.png).")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help=store_help(), show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Per-layer, per-projection norms of the adapter's weight update B·A (scaled), as a table and a heatmap."""
+    from app.errors import AdapterLookupError
+    from training.adapter_lookup import resolve_adapter
     from training.inspect_adapter import adapter_update_norms, norms_table, plot_heatmap
 
-    if not (adapter / "adapter_config.json").exists():
-        _fail(f"{adapter} is not an adapter folder")
-    rows = adapter_update_norms(adapter)
+    try:
+        folder = resolve_adapter(adapter, adapters_dir)
+    except AdapterLookupError as e:
+        _fail(e.message)
+    name = folder.resolve().name or "adapter"
+    target = _free_file(png or default_out("inspect", f"{name}.png"), overwrite, "--png")
+    rows = adapter_update_norms(folder)
     Console().print(norms_table(rows))
-    path = plot_heatmap(rows, png or adapter / "update_norms.png", title=f"‖ΔW‖_F of {adapter.name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = plot_heatmap(rows, target, title=f"‖ΔW‖_F of {name}")
     console.print(f"heatmap: {path}")
 
 
@@ -390,6 +434,7 @@ def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_to
     if out and out.suffix == ".md" and ad and base:
         se.write_report(out, adapter=ad, base=base, runtime=res["runtime"])
     elif out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -398,7 +443,8 @@ def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_to
 def scheduling_data(
     n: Annotated[int, typer.Option(help="Problems.")] = 100,
     seed: Annotated[int, typer.Option(help="Generator seed (refused if a problem is in the held-out seed-123 set).")] = 42,
-    out: Annotated[Path, typer.Option(help="SFT JSONL to write.")] = Path("training/data/scheduling/train.sft.jsonl"),
+    out: Annotated[Path, typer.Option(help="SFT JSONL to write.")] = default_out("scheduling-data", "train.sft.jsonl"),
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
     style: Annotated[str, typer.Option(help="trace: the sweep line step by step (training.tasks.sweep_trace); "
                                             "grid: every half hour 08:00-17:30 with its ends, starts and count; "
                                             "worked: a short free-text explanation.")] = "trace",
@@ -410,6 +456,7 @@ def scheduling_data(
 
     if style not in ("trace", "grid", "worked"):
         _fail(f"--style must be trace, grid or worked, got {style!r}")
+    _free_file(out, overwrite)
     problems = generate(n, seed)
     try:
         check_disjoint(problems)
@@ -427,7 +474,7 @@ def export_blend_cmd(
     stances: Annotated[str, typer.Option(
         help="The blend: adapter=weight,... (each a peft folder path, else a name in --adapters-dir, else a shipped "
              "adapter's name).")],
-    out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter.")],
+    out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter (missing or empty unless --overwrite).")],
     method: Annotated[str, typer.Option(help="cat (exact, rank = sum of ranks) | svd (approximate, rank --rank).")] = "cat",
     rank: Annotated[int | None, typer.Option(help="svd: target rank (default: the largest member rank).")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2).")] = None,
@@ -435,6 +482,7 @@ def export_blend_cmd(
     check: Annotated[int, typer.Option(
         help="Then measure parity on the first N probes of the shipped stances: the exported adapter in plain peft "
              "vs the engine's live blend (max |logprob difference|, greedy agreement). 0: skip.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
     from app.config import EMBEDDED_MODEL, Settings
@@ -443,6 +491,7 @@ def export_blend_cmd(
     from training.adapter_lookup import resolve_adapter
     from training.export_blend import export_blend, parse_stances
 
+    _free_dir(out, overwrite)
     try:
         weights = parse_stances(stances)
     except ValueError as e:
