@@ -78,7 +78,7 @@ def _free_dir(path: Path, overwrite: bool, option: str = "--out") -> Path:
 @app.command()
 @with_options(dataclass_options(TrainConfig, extra_help=_EXTRA_HELP, panel="Hyperparameters (TrainConfig)"))
 def train(
-    runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json).",
+    runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json) or adapter names (store, then shipped).",
                                                        show_default=False)] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")] = None,
     name: Annotated[str | None, typer.Option(help="Stance name (the adapter's name on the server).")] = None,
@@ -168,6 +168,20 @@ def _recorded_command(command: str) -> str | None:
     return redact_command(["stanceserve", command, *sys.argv[2:]]) if len(sys.argv) > 2 else None
 
 
+def _run_folder(run: Path) -> Path:
+    """A ``--compare`` argument as a folder: the path if it exists, else the adapter of that name (store, then
+    shipped: :func:`training.adapter_lookup.resolve_adapter`), else the path as given (for the error message)."""
+    from app.errors import AdapterLookupError
+    from training.adapter_lookup import resolve_adapter
+
+    if run.exists():
+        return run
+    try:
+        return resolve_adapter(str(run))
+    except AdapterLookupError:
+        return run
+
+
 def _compare(runs: list[Path], out: Path) -> None:
     """``train --compare``: table (stderr, Markdown, JSON on stdout) and overlaid curves of finished runs."""
     from rich.table import Table
@@ -185,7 +199,7 @@ def _compare(runs: list[Path], out: Path) -> None:
     if len(runs) < 1:
         _fail("--compare needs at least one run folder")
     try:
-        loaded = [load_run(r) for r in runs]
+        loaded = [load_run(_run_folder(r)) for r in runs]
     except RunError as e:
         _fail(str(e))
     rows = compare_table(loaded)

@@ -117,3 +117,11 @@ def test_train_sweep_compare_and_export_refuse_existing_outputs_before_any_work(
     Path("exported").mkdir()
     Path("exported/x").write_text("mine")
     assert refused(run("export-blend", "--stances", "a=1", "--out", "exported"), "exported")
+
+
+def test_compare_takes_shipped_adapter_names(work):
+    res = run("train", "--compare", "curious-uncertainty", "confident-expertise")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout[res.stdout.index("{"):])
+    assert [Path(r["run"]).name for r in report["runs"]] == ["curious-uncertainty", "confident-expertise"]
+    assert (work / "runs" / "compare" / "compare.md").is_file()
