@@ -38,7 +38,7 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.catalog import StanceCatalog
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
-    from app.registry.seed import seed_store
+    from app.registry.seed import empty_store_warning, seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
 
@@ -54,6 +54,8 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         max_json_depth=s.max_json_depth,
     )
     records = store.scan()
+    if not records:
+        logger.warning(empty_store_warning(s.adapters_dir))
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
