@@ -31,7 +31,7 @@ from app.api.offload import OffloadedJSONRoute
 from app.api.responses import ADMIN_ERRORS, TEXT_RESPONSE
 from app.config import Settings
 from app.deps import AdminDep, CatalogDep, SettingsDep
-from app.errors import AdapterInUseError, AdapterNotFoundError, AdapterValidationError
+from app.errors import AdapterInUseError, AdapterNotFoundError, AdapterValidationError, StanceServeError
 from app.redaction import redact_json
 from app.registry.adapter import AdapterRecord
 from app.registry.jsonread import parse_metadata
@@ -167,10 +167,23 @@ async def delete_adapter(name: str, catalog: CatalogDep, settings: SettingsDep) 
         raise
 
 
+#: The store's ``param`` names -> the fields of vLLM's ``load_lora_adapter`` request.
+_LOAD_PARAMS = {"path": "lora_path", "name": "lora_name", "adapter_config.json": "lora_path",
+                "adapter_model.safetensors": "lora_path"}
+
+
 @router.post("/load_lora_adapter", response_class=Response, responses=TEXT_RESPONSE, dependencies=[AdminDep])
 async def load_lora_adapter(body: LoadLoRARequest, catalog: CatalogDep) -> PlainTextResponse:
-    """vLLM-compatible: register the adapter folder ``lora_path`` on the server's disk as ``lora_name``."""
-    rec = await run_in_threadpool(catalog.register_path, body.lora_name, Path(body.lora_path))
+    """vLLM-compatible: register the adapter folder ``lora_path`` on the server's disk as ``lora_name``.
+
+    Errors name the request's fields: ``param`` is ``lora_path`` for the folder (or one of its files) and
+    ``lora_name`` for the name.
+    """
+    try:
+        rec = await run_in_threadpool(catalog.register_path, body.lora_name, Path(body.lora_path))
+    except StanceServeError as e:
+        e.param = _LOAD_PARAMS.get(e.param, e.param) if e.param is not None else None
+        raise
     return PlainTextResponse(f"Success: LoRA adapter '{rec.name}' added successfully.")
 
 
