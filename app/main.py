@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.docs import install_offline_docs
 from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
 from app.api.routes import adapters, health, openai, stances
@@ -156,7 +157,10 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
         version="0.1.0",
         description="One resident base model; every request picks a LoRA stance or a weighted blend.",
         lifespan=lifespan,
+        docs_url=None,  # served from the package, not a CDN: app.api.docs
+        redoc_url=None,
     )
+    install_offline_docs(app)
     install_error_handlers(app)
     # last added = outermost: bodies are bounded before anything reads them
     app.add_middleware(BodySizeLimitMiddleware, default_limit=settings.max_request_bytes, limits=route_limits(settings))
