@@ -26,6 +26,7 @@ from rich.markup import escape
 from app.cli_options import dataclass_options, from_cli, with_options
 from training.adapter_lookup import store_help
 from training.outputs import OutputExistsError, check_dir, check_file, default_out
+from training.quick import QUICK_DATA, QUICK_STANCE
 from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
@@ -50,6 +51,13 @@ _DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (the server's rule: bfloat16
 
 
 _OVERWRITE_HELP = "Replace outputs that exist already (by default an existing output is kept and the command stops)."
+
+
+def _given(ctx: typer.Context) -> Any:
+    """``given(name)``: whether the option ``name`` was set on the command line or by its environment variable."""
+    from click.core import ParameterSource
+
+    return lambda name: ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 def _fail(message: str) -> None:
@@ -78,10 +86,15 @@ def _free_dir(path: Path, overwrite: bool, option: str = "--out") -> Path:
 @app.command()
 @with_options(dataclass_options(TrainConfig, extra_help=_EXTRA_HELP, panel="Hyperparameters (TrainConfig)"))
 def train(
+    ctx: typer.Context,
     runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json) or adapter names (store, then shipped).",
                                                        show_default=False)] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")] = None,
     name: Annotated[str | None, typer.Option(help="Stance name (the adapter's name on the server).")] = None,
+    quick: Annotated[bool, typer.Option(
+        help="A first run in about a minute on 2 CPU cores: 8 DPO steps (--max-steps 8 --batch-size 2 --grad-accum 1 "
+             "--max-length 192 --lr 1e-3 --no-precompute-ref), on the shipped curious-uncertainty data unless --data "
+             "is given. Options you give win.")] = False,
     compare: Annotated[bool, typer.Option(
         help="Compare finished runs instead of training: stanceserve train --compare runs/a runs/b ... "
              "(overlaid curves PNG + table; --out is the output folder, default runs/compare).")] = False,
@@ -116,8 +129,15 @@ def train(
         return
     if runs:
         _fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
+    if quick:
+        from training import quick as presets
+
+        presets.apply(presets.TRAIN, hyperparameters, _given(ctx))
+        if data is None:
+            data = QUICK_DATA
+            console.print(f"quick run: DPO on the shipped {QUICK_STANCE} data ({data})", soft_wrap=True)
     if data is None or name is None:
-        _fail("give --data and --name (or --compare RUN...)")
+        _fail("give --data and --name (or --quick --name NAME, or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
     out_dir = _free_dir(out or default_out(name), overwrite)
     key = _admin_key(admin_key, admin_key_file) if register else None
@@ -216,10 +236,17 @@ def _compare(runs: list[Path], out: Path) -> None:
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     adapter: Annotated[str | None, typer.Option(
         help="With --url: an adapter name on that server. Locally: a peft folder path, else a name in "
              "--adapters-dir, else a shipped adapter's name.")] = None,
-    probes: Annotated[Path | None, typer.Option(help="JSONL probe prompts (field 'prompt').")] = None,
+    probes: Annotated[Path | None, typer.Option(
+        help="JSONL probe prompts (field 'prompt'); default: the held-out probes of the stance, for a shipped "
+             "stance.")] = None,
+    quick: Annotated[bool, typer.Option(
+        help="A first evaluation in about a minute on 2 CPU cores: the first 8 probes, --max-tokens 48; with "
+             "--sweep: 2 stances, --weights 0,0.5,1 --ts 0,0.5,1 --probes-per-stance 3 --max-tokens 32 "
+             "--resamples 200. Options you give win.")] = False,
     stance: Annotated[str | None, typer.Option(help="Stance the scorers measure (default: the adapter's name, if a known stance).")] = None,
     task: Annotated[str | None, typer.Option(help="'scheduling' for the meeting-room task instead of probes.")] = None,
     n: Annotated[int, typer.Option(help="Scheduling problems.")] = 150,
@@ -257,9 +284,16 @@ def eval_cmd(
 ) -> None:
     """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy),
     or (--sweep) blend response curves of several stances."""
+    from training import quick as presets
     from training.evaluate import HttpGenerator, LocalGenerator, evaluate_stance
     from training.progress import ProgressGenerator, progress_bars
 
+    probe_limit = None
+    if quick:
+        o = presets.apply(presets.SWEEP if sweep else presets.EVAL, {}, _given(ctx))
+        stances, weights, ts = o.get("stances", stances), o.get("weights", weights), o.get("ts", ts)
+        probes_per_stance, resamples = o.get("probes_per_stance", probes_per_stance), o.get("resamples", resamples)
+        max_tokens, probe_limit = o.get("max_tokens", max_tokens), o.get("probe_limit")
     if sweep:
         _sweep(stances=stances, probes=probes, per_stance=probes_per_stance, weights=weights, ts=ts, pairs=pairs,
                url=url, base=base, adapters_dir=adapters_dir, max_tokens=max_tokens, likelihood=likelihood,
@@ -268,8 +302,13 @@ def eval_cmd(
         return
     if task not in (None, "scheduling"):
         _fail(f"unknown --task {task!r} (only 'scheduling')")
+    if task is None and adapter is not None and probes is None:
+        shipped_probes = STANCE_DATA / (stance or Path(adapter).name) / "probes.jsonl"
+        if shipped_probes.is_file():
+            probes = shipped_probes
+            console.print(f"probes: the held-out probes of {shipped_probes.parent.name} ({probes})", soft_wrap=True)
     if task is None and (adapter is None or probes is None):
-        _fail("give --adapter and --probes (or --task scheduling)")
+        _fail("give --adapter and --probes (--probes may be left out for a shipped stance), or --task scheduling")
     if not url and adapter:
         _check_local_adapters([adapter], adapters_dir)
     if out is not None:
@@ -296,7 +335,7 @@ def eval_cmd(
             if st not in MARKERS:
                 _fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
             try:
-                prompts = load_probes(probes)
+                prompts = load_probes(probes)[:probe_limit]
                 ref = load_reference_answers(reference) if reference else None
             except DatasetError as e:
                 _fail(str(e))
