@@ -324,8 +324,25 @@ def bench(ctx: typer.Context) -> None:
     _forward(ctx, _bench_app, "bench")
 
 
+#: Warnings of dependencies that a user of the command line can do nothing about: deprecations inside the
+#: libraries (transformers' renames that TRL still calls), by module of the warning's origin.
+_HARMLESS_WARNINGS = (
+    (FutureWarning, r"(transformers|trl|peft|accelerate|datasets|torch)(\.|$)"),
+    (DeprecationWarning, r"(transformers|trl|peft|accelerate|datasets|torch|matplotlib|ray)(\.|$)"),
+)
+
+
+def quiet_dependency_warnings() -> None:
+    """Hide :data:`_HARMLESS_WARNINGS` (the command line's own warnings, and every other one, still show)."""
+    import warnings
+
+    for category, module in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", category=category, module=module)
+
+
 def main() -> None:
     """Entry point of the ``stanceserve`` console script."""
+    quiet_dependency_warnings()
     app()
 
 

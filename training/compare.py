@@ -54,8 +54,18 @@ def _accuracy_key(run: dict[str, Any]) -> str:
     return "rewards/accuracies" if run.get("method") == "dpo" else "mean_token_accuracy"
 
 
+def method_label(run: dict[str, Any]) -> str | None:
+    """The run's method as the table shows it: ``dpo + RPO (alpha)`` for DPO with the chosen answers' NLL added
+    (``sft_weight`` alpha > 0, the RPO objective), else the method as recorded (``dpo``, ``sft``)."""
+    method = run.get("method")
+    alpha = (run.get("hyperparameters") or {}).get("sft_weight")
+    if method == "dpo" and isinstance(alpha, (int, float)) and alpha > 0:
+        return f"dpo + RPO ({alpha:g})"
+    return method
+
+
 def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: ``run, name, method, steps, final_loss, final_reward_margin, accuracy, accuracy_metric,
+    """One row per run: ``run, name, method`` (:func:`method_label`), ``steps, final_loss, final_reward_margin, accuracy, accuracy_metric,
     time_per_step_s (median of the logged step times, seconds), total_time_s, rows`` (dataset rows), ``device, dtype``
     (where the run trained, from its ``machine``; None when not recorded)."""
     rows = []
@@ -64,7 +74,7 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         last = steps[-1] if steps else {}
         times = [s["step_time_s"] for s in steps if isinstance(s.get("step_time_s"), (int, float))]
         rows.append({
-            "run": r["run"], "name": r.get("name"), "method": r.get("method"), "steps": len(steps),
+            "run": r["run"], "name": r.get("name"), "method": method_label(r), "steps": len(steps),
             "final_loss": last.get("loss"),
             "final_reward_margin": last.get("rewards/margins"),
             "accuracy": last.get(_accuracy_key(r)), "accuracy_metric": _accuracy_key(r),
