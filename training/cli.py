@@ -55,9 +55,11 @@ _OVERWRITE_HELP = "Replace outputs that exist already (by default an existing ou
 
 def _given(ctx: typer.Context) -> Any:
     """``given(name)``: whether the option ``name`` was set on the command line or by its environment variable."""
-    from click.core import ParameterSource
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source(name)  # an enum of the click typer runs on (typer may vendor its own)
+        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
-    return lambda name: ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return given
 
 
 def _fail(message: str) -> None:
