@@ -95,7 +95,7 @@ def train(
     name: Annotated[str | None, typer.Option(help="Stance name (the adapter's name on the server).")] = None,
     quick: Annotated[bool, typer.Option(
         help="A first run in about a minute on 2 CPU cores: 8 DPO steps (--max-steps 8 --batch-size 2 --grad-accum 1 "
-             "--max-length 192 --lr 1e-3 --no-precompute-ref), on the shipped curious-uncertainty data unless --data "
+             "--max-length 192 --lr 1e-3 --no-precompute-ref --no-gradient-checkpointing), on the shipped curious-uncertainty data unless --data "
              "is given. Options you give win.")] = False,
     compare: Annotated[bool, typer.Option(
         help="Compare finished runs instead of training: stanceserve train --compare runs/a runs/b ... "
