@@ -122,6 +122,18 @@ def test_start_up_warns_clearly_about_an_empty_store(tmp_path, caplog):
     assert "stanceserve adapters seed" in caplog.text
 
 
+def test_start_up_logs_the_registered_adapters(tmp_path, caplog):
+    from tests.factories import make_client
+    from tests.factories.adapters import write_peft_adapter
+
+    write_peft_adapter(tmp_path / "store" / "calm", "llama", rank=4, seed=1)
+    caplog.set_level("INFO")
+    with make_client(tmp_path) as client:
+        wait_ready(client)
+    assert f"1 adapters registered from {tmp_path / 'store'}: calm" in caplog.text
+    assert "holds no adapters" not in caplog.text
+
+
 def test_nothing_to_seed_leaves_no_store(tmp_path, caplog):
     assert seed_store(tmp_path / "store", tmp_path / "missing") == []
     assert not (tmp_path / "store").exists()
