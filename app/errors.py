@@ -205,6 +205,14 @@ class ContextLengthExceededError(StanceServeError):
     code = "context_length_exceeded"
 
 
+class InvalidConstraintError(StanceServeError):
+    """A structured-output constraint (``response_format``, ``tools``, ``tool_choice``, vLLM's ``guided_*`` or
+    ``structured_outputs``) that is malformed, or that the grammar compiler refuses; ``param`` names the field."""
+
+    status_code = 400
+    code = "invalid_constraint"
+
+
 class UnsupportedParameterError(StanceServeError):
     """An OpenAI request field that stanceserve does not implement was set (HTTP 400).
 

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from app.api.docs import install_offline_docs
 from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
-from app.api.routes import adapters, health, openai, stances
+from app.api.routes import adapters, blend_export, health, openai, playground, stances
 from app.config import Settings
 from app.deps import ServiceState
 from app.errors import install_error_handlers
@@ -39,6 +39,7 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.catalog import StanceCatalog
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
+    from app.engine.model_loader import cpu_has_native_bf16
     from app.registry.seed import empty_store_warning, seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
@@ -71,6 +72,9 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     state.store = store
     state.catalog = StanceCatalog(store, engine, state.metrics)
     state.engine = engine
+    if state.metrics is not None:
+        state.metrics.model_info.info({"model": loaded.name, **engine.served,
+                                       "cpu_native_bf16": str(cpu_has_native_bf16()).lower()})
     logger.info(
         "ready: model %s on %s (%s), %d adapters registered from %s: %s",
         loaded.name, loaded.device, loaded.dtype, len(records), s.adapters_dir,
@@ -169,4 +173,6 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     app.include_router(openai.router)
     app.include_router(adapters.router)
     app.include_router(stances.router)
+    app.include_router(blend_export.router)
+    app.include_router(playground.router)
     return app

@@ -21,7 +21,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -188,6 +196,20 @@ class Metrics:
             "stanceserve_http_errors", "Error responses (HTTP status >= 400) by status and the body's error code.",
             ["status", "code"], registry=r,
         )
+        self.constrained_requests = Counter(
+            "stanceserve_constrained_requests",
+            "Admitted requests under constrained decoding (kind: json, regex, choice, grammar, tools).",
+            ["stance", "kind"], registry=r,
+        )
+        self.grammar_mask_seconds = Counter(
+            "stanceserve_grammar_mask_seconds",
+            "Time spent computing token masks of constrained requests, in seconds (beside the forward pass).",
+            ["stance"], registry=r,
+        )
+        self.model_info = Info(
+            "stanceserve_model", "The served base model: name, device, dtype, and whether the CPU has native bf16.",
+            registry=r,
+        )
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux)
         self.token_rate = _TokenRate(window_s)
         self._last_token_at: dict[str, float] = {}  # request id -> perf_counter of its last token, in flight only
@@ -196,7 +218,7 @@ class Metrics:
     def _per_stance(self) -> tuple[Histogram | Counter, ...]:
         """The labelled metrics that carry a ``stance`` label (the tokens/s gauge aside)."""
         return (self.request_latency, self.ttft, self.itl, self.prompt_tokens, self.generation_tokens, self.requests,
-                self.prefix_cache_tokens)
+                self.prefix_cache_tokens, self.constrained_requests, self.grammar_mask_seconds)
 
     def forget_stance(self, name: str, *, force: bool = False) -> None:
         """Remove every series of stance ``name`` from every per-stance metric.
@@ -241,8 +263,13 @@ class Metrics:
             self.prompt_tokens.labels(label).inc(event.prompt_tokens)
             self.prefix_cache_tokens.labels(label, "hit").inc(event.cached_tokens)
             self.prefix_cache_tokens.labels(label, "miss").inc(event.prompt_tokens - event.cached_tokens)
+            grammar = request.params.grammar
+            if grammar is not None:
+                self.constrained_requests.labels(label, grammar.kind).inc()
         elif isinstance(event, FinishEvent):
             self._last_token_at.pop(request.request_id, None)
+            if event.mask_s:
+                self.grammar_mask_seconds.labels(label).inc(event.mask_s)
             self.request_latency.labels(label).observe(event.at - request.arrival)
             self.requests.labels(label, event.reason).inc()
         elif isinstance(event, ErrorEvent):
@@ -258,6 +285,32 @@ class Metrics:
         self.requests_running.set_function(running)
         self.requests_waiting.set_function(waiting)
         self.adapters_loaded.set_function(loaded)
+
+    def stance_summary(self) -> dict[str, dict[str, float]]:
+        """Per stance label, read from the same series ``/metrics`` renders (``GET /metrics/stances``).
+
+        ``tokens_per_second`` (the windowed gauge), and the running totals ``ttft_seconds_sum`` / ``ttft_count``
+        (the TTFT histogram's), ``generation_tokens`` and ``requests`` (every outcome): a reader that polls
+        gets the mean TTFT of an interval as the difference of sums over the difference of counts.
+        """
+        out: dict[str, dict[str, float]] = {}
+
+        def row(stance: str) -> dict[str, float]:
+            return out.setdefault(stance, {"tokens_per_second": 0.0, "ttft_seconds_sum": 0.0, "ttft_count": 0.0,
+                                           "generation_tokens": 0.0, "requests": 0.0})
+
+        reads = ((self.ttft, {"stanceserve_time_to_first_token_seconds_sum": "ttft_seconds_sum",
+                              "stanceserve_time_to_first_token_seconds_count": "ttft_count"}),
+                 (self.generation_tokens, {"stanceserve_generation_tokens_total": "generation_tokens"}),
+                 (self.requests, {"stanceserve_requests_total": "requests"}))
+        for metric, names in reads:
+            for family in metric.collect():
+                for s in family.samples:
+                    if s.name in names:
+                        row(s.labels["stance"])[names[s.name]] += s.value
+        for stance, rate in self.token_rate.rates().items():
+            row(stance)["tokens_per_second"] = rate
+        return dict(sorted(out.items()))
 
     def render(self) -> bytes:
         """The text exposition format (what ``GET /metrics`` returns)."""

@@ -45,11 +45,8 @@ MIN_TOP_P = 1e-6
 #: A request that sets one (to anything but its "off" value) gets HTTP 400 ``unsupported_parameter``.
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     # field: values that mean "off" and are accepted
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -61,19 +58,40 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 #: OpenAI fields accepted and ignored because they do not change the answer (bookkeeping only).
 IGNORED_OPENAI_FIELDS = frozenset(
-    {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
+    {"user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key"}
 )
 
 
+class MessageToolCallFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = Field("{}", description="The call's arguments (a JSON string, as OpenAI sends).")
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    """One chat turn; ``content`` may be a string or OpenAI's list of text parts."""
+    """One chat turn; ``content`` may be a string or OpenAI's list of text parts (``None`` for an assistant turn
+    that only called tools)."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant turn's earlier tool calls.")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call it answers.")
+    name: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(str(p.get("text", "")) for p in self.content if p.get("type", "text") == "text")
@@ -131,6 +149,19 @@ class _GenerationFields(BaseModel):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_tokens_as_token_ids: bool = Field(
+        False, description='Logprobs name each token "token_id:<id>" instead of its text (vLLM extra).')
+    response_format: dict[str, Any] | None = Field(
+        None, description='Constrain the output: {"type": "text" | "json_object"} or {"type": "json_schema", '
+                          '"json_schema": {"name": ..., "schema": {...}}}.')
+    guided_json: dict[str, Any] | str | None = Field(None, description="A JSON schema the output matches (vLLM extra).")
+    guided_regex: str | None = Field(None, description="A regular expression the output matches (vLLM extra).")
+    guided_choice: list[str] | None = Field(
+        None, min_length=1, description="The output is one of these strings (vLLM extra).")
+    guided_grammar: str | None = Field(
+        None, description="A Lark or GBNF grammar the output matches (vLLM extra).")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description='vLLM\'s newer form: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}.')
     n: int = Field(1, ge=1, le=MAX_N, description=f"Number of choices (at most {MAX_N}).")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's presence penalty.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's frequency penalty.")
@@ -239,6 +270,11 @@ class ChatCompletionRequest(_GenerationFields):
     model_config = ConfigDict(json_schema_extra=_chat_schema_extra)
 
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[dict[str, Any]] | None = Field(
+        None, max_length=128, description="Functions the model may call ({'type': 'function', 'function': {...}}).")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description="none, auto (default with tools), required, or {'type': 'function', 'function': {'name'}}.")
+    parallel_tool_calls: bool = Field(True, description="Allow more than one call in an answer.")
     max_completion_tokens: int | None = Field(None, ge=1, le=_INT32, description="OpenAI's newer name for max_tokens.")
     logprobs: bool = Field(False, description="Return the log-probability of each output token.")
     top_logprobs: int | None = Field(
@@ -319,9 +355,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(..., description="The arguments, as a JSON string.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -341,9 +389,20 @@ class ChatCompletionResponse(BaseModel):
     stances: dict[str, float] | None = None
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: the first chunk of a call has ``id``, ``type`` and the name; later ones add to
+    ``function.arguments``."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str]
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -415,6 +474,9 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int | None = None
+    device: str | None = Field(None, description="Where the model is served: cpu, cuda:0... (stanceserve extra).")
+    dtype: str | None = Field(
+        None, description="The dtype it computes in: float32, bfloat16 or float16 (stanceserve extra).")
     stances: dict[str, float] | None = Field(
         None, description="A named blend's recipe {adapter: weight} (stanceserve extra; absent for other models).")
 

@@ -7,8 +7,9 @@ many registered adapters over few device slots; TTFT of a request arriving
 while others decode; one decode step alone against the roofline of its matmuls,
 with a per-op profile (``step``); TTFT with a shared 500-token stance system
 prompt, prefix cache on and off (``prefix``). Then a ``summary`` with the ratios
-the targets of issues #4 and #10 are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
-step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it.
+the performance targets are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
+step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it. ``--report PAGE`` also writes the
+benchmarks page (:mod:`bench.report`).
 
 A typer app of its own, run by the thin ``bench`` command of :mod:`app.cli` from a
 source checkout (this folder is not installed with the package); it does not import
@@ -33,12 +34,13 @@ from rich.console import Console
 
 from app.config import Settings
 from app.engine.config import EngineConfig
+from app.engine.model_loader import cpu_info
 
 logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
-#: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU; ``soak`` runs 1,000 requests)
-EXTRA = ["compile", "soak", "parity"]
+#: scenarios run only when named (``compile`` spends minutes compiling; ``soak`` runs 1,000 requests)
+EXTRA = ["compile", "soak", "parity", "structured", "grammars"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -50,8 +52,10 @@ def _machine(bm: Any) -> dict[str, Any]:
             "device": str(bm.device), "dtype": str(bm.dtype).replace("torch.", "")}
     if bm.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(bm.device)
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
+    cpu = cpu_info()
+    info["cpu"] = cpu["model"] if cpu["model"] != "unknown" else (platform.processor() or platform.machine())
+    info["cpu_flags"] = cpu["flags"]  # the flags that decide `--dtype auto` (avx512_bf16, amx_bf16...)
+    info["cpu_native_bf16"] = cpu["native_bf16"]
     return info
 
 
@@ -89,6 +93,7 @@ def bench(
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per engine step (the server's default).")] = EngineConfig().prefill_chunk_tokens,
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
+    report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md; the headline table of ./README.md follows it.")] = None,
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
     from app.engine.request import Stance
@@ -171,6 +176,16 @@ def bench(
 
             console.print("[dim]torch.compile vs eager decode step[/dim]")
             sc["compile"] = compiled_step(bm, rows=n, context=prompt_len + max_tokens // 2)
+        if "structured" in wanted:
+            from bench.structured import structured_scenario
+
+            console.print("[dim]structured: half the rows under a JSON schema vs none[/dim]")
+            sc["structured"] = structured_scenario(eb, [stance(a) for a in adapters], repeats=repeats)
+        if "grammars" in wanted:
+            from bench.structured import grammar_libraries
+
+            console.print("[dim]grammar libraries: compile and mask times[/dim]")
+            sc["grammar_libraries"] = grammar_libraries(bm.tokenizer, eb.engine.vocab_size)
         if "busy" in wanted:
             console.print("[dim]busy TTFT[/dim]")
             sc["busy_ttft"] = eb.busy_ttft(background=n - 1)
@@ -200,7 +215,22 @@ def bench(
     result["total_s"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(result, indent=2)
     out.write_text(text + "\n")
+    if report is not None:
+        from bench.report import write_report
+
+        write_report(report, result, command=_command_line(), readme=Path("README.md"))
     typer.echo(text)
+
+
+def _command_line() -> str:
+    """The command that is running, as ``stanceserve bench ...`` (also when started as ``python -m bench``)."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:]
+    if "bench" in args:
+        args = args[args.index("bench") + 1:]
+    return shlex.join(["stanceserve", "bench", *args])
 
 
 def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
@@ -230,7 +260,7 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         for k, routes in mixes.items():  # what reading the weights alone allows, next to what the step reaches
             out[f"{k}_weight_bytes"] = weight_bytes(eng, routes)
             out[f"{k}_step_ratio_to_base"] = round(base_step / out[f"{k}_step_s"], 3)
-        # the ratio from alternating rounds of the base step and its matmuls: the box's speed drifts between minutes
+        # the ratio from alternating rounds of the base step and its matmuls: a shared machine's speed drifts
         paired = step_vs_roofline(eng, n, context=context)
         out["matmul_roofline_s"] = paired["roofline_s"]
         out["base_step_paired_s"] = paired["step_s"]
@@ -244,7 +274,7 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
 
 
 def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
-    """The ratios issue #4 states its targets in (informative: nothing is asserted)."""
+    """The ratios the performance targets are stated in (informative: nothing is asserted)."""
     s: dict[str, Any] = {}
 
     def tps(k: str) -> float | None:

@@ -96,7 +96,7 @@ def _matmuls(engine: Any, rows: int):
 
 def step_vs_roofline(engine: Any, rows: int, *, context: int, rounds: int = 5, repeats: int = 5) -> dict[str, float]:
     """The base decode step and its matmul roofline timed in alternating rounds, so that both medians come from the
-    same minutes of a machine whose speed drifts (this project's box drifts up to 2x within an hour).
+    same minutes of a machine whose speed drifts (a shared machine can drift 2x within an hour).
 
     Returns:
         ``step_s`` and ``roofline_s`` (medians over ``rounds`` rounds of ``repeats``-run medians, seconds) and

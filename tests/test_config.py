@@ -1,4 +1,4 @@
-"""Configuration from one place: Settings -> serve flags, README table, EngineConfig; TrainConfig -> train flags.
+"""Configuration from one place: Settings -> serve flags, the docs' configuration table, EngineConfig; TrainConfig -> train flags.
 
 Also the packaging layers: the serving modules import neither ``training`` (nor trl, datasets,
 matplotlib) nor ``bench``, and the CLI imports no module of ``app`` twice.
@@ -125,11 +125,14 @@ def test_invalid_serve_values_exit_2_with_a_message(served, args, message):
     assert message in ANSI.sub("", result.output)
 
 
-# ----------------------------------------------------------------------------- README table from Settings
-def test_readme_table_has_one_row_per_setting_and_is_current():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(TABLE_BEGIN) + len(TABLE_BEGIN): readme.index(TABLE_END)].strip()
-    assert block == config_table(), "run: stanceserve config-table --update README.md"
+# ----------------------------------------------------------------------------- docs table from Settings
+CONFIG_PAGE = "docs/operations/configuration.md"
+
+
+def test_docs_table_has_one_row_per_setting_and_is_current():
+    page = (REPO / CONFIG_PAGE).read_text(encoding="utf-8")
+    block = page[page.index(TABLE_BEGIN) + len(TABLE_BEGIN): page.index(TABLE_END)].strip()
+    assert block == config_table(), f"run: stanceserve config-table --update {CONFIG_PAGE}"
     rows = [line for line in block.splitlines() if line.startswith("| `STANCESERVE_")]
     assert [r.split("`")[1] for r in rows] == [f"STANCESERVE_{n.upper()}" for n in Settings.model_fields]
     assert all(f.description for f in Settings.model_fields.values())

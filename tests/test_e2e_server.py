@@ -3,6 +3,18 @@
 Uploads two peft adapters, sends concurrent chat requests in different stances
 and one blend, checks each greedy output against peft alone, and checks the
 Prometheus counters moved by the right amounts.
+
+The server runs ``--dtype auto``, so it serves what the host's CPU would choose: float32, or bfloat16 on a
+CPU with native bf16 (``STANCESERVE_CPU_BF16=1`` forces that choice on any host). The reference is peft in the
+served dtype:
+
+- float32: the greedy texts are equal.
+- bfloat16: two correct bf16 implementations round differently, so greedy answers part at near-ties and then
+  diverge. Each served token is checked teacher-forced instead: under the bf16 reference, given the same
+  prefix, its logit is within :data:`BF16_ULPS` bf16 spacings (at the top logit's magnitude) of the top logit.
+  The budget: each side rounds both logits to bf16 once (half a spacing each, so up to one spacing per side on
+  their difference: 2), and the two forward passes accumulate each layer in another order (2 more). Measured
+  on SmolLM2 with these prompts and adapters: the largest gap was 1 spacing (0.25 at a top logit of 33).
 """
 
 from __future__ import annotations
@@ -18,9 +30,11 @@ import torch
 from app.config import Settings
 from tests.factories import APP_CLI, TARGETS, adapter_files, metric, run_server, write_peft_adapter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dtype]
 
 KEY = "e2e-key"
+#: bf16 spacings of the top logit that a served bf16 token may trail the bf16 reference's top logit by
+BF16_ULPS = 4
 N_TOKENS = 16
 PROMPTS = [
     "What is the capital of France?",
@@ -36,6 +50,11 @@ def smol():
 
     loaded = load_base_model(Settings(device="cpu", dtype="float32"))
     return loaded
+
+
+def bf16_spacing(x: float) -> float:
+    """The distance between adjacent bfloat16 values at magnitude ``x`` (8 significant bits)."""
+    return 2.0 ** (torch.tensor(abs(x)).log2().floor().item() - 7)
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +76,39 @@ def server(tmp_path_factory):
         yield srv.base
 
 
-def peft_greedy(smol, adapter_dir: Path | None, prompt: str) -> str:
+def reference(smol, adapter_dir: Path | None, dtype: torch.dtype):
+    """The base model, or peft over it with ``adapter_dir``, in ``dtype``."""
     from peft import PeftModel
 
-    model = smol.model if adapter_dir is None else PeftModel.from_pretrained(copy.deepcopy(smol.model), adapter_dir)
+    model = copy.deepcopy(smol.model)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.to(dtype)
+
+
+def prompt_ids(smol, prompt: str) -> torch.Tensor:
     tok = smol.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def peft_greedy(model, smol, prompt: str) -> str:
+    tok, ids = smol.tokenizer, prompt_ids(smol, prompt)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=N_TOKENS, do_sample=False, eos_token_id=sorted(smol.eos_token_ids),
                              pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def largest_gap_in_spacings(model, smol, prompt: str, served: list[int]) -> float:
+    """Teacher-forced on the served tokens: the most, over positions, that a served token's logit trails the
+    reference's top logit, in bf16 spacings of that top logit."""
+    ids = prompt_ids(smol, prompt)
+    full = torch.cat([ids, torch.tensor([served])], dim=1)
+    with torch.no_grad():
+        logits = model(full).logits[0, ids.shape[1] - 1:-1].float()
+    gaps = [(row.max() - row[t]).item() / bf16_spacing(row.max().item()) for row, t in zip(logits, served)]
+    return max(gaps)
 
 
 def test_serve_upload_stances_blend_metrics(server, smol, adapters):
@@ -89,25 +130,33 @@ def test_serve_upload_stances_blend_metrics(server, smol, adapters):
     blend = {"curious": 0.7, "expert": 0.3}
 
     def ask(model, prompt, stances=None):
-        extra = {"stances": stances} if stances else None
+        extra = {"stances": stances, "return_tokens_as_token_ids": True} if stances else {
+            "return_tokens_as_token_ids": True}
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=N_TOKENS, temperature=0, extra_body=extra)
-        return r.choices[0].message.content, r.usage
+                                           max_tokens=N_TOKENS, temperature=0, logprobs=True, extra_body=extra)
+        served_ids = [int(t.token.removeprefix("token_id:")) for t in r.choices[0].logprobs.content]
+        assert len(served_ids) == r.usage.completion_tokens
+        return r.choices[0].message.content, r.usage, served_ids
 
     with cf.ThreadPoolExecutor(8) as pool:
         futures = {pool.submit(ask, m, p): (m, p) for m, p in jobs}
         blend_future = pool.submit(ask, base_name, PROMPTS[0], blend)
         results = {futures[f]: f.result() for f in futures}
-        blend_text, _ = blend_future.result()
+        blend_text = blend_future.result()[0]
 
     stances = (base_name, "curious", "expert")
     for a, b in ((0, 1), (0, 2), (1, 2)):  # every pair of stances answers differently somewhere
         assert any(results[(stances[a], p)][0] != results[(stances[b], p)][0] for p in PROMPTS), (a, b)
-    for prompt in PROMPTS:
-        outs = {m: results[(m, prompt)][0] for m in stances}
-        assert outs[base_name] == peft_greedy(smol, None, prompt)
-        assert outs["curious"] == peft_greedy(smol, adapters["curious"], prompt)
-        assert outs["expert"] == peft_greedy(smol, adapters["expert"], prompt)
+    served_dtype = getattr(torch, httpx.get(f"{server}/health").json()["dtype"])
+    assert {m.dtype for m in client.models.list().data} == {str(served_dtype).removeprefix("torch.")}
+    for m, adapter in ((base_name, None), ("curious", adapters["curious"]), ("expert", adapters["expert"])):
+        ref = reference(smol, adapter, served_dtype)
+        for prompt in PROMPTS:
+            text, _, served_ids = results[(m, prompt)]
+            if served_dtype == torch.float32:
+                assert text == peft_greedy(ref, smol, prompt), (m, prompt)
+            else:
+                assert largest_gap_in_spacings(ref, smol, prompt, served_ids) <= BF16_ULPS, (m, prompt)
     assert blend_text not in {results[(m, PROMPTS[0])][0] for m in ("curious", "expert")}
 
     # streaming through the official client gives the same text

@@ -263,7 +263,8 @@ def evaluate_stance(
 
     Args:
         stance: which stance the scorers measure (one of :data:`training.scoring.MARKERS`).
-        likelihood_model, likelihood_tokenizer: the base model for the likelihood scorer (skipped if ``None``).
+        likelihood_model: the base model for the likelihood scorer (the scorer is skipped if ``None``).
+        likelihood_tokenizer: its tokenizer.
         reference: optional ``(prompt, answer)`` pairs written in the stance (the training set's
             chosen answers, :func:`training.datasets.load_reference_answers`), scored the same way
             to show what each scorer gives the target text: an adapter that imitates its data well

@@ -36,7 +36,7 @@ from training.stats import RESAMPLES, bootstrap_mean, paired_delta, sweep_rho
 
 logger = logging.getLogger(__name__)
 
-#: Stance weights swept per stance (issue 11: at least these).
+#: Stance weights swept per stance.
 WEIGHTS = (-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 #: Interpolation steps t of (1-t)·A + t·B per pair.
 TS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -122,9 +122,9 @@ def run_sweep(
         progress: ``progress(task description, total) -> advance()``, e.g. a rich progress bar's task.
 
     Returns:
-        ``(result, answers)``: ``result`` is the JSON-ready summary (see the README's "Blend response
-        curves" for its fields); ``answers`` maps each distinct blend (:func:`blend_key`; ``()`` is the
-        base model) to its answers, in probe order.
+        ``(result, answers)``: ``result`` is the JSON-ready summary (see "Blend response curves" in
+        docs/training.md for its fields); ``answers`` maps each distinct blend (:func:`blend_key`; ``()`` is
+        the base model) to its answers, in probe order.
 
     Raises:
         ValueError: no probes, or a stance without a scorer.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.forward import Plan
+from app.engine.grammar import RowMatcher
 from app.engine.kv_cache import KVCache
 from app.engine.request import GenerationRequest
 
@@ -41,6 +42,7 @@ class Sequence:
         logits: ``[vocab]`` logits after its last prompt token, kept until its group is done.
         out_ids: generated token ids.
         first_token_at, last_token_at: ``perf_counter`` times, in seconds.
+        matcher: its grammar state under constrained decoding (created at its first sampled token), or ``None``.
     """
 
     req: GenerationRequest
@@ -57,6 +59,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str | None = None
+    matcher: RowMatcher | None = None
 
     @property
     def prompt_len(self) -> int:

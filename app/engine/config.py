@@ -42,7 +42,7 @@ class EngineConfig:
         weight_prepack: pack linear weights for oneDNN on CPU (:meth:`~app.engine.lora.FusedLinear.prepack`).
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs (:mod:`app.engine.graphs`).
 
-    The field descriptions that the CLI and the README show live on the settings fields of the same names.
+    The field descriptions that the CLI and the docs show live on the settings fields of the same names.
     """
 
     max_loras: int = _default("max_loras")

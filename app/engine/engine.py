@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
 from app.engine.forward import Decoder
+from app.engine.grammar import GrammarCompiler
 from app.engine.graphs import DecodeGraphs
 from app.engine.lora import MultiLoRA
 from app.engine.prefix_cache import PrefixCache
@@ -117,7 +118,11 @@ class Engine:
         #: longest vocabulary entry, in characters: bounds the characters one token can cover
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         self.metrics = metrics
+        #: constrained decoding: grammar text -> compiled :class:`~app.engine.grammar.Grammar` (cached)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         self.device = next(model.parameters()).device
+        #: the dtype the model computes in (its first floating-point parameter's)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         #: the KV cache, allocated here once: ``max_batch_size`` rows of ``max_model_len`` positions, or fewer
         #: rows when ``kv_cache_memory_bytes`` is set
         self.kv_cache = self.decoder.new_cache(config.max_batch_size, max_model_len, config.kv_cache_memory_bytes)
@@ -142,6 +147,11 @@ class Engine:
                 waiting=lambda: self.scheduler.num_waiting,
                 loaded=lambda: self.slots.resident,
             )
+
+    @property
+    def served(self) -> dict[str, str]:
+        """What is served: ``{"device": "cpu" | "cuda:0" ..., "dtype": "float32" | "bfloat16" | "float16"}``."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -11,8 +11,8 @@ length in the :class:`~app.engine.kv_cache.KVCache`:
 
 * decode (one token per row): one batched call; the ``G = heads / kv_heads`` query heads of a KV
   head ride in the query-length axis (``[rows, kv_heads, G, head_dim]``), so grouped-query attention
-  needs no repeated keys (measured on this CPU: 0.3 ms per layer for 16 rows of 128 tokens, against
-  2-6 ms with ``enable_gqa``), and a ``[rows, 1, 1, L]`` mask hides each row's positions past its length.
+  needs no repeated keys (``enable_gqa`` would expand them, several times slower), and a ``[rows, 1, 1, L]``
+  mask hides each row's positions past its length.
   On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster for short rows:
   :attr:`Decoder.matmul_decode_attention`);
 * prefill: one call per row, causal from the row's cached length on (chunked prefill and prefix
@@ -210,9 +210,8 @@ class Decoder:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         #: decode attention as two matmuls and a softmax instead of SDPA: on CPU in fp32, where that is faster
-        #: (0.28 vs 0.43 ms per layer at 16 rows of 81 tokens on this project's CPU; SDPA's fused kernel pays a
-        #: fixed cost per call that short decode rows do not amortise). Elsewhere SDPA (fused kernels, fp32
-        #: accumulation for half types).
+        #: for short rows (SDPA's fused kernel pays a fixed cost per call that short decode rows do not amortise;
+        #: bench/decode.py times both). Elsewhere SDPA (fused kernels, fp32 accumulation for half types).
         self.matmul_decode_attention = self.device.type == "cpu" and self.dtype == torch.float32
         #: the linears run through oneDNN-prepacked weights
         self.prepacked = False

@@ -14,7 +14,7 @@ A freed row is zeroed up to where it was written, so a row never hands a later s
 non-finite values from a failed one (a masked key still multiplies its value by 0, and
 ``0 * nan`` is ``nan``).
 
-This is the per-row-slot layout that the issue allowed in place of paged blocks: no block
+This is a per-row-slot layout rather than paged blocks: no block
 tables, at the price of reserving ``max_len`` positions per row. Prefix reuse copies cached
 blocks into a row (:mod:`app.engine.prefix_cache`). Not here: attention itself
 (:mod:`app.engine.forward`), which sequence owns which row (:mod:`app.engine.batch`).

@@ -14,11 +14,11 @@ time an adapter targets one of its parts:
 * ``Bt[p]``: ``[S, R, d_out_p]``: part ``p``'s ``lora_B`` (transposed, times the adapter's scaling),
 
 so one ``x @ At`` gives every part's ``A x`` and each part's ``B`` adds into its own output columns
-(exact; a block-diagonal fused ``B`` was measured 1.4-1.8x slower in decode, reading its zeros).
+(exact; a block-diagonal fused ``B`` would be slower in decode, reading its zeros).
 Consecutive parts of the same ``d_out`` (``k``/``v``, ``gate``/``up``) share one *group* tensor
 ``Bg[g]``: ``[S, count, R, d_out]``, whose ``[:, p]`` views are their ``Bt``, so decode gathers a
 group's ``B`` terms in one ``embedding_bag`` (q, kv, o, gate/up, down: 5 calls per Llama layer
-instead of 7; 0.5-0.7x the time of one call per part, measured at 16 rows on this CPU). For a batch whose row ``b``
+instead of 7, and fewer calls cost less than one per part). For a batch whose row ``b``
 carries ``K`` (slot, weight) pairs the layer computes
 
     y[b] = W x[b] + sum_k  w[b, k] * scaling_{s} * B_{s} A_{s} x[b],   s = idx[b, k]
@@ -31,8 +31,8 @@ al. 2021 (arXiv:2106.09685).
 
 On CPU the base weight can be *prepacked* (:meth:`FusedLinear.prepack`): reordered once into
 oneDNN's blocked layout, as vLLM's CPU backend and inductor's weight freezing do, so no matmul
-repacks it per call. Measured on this 2-core CPU at 16 rows (SmolLM2-135M shapes): 1.2-3x faster per
-matmul (``lm_head`` 46 -> 18 ms), a decode step 1.5x faster (bench/decode.py).
+repacks it per call; ``stanceserve bench --scenarios step`` (bench/decode.py) times a decode step with and
+without it.
 
 What this module does not do: run the model (:mod:`app.engine.forward`), decide which adapter
 sits in which slot (:mod:`app.engine.slots`), or validate adapters (:mod:`app.registry.validation`).

@@ -139,21 +139,62 @@ def resolve_device(name: str) -> torch.device:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bfloat16 matmul instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``).
+#: Environment variable that overrides the CPU's bf16 probe: ``1`` answers "has native bf16", ``0`` answers
+#: "has none", anything else (or unset) reads ``/proc/cpuinfo``. CI sets ``1`` to run the dtype-sensitive tests
+#: as a bf16 host would choose them (emulated, slower, same answers); users never need it.
+CPU_BF16_ENV = "STANCESERVE_CPU_BF16"
 
-    ``cpuinfo``: the text to read instead (tests). False where ``/proc/cpuinfo`` is missing (not Linux).
+#: CPU flags (``/proc/cpuinfo``) that give native bfloat16 matmuls: AVX512-BF16 (Zen 4, Cooper Lake and later)
+#: and AMX-BF16 (Sapphire Rapids and later).
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model name and its bf16-related flags, read from ``/proc/cpuinfo``.
+
+    Returns ``{"model": str, "flags": [...], "native_bf16": bool}``: ``flags`` lists only the flags that decide
+    the dtype (``avx512_bf16``, ``amx_bf16``, ``amx_tile``, ``avx512f``, ``avx2``) that the CPU has, and
+    ``native_bf16`` is :func:`cpu_has_native_bf16` (with its override when the host is read). ``cpuinfo``: the text to read instead
+    (tests). The model is ``"unknown"`` where ``/proc/cpuinfo`` is missing (not Linux).
+    """
+    text = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    model, flags = "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags.update(value.split())
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    native = cpu_has_native_bf16(None if cpuinfo is None else text)
+    return {"model": model, "flags": shown, "native_bf16": native}
+
+
+def _read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has bfloat16 matmul instructions (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``).
+
+    ``STANCESERVE_CPU_BF16`` (:data:`CPU_BF16_ENV`) set to ``1`` or ``0`` overrides the host's answer, so a
+    test run can take either branch of the ``auto`` rule on any host. ``cpuinfo``: the text to read instead
+    (tests; the override does not apply to it).
+    False where ``/proc/cpuinfo`` is missing (not Linux).
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+        forced = os.environ.get(CPU_BF16_ENV, "").strip()
+        if forced in ("0", "1"):
+            return forced == "1"
+    text = _read_cpuinfo() if cpuinfo is None else cpuinfo
     flags = set()
-    for line in cpuinfo.splitlines():
+    for line in text.splitlines():
         if line.startswith("flags"):
             flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags & BF16_CPU_FLAGS)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -161,8 +202,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
     ``"auto"`` is bfloat16 on CUDA (float16 on GPUs without bfloat16 support); on CPU it is
     bfloat16 only where the CPU computes it natively (:func:`cpu_has_native_bf16`: AVX512-BF16 or
-    AMX-BF16), else float32: measured on an AVX2-only EPYC, bfloat16 matmuls ran 4x slower than
-    float32 (all SmolLM2 linears at batch 16, one thread: 451 vs 115 ms).
+    AMX-BF16), else float32: without those instructions bfloat16 matmuls are emulated and run several
+    times slower than float32.
 
     Raises:
         ModelLoadError: ``name`` is not auto, float32, bfloat16 or float16.

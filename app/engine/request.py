@@ -105,6 +105,7 @@ class FinishEvent:
         at: ``time.perf_counter()`` of the end, in seconds.
         text: text released at the end (held-back tail), filled on the consumer side; may be empty.
         cached_tokens: prompt tokens whose KV came from the prefix cache.
+        mask_s: seconds spent computing this request's token masks (constrained decoding; 0 otherwise).
     """
 
     reason: str
@@ -114,6 +115,7 @@ class FinishEvent:
     at: float = 0.0
     text: str = ""
     cached_tokens: int = 0
+    mask_s: float = 0.0
 
 
 @dataclass

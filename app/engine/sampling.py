@@ -8,11 +8,13 @@ Per row, in this order (as vLLM does):
 3. frequency and presence penalties (OpenAI API docs) over the output tokens only;
 4. ``logit_bias``;
 5. the ``min_tokens`` mask (EOS ids and ``stop_token_ids`` at ``-inf`` until enough output);
+5b. the row's **token mask** under constrained decoding (``grammar``): every token its grammar does not
+   allow next at ``-inf`` (the masks come from ``app/engine/grammar.py``);
 6. greedy rows: argmax; other rows: temperature, top-k, top-p (Holtzman et al. 2019,
    arXiv:1904.09751), then one draw with the row's own ``torch.Generator``.
 
-Steps 2-5 run in float32 on a copy, and only for rows that use them; they apply to greedy
-rows too. Logprobs follow vLLM's default "raw" mode: ``log_softmax`` in float32 of the raw
+Steps 2-5b run in float32 on a copy, and only for rows that use them; they apply to greedy
+rows too, and a row without them is never touched by a neighbour's. Logprobs follow vLLM's default "raw" mode: ``log_softmax`` in float32 of the raw
 logits of step 1, before penalties, bias, masks and temperature.
 
 Each row is independent: a seeded row gets the same tokens whatever shares its batch, and a
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.grammar import Grammar, apply_token_mask
 from app.errors import GenerationError
 
 MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
@@ -57,6 +60,7 @@ class SamplingParams:
         stop_token_ids: token ids that end the completion (the scheduler acts on them).
         min_tokens: until this many output tokens exist, EOS and ``stop_token_ids`` are banned.
         logprobs: ``None``: none; k in [0, 20]: the chosen token's logprob and the top k.
+        grammar: constrained decoding: the compiled grammar the output must match (``None``: free).
     """
 
     max_tokens: int = 256
@@ -73,6 +77,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     min_tokens: int = 0
     logprobs: int | None = None
+    grammar: Grammar | None = None
 
     @property
     def greedy(self) -> bool:
@@ -127,9 +132,11 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def needs_processing(p: SamplingParams, n_output: int) -> bool:
-    """Whether steps 2-5 (penalties, bias, min_tokens) change anything for a row with ``n_output`` tokens."""
+    """Whether steps 2-5b (penalties, bias, min_tokens, token mask) change anything for a row with
+    ``n_output`` tokens."""
     return bool(
-        p.repetition_penalty != 1.0
+        p.grammar is not None
+        or p.repetition_penalty != 1.0
         or (n_output and (p.presence_penalty or p.frequency_penalty))
         or p.logit_bias
         or n_output < p.min_tokens
@@ -148,8 +155,10 @@ def process_logits(
     prompt_ids: Sequence[int],
     output_ids: Sequence[int],
     eos_token_ids: Collection[int] = frozenset(),
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Steps 2-5 on one row, in place: repetition, frequency/presence penalties, logit_bias, min_tokens.
+    """Steps 2-5b on one row, in place: repetition, frequency/presence penalties, logit_bias, min_tokens,
+    token mask.
 
     Args:
         x: ``[vocab]`` float32 logits, modified in place.
@@ -157,6 +166,7 @@ def process_logits(
         prompt_ids: the row's prompt tokens.
         output_ids: the tokens generated so far.
         eos_token_ids: the model's end-of-sequence ids.
+        token_mask: ``[ceil(vocab / 32)]`` int32 words of allowed tokens (constrained rows), or ``None``.
 
     Returns:
         ``x``. Raises ``ValueError`` for a ``logit_bias`` id outside the vocabulary.
@@ -184,6 +194,8 @@ def process_logits(
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
         if banned:
             x[_ids(sorted(banned), vocab, dev)] = float("-inf")
+    if token_mask is not None:
+        apply_token_mask(x, token_mask)
     return x
 
 
@@ -205,6 +217,7 @@ def choose_tokens(
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
     eos_token_ids: Collection[int] = frozenset(),
+    token_masks: torch.Tensor | None = None,
 ) -> list[TokenChoice | GenerationError]:
     """Pick the next token of every row (see the module docstring for the order of steps).
 
@@ -221,6 +234,9 @@ def choose_tokens(
         prompt_ids: per row, the prompt's token ids (for the repetition penalty).
         output_ids: per row, the tokens generated so far (penalties, min_tokens).
         eos_token_ids: the model's end-of-sequence ids (banned while below ``min_tokens``).
+        token_masks: ``[rows, ceil(vocab / 32)]`` int32 token masks; row ``i``'s applies when
+            ``params[i].grammar`` is set (other rows' words are ignored). A constrained row whose mask allows
+            nothing gets a :class:`GenerationError`.
 
     Returns:
         one :class:`TokenChoice` or :class:`GenerationError` per row.
@@ -238,7 +254,12 @@ def choose_tokens(
         sub = logits[torch.tensor(need, device=logits.device)].to(torch.float32)
         for j, i in enumerate(need):
             try:
-                process_logits(sub[j], params[i], prompt_ids[i], output_ids[i], eos_token_ids)
+                mask = None
+                if params[i].grammar is not None:
+                    if token_masks is None:
+                        raise ValueError("a constrained row has no token mask")
+                    mask = token_masks[i]
+                process_logits(sub[j], params[i], prompt_ids[i], output_ids[i], eos_token_ids, mask)
             except Exception as e:  # one row's fault must not fail the batch
                 out[i] = GenerationError(f"logits processing failed: {e}")
         reductions.append(sub.max(dim=-1))
@@ -246,7 +267,8 @@ def choose_tokens(
     raw_ok, argmax = flags[0][:rows], flags[1][:rows]
     for j, i in enumerate(need):  # processed rows: their own finiteness and argmax
         if raw_ok[i] and not flags[0][rows + j] and out[i] is None:
-            out[i] = GenerationError("non-finite logits after penalties, logit_bias and min_tokens")
+            out[i] = GenerationError(
+                "no token allowed: non-finite logits after penalties, logit_bias, min_tokens and the grammar's mask")
         argmax[i] = flags[1][rows + j]
     for i in range(rows):
         k = params[i].logprobs

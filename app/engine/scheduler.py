@@ -45,6 +45,7 @@ import torch
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
 from app.engine.forward import Decoder, Plan
+from app.engine.grammar import MaskJob
 from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import KVCache
 from app.engine.lora import LoRABatch, MultiLoRA
@@ -371,6 +372,13 @@ class Scheduler:
         self._batch.extend(g.seqs)
         self._consume(g.seqs, first)
 
+    def _mask_job(self, seqs: list[Sequence], overlap: bool) -> MaskJob:
+        """Start computing the token masks of the constrained rows of ``seqs`` (see :class:`MaskJob`)."""
+        for s in seqs:
+            if s.matcher is None and s.req.params.grammar is not None:
+                s.matcher = s.req.params.grammar.matcher()
+        return MaskJob([s.matcher for s in seqs], self.decoder.lm_head.out_features).start(overlap)
+
     def _decode(self) -> None:
         """One decode step of every running row.
 
@@ -381,9 +389,11 @@ class Scheduler:
         """
         t0 = time.perf_counter()
         plan = self._batch.decode_plan()
+        masks = self._mask_job(list(self._batch.seqs), overlap=True)  # grammar masks beside the forward pass
         try:
             logits = self._forward(self._batch.seqs, plan, "decode")
         except Exception as e:  # noqa: BLE001 - isolate the faulty rows (see docstring)
+            masks.result()  # the matchers are left as they were: the retry computes the masks again
             bad = self._probe_rows(e)
             if not bad:
                 raise  # no row fails alone: a batch-level fault, failed by the loop
@@ -397,7 +407,7 @@ class Scheduler:
         seqs = self._batch.seqs
         for s in seqs:
             s.next_pos += 1
-        self._consume(list(seqs), logits)
+        self._consume(list(seqs), logits, masks)
 
     def _probe_rows(self, error: BaseException) -> set[int]:
         """Rows of the batch whose decode step fails alone; each is failed with its own error."""
@@ -412,12 +422,13 @@ class Scheduler:
             logger.warning("decode step failed (%s); %d of %d rows fail alone", error, len(bad), len(self._batch))
         return bad
 
-    def _consume(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _consume(self, seqs: list[Sequence], logits: torch.Tensor, masks: MaskJob | None = None) -> None:
         """Sample one token per row of ``logits`` and emit it; retire finished and failed rows.
 
         Args:
             seqs: rows of the batch; ``seqs[i]`` goes with logits row ``i``.
             logits: ``[len(seqs), vocab]`` last-position logits.
+            masks: the constrained rows' token masks, when already started (decode); else computed here.
         """
         faults: dict[int, BaseException] = {}
         for i, s in enumerate(seqs):
@@ -425,9 +436,12 @@ class Scheduler:
                 self._inject("sampling", s.req)
             except Exception as e:  # noqa: BLE001
                 faults[i] = e
+        bitmask, mask_faults = (masks or self._mask_job(seqs, overlap=False)).result()
+        for i, e in mask_faults.items():
+            faults.setdefault(i, e)
         choices = choose_tokens(
             logits, [s.req.params for s in seqs], [s.generator for s in seqs],
-            [s.req.prompt_ids for s in seqs], [s.out_ids for s in seqs], self.eos_token_ids,
+            [s.req.prompt_ids for s in seqs], [s.out_ids for s in seqs], self.eos_token_ids, bitmask,
         )
         now = time.perf_counter()
         gone = False
@@ -435,6 +449,9 @@ class Scheduler:
             fault = faults.get(i, choice if isinstance(choice, BaseException) else None)
             if fault is None:
                 try:
+                    if s.matcher is not None:
+                        self._inject("grammar", s.req)
+                        s.matcher.consume(choice.token_id)
                     self._on_token(s, choice, now)
                 except Exception as e:  # noqa: BLE001 - e.g. the detokenizer fails on this row's text
                     fault = e
@@ -454,7 +471,7 @@ class Scheduler:
         s.out_ids.append(tok)
         ends = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
         self._emit(req, TokenEvent(tok, choice.logprob, choice.top_logprobs, now, ends))
-        if ends:
+        if ends or (s.matcher is not None and s.matcher.stopped):
             self._finish(s, "stop")
         elif len(s.out_ids) >= p.max_tokens:
             self._finish(s, "length")
@@ -463,7 +480,8 @@ class Scheduler:
     def _inject(self, stage: str, req: GenerationRequest) -> None:
         """Fault injection for tests: ``fault_hook(stage, request)`` may raise to fail that row at that stage.
 
-        Stages here: ``admission``, ``prefill``, ``decode``, ``sampling`` (``detokenize`` is raised by the
+        Stages here: ``admission``, ``prefill``, ``decode``, ``sampling``, ``grammar`` (a constrained row's
+        matcher, after its token is chosen) (``detokenize`` is raised by the
         consumer, :class:`~app.engine.engine.RequestStream`).
         """
         if self.fault_hook is not None:
@@ -490,7 +508,9 @@ class Scheduler:
         self._retire(s)
         req = s.req
         ttft = None if s.first_token_at is None else s.first_token_at - req.arrival
-        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter(), "", s.cached))
+        mask_s = s.matcher.mask_s if s.matcher is not None else 0.0
+        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter(), "", s.cached,
+                                    mask_s))
 
     def _finish_unstarted(self, req: GenerationRequest, reason: str) -> None:
         self._emit(req, FinishEvent(reason, len(req.prompt_ids), 0, None, time.perf_counter()))

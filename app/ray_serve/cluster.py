@@ -72,7 +72,7 @@ def shutdown() -> None:
 def serve_forever(settings: Settings) -> None:
     """``stanceserve serve --ray``: start (or join) Ray, deploy, serve until SIGINT/SIGTERM, then shut down."""
     local_cpus = None
-    if not settings.ray_address:  # room for every replica on this machine, even if it oversubscribes its cores
+    if not settings.ray_address:  # room for every replica on the local host, even if it oversubscribes its cores
         local_cpus = max(float(os.cpu_count() or 1), settings.replicas * settings.ray_replica_cpus)
     start_ray(settings.ray_address, num_cpus=local_cpus)
     stop = threading.Event()

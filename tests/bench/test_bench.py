@@ -127,3 +127,24 @@ def test_step_scenario_counts_the_weight_bytes_each_mix_reads():
     # the roofline ratio pairs a step and a roofline timed in alternating rounds (times rounded to microseconds:
     # the tiny model's roofline is tens of them)
     assert out["base_step_vs_roofline"] == pytest.approx(out["base_step_paired_s"] / out["matmul_roofline_s"], rel=0.05)
+
+
+def test_structured_scenario_and_grammar_libraries_on_a_tiny_model():
+    """The structured scenario runs both batches (constrained rows generate every token: the schema cannot end),
+    and the library comparison feeds each schema's instance through llguidance token by token."""
+    from bench.structured import grammar_libraries, structured_scenario
+
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    ads = [random_adapter(model, "llama", f"a{i}", rank=4, seed=i) for i in range(4)]
+    eb = EngineBench(bm, prompt_len=8, max_tokens=6, max_loras=8, max_batch_size=4)
+    try:
+        r = structured_scenario(eb, [stance(a) for a in ads], repeats=1)
+    finally:
+        eb.close()
+    assert r["rows"] == 4 and r["constrained_rows"] == 2
+    assert r["free_tok_per_s"] > 0 and r["constrained_tok_per_s"] > 0 and r["ratio"] > 0
+    assert r["mask_s_per_decode_step"] > 0 and r["schema_compile_s"] > 0
+    libs = grammar_libraries(load_tokenizer(), 512, repeats=1)
+    for name in ("person", "order"):
+        assert libs[name]["tokens"] > 10 and libs[name]["llguidance_mask_s_per_token"] > 0

@@ -17,10 +17,11 @@ KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def make_client(tmp_path: Path, *, raise_server_exceptions: bool = True, **settings):
+def make_client(tmp_path: Path, *, raise_server_exceptions: bool = True, model_factory=None, **settings):
     """A (not yet entered) TestClient of the app on the tiny Llama with its store in ``tmp_path / "store"``.
 
     ``settings`` are :class:`Settings` fields; ``admin_key`` defaults to :data:`KEY` and ``max_loras`` to 4.
+    ``model_factory`` replaces :func:`tiny_factory` (e.g. the same model in another dtype).
     """
     from fastapi.testclient import TestClient
 
@@ -29,7 +30,7 @@ def make_client(tmp_path: Path, *, raise_server_exceptions: bool = True, **setti
 
     settings.setdefault("admin_key", KEY)
     settings.setdefault("max_loras", 4)
-    app = create_app(Settings(adapters_dir=tmp_path / "store", **settings), model_factory=tiny_factory)
+    app = create_app(Settings(adapters_dir=tmp_path / "store", **settings), model_factory=model_factory or tiny_factory)
     return TestClient(app, raise_server_exceptions=raise_server_exceptions)
 
 

@@ -14,9 +14,15 @@ router = APIRouter(tags=["ops"], responses=OPS_ERRORS)
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """200 while the process runs, even before the model has loaded."""
-    return {"status": "ok"}
+async def health(state: StateDep) -> dict[str, str]:
+    """200 while the process runs, even before the model has loaded.
+
+    Once the model is loaded the body also says what is served: ``device`` (``cpu``, ``cuda:0``...) and
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``; ``--dtype auto`` picks bfloat16 on CPUs with native bf16).
+    """
+    if state.engine is None:
+        return {"status": "ok"}
+    return {"status": "ok", "model": state.engine.model_name, **state.engine.served}
 
 
 @router.get("/ready", responses=errors(503))
@@ -30,7 +36,7 @@ async def ready(state: StateDep) -> JSONResponse:
         {
             "status": "ready",
             "model": state.engine.model_name,
-            "device": str(state.engine.device),
+            **state.engine.served,
             "load_seconds": state.load_seconds,
             "adapters": len(state.store) if state.store is not None else 0,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,11 +23,39 @@ def client(tmp_path):
 
 
 def test_health_ready_models(client):
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny-llama", "device": "cpu", "dtype": "float32"}
     ready = client.get("/ready").json()
     assert ready["status"] == "ready" and ready["model"] == "tiny-llama"
+    assert ready["device"] == "cpu" and ready["dtype"] == "float32"
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-llama"]
+    assert models["data"][0]["dtype"] == "float32" and models["data"][0]["device"] == "cpu"
+
+
+def bf16_factory(settings):
+    """The tiny Llama served in bfloat16 (what ``--dtype auto`` picks on a CPU with native bf16)."""
+    loaded = tiny_factory(settings)
+    loaded.model.to(torch.bfloat16)
+    loaded.dtype = torch.bfloat16
+    return loaded
+
+
+@pytest.mark.dtype
+def test_served_dtype_is_visible_everywhere(tmp_path, peft_dirs):
+    """/health, /v1/models (base, adapters, blends) and the info metric all name the dtype the engine runs."""
+    with make_client(tmp_path, model_factory=bf16_factory) as c:
+        wait_ready(c)
+        assert c.get("/health").json()["dtype"] == "bfloat16"
+        assert c.post("/v1/adapters", data={"name": "calm"}, files=adapter_files(peft_dirs["calm"]),
+                      headers=AUTH).status_code == 201
+        cards = c.get("/v1/models").json()["data"]
+        assert [(m["id"], m["dtype"], m["device"]) for m in cards] == [
+            ("tiny-llama", "bfloat16", "cpu"), ("calm", "bfloat16", "cpu")]
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        (sample,) = families["stanceserve_model_info"].samples
+        assert sample.name == "stanceserve_model_info" and sample.value == 1
+        assert {"model": "tiny-llama", "device": "cpu", "dtype": "bfloat16"}.items() <= sample.labels.items()
+        assert sample.labels["cpu_native_bf16"] in ("true", "false")
 
 
 def test_upload_then_serve_without_restart(client, peft_dirs):

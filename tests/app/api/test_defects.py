@@ -219,10 +219,8 @@ def test_8_oversize_chunked_upload_is_refused_while_streaming(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
-        ("response_format", {"type": "json_object"}),
         ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
     ],
 )
 def test_9_unimplemented_openai_fields_are_refused(client, field, value):

@@ -34,6 +34,7 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.generation import GenerationMode
 from schemathesis.transport.serialization import Binary
 
+from app.api.structured import chat_messages
 from app.config import Settings
 from app.errors import ContextLengthExceededError
 from app.main import create_app
@@ -170,6 +171,13 @@ def _to_server_state(body: dict, steer: bool) -> None:
     if isinstance(body.get("stances"), dict) and body["stances"]:
         weight = next(iter(body["stances"].values()))
         body["stances"] = {RESIDENT: max(-engine.max_blend_weight, min(engine.max_blend_weight, weight))}
+    # which schemas, regular expressions, grammars and tool lists compile is the grammar compiler's to say (a bad one
+    # is refused with 400, tested in tests/app/api/test_structured.py): valid requests here leave the output free
+    for field in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "tools",
+                  "tool_choice"):
+        body.pop(field, None)
+    if body.get("response_format") not in (None, {"type": "text"}):
+        body.pop("response_format")
     seed = body.get("seed")
     if type(seed) is int and not SEED_MIN <= seed <= SEED_MAX:
         # schemathesis compares integers past 2**53 as floats: it takes 2**64 + 383 for a valid seed
@@ -182,7 +190,7 @@ def _prompt_fits(body: dict, chat: bool) -> bool:
     try:
         if chat:
             messages = [ChatMessage.model_validate(m) for m in body["messages"]]
-            ids = engine.chat_prompt_ids([{"role": m.role, "content": m.text()} for m in messages])
+            ids = engine.chat_prompt_ids(chat_messages(messages, None))
         else:
             ids = engine.text_prompt_ids(body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0])
     except ContextLengthExceededError:
@@ -196,9 +204,9 @@ def _fit_prompt(body: dict, chat: bool) -> None:
     while not _prompt_fits(body, chat):
         if chat:
             body["messages"] = messages = [dict(m) for m in body["messages"]]
-            slots = [(m, "content") for m in messages if isinstance(m["content"], str)]
+            slots = [(m, "content") for m in messages if isinstance(m.get("content"), str)]
             for m in messages:
-                if isinstance(m["content"], list):
+                if isinstance(m.get("content"), list):
                     m["content"] = [dict(p) for p in m["content"]]
                     slots += [(p, "text") for p in m["content"] if isinstance(p.get("text"), str)]
         else:
@@ -206,7 +214,11 @@ def _fit_prompt(body: dict, chat: bool) -> None:
                 body["prompt"] = list(body["prompt"])
             slots = [(body, "prompt")] if isinstance(body["prompt"], str) else [(body["prompt"], 0)]
         slots = [(holder, key) for holder, key in slots if holder[key]]
-        if slots:
+        calls = [m for m in body["messages"] if m.get("tool_calls")] if chat else []
+        if calls:  # earlier tool calls are written into the prompt as JSON: drop them first
+            for m in calls:
+                m["tool_calls"] = None
+        elif slots:
             holder, key = max(slots, key=lambda slot: len(slot[0][slot[1]]))
             holder[key] = holder[key][: len(holder[key]) // 2]
         else:
@@ -251,14 +263,15 @@ def _prepare(case, *, steer: bool = True) -> None:
     elif op.path == "/v1/load_lora_adapter":
         # the schema cannot say which folders on the server hold an adapter: a valid request names one
         case.body = {**body, **_unreserved(body, "lora_name"), "lora_path": _RUNTIME["folder"]}
-    elif op.path == "/v1/stances" and op.method.upper() == "POST":
-        # a named blend's members must be registered adapters (else 409) and its weights within the server's bound
-        # (else 422); "base" and "blend" are the shared metric labels, refused with 422
+    elif op.path in ("/v1/stances", "/v1/export-blend") and op.method.upper() == "POST":
+        # a blend's members (named or exported) must be registered adapters (else 409 / 422) and its weights within
+        # the server's bound (else 422); "base" and "blend" are the shared metric labels, refused with 422
         engine = APP.state.service.engine
         stances = body.get("stances")
         weight = next(iter(stances.values())) if isinstance(stances, dict) and stances else 1.0
         renamed = {BASE: f"{BASE}-blend", "base": "base-blend", "blend": "blend-named"}
-        case.body = {**body, "name": renamed.get(body.get("name"), body.get("name")),
+        named = {"name": renamed.get(body["name"], body["name"])} if "name" in body else {}
+        case.body = {**body, **named,
                      "stances": {RESIDENT: max(-engine.max_blend_weight, min(engine.max_blend_weight, weight))}}
     elif op.path == "/v1/unload_lora_adapter" and body.get("lora_name") == RESIDENT:
         case.body = {**body, "lora_name": f"{RESIDENT}-kept"}

@@ -17,6 +17,8 @@ from app.engine.request import FinishEvent
 from app.engine.sampling import SamplingParams
 from tests.factories import FakeStore, mixed_batch_and_alone, write_peft_adapter
 
+pytestmark = pytest.mark.dtype
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 

@@ -24,6 +24,8 @@ from app.engine.model_loader import (
 from app.errors import ModelLoadError
 from tests.factories import STORIES_DIR
 
+pytestmark = pytest.mark.dtype  # `auto` is read from the CPU: `make test` also runs these as a bf16 host
+
 # --------------------------------------------------------------------------- device / dtype
 
 
@@ -51,9 +53,28 @@ def test_resolve_device_rejects_unknown(bad):
         resolve_device(bad)
 
 
+@pytest.mark.parametrize(("forced", "expected"), [("1", torch.bfloat16), ("0", torch.float32)])
+def test_resolve_dtype_auto_on_cpu_follows_the_probe(monkeypatch, forced, expected):
+    """The ``auto`` rule on CPU, both ways, whatever the host has: the probe is forced by its variable."""
+    monkeypatch.setenv(model_loader.CPU_BF16_ENV, forced)
+    assert cpu_has_native_bf16() is (forced == "1")
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_resolve_dtype_auto_on_cpu_reads_the_flags(monkeypatch, native):
+    """Without the override, the rule reads ``/proc/cpuinfo`` (faked here both ways)."""
+    monkeypatch.delenv(model_loader.CPU_BF16_ENV, raising=False)
+    flags = "fpu avx2 avx512f" + (" avx512_bf16" if native else "")
+    monkeypatch.setattr(model_loader, "_read_cpuinfo", lambda: f"model name\t: Test CPU\nflags\t\t: {flags}\n")
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    info = model_loader.cpu_info()
+    assert info["model"] == "Test CPU" and info["native_bf16"] is native
+    assert info["flags"] == ["avx2", "avx512f"] + (["avx512_bf16"] if native else [])
+
+
 def test_resolve_dtype():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert resolve_dtype("float32", cuda) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cuda) == torch.float16
@@ -83,7 +104,7 @@ def test_default_served_name():
 
 
 def test_load_local_folder():
-    loaded = load_base_model(Settings(model=str(STORIES_DIR), device="cpu"))
+    loaded = load_base_model(Settings(model=str(STORIES_DIR), device="cpu", dtype="float32"))
     assert isinstance(loaded, LoadedModel)
     assert loaded.name == "stories260k"
     assert loaded.source == str(STORIES_DIR.resolve())
@@ -214,3 +235,10 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert cpu_has_native_bf16("flags : sse amx_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags : fpu avx2 fma avx512f\n")
     assert not cpu_has_native_bf16("")
+
+
+def test_cpu_bf16_override_does_not_apply_to_given_text(monkeypatch):
+    monkeypatch.setenv(model_loader.CPU_BF16_ENV, "1")
+    assert not cpu_has_native_bf16("flags : fpu avx2\n")
+    assert model_loader.cpu_info("model name : X\nflags : avx2\n") == {
+        "model": "X", "flags": ["avx2"], "native_bf16": False}

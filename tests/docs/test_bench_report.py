@@ -1,0 +1,102 @@
+"""The benchmarks page writer (bench/report.py) on a small fake result: machine, command, date, medians; no
+history. The benchmark itself is not run here (tests/bench covers its scenarios on a tiny model)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from bench.report import HEADLINE_BEGIN, HEADLINE_END, headline, machine_info, update_headline, write_report
+
+CPUINFO = """processor\t: 0
+model name\t: Example CPU 9000
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 foo
+processor\t: 1
+model name\t: Example CPU 9000
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 foo
+"""
+
+MACHINE = {"cpu_model": "Example CPU 9000", "cpu_flags": ["avx2", "fma"], "cores": 8, "os": "Linux 6.1",
+           "load_average": 0.5}
+DATE = dt.datetime(2030, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
+
+
+def fake_result() -> dict:
+    def engine(tps, step):
+        return {"output_tok_per_s": tps, "ttft_s_p50": 0.5, "itl_s_p50": 0.04, "decode_step_s_median": step,
+                "peak_memory_bytes": 2.5e9}
+
+    return {
+        "model": "TinyModel", "weight_bytes": 5.38e8,
+        "machine": {"python": "3.11.7", "torch": "2.13.0+cpu", "cpu_threads": 8, "device": "cpu", "dtype": "float32"},
+        "settings": {"requests": 16, "prompt_len": 64, "max_tokens": 32, "rank": 16, "repeats": 3, "max_loras": 32},
+        "scenarios": {
+            "base": engine(100.0, 0.1), "one_adapter": engine(80.0, 0.12), "distinct_adapters": engine(75.0, 0.13),
+            "blend3": engine(60.0, 0.15),
+            "shared_prefix": {"requests": 16, "system_tokens": 500, "ttft_s_p50_prefix_cache": 1.0,
+                              "ttft_s_p50_no_prefix_cache": 4.0, "ratio": 0.25},
+            "cold_load": {"rank": 16, "slot_load_s_p50": 0.0125, "store_add_s_p50": 0.2,
+                          "upload_to_first_token_s_p50": 0.6},
+        },
+        "total_s": 123.4,
+    }
+
+
+def test_machine_info_reads_model_flags_and_cores():
+    info = machine_info(CPUINFO)
+    assert info["cpu_model"] == "Example CPU 9000"
+    assert info["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512_bf16"]  # only the flags that matter, in order
+    assert info["cores"] >= 1 and info["os"]
+
+
+def test_page_records_machine_command_date_and_medians(tmp_path):
+    page = write_report(tmp_path / "docs" / "benchmarks.md", fake_result(), command="stanceserve bench --repeats 3",
+                        date=DATE, machine=MACHINE).read_text()
+    assert "| command | `stanceserve bench --repeats 3` |" in page
+    assert "| date | 2030-01-02 03:04 UTC |" in page
+    assert "Example CPU 9000, 8 cores (flags: avx2, fma)" in page
+    assert "2.13.0+cpu (8 threads)" in page and "TinyModel" in page
+    assert "| load average (1 min) at the end | 0.5 on 8 cores" in page
+    assert "| base model | **100.0** | 1.00 | 0.50 s | 40.0 ms | 100.0 ms | 2,500 MB |" in page
+    assert "| 3-adapter blends | **60.0** | 0.60 |" in page
+    assert "median of 3" in page
+    assert "1.00 s / 4.00 s (0.25x)" in page and "12.5 ms / 200.0 ms / 0.60 s" in page
+    assert "session" not in page.lower() and "commit" not in page.lower()
+
+
+def test_missing_scenarios_are_left_out():
+    from bench.report import render_report
+
+    result = fake_result()
+    result["scenarios"] = {"base": result["scenarios"]["base"]}
+    page = render_report(result, command="stanceserve bench --scenarios engine", date=DATE, machine=MACHINE)
+    assert "| base model |" in page and "one adapter" not in page and "## Other scenarios" not in page
+
+
+def test_readme_headline_follows_the_page(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{HEADLINE_BEGIN}\nold\n{HEADLINE_END}\n\nrest\n")
+    page = write_report(tmp_path / "bench.md", fake_result(), command="stanceserve bench", date=DATE,
+                        machine=MACHINE, readme=readme).read_text()
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("rest\n")
+    assert headline(page) in text
+    assert "| base model | **100.0** | 1.00 | 0.50 s |" in text and "`stanceserve bench`" in text
+    with pytest.raises(ValueError):
+        update_headline("no markers", page)
+    with pytest.raises(ValueError):
+        headline("# not a report")
+
+
+def test_bench_command_has_the_report_option_and_records_its_command_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    from bench.cli import _command_line, app
+
+    result = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0 and "--report" in result.output
+    monkeypatch.setattr("sys.argv", ["/venv/bin/stanceserve", "bench", "--scenarios", "engine", "--report", "a b.md"])
+    assert _command_line() == "stanceserve bench --scenarios engine --report 'a b.md'"
+    monkeypatch.setattr("sys.argv", ["bench/__main__.py", "--repeats", "1"])
+    assert _command_line() == "stanceserve bench --repeats 1"
