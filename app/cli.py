@@ -179,7 +179,7 @@ def config_table(
     console.print(f"updated the configuration table in {update}")
 
 
-adapters_app = typer.Typer(name="adapters", help="The adapter store on this machine.", no_args_is_help=True)
+adapters_app = typer.Typer(name="adapters", help="The local adapter store (STANCESERVE_ADAPTERS_DIR).", no_args_is_help=True)
 app.add_typer(adapters_app)
 
 

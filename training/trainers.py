@@ -146,9 +146,10 @@ def train_adapter(
         data: JSONL dataset in ``config.method``'s format (:mod:`training.datasets`).
         name: the stance name (recorded in the metrics; the server name at registration).
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
-        device, dtype: where and in what precision the base model trains (default ``cpu`` and ``auto``: the
-            server's rule, :func:`app.engine.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16,
-            else float32); the resolved pair is recorded in ``machine``.
+        device: where the base model trains (``cpu`` by default).
+        dtype: the precision it trains in (default ``auto``: the server's rule,
+            :func:`app.engine.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16, else float32); the
+            resolved device and dtype are recorded in ``machine``.
         command: the command line to record for reproduction (default: ``sys.argv``); recorded with the values
             of secret options (``--admin-key``...) replaced by ``***`` (:mod:`app.redaction`).
         secrets: secret values (the admin key in use) that must appear nowhere in what is written.
