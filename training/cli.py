@@ -21,17 +21,27 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from app.cli_options import dataclass_options, from_cli, with_options
 from training.adapter_lookup import store_help
-from training.outputs import OutputExistsError, check_dir, check_file, default_out
+from training.cli_support import (
+    check_local_adapters,
+    console,
+    fail,
+    free_dir,
+    free_file,
+    given_on_command_line,
+    parse_floats,
+    read_admin_key,
+    recorded_command,
+    run_folder,
+)
+from training.outputs import default_out
 from training.quick import QUICK_DATA, QUICK_STANCE
 from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
 app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
-console = Console(stderr=True)  # progress and errors
 #: The stances of the shipped adapters (app.registry.seed.shipped_adapters_dir), each with held-out probes.
 SHIPPED = ("curious-uncertainty", "confident-expertise", "engaged-difficulty")
 STANCE_DATA = Path(__file__).resolve().parent / "data" / "stances"
@@ -51,38 +61,6 @@ _DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (the server's rule: bfloat16
 
 
 _OVERWRITE_HELP = "Replace outputs that exist already (by default an existing output is kept and the command stops)."
-
-
-def _given(ctx: typer.Context) -> Any:
-    """``given(name)``: whether the option ``name`` was set on the command line or by its environment variable."""
-    def given(name: str) -> bool:
-        source = ctx.get_parameter_source(name)  # an enum of the click typer runs on (typer may vendor its own)
-        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-    return given
-
-
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _free_file(path: Path, overwrite: bool, option: str = "--out") -> Path:
-    """``path``, or exit 1 when it exists and ``--overwrite`` was not given (:func:`training.outputs.check_file`)."""
-    try:
-        return check_file(path, overwrite=overwrite, option=option)
-    except OutputExistsError as e:
-        _fail(str(e))
-        raise  # unreachable
-
-
-def _free_dir(path: Path, overwrite: bool, option: str = "--out") -> Path:
-    """``path``, or exit 1 when it holds anything and ``--overwrite`` was not given (:func:`training.outputs.check_dir`)."""
-    try:
-        return check_dir(path, overwrite=overwrite, option=option)
-    except OutputExistsError as e:
-        _fail(str(e))
-        raise  # unreachable
 
 
 @app.command()
@@ -126,30 +104,30 @@ def train(
     if compare:
         out = out or default_out("compare")
         for f in ("compare.md", "compare.png"):
-            _free_file(out / f, overwrite)
+            free_file(out / f, overwrite)
         _compare(runs or [], out)
         return
     if runs:
-        _fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
+        fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
     if quick:
         from training import quick as presets
 
-        presets.apply(presets.TRAIN, hyperparameters, _given(ctx))
+        presets.apply(presets.TRAIN, hyperparameters, given_on_command_line(ctx))
         if data is None:
             data = QUICK_DATA
             console.print(f"quick run: DPO on the shipped {QUICK_STANCE} data ({data})", soft_wrap=True)
     if data is None or name is None:
-        _fail("give --data and --name (or --quick --name NAME, or --compare RUN...)")
+        fail("give --data and --name (or --quick --name NAME, or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
-    out_dir = _free_dir(out or default_out(name), overwrite)
-    key = _admin_key(admin_key, admin_key_file) if register else None
+    out_dir = free_dir(out or default_out(name), overwrite)
+    key = read_admin_key(admin_key, admin_key_file) if register else None
     try:
         # the trainer prints its log lines to stdout: keep stdout for the JSON result
         with contextlib.redirect_stdout(sys.stderr):
             result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet,
                                    secrets=[key] if key else ())
     except DatasetError as e:
-        _fail(str(e))
+        fail(str(e))
     summary = result.metrics["summary"]
     report = {"adapter_dir": str(result.out_dir), "summary": summary,
               "trainable_parameters": result.metrics["parameters"]["trainable"]}
@@ -161,47 +139,8 @@ def train(
                                                     description=description or f"{cfg.method} stance adapter {name}",
                                                     replace=replace)
         except RegistrationError as e:
-            _fail(str(e))
+            fail(str(e))
     typer.echo(json.dumps(report, indent=2))
-
-
-def _admin_key(key: str | None, key_file: Path | None) -> str | None:
-    """The admin key for ``--register`` (``--admin-key-file``, else ``--admin-key`` / ``$STANCESERVE_ADMIN_KEY``).
-
-    Warns when the key itself was typed on the command line (where ``ps`` and shell history show it).
-    """
-    from training.register import RegistrationError, admin_key_from
-
-    if key_file is None and any(a == "--admin-key" or a.startswith("--admin-key=") for a in sys.argv):
-        console.print("[yellow]warning:[/yellow] --admin-key on the command line is visible to other local users "
-                      "and kept in shell history; prefer STANCESERVE_ADMIN_KEY or --admin-key-file "
-                      "(the key is never recorded either way)", soft_wrap=True)
-    try:
-        return admin_key_from(key, key_file)
-    except RegistrationError as e:
-        _fail(str(e))
-        raise  # unreachable
-
-
-def _recorded_command(command: str) -> str | None:
-    """``stanceserve COMMAND ...`` as run (from ``sys.argv``), secret option values redacted; None if unknown."""
-    from app.redaction import redact_command
-
-    return redact_command(["stanceserve", command, *sys.argv[2:]]) if len(sys.argv) > 2 else None
-
-
-def _run_folder(run: Path) -> Path:
-    """A ``--compare`` argument as a folder: the path if it exists, else the adapter of that name (store, then
-    shipped: :func:`training.adapter_lookup.resolve_adapter`), else the path as given (for the error message)."""
-    from app.errors import AdapterLookupError
-    from training.adapter_lookup import resolve_adapter
-
-    if run.exists():
-        return run
-    try:
-        return resolve_adapter(str(run))
-    except AdapterLookupError:
-        return run
 
 
 def _compare(runs: list[Path], out: Path) -> None:
@@ -219,15 +158,15 @@ def _compare(runs: list[Path], out: Path) -> None:
     )
 
     if len(runs) < 1:
-        _fail("--compare needs at least one run folder")
+        fail("--compare needs at least one run folder")
     try:
-        loaded = [load_run(_run_folder(r)) for r in runs]
+        loaded = [load_run(run_folder(r)) for r in runs]
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     rows = compare_table(loaded)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_compare(loaded, out / "compare.png", title=f"{len(runs)} training runs")
-    command = _recorded_command("train")
+    command = recorded_command("train")
     md = write_compare_markdown(out / "compare.md", rows, png, command)
     table = Table(*COLUMNS, title="training runs")
     for r in rows:
@@ -292,31 +231,31 @@ def eval_cmd(
 
     probe_limit = None
     if quick:
-        o = presets.apply(presets.SWEEP if sweep else presets.EVAL, {}, _given(ctx))
+        o = presets.apply(presets.SWEEP if sweep else presets.EVAL, {}, given_on_command_line(ctx))
         stances, weights, ts = o.get("stances", stances), o.get("weights", weights), o.get("ts", ts)
         probes_per_stance, resamples = o.get("probes_per_stance", probes_per_stance), o.get("resamples", resamples)
         max_tokens, probe_limit = o.get("max_tokens", max_tokens), o.get("probe_limit")
     if sweep:
         _sweep(stances=stances, probes=probes, per_stance=probes_per_stance, weights=weights, ts=ts, pairs=pairs,
                url=url, base=base, adapters_dir=adapters_dir, max_tokens=max_tokens, likelihood=likelihood,
-               out=_free_dir(out or default_out("sweep"), overwrite), resamples=resamples, batch=batch, quiet=quiet, device=device,
+               out=free_dir(out or default_out("sweep"), overwrite), resamples=resamples, batch=batch, quiet=quiet, device=device,
                dtype=dtype)
         return
     if task not in (None, "scheduling"):
-        _fail(f"unknown --task {task!r} (only 'scheduling')")
+        fail(f"unknown --task {task!r} (only 'scheduling')")
     if task is None and adapter is not None and probes is None:
         shipped_probes = STANCE_DATA / (stance or Path(adapter).name) / "probes.jsonl"
         if shipped_probes.is_file():
             probes = shipped_probes
             console.print(f"probes: the held-out probes of {shipped_probes.parent.name} ({probes})", soft_wrap=True)
     if task is None and (adapter is None or probes is None):
-        _fail("give --adapter and --probes (--probes may be left out for a shipped stance), or --task scheduling")
+        fail("give --adapter and --probes (--probes may be left out for a shipped stance), or --task scheduling")
     if not url and adapter:
-        _check_local_adapters([adapter], adapters_dir)
+        check_local_adapters([adapter], adapters_dir)
     if out is not None:
-        _free_file(out, overwrite)
+        free_file(out, overwrite)
     elif task is None:
-        out = _free_file(default_out("eval", f"{Path(adapter).name}.md"), overwrite)
+        out = free_file(default_out("eval", f"{Path(adapter).name}.md"), overwrite)
     raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
                                                         device=device, dtype=dtype)
     with contextlib.ExitStack() as stack:
@@ -326,7 +265,7 @@ def eval_cmd(
             from training.tasks.sweep_trace import STYLES
 
             if trace_style not in STYLES:
-                _fail(f"--trace-style must be one of {', '.join(STYLES)}, got {trace_style!r}")
+                fail(f"--trace-style must be one of {', '.join(STYLES)}, got {trace_style!r}")
             res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out,
                                    style=trace_style, with_base=with_base)
         else:
@@ -335,12 +274,12 @@ def eval_cmd(
 
             st = stance or Path(adapter).name
             if st not in MARKERS:
-                _fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
+                fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
             try:
                 prompts = load_probes(probes)[:probe_limit]
                 ref = load_reference_answers(reference) if reference else None
             except DatasetError as e:
-                _fail(str(e))
+                fail(str(e))
             lm = tok = None
             if likelihood:
                 if isinstance(raw, LocalGenerator):  # idle engine: no adapter is routed, so this is the base model
@@ -355,26 +294,6 @@ def eval_cmd(
                                   max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok,
                                   reference=ref)
     typer.echo(json.dumps(res, indent=2))
-
-
-def _check_local_adapters(adapters: list[str], adapters_dir: Path | None) -> None:
-    """Fail (exit 1, naming every folder looked at) unless each adapter resolves locally, before the model loads."""
-    from app.errors import AdapterLookupError
-    from training.adapter_lookup import resolve_adapter
-
-    for a in adapters:
-        try:
-            resolve_adapter(a, adapters_dir)
-        except AdapterLookupError as e:
-            _fail(e.message)
-
-
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"{option} must be comma-separated numbers, got {text!r}")
-        raise  # unreachable
 
 
 def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, ts: str, pairs: bool, url: str | None,
@@ -392,16 +311,16 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
     names = [s.strip() for s in stances.split(",") if s.strip()]
     bad = [s for s in names if s not in MARKERS]
     if bad or not names:
-        _fail(f"--stances must name scored stances ({sorted(MARKERS)}), got {bad or names}")
+        fail(f"--stances must name scored stances ({sorted(MARKERS)}), got {bad or names}")
     try:
         if probes is not None:
             prompts = load_probes(probes)
         else:
             prompts = [p for s in names for p in load_probes(STANCE_DATA / s / "probes.jsonl")[:per_stance]]
     except DatasetError as e:
-        _fail(str(e))
+        fail(str(e))
     if not url:
-        _check_local_adapters(names, adapters_dir)
+        check_local_adapters(names, adapters_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
                                                         device=device, dtype=dtype)
@@ -419,8 +338,8 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
                 lm, tok = loaded.model, loaded.tokenizer
             scorer = LikelihoodScorer(lm, tok, batch_size=16)
         with progress_bars(enabled=not quiet, console=console) as new_task:
-            result, answers = run_sweep(gen, names, prompts, weights=_floats(weights, "--weights"),
-                                        ts=_floats(ts, "--ts"), pairs=pairs, max_tokens=max_tokens,
+            result, answers = run_sweep(gen, names, prompts, weights=parse_floats(weights, "--weights"),
+                                        ts=parse_floats(ts, "--ts"), pairs=pairs, max_tokens=max_tokens,
                                         likelihood_scorer=scorer, resamples=resamples, progress=new_task)
         result["runtime"] = runtime_of(gen, lm)
     finally:
@@ -432,7 +351,7 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
         pngs[c["name"]] = path.name
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     write_answers(out / "answers.jsonl", prompts, answers)
-    command = _recorded_command("eval")
+    command = recorded_command("eval")
     write_sweep_report(out / "sweep_report.md", result, prompts, answers, pngs=pngs, command=command)
     summary = {"out": str(out), "json": str(out / "sweep.json"), "report": str(out / "sweep_report.md"),
                "pngs": sorted(str(out / p) for p in pngs.values()),
@@ -457,9 +376,9 @@ def inspect(
     try:
         folder = resolve_adapter(adapter, adapters_dir)
     except AdapterLookupError as e:
-        _fail(e.message)
+        fail(e.message)
     name = folder.resolve().name or "adapter"
-    target = _free_file(png or default_out("inspect", f"{name}.png"), overwrite, "--png")
+    target = free_file(png or default_out("inspect", f"{name}.png"), overwrite, "--png")
     rows = adapter_update_norms(folder)
     Console().print(norms_table(rows))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -474,7 +393,7 @@ def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_to
     from training.tasks import scheduling_eval as se
 
     if not with_base and not adapter:
-        _fail("--no-with-base needs --adapter")
+        fail("--no-with-base needs --adapter")
     base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens, style=style) if with_base else None
     ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens, style=style) if adapter else None
     from training.evaluate import runtime_of
@@ -510,13 +429,13 @@ def scheduling_data(
     from training.tasks.sweep_trace import to_trace_sft_rows
 
     if style not in ("trace", "grid", "worked"):
-        _fail(f"--style must be trace, grid or worked, got {style!r}")
-    _free_file(out, overwrite)
+        fail(f"--style must be trace, grid or worked, got {style!r}")
+    free_file(out, overwrite)
     problems = generate(n, seed)
     try:
         check_disjoint(problems)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = to_sft_rows(problems) if style == "worked" else to_trace_sft_rows(
         problems, "sweep" if style == "trace" else style)
@@ -546,22 +465,22 @@ def export_blend_cmd(
     from training.adapter_lookup import resolve_adapter
     from training.export_blend import export_blend, parse_stances
 
-    _free_dir(out, overwrite)
+    free_dir(out, overwrite)
     try:
         weights = parse_stances(stances)
     except ValueError as e:
-        _fail(f"--stances: {e}")
+        fail(f"--stances: {e}")
     folders = {}
     for name in weights:
         try:
             folders[name] = resolve_adapter(name, adapters_dir)
         except AdapterLookupError as e:
-            _fail(e.message)
+            fail(e.message)
     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu", dtype="float32"))
     try:
         summary = export_blend(loaded.model, folders, weights, out, method=method, rank=rank)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     summary.pop("per_module")
     if check > 0:
         from training.datasets import load_probes
