@@ -43,6 +43,7 @@ from app.errors import (
     StanceNotFoundError,
 )
 from app.metrics import Metrics
+from app.redaction import contains_secret, redact_json
 from app.registry.adapter import AdapterRecord, AdapterWeights
 from app.registry.blends import NamedBlend, NamedBlendStore
 from app.registry.store import AdapterStore
@@ -50,6 +51,21 @@ from app.registry.upload import stage_upload
 from app.registry.validation import validate_name
 
 logger = logging.getLogger(__name__)
+
+
+def redact_upload(name: str, description: str | None, metadata: dict | None,
+                  secrets: Iterable[str] = ()) -> tuple[str | None, dict | None]:
+    """``description`` and ``metadata`` with secrets replaced by ``***`` (see :meth:`StanceCatalog.register_upload`).
+
+    Logs a warning naming the adapter, never the secret, when a known secret (the admin key) was found.
+    """
+    secrets = [s for s in secrets if s]
+    if contains_secret([description, metadata], secrets):
+        logger.warning("upload of adapter %r: its description or metadata held the server's admin key; "
+                       "stored with the key replaced by ***", name)
+    new_description = redact_json(description, secrets) if description is not None else None
+    new_metadata = redact_json(metadata, secrets) if metadata is not None else None
+    return new_description, new_metadata
 
 
 class StanceCatalog:
@@ -134,12 +150,20 @@ class StanceCatalog:
         metadata: dict | None,
         replace: bool,
         max_bytes: int,
+        secrets: Iterable[str] = (),
     ) -> AdapterRecord:
         """Stage uploaded files inside the store, validate and register them as ``name``.
+
+        ``description`` and ``metadata`` are stored redacted (:func:`app.redaction.redact_json`): the value of
+        every secret command-line option in them (``--admin-key ...`` in a recorded command) and every one of
+        ``secrets`` (the server passes its own admin key) are replaced by ``***``, and a warning is logged
+        (without the secret). Metadata is readable without the admin key (``GET /v1/adapters``), so nothing
+        secret is ever stored in it.
 
         Raises:
             AdapterValidationError, AdapterTooLargeError, AdapterExistsError: see the store and upload modules.
         """
+        description, metadata = redact_upload(name, description, metadata, secrets)
         with self._lock(name):
             self._not_a_blend(name)
             with self.store.staging() as tmp:

@@ -10,6 +10,7 @@ Commands:
 * ``stanceserve fetch-model``: download and cache the embedded base model, so that
   the first ``serve`` starts in about a second.
 * ``stanceserve config-table``: print (or write into a Markdown page) the table of every setting.
+* ``stanceserve adapters seed``: copy the shipped stance adapters into the adapter store (those it lacks).
 * ``stanceserve train | eval | inspect | scheduling-data | export-blend``: the training loop, in
   :mod:`training.cli` (options generated from ``training.trainers.TrainConfig``); they need
   the ``[train]`` extra and say so when it is missing.
@@ -178,6 +179,40 @@ def config_table(
     console.print(f"updated the configuration table in {update}")
 
 
+adapters_app = typer.Typer(name="adapters", help="The local adapter store (STANCESERVE_ADAPTERS_DIR).", no_args_is_help=True)
+app.add_typer(adapters_app)
+
+
+@adapters_app.command("seed")
+@with_options(settings_options(Settings, env_prefix=ENV_PREFIX, only=("adapters_dir", "log_level")))
+def adapters_seed(**given: Any) -> None:
+    """Copy the adapters shipped with stanceserve into the store (each one it does not hold yet; none is replaced)."""
+    settings = _settings(given)
+    _setup_logging(settings.log_level)
+
+    from app.registry.seed import add_shipped, shipped_adapters_dir
+
+    source = shipped_adapters_dir()
+    if source is None:
+        console.print("[red]no shipped adapters found[/red] (beside the app package, or in "
+                      + escape(f"{sys.prefix}/share/stanceserve/adapters)"), soft_wrap=True)
+        raise typer.Exit(1)
+    try:
+        copied, kept = add_shipped(settings.adapters_dir, source)
+    except OSError as exc:
+        console.print(f"[red]seeding {escape(str(settings.adapters_dir))} failed:[/red] {escape(str(exc))}",
+                      soft_wrap=True)
+        raise typer.Exit(1) from None
+    store = escape(str(settings.adapters_dir))
+    if copied:
+        out.print(f"[green]copied into {store}:[/green] {', '.join(copied)}", soft_wrap=True)
+    if kept:
+        out.print(f"already in {store}, kept: {', '.join(kept)}", soft_wrap=True)
+    if copied:
+        console.print("A running server serves them after its next start (or upload them: POST /v1/adapters).",
+                      soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- #
 # Commands that live in other modules, imported only when run.
 #
@@ -289,8 +324,25 @@ def bench(ctx: typer.Context) -> None:
     _forward(ctx, _bench_app, "bench")
 
 
+#: Warnings of dependencies that a user of the command line can do nothing about: deprecations inside the
+#: libraries (transformers' renames that TRL still calls), by module of the warning's origin.
+_HARMLESS_WARNINGS = (
+    (FutureWarning, r"(transformers|trl|peft|accelerate|datasets|torch)(\.|$)"),
+    (DeprecationWarning, r"(transformers|trl|peft|accelerate|datasets|torch|matplotlib|ray)(\.|$)"),
+)
+
+
+def quiet_dependency_warnings() -> None:
+    """Hide :data:`_HARMLESS_WARNINGS` (the command line's own warnings, and every other one, still show)."""
+    import warnings
+
+    for category, module in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", category=category, module=module)
+
+
 def main() -> None:
     """Entry point of the ``stanceserve`` console script."""
+    quiet_dependency_warnings()
     app()
 
 

@@ -121,8 +121,10 @@ class Settings(BaseSettings):
     )
     seed_adapters: bool | None = Field(
         None,
-        description="On first start (the store folder does not exist yet), create it with a copy of the adapters "
-        "shipped with stanceserve (default: only when adapters_dir is left at its default).",
+        description="At start-up, when the store holds no adapters (a folder that does not exist yet, or an empty "
+        "one), fill it with a copy of the adapters shipped with stanceserve (default: only when adapters_dir is left "
+        "at its default). A store holding any adapter is left as it is; `stanceserve adapters seed` adds the "
+        "shipped adapters a store lacks.",
     )
     max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted (peft `r`).")
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest upload, in bytes.")

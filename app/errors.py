@@ -319,6 +319,10 @@ def install_error_handlers(app: Any) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # a body that is not JSON: 400, as OpenAI answers it
+            detail = (first.get("ctx") or {}).get("error", "invalid JSON")
+            return JSONResponse(error_body(400, f"could not parse the JSON body of the request: {detail}"),
+                                status_code=400)
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.docs import install_offline_docs
 from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
 from app.api.routes import adapters, blend_export, health, openai, playground, stances
@@ -39,7 +40,7 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
     from app.engine.model_loader import cpu_has_native_bf16
-    from app.registry.seed import seed_store
+    from app.registry.seed import empty_store_warning, seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
 
@@ -55,6 +56,8 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         max_json_depth=s.max_json_depth,
     )
     records = store.scan()
+    if not records:
+        logger.warning(empty_store_warning(s.adapters_dir))
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
@@ -158,7 +161,10 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
         version="0.1.0",
         description="One resident base model; every request picks a LoRA stance or a weighted blend.",
         lifespan=lifespan,
+        docs_url=None,  # served from the package, not a CDN: app.api.docs
+        redoc_url=None,
     )
+    install_offline_docs(app)
     install_error_handlers(app)
     # last added = outermost: bodies are bounded before anything reads them
     app.add_middleware(BodySizeLimitMiddleware, default_limit=settings.max_request_bytes, limits=route_limits(settings))

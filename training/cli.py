@@ -21,15 +21,27 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from app.cli_options import dataclass_options, from_cli, with_options
 from training.adapter_lookup import store_help
+from training.cli_support import (
+    check_local_adapters,
+    console,
+    fail,
+    free_dir,
+    free_file,
+    given_on_command_line,
+    parse_floats,
+    read_admin_key,
+    recorded_command,
+    run_folder,
+)
+from training.outputs import default_out
+from training.quick import QUICK_DATA, QUICK_STANCE
 from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
 from training.trainers import TrainConfig, train_adapter
 
 app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
-console = Console(stderr=True)  # progress and errors
 #: The stances of the shipped adapters (app.registry.seed.shipped_adapters_dir), each with held-out probes.
 SHIPPED = ("curious-uncertainty", "confident-expertise", "engaged-difficulty")
 STANCE_DATA = Path(__file__).resolve().parent / "data" / "stances"
@@ -44,27 +56,42 @@ _EXTRA_HELP = {
 _RUN_DEFAULTS = {n: p.default for n, p in _inspect.signature(train_adapter).parameters.items()}
 
 
-def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(1)
+_DTYPE_HELP = ("float32 | bfloat16 | float16 | auto (the server's rule: bfloat16 on CUDA and on CPUs with native "
+               "bf16, else float32; the dtype used is recorded in every output).")
+
+
+_OVERWRITE_HELP = "Replace outputs that exist already (by default an existing output is kept and the command stops)."
 
 
 @app.command()
 @with_options(dataclass_options(TrainConfig, extra_help=_EXTRA_HELP, panel="Hyperparameters (TrainConfig)"))
 def train(
-    runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json).",
+    ctx: typer.Context,
+    runs: Annotated[list[Path] | None, typer.Argument(help="With --compare: run folders (each with training_metrics.json) or adapter names (store, then shipped).",
                                                        show_default=False)] = None,
     data: Annotated[Path | None, typer.Option(help="JSONL dataset (SFT: messages or prompt/completion; DPO: prompt/chosen/rejected).")] = None,
     name: Annotated[str | None, typer.Option(help="Stance name (the adapter's name on the server).")] = None,
+    quick: Annotated[bool, typer.Option(
+        help="A first run in about a minute on 2 CPU cores: 8 DPO steps (--max-steps 8 --batch-size 2 --grad-accum 1 "
+             "--max-length 192 --lr 1e-3 --no-precompute-ref --no-gradient-checkpointing), on the shipped curious-uncertainty data unless --data "
+             "is given. Options you give win.")] = False,
     compare: Annotated[bool, typer.Option(
         help="Compare finished runs instead of training: stanceserve train --compare runs/a runs/b ... "
              "(overlaid curves PNG + table; --out is the output folder, default runs/compare).")] = False,
     base: Annotated[str | None, typer.Option(help="HF causal LM id or path (default: the embedded SmolLM2 the server uses).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/NAME; must be missing or empty "
+                                                  "unless --overwrite).")] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = _RUN_DEFAULTS["device"],
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | auto")] = _RUN_DEFAULTS["dtype"],
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = _RUN_DEFAULTS["dtype"],
     register: Annotated[str | None, typer.Option(help="Upload the result to this server URL, e.g. http://127.0.0.1:8000.")] = None,
-    admin_key: Annotated[str | None, typer.Option(help="Admin key for --register (or STANCESERVE_ADMIN_KEY).", envvar="STANCESERVE_ADMIN_KEY")] = None,
+    admin_key_file: Annotated[Path | None, typer.Option(
+        help="With --register: a file whose first line is the server's admin key (preferred, with "
+             "STANCESERVE_ADMIN_KEY).")] = None,
+    admin_key: Annotated[str | None, typer.Option(
+        help="With --register: the admin key itself. Prefer STANCESERVE_ADMIN_KEY or --admin-key-file: a key on "
+             "the command line is readable by other local users (ps) and stays in shell history. Never recorded.",
+        envvar="STANCESERVE_ADMIN_KEY", show_envvar=True)] = None,
     description: Annotated[str | None, typer.Option(help="Description stored with the adapter.")] = None,
     replace: Annotated[bool, typer.Option(help="With --register: replace an existing adapter of that name.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -75,20 +102,32 @@ def train(
     from training.datasets import DatasetError
 
     if compare:
-        _compare(runs or [], out or Path("runs/compare"))
+        out = out or default_out("compare")
+        for f in ("compare.md", "compare.png"):
+            free_file(out / f, overwrite)
+        _compare(runs or [], out)
         return
     if runs:
-        _fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
+        fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
+    if quick:
+        from training import quick as presets
+
+        presets.apply(presets.TRAIN, hyperparameters, given_on_command_line(ctx))
+        if data is None:
+            data = QUICK_DATA
+            console.print(f"quick run: DPO on the shipped {QUICK_STANCE} data ({data})", soft_wrap=True)
     if data is None or name is None:
-        _fail("give --data and --name (or --compare RUN...)")
+        fail("give --data and --name (or --quick --name NAME, or --compare RUN...)")
     cfg = TrainConfig(**from_cli(TrainConfig, hyperparameters))
-    out_dir = out or Path("runs") / name
+    out_dir = free_dir(out or default_out(name), overwrite)
+    key = read_admin_key(admin_key, admin_key_file) if register else None
     try:
         # the trainer prints its log lines to stdout: keep stdout for the JSON result
         with contextlib.redirect_stdout(sys.stderr):
-            result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet)
+            result = train_adapter(data, name, out_dir, cfg, base=base, device=device, dtype=dtype, progress=not quiet,
+                                   secrets=[key] if key else ())
     except DatasetError as e:
-        _fail(str(e))
+        fail(str(e))
     summary = result.metrics["summary"]
     report = {"adapter_dir": str(result.out_dir), "summary": summary,
               "trainable_parameters": result.metrics["parameters"]["trainable"]}
@@ -96,18 +135,16 @@ def train(
         from training.register import RegistrationError, register_adapter
 
         try:
-            report["registered"] = register_adapter(register, name, result.out_dir, admin_key=admin_key,
+            report["registered"] = register_adapter(register, name, result.out_dir, admin_key=key,
                                                     description=description or f"{cfg.method} stance adapter {name}",
                                                     replace=replace)
         except RegistrationError as e:
-            _fail(str(e))
+            fail(str(e))
     typer.echo(json.dumps(report, indent=2))
 
 
 def _compare(runs: list[Path], out: Path) -> None:
     """``train --compare``: table (stderr, Markdown, JSON on stdout) and overlaid curves of finished runs."""
-    import shlex
-
     from rich.table import Table
 
     from training.compare import (
@@ -121,15 +158,15 @@ def _compare(runs: list[Path], out: Path) -> None:
     )
 
     if len(runs) < 1:
-        _fail("--compare needs at least one run folder")
+        fail("--compare needs at least one run folder")
     try:
-        loaded = [load_run(r) for r in runs]
+        loaded = [load_run(run_folder(r)) for r in runs]
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     rows = compare_table(loaded)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_compare(loaded, out / "compare.png", title=f"{len(runs)} training runs")
-    command = "stanceserve train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = recorded_command("train")
     md = write_compare_markdown(out / "compare.md", rows, png, command)
     table = Table(*COLUMNS, title="training runs")
     for r in rows:
@@ -140,10 +177,17 @@ def _compare(runs: list[Path], out: Path) -> None:
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     adapter: Annotated[str | None, typer.Option(
         help="With --url: an adapter name on that server. Locally: a peft folder path, else a name in "
              "--adapters-dir, else a shipped adapter's name.")] = None,
-    probes: Annotated[Path | None, typer.Option(help="JSONL probe prompts (field 'prompt').")] = None,
+    probes: Annotated[Path | None, typer.Option(
+        help="JSONL probe prompts (field 'prompt'); default: the held-out probes of the stance, for a shipped "
+             "stance.")] = None,
+    quick: Annotated[bool, typer.Option(
+        help="A first evaluation in about a minute on 2 CPU cores: the first 8 probes, --max-tokens 48; with "
+             "--sweep: 2 stances, --weights 0,0.5,1 --ts 0,0.5,1 --probes-per-stance 3 --max-tokens 32 "
+             "--resamples 200. Options you give win.")] = False,
     stance: Annotated[str | None, typer.Option(help="Stance the scorers measure (default: the adapter's name, if a known stance).")] = None,
     task: Annotated[str | None, typer.Option(help="'scheduling' for the meeting-room task instead of probes.")] = None,
     n: Annotated[int, typer.Option(help="Scheduling problems.")] = 150,
@@ -154,7 +198,10 @@ def eval_cmd(
                                                       show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 96,
     likelihood: Annotated[bool, typer.Option(help="Also run the likelihood-based stance scorer (loads the base model).")] = True,
-    out: Annotated[Path | None, typer.Option(help="Report (Markdown) or result (JSON) path.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Report (Markdown) or result (JSON) path (default runs/eval/ADAPTER.md; with --sweep a folder, default "
+             "runs/sweep).")] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
     reference: Annotated[Path | None, typer.Option(
         help="Training JSONL whose chosen answers (DPO) or completions (SFT) calibrate the scorers.")] = None,
     sweep: Annotated[bool, typer.Option(
@@ -168,6 +215,8 @@ def eval_cmd(
     pairs: Annotated[bool, typer.Option(help="--sweep: also sweep every pair of stances.")] = True,
     resamples: Annotated[int, typer.Option(help="--sweep: bootstrap resamples for the CIs.")] = 2000,
     batch: Annotated[int, typer.Option(help="Local engine batch size (sequences per decode step).")] = 16,
+    device: Annotated[str, typer.Option(help="Local evaluation: cpu | cuda | auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
     trace_style: Annotated[str, typer.Option(
         help="--task scheduling: the trace style the adapter was trained on (sweep or grid; "
              "only the 'trace all correct' column reads it).")] = "sweep",
@@ -176,21 +225,39 @@ def eval_cmd(
 ) -> None:
     """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy),
     or (--sweep) blend response curves of several stances."""
+    from training import quick as presets
     from training.evaluate import HttpGenerator, LocalGenerator, evaluate_stance
     from training.progress import ProgressGenerator, progress_bars
 
+    probe_limit = None
+    if quick:
+        o = presets.apply(presets.SWEEP if sweep else presets.EVAL, {}, given_on_command_line(ctx))
+        stances, weights, ts = o.get("stances", stances), o.get("weights", weights), o.get("ts", ts)
+        probes_per_stance, resamples = o.get("probes_per_stance", probes_per_stance), o.get("resamples", resamples)
+        max_tokens, probe_limit = o.get("max_tokens", max_tokens), o.get("probe_limit")
     if sweep:
         _sweep(stances=stances, probes=probes, per_stance=probes_per_stance, weights=weights, ts=ts, pairs=pairs,
                url=url, base=base, adapters_dir=adapters_dir, max_tokens=max_tokens, likelihood=likelihood,
-               out=out or Path("runs/sweep"), resamples=resamples, batch=batch, quiet=quiet)
+               out=free_dir(out or default_out("sweep"), overwrite), resamples=resamples, batch=batch, quiet=quiet, device=device,
+               dtype=dtype)
         return
     if task not in (None, "scheduling"):
-        _fail(f"unknown --task {task!r} (only 'scheduling')")
+        fail(f"unknown --task {task!r} (only 'scheduling')")
+    if task is None and adapter is not None and probes is None:
+        shipped_probes = STANCE_DATA / (stance or Path(adapter).name) / "probes.jsonl"
+        if shipped_probes.is_file():
+            probes = shipped_probes
+            console.print(f"probes: the held-out probes of {shipped_probes.parent.name} ({probes})", soft_wrap=True)
     if task is None and (adapter is None or probes is None):
-        _fail("give --adapter and --probes (or --task scheduling)")
+        fail("give --adapter and --probes (--probes may be left out for a shipped stance), or --task scheduling")
     if not url and adapter:
-        _check_local_adapters([adapter], adapters_dir)
-    raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
+        check_local_adapters([adapter], adapters_dir)
+    if out is not None:
+        free_file(out, overwrite)
+    elif task is None:
+        out = free_file(default_out("eval", f"{Path(adapter).name}.md"), overwrite)
+    raw = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
+                                                        device=device, dtype=dtype)
     with contextlib.ExitStack() as stack:
         stack.callback(raw.close)
         gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
@@ -198,7 +265,7 @@ def eval_cmd(
             from training.tasks.sweep_trace import STYLES
 
             if trace_style not in STYLES:
-                _fail(f"--trace-style must be one of {', '.join(STYLES)}, got {trace_style!r}")
+                fail(f"--trace-style must be one of {', '.join(STYLES)}, got {trace_style!r}")
             res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out,
                                    style=trace_style, with_base=with_base)
         else:
@@ -207,12 +274,12 @@ def eval_cmd(
 
             st = stance or Path(adapter).name
             if st not in MARKERS:
-                _fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
+                fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
             try:
-                prompts = load_probes(probes)
+                prompts = load_probes(probes)[:probe_limit]
                 ref = load_reference_answers(reference) if reference else None
             except DatasetError as e:
-                _fail(str(e))
+                fail(str(e))
             lm = tok = None
             if likelihood:
                 if isinstance(raw, LocalGenerator):  # idle engine: no adapter is routed, so this is the base model
@@ -221,42 +288,21 @@ def eval_cmd(
                     from app.config import EMBEDDED_MODEL, Settings
                     from app.engine.model_loader import load_base_model
 
-                    loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu"))
+                    loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                     lm, tok = loaded.model, loaded.tokenizer
-            res = evaluate_stance(gen, adapter, prompts, st, report_path=out or Path(f"eval-{Path(adapter).name}.md"),
+            res = evaluate_stance(gen, adapter, prompts, st, report_path=out,
                                   max_tokens=max_tokens, likelihood_model=lm, likelihood_tokenizer=tok,
                                   reference=ref)
     typer.echo(json.dumps(res, indent=2))
 
 
-def _check_local_adapters(adapters: list[str], adapters_dir: Path | None) -> None:
-    """Fail (exit 1, naming every folder looked at) unless each adapter resolves locally, before the model loads."""
-    from app.errors import AdapterLookupError
-    from training.adapter_lookup import resolve_adapter
-
-    for a in adapters:
-        try:
-            resolve_adapter(a, adapters_dir)
-        except AdapterLookupError as e:
-            _fail(e.message)
-
-
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        _fail(f"{option} must be comma-separated numbers, got {text!r}")
-        raise  # unreachable
-
-
 def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, ts: str, pairs: bool, url: str | None,
            base: str | None, adapters_dir: Path | None, max_tokens: int, likelihood: bool, out: Path, resamples: int,
-           batch: int, quiet: bool) -> None:
+           batch: int, quiet: bool, device: str = "cpu", dtype: str = "auto") -> None:
     """``eval --sweep``: run :func:`training.sweep.run_sweep`, write JSON, answers, PNGs and the report into ``out``."""
-    import shlex
 
     from training.datasets import DatasetError, load_probes
-    from training.evaluate import HttpGenerator, LocalGenerator
+    from training.evaluate import HttpGenerator, LocalGenerator, runtime_of
     from training.progress import progress_bars
     from training.scoring import MARKERS, LikelihoodScorer
     from training.sweep import run_sweep, write_answers
@@ -265,20 +311,22 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
     names = [s.strip() for s in stances.split(",") if s.strip()]
     bad = [s for s in names if s not in MARKERS]
     if bad or not names:
-        _fail(f"--stances must name scored stances ({sorted(MARKERS)}), got {bad or names}")
+        fail(f"--stances must name scored stances ({sorted(MARKERS)}), got {bad or names}")
     try:
         if probes is not None:
             prompts = load_probes(probes)
         else:
             prompts = [p for s in names for p in load_probes(STANCE_DATA / s / "probes.jsonl")[:per_stance]]
     except DatasetError as e:
-        _fail(str(e))
+        fail(str(e))
     if not url:
-        _check_local_adapters(names, adapters_dir)
+        check_local_adapters(names, adapters_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch)
+    gen = HttpGenerator(url) if url else LocalGenerator(base, adapters_dir=adapters_dir, max_batch_size=batch,
+                                                        device=device, dtype=dtype)
     try:
         scorer = None
+        lm = None
         if likelihood:
             if isinstance(gen, LocalGenerator):  # the engine is idle while scoring: no adapter is routed
                 lm, tok = gen.loaded.model, gen.loaded.tokenizer
@@ -286,13 +334,14 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
                 from app.config import EMBEDDED_MODEL, Settings
                 from app.engine.model_loader import load_base_model
 
-                loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu"))
+                loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                 lm, tok = loaded.model, loaded.tokenizer
             scorer = LikelihoodScorer(lm, tok, batch_size=16)
         with progress_bars(enabled=not quiet, console=console) as new_task:
-            result, answers = run_sweep(gen, names, prompts, weights=_floats(weights, "--weights"),
-                                        ts=_floats(ts, "--ts"), pairs=pairs, max_tokens=max_tokens,
+            result, answers = run_sweep(gen, names, prompts, weights=parse_floats(weights, "--weights"),
+                                        ts=parse_floats(ts, "--ts"), pairs=pairs, max_tokens=max_tokens,
                                         likelihood_scorer=scorer, resamples=resamples, progress=new_task)
+        result["runtime"] = runtime_of(gen, lm)
     finally:
         gen.close()
     pngs = {}
@@ -302,7 +351,7 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
         pngs[c["name"]] = path.name
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     write_answers(out / "answers.jsonl", prompts, answers)
-    command = "stanceserve eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
+    command = recorded_command("eval")
     write_sweep_report(out / "sweep_report.md", result, prompts, answers, pngs=pngs, command=command)
     summary = {"out": str(out), "json": str(out / "sweep.json"), "report": str(out / "sweep_report.md"),
                "pngs": sorted(str(out / p) for p in pngs.values()),
@@ -313,17 +362,27 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
 
 @app.command()
 def inspect(
-    adapter: Annotated[Path, typer.Argument(help="Adapter folder (adapter_config.json + adapter_model.safetensors).")],
-    png: Annotated[Path | None, typer.Option(help="Heatmap path (default ADAPTER/update_norms.png).")] = None,
+    adapter: Annotated[str, typer.Argument(
+        help="A peft folder path, else a name in --adapters-dir, else a shipped adapter's name.")],
+    png: Annotated[Path | None, typer.Option(help="Heatmap path (default runs/inspect/NAME.png).")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help=store_help(), show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Per-layer, per-projection norms of the adapter's weight update B·A (scaled), as a table and a heatmap."""
+    from app.errors import AdapterLookupError
+    from training.adapter_lookup import resolve_adapter
     from training.inspect_adapter import adapter_update_norms, norms_table, plot_heatmap
 
-    if not (adapter / "adapter_config.json").exists():
-        _fail(f"{adapter} is not an adapter folder")
-    rows = adapter_update_norms(adapter)
+    try:
+        folder = resolve_adapter(adapter, adapters_dir)
+    except AdapterLookupError as e:
+        fail(e.message)
+    name = folder.resolve().name or "adapter"
+    target = free_file(png or default_out("inspect", f"{name}.png"), overwrite, "--png")
+    rows = adapter_update_norms(folder)
     Console().print(norms_table(rows))
-    path = plot_heatmap(rows, png or adapter / "update_norms.png", title=f"‖ΔW‖_F of {adapter.name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = plot_heatmap(rows, target, title=f"‖ΔW‖_F of {name}")
     console.print(f"heatmap: {path}")
 
 
@@ -334,19 +393,22 @@ def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_to
     from training.tasks import scheduling_eval as se
 
     if not with_base and not adapter:
-        _fail("--no-with-base needs --adapter")
+        fail("--no-with-base needs --adapter")
     base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens, style=style) if with_base else None
     ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens, style=style) if adapter else None
+    from training.evaluate import runtime_of
+
     keep = ("n", "accuracy", "lenient_accuracy", "unparsable", "trace_ok", "by_difficulty", "batches", "generation_s")
-    res: dict[str, Any] = {"n": n, "seed": seed, "style": style}
+    res: dict[str, Any] = {"n": n, "seed": seed, "style": style, "runtime": runtime_of(gen)}
     if base:
         res["base"] = {k: base[k] for k in keep}
     if ad:
         res["adapter"] = {k: ad[k] for k in keep}
         res["adapter_name"] = adapter
     if out and out.suffix == ".md" and ad and base:
-        se.write_report(out, adapter=ad, base=base)
+        se.write_report(out, adapter=ad, base=base, runtime=res["runtime"])
     elif out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2) + "\n")
     return res
 
@@ -355,7 +417,8 @@ def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_to
 def scheduling_data(
     n: Annotated[int, typer.Option(help="Problems.")] = 100,
     seed: Annotated[int, typer.Option(help="Generator seed (refused if a problem is in the held-out seed-123 set).")] = 42,
-    out: Annotated[Path, typer.Option(help="SFT JSONL to write.")] = Path("training/data/scheduling/train.sft.jsonl"),
+    out: Annotated[Path, typer.Option(help="SFT JSONL to write.")] = default_out("scheduling-data", "train.sft.jsonl"),
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
     style: Annotated[str, typer.Option(help="trace: the sweep line step by step (training.tasks.sweep_trace); "
                                             "grid: every half hour 08:00-17:30 with its ends, starts and count; "
                                             "worked: a short free-text explanation.")] = "trace",
@@ -366,12 +429,13 @@ def scheduling_data(
     from training.tasks.sweep_trace import to_trace_sft_rows
 
     if style not in ("trace", "grid", "worked"):
-        _fail(f"--style must be trace, grid or worked, got {style!r}")
+        fail(f"--style must be trace, grid or worked, got {style!r}")
+    free_file(out, overwrite)
     problems = generate(n, seed)
     try:
         check_disjoint(problems)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = to_sft_rows(problems) if style == "worked" else to_trace_sft_rows(
         problems, "sweep" if style == "trace" else style)
@@ -384,7 +448,7 @@ def export_blend_cmd(
     stances: Annotated[str, typer.Option(
         help="The blend: adapter=weight,... (each a peft folder path, else a name in --adapters-dir, else a shipped "
              "adapter's name).")],
-    out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter.")],
+    out: Annotated[Path, typer.Option(help="Folder of the exported peft adapter (missing or empty unless --overwrite).")],
     method: Annotated[str, typer.Option(help="cat (exact, rank = sum of ranks) | svd (approximate, rank --rank).")] = "cat",
     rank: Annotated[int | None, typer.Option(help="svd: target rank (default: the largest member rank).")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2).")] = None,
@@ -392,6 +456,7 @@ def export_blend_cmd(
     check: Annotated[int, typer.Option(
         help="Then measure parity on the first N probes of the shipped stances: the exported adapter in plain peft "
              "vs the engine's live blend (max |logprob difference|, greedy agreement). 0: skip.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
     from app.config import EMBEDDED_MODEL, Settings
@@ -400,21 +465,22 @@ def export_blend_cmd(
     from training.adapter_lookup import resolve_adapter
     from training.export_blend import export_blend, parse_stances
 
+    free_dir(out, overwrite)
     try:
         weights = parse_stances(stances)
     except ValueError as e:
-        _fail(f"--stances: {e}")
+        fail(f"--stances: {e}")
     folders = {}
     for name in weights:
         try:
             folders[name] = resolve_adapter(name, adapters_dir)
         except AdapterLookupError as e:
-            _fail(e.message)
+            fail(e.message)
     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device="cpu", dtype="float32"))
     try:
         summary = export_blend(loaded.model, folders, weights, out, method=method, rank=rank)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     summary.pop("per_module")
     if check > 0:
         from training.datasets import load_probes

@@ -54,22 +54,34 @@ def _accuracy_key(run: dict[str, Any]) -> str:
     return "rewards/accuracies" if run.get("method") == "dpo" else "mean_token_accuracy"
 
 
+def method_label(run: dict[str, Any]) -> str | None:
+    """The run's method as the table shows it: ``dpo + RPO (alpha)`` for DPO with the chosen answers' NLL added
+    (``sft_weight`` alpha > 0, the RPO objective), else the method as recorded (``dpo``, ``sft``)."""
+    method = run.get("method")
+    alpha = (run.get("hyperparameters") or {}).get("sft_weight")
+    if method == "dpo" and isinstance(alpha, (int, float)) and alpha > 0:
+        return f"dpo + RPO ({alpha:g})"
+    return method
+
+
 def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run: ``run, name, method, steps, final_loss, final_reward_margin, accuracy, accuracy_metric,
-    time_per_step_s (median of the logged step times, seconds), total_time_s, rows`` (dataset rows)."""
+    """One row per run: ``run, name, method`` (:func:`method_label`), ``steps, final_loss, final_reward_margin, accuracy, accuracy_metric,
+    time_per_step_s (median of the logged step times, seconds), total_time_s, rows`` (dataset rows), ``device, dtype``
+    (where the run trained, from its ``machine``; None when not recorded)."""
     rows = []
     for r in runs:
         steps = r["steps"]
         last = steps[-1] if steps else {}
         times = [s["step_time_s"] for s in steps if isinstance(s.get("step_time_s"), (int, float))]
         rows.append({
-            "run": r["run"], "name": r.get("name"), "method": r.get("method"), "steps": len(steps),
+            "run": r["run"], "name": r.get("name"), "method": method_label(r), "steps": len(steps),
             "final_loss": last.get("loss"),
             "final_reward_margin": last.get("rewards/margins"),
             "accuracy": last.get(_accuracy_key(r)), "accuracy_metric": _accuracy_key(r),
             "time_per_step_s": statistics.median(times) if times else r.get("time_per_step_s"),
             "total_time_s": r.get("total_time_s"),
             "rows": (r.get("dataset") or {}).get("rows"),
+            "device": (r.get("machine") or {}).get("device"), "dtype": (r.get("machine") or {}).get("dtype"),
         })
     return rows
 
@@ -114,14 +126,16 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-COLUMNS = ("run", "method", "steps", "final loss", "final reward margin", "accuracy", "s / step", "total s")
+COLUMNS = ("run", "method", "steps", "final loss", "final reward margin", "accuracy", "s / step", "total s",
+           "device, dtype")
 
 
 def table_cells(row: dict[str, Any]) -> list[str]:
     """The row as the table's strings, in :data:`COLUMNS` order."""
     acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f} ({row['accuracy_metric']})"
     return [Path(row["run"]).name or row["run"], str(row["method"]), str(row["steps"]), _fmt(row["final_loss"], 4),
-            _fmt(row["final_reward_margin"]), acc, _fmt(row["time_per_step_s"], 2), _fmt(row["total_time_s"], 1)]
+            _fmt(row["final_reward_margin"]), acc, _fmt(row["time_per_step_s"], 2), _fmt(row["total_time_s"], 1),
+            f"{row.get('device') or 'unknown'}, {row.get('dtype') or 'unknown'}"]
 
 
 def write_compare_markdown(path: Path, rows: list[dict[str, Any]], png: Path | None, command: str | None = None) -> Path:

@@ -9,6 +9,12 @@ Two generation backends with one interface (``generate(prompts, model) -> answer
 :func:`evaluate_stance` scores both sides on held-out probes and writes a Markdown
 report; :func:`evaluate_scheduling` measures the meeting-room task accuracy.
 Scoring itself lives in :mod:`training.scoring`, the report in :mod:`training.report`.
+
+Precision: :class:`LocalGenerator` loads the model with the server's own ``auto`` dtype rule
+(:func:`app.engine.model_loader.resolve_dtype`: bfloat16 on CUDA and on CPUs with native bf16,
+else float32), so a local evaluation runs what ``stanceserve serve`` runs. Every generator says
+where it ran (:meth:`LocalGenerator.runtime`, :meth:`HttpGenerator.runtime`: device and dtype,
+``"unknown"`` where a server does not say), and every report states it (:func:`runtime_of`).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ class LocalGenerator:
             of them; the default, twice the batch, keeps the batch full without filling the queue).
     """
 
-    def __init__(self, base: str | None = None, *, device: str = "cpu", dtype: str = "float32",
+    def __init__(self, base: str | None = None, *, device: str = "cpu", dtype: str = "auto",
                  adapters_dir: Path | None = None, cache_dir: Path | None = None, loaded: Any = None,
                  max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
         from app.config import EMBEDDED_MODEL, Settings
@@ -84,6 +90,10 @@ class LocalGenerator:
 
     def close(self) -> None:
         self.engine.stop()
+
+    def runtime(self) -> dict[str, str]:
+        """Where the answers are generated: ``{"where": "local", "device", "dtype"}``."""
+        return {"where": "local", **model_runtime(self.loaded)}
 
     def resolve(self, adapter: str) -> Path:
         """The folder of ``adapter``: a path to a peft folder, else a name in ``adapters_dir``, else a shipped adapter.
@@ -166,9 +176,26 @@ class HttpGenerator:
         r = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=30)
         r.raise_for_status()
         self.base_name = r.json()["data"][0]["id"]
+        self._models = r.json()["data"][0]
 
     def close(self) -> None:
         pass
+
+    def runtime(self) -> dict[str, str]:
+        """Where the answers are generated: ``{"where": URL, "device", "dtype"}``, read from the server's
+        ``/ready``, ``/health`` or ``/v1/models`` (the first that names them); ``"unknown"`` where none does."""
+        found: dict[str, str] = {}
+        sources: list[dict[str, Any]] = [self._models]
+        for path in ("/ready", "/health"):
+            try:
+                r = httpx.get(f"{self.url}{path}", headers=self.headers, timeout=10)
+                if r.status_code == 200 and isinstance(r.json(), dict):
+                    sources.insert(0, r.json())
+            except (httpx.HTTPError, ValueError):
+                pass
+        for key in ("device", "dtype"):
+            found[key] = next((str(src[key]) for src in sources if src.get(key)), "unknown")
+        return {"where": self.url, **found}
 
     def generate(self, prompts: list[str], model: str, max_tokens: int,
                  on_answer: Callable[[], None] | None = None) -> list[str]:
@@ -203,6 +230,30 @@ class HttpGenerator:
         return asyncio.run(main())
 
 
+def model_runtime(loaded: Any) -> dict[str, str]:
+    """``{"device", "dtype"}`` of a loaded model (``LoadedModel``), as text (``cpu``, ``bfloat16``)."""
+    return {"device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", "")}
+
+
+def runtime_of(gen: Any, scoring: Any = None) -> dict[str, Any]:
+    """Both sides of an evaluation, for its report: ``{"generation": {...}, "scoring": {...} | None}``.
+
+    ``generation``: the generator's :meth:`runtime` (``"unknown"`` fields for a generator that cannot say);
+    ``scoring``: :func:`model_runtime` of the likelihood scorer's model, or None when it did not run.
+    """
+    gen_side = gen.runtime() if hasattr(gen, "runtime") else {"where": "unknown", "device": "unknown",
+                                                               "dtype": "unknown"}
+    return {"generation": gen_side, "scoring": model_runtime_of_model(scoring) if scoring is not None else None}
+
+
+def model_runtime_of_model(model: Any) -> dict[str, str]:
+    """``{"device", "dtype"}`` of a torch module (its first parameter's), or of a ``LoadedModel``."""
+    if hasattr(model, "device") and hasattr(model, "dtype") and not hasattr(model, "parameters"):
+        return model_runtime(model)
+    p = next(model.parameters())
+    return {"device": str(p.device), "dtype": str(p.dtype).replace("torch.", "")}
+
+
 def evaluate_stance(
     gen: Generator, adapter: str, probes: list[str], stance: str, *, report_path: Path, max_tokens: int = 96,
     likelihood_model: Any = None, likelihood_tokenizer: Any = None, examples: int = 8,
@@ -221,7 +272,8 @@ def evaluate_stance(
             separate this stance from the base model.
 
     Returns:
-        Summary: fraction of answers differing from base, marker and likelihood summaries; with a
+        Summary: fraction of answers differing from base, marker and likelihood summaries, ``runtime``
+        (:func:`runtime_of`: device and dtype of the generation and the scoring side); with a
         reference, each summary also has ``"reference": {"n", "mean", "above_base_p90", "separated"}``.
     """
     from training.report import fraction_different, write_eval_report
@@ -252,12 +304,13 @@ def evaluate_stance(
          "base_hits": marker_hits(b, stance), "adapter_hits": marker_hits(a, stance)}
         for p, b, a, mb, ma, lb, la in zip(probes, base_answers, ad_answers, m_base, m_ad, l_base, l_ad)
     ]
+    runtime = runtime_of(gen, likelihood_model)
     write_eval_report(report_path, adapter=adapter, base_model=gen.base_name, probes=probes,
                       base_answers=base_answers, adapter_answers=ad_answers, stance=stance, marker=marker,
-                      likelihood=likelihood, per_answer=per_answer, examples=examples)
+                      likelihood=likelihood, per_answer=per_answer, examples=examples, runtime=runtime)
     return {"adapter": adapter, "stance": stance, "probes": len(probes),
             "fraction_different": fraction_different(base_answers, ad_answers),
-            "marker": marker, "likelihood": likelihood, "report": str(report_path)}
+            "marker": marker, "likelihood": likelihood, "runtime": runtime, "report": str(report_path)}
 
 
 def _reference_summary(base_scores: list[float], reference_scores: list[float]) -> dict[str, Any]:

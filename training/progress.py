@@ -89,5 +89,11 @@ class ProgressGenerator:
     def generate_rows(self, rows: list, max_tokens: int, on_answer=None) -> list[str]:
         return self.gen.generate_rows(rows, max_tokens, on_answer or self.new_task("answers", len(rows)))
 
+    def runtime(self) -> dict[str, str]:
+        """The wrapped generator's device and dtype (see :func:`training.evaluate.runtime_of`)."""
+        from training.evaluate import runtime_of
+
+        return runtime_of(self.gen)["generation"]
+
     def close(self) -> None:
         self.gen.close()

@@ -96,6 +96,23 @@ def _reference_rows(name: str, ref: dict | None) -> list[str]:
     ]
 
 
+def _side(side: dict | None) -> str:
+    if not side:
+        return "not run"
+    return f"{side.get('device', 'unknown')}, {side.get('dtype', 'unknown')}"
+
+
+def runtime_lines(runtime: dict | None) -> list[str]:
+    """Markdown list items stating where each side of an evaluation ran (device, dtype), so a reader compares
+    like with like; ``runtime`` is :func:`training.evaluate.runtime_of` (None: both ``unknown``)."""
+    runtime = runtime or {}
+    gen = runtime.get("generation") or {}
+    where = gen.get("where", "unknown")
+    where = "this process" if where == "local" else f"the server at {where}" if where != "unknown" else "unknown"
+    return [f"- Answers generated in {where}: {_side(gen) if gen else 'unknown, unknown'} (device, dtype)",
+            f"- Likelihood scored in this process: {_side(runtime.get('scoring'))}"]
+
+
 def write_eval_report(
     path: Path,
     *,
@@ -109,6 +126,7 @@ def write_eval_report(
     likelihood: dict | None,
     per_answer: list[dict],
     examples: int = 8,
+    runtime: dict | None = None,
 ) -> Path:
     """Write the Markdown evaluation report of ``adapter`` to ``path``.
 
@@ -128,6 +146,7 @@ def write_eval_report(
             :func:`training.scoring.marker_hits`), ``base_likelihood``,
             ``adapter_likelihood`` (floats); missing keys show as ``n/a``.
         examples: how many probes to show side by side (the first ``examples``, in order).
+        runtime: :func:`training.evaluate.runtime_of`: device and dtype of both sides (shown in the setup).
 
     Returns:
         ``path``.
@@ -154,6 +173,7 @@ def write_eval_report(
         f"- Adapter: `{adapter}` (stance `{stance}`)",
         f"- Probes: {n}, answered by the base model and by base + adapter",
         "- Decoding: greedy (deterministic), same prompts and settings for both",
+        *runtime_lines(runtime),
         "",
         "## Summary",
         "",

@@ -98,6 +98,10 @@ def write_sweep_report(path: Path, result: dict[str, Any], probes: list[str], an
         "resamples.",
         "",
     ]
+    if result.get("runtime") is not None:
+        from training.report import runtime_lines
+
+        lines += [*runtime_lines(result["runtime"]), ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
     lines += ["## Does the score follow the weight?", "",

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.redaction import redact_command, redact_json, redact_text
 from training.datasets import Method, load_dataset
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class TrainConfig:
         precompute_ref: DPO: compute the reference model's log-probs once before training.
         save_every: also save the adapter every this many optimiser steps, to
             ``OUT/checkpoints/step-N`` (same format as the final adapter; a learning curve from one run); 0 = never.
+        gradient_checkpointing: recompute activations in the backward pass instead of keeping them (TRL's default:
+            less memory, about a third more compute); off is faster where memory is not short (``--quick``).
         sft_weight: DPO: add this weight times the NLL of the chosen answer to the DPO loss (TRL's
             ``loss_type=["sigmoid", "sft"]``; the RPO objective of Pang et al. 2024, arXiv:2404.19733),
             which teaches the chosen answers' form, not only the preference; 0 = plain DPO.
@@ -71,6 +73,7 @@ class TrainConfig:
     precompute_ref: bool = True
     sft_weight: float = 0.0
     save_every: int = 0
+    gradient_checkpointing: bool = True
 
 
 @dataclass
@@ -83,9 +86,14 @@ class TrainResult:
 
 def _save_adapter(model: Any, out_dir: Path, base_name: str, dtype: torch.dtype) -> None:
     """Write a peft model's adapter to ``out_dir`` (config + safetensors cast to ``dtype``)."""
-    model.peft_config["default"].base_model_name_or_path = base_name
+    cfg = model.peft_config["default"]
+    cfg.base_model_name_or_path = base_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    # peft's "auto" looks the base model's config up (on the Hub, for a served name) only to decide whether to save
+    # embedding layers; they are saved only when targeted, so say it: no lookup, no warning
+    targets = cfg.target_modules if isinstance(cfg.target_modules, (list, set, tuple)) else [cfg.target_modules or ""]
+    embeddings = any("embed" in t or "lm_head" in t for t in targets)
+    model.save_pretrained(str(out_dir), save_embedding_layers="auto" if embeddings else False)
     _cast_safetensors(out_dir / "adapter_model.safetensors", dtype)
 
 
@@ -126,10 +134,11 @@ def train_adapter(
     *,
     base: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     cache_dir: Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    secrets: Iterable[str] = (),
 ) -> TrainResult:
     """Train a LoRA adapter on ``data`` and write it to ``out_dir``.
 
@@ -138,8 +147,12 @@ def train_adapter(
         name: the stance name (recorded in the metrics; the server name at registration).
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
         device: where the base model trains (``cpu`` by default).
-        dtype: the precision it trains in (``float32`` by default).
-        command: the command line to record for reproduction (default: ``sys.argv``).
+        dtype: the precision it trains in (default ``auto``: the server's rule,
+            :func:`app.engine.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16, else float32); the
+            resolved device and dtype are recorded in ``machine``.
+        command: the command line to record for reproduction (default: ``sys.argv``); recorded with the values
+            of secret options (``--admin-key``...) replaced by ``***`` (:mod:`app.redaction`).
+        secrets: secret values (the admin key in use) that must appear nowhere in what is written.
 
     Returns:
         The output folder and the metrics written to ``training_metrics.json``.
@@ -176,7 +189,7 @@ def train_adapter(
         gradient_accumulation_steps=config.grad_accum, logging_steps=1, save_strategy="no", report_to="none",
         seed=config.seed, disable_tqdm=not progress, use_cpu=(loaded.device.type == "cpu"),
         bf16=(loaded.dtype == torch.bfloat16) or config.bf16_autocast, max_length=config.max_length, remove_unused_columns=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=config.gradient_checkpointing,
     )
     records: list[dict[str, Any]] = []
     save_dtype = getattr(torch, config.save_dtype)
@@ -224,9 +237,10 @@ def train_adapter(
         "time_per_step_s": round(total_s / max(1, len(records)), 3),
         "machine": {"device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()},
-        "command": command or " ".join(shlex.quote(a) for a in ["stanceserve", *sys.argv[1:]]),
+        "command": redact_text(command, secrets) if command else redact_command(["stanceserve", *sys.argv[1:]], secrets),
         "summary": summarize(records, config.method, ds.sha256, loaded.name, total_s),
     }
+    metrics = redact_json(metrics, secrets)  # no secret is ever written (app.redaction)
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_curves(records, config.method, out_dir / "training_curves.png", title=f"{name} ({config.method})")
     return TrainResult(out_dir, metrics)

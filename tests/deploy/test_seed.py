@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings, default_adapters_dir
 from app.main import create_app
 from app.registry import seed
-from app.registry.seed import INSTALLED_SUBDIR, adapter_folders, seed_store, shipped_adapters_dir
+from app.registry.seed import INSTALLED_SUBDIR, adapter_folders, add_shipped, seed_store, shipped_adapters_dir
 from tests.factories import REPO, wait_ready
 
 SHIPPED = REPO / "adapters"
@@ -75,11 +75,63 @@ def test_seed_copies_every_adapter_folder_once(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["b"]
 
 
-def test_an_existing_empty_store_is_left_alone(tmp_path):
-    source = _fake_adapters(tmp_path / "shipped", ["a"])
-    (tmp_path / "store").mkdir()
-    assert seed_store(tmp_path / "store", source) == []
-    assert list((tmp_path / "store").iterdir()) == []
+def test_an_existing_store_without_adapters_is_filled(tmp_path):
+    """A new, empty STANCESERVE_ADAPTERS_DIR (or one holding no adapter) is seeded, not only a missing folder."""
+    source = _fake_adapters(tmp_path / "shipped", ["a", "b"])
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "notes.txt").write_text("mine")
+    assert seed_store(store, source) == ["a", "b"]
+    assert sorted(p.name for p in store.iterdir()) == ["a", "b", "notes.txt"]  # nothing hidden left, notes kept
+    assert seed_store(store, source) == []  # it holds adapters now: start-up leaves it alone
+
+
+def test_add_shipped_copies_only_what_the_store_lacks(tmp_path):
+    source = _fake_adapters(tmp_path / "shipped", ["a", "b"])
+    store = tmp_path / "store"
+    (store / "a").mkdir(parents=True)
+    (store / "a" / "adapter_config.json").write_text("my own a")
+    assert add_shipped(store, source) == (["b"], ["a"])
+    assert (store / "a" / "adapter_config.json").read_text() == "my own a"  # never replaced
+    assert add_shipped(store, source) == ([], ["a", "b"])
+
+
+def test_adapters_seed_command_fills_the_named_store(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    source = _fake_adapters(tmp_path / "shipped", ["a", "b"])
+    monkeypatch.setattr(seed, "shipped_adapters_dir", lambda: source)
+    store = tmp_path / "new-store"
+    res = CliRunner().invoke(app, ["adapters", "seed", "--adapters-dir", str(store)])
+    assert res.exit_code == 0, res.output
+    assert "copied into" in res.stdout and "a, b" in res.stdout
+    assert sorted(p.name for p in store.iterdir()) == ["a", "b"]
+    again = CliRunner().invoke(app, ["adapters", "seed", "--adapters-dir", str(store)])
+    assert again.exit_code == 0 and "kept: a, b" in again.stdout
+
+
+def test_start_up_warns_clearly_about_an_empty_store(tmp_path, caplog):
+    from tests.factories import make_client
+
+    caplog.set_level("INFO")
+    with make_client(tmp_path) as client:
+        wait_ready(client)
+    assert "holds no adapters: every request naming a stance answers 404" in caplog.text
+    assert "stanceserve adapters seed" in caplog.text
+
+
+def test_start_up_logs_the_registered_adapters(tmp_path, caplog):
+    from tests.factories import make_client
+    from tests.factories.adapters import write_peft_adapter
+
+    write_peft_adapter(tmp_path / "store" / "calm", "llama", rank=4, seed=1)
+    caplog.set_level("INFO")
+    with make_client(tmp_path) as client:
+        wait_ready(client)
+    assert f"1 adapters registered from {tmp_path / 'store'}: calm" in caplog.text
+    assert "holds no adapters" not in caplog.text
 
 
 def test_nothing_to_seed_leaves_no_store(tmp_path, caplog):

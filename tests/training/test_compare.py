@@ -43,6 +43,21 @@ def test_compare_two_runs(tmp_path):
     assert "![curves](compare.png)" in md
 
 
+def test_rpo_runs_are_labelled_with_their_alpha(tmp_path):
+    rpo = _run(tmp_path / "rpo", "dpo", [3.0, 2.0], margins=[0.0, 0.5])
+    metrics = json.loads((rpo / "training_metrics.json").read_text())
+    metrics["hyperparameters"] = {"sft_weight": 1.0}
+    metrics["machine"] = {"device": "cpu", "dtype": "bfloat16"}
+    (rpo / "training_metrics.json").write_text(json.dumps(metrics))
+    plain = _run(tmp_path / "plain", "dpo", [0.69, 0.5], margins=[0.0, 0.8])
+    res = CliRunner().invoke(app, ["train", "--compare", str(rpo), str(plain), "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("{"):])["runs"]
+    assert [r["method"] for r in rows] == ["dpo + RPO (1)", "dpo"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| rpo | dpo + RPO (1) | 2 |" in md and "| cpu, bfloat16 |" in md and "| unknown, unknown |" in md
+
+
 def test_compare_refuses_a_folder_without_metrics_and_train_needs_data(tmp_path):
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(app, ["train", "--compare", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])

@@ -119,7 +119,7 @@ def test_scheduling_data_cli_writes_traces_and_refuses_the_test_seed(tmp_path):
     assert rows == to_trace_sft_rows(generate(6, 42))
     r = runner.invoke(app, ["scheduling-data", "--n", "6", "--seed", "123", "--out", str(tmp_path / "x.jsonl")])
     assert r.exit_code == 1 and "held-out" in r.output
-    r = runner.invoke(app, ["scheduling-data", "--n", "2", "--style", "worked", "--out", str(out)])
+    r = runner.invoke(app, ["scheduling-data", "--n", "2", "--style", "worked", "--out", str(out), "--overwrite"])
     assert r.exit_code == 0 and "Answer:" in out.read_text()
 
 

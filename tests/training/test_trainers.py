@@ -4,6 +4,7 @@ evaluation and inspection run, and ``--register`` uploads to a real server proce
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,20 +87,37 @@ def test_eval_and_inspect_run_locally(tiny_base, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_register_uploads_to_a_running_server(tiny_base, data, tmp_path):
-    env = {"STANCESERVE_ADMIN_KEY": "k", "STANCESERVE_ADAPTERS_DIR": str(tmp_path / "store")}
+def test_register_uploads_to_a_running_server_and_the_key_is_written_nowhere(tiny_base, data, tmp_path):
+    key = "newcomer-secret-123"
+    env = {"STANCESERVE_ADMIN_KEY": key, "STANCESERVE_ADAPTERS_DIR": str(tmp_path / "store")}
     serve = [*APP_CLI, "serve", "--model", str(tiny_base), "--device", "cpu"]
+    run = tmp_path / "run"
     with run_server(serve, tmp_path / "server.log", env) as server:
         url = server.base
+        # the README's old form: the key itself on the command line (the env form is preferred and never recorded)
         cmd = [sys.executable, *APP_CLI, "train", "--method", "sft", "--data", str(data["sft"]), "--name",
                "fresh-stance", "--base", str(tiny_base), "--rank", "4", "--epochs", "1", "--batch-size", "4",
-               "--grad-accum", "1", "--out", str(tmp_path / "run"), "--register", url, "--admin-key", "k", "--quiet"]
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+               "--max-steps", "1", "--grad-accum", "1", "--out", str(run), "--register", url, "--admin-key", key,
+               "--quiet"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "STANCESERVE_ADMIN_KEY": ""})
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(done.stdout)
         assert report["registered"]["name"] == "fresh-stance"
+        assert "--admin-key on the command line is visible" in done.stderr
         info = httpx.get(f"{url}/v1/adapters/fresh-stance").json()
         assert info["metadata"]["training"]["method"] == "sft" and info["metadata"]["dataset"]["rows"] == 8
+        assert "command" not in info["metadata"] and str(data["sft"]) not in json.dumps(info)  # no local paths
         r = httpx.post(f"{url}/v1/chat/completions", json={
             "model": "fresh-stance", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        answers = [httpx.get(f"{url}{p}").text for p in ("/v1/adapters", "/v1/adapters/fresh-stance", "/v1/models",
+                                                            "/health", "/ready")]
+    assert key not in done.stdout and key not in done.stderr and all(key not in a for a in answers)
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert written and all(key.encode() not in p.read_bytes() for p in written)
+    recorded = json.loads((run / "training_metrics.json").read_text())["command"]
+    assert "--admin-key ***" in recorded
+    assert key not in (tmp_path / "server.log").read_text(errors="replace")
+    stored = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert stored and all(key.encode() not in p.read_bytes() for p in stored)

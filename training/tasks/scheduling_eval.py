@@ -116,7 +116,7 @@ def _pct(x: float) -> str:
 
 
 def write_report(path: Path, *, adapter: dict, base: dict | None = None, tries: list[dict] | None = None,
-                 training: dict | None = None, command: str | None = None) -> Path:
+                 training: dict | None = None, command: str | None = None, runtime: dict | None = None) -> Path:
     """Write the Markdown report of one adapter (and optionally the base model) on the held-out set.
 
     Args:
@@ -126,8 +126,13 @@ def write_report(path: Path, *, adapter: dict, base: dict | None = None, tries: 
             for the table of all tries, in the order they were run.
         training: ``training_metrics.json`` content of the adapter (time, steps, hyperparameters).
         command: the commands that reproduce the adapter.
+        runtime: :func:`training.evaluate.runtime_of` of the run (device and dtype it generated with).
     """
+    from training.report import runtime_lines
+
     lines = [f"# meeting-scheduler: meeting-room task, {adapter['n']} held-out problems (seed {adapter['seed']})", ""]
+    if runtime is not None:
+        lines += [runtime_lines(runtime)[0], ""]
     if command:
         lines += ["Reproduce:", "", "```bash", command, "```", ""]
     cols = [("adapter", adapter)] + ([("base", base)] if base else [])

@@ -7,6 +7,15 @@ model, and servable as soon as the response returns, with no restart. Every
 catalog call can block (hashing, parsing safetensors, waiting for the engine
 to drop a slot), so each runs in a worker thread. Mutating routes need the
 admin key (see :func:`app.deps.require_admin`).
+
+What unauthenticated clients may read: ``GET /v1/adapters`` and ``GET /v1/adapters/{name}`` need no key and
+show every adapter's public record: name, version, rank, alpha, target modules, size, sha256, created time,
+base model, description and metadata (the provenance the uploader chose to publish; ``stanceserve train
+--register`` sends the method, base model, dataset hash and row count, hyperparameters and final training
+metrics, never the command line or local paths). Never shown: the server's folder of the adapter, and any
+secret: metadata and descriptions are stored with secret option values and the server's admin key replaced
+by ``***`` (:meth:`app.catalog.StanceCatalog.register_upload`), and are redacted again when served (records
+stored before that rule existed included).
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ from starlette.datastructures import UploadFile
 
 from app.api.offload import OffloadedJSONRoute
 from app.api.responses import ADMIN_ERRORS, TEXT_RESPONSE
+from app.config import Settings
 from app.deps import AdminDep, CatalogDep, SettingsDep
-from app.errors import AdapterInUseError, AdapterNotFoundError, AdapterValidationError
+from app.errors import AdapterInUseError, AdapterNotFoundError, AdapterValidationError, StanceServeError
+from app.redaction import redact_json
+from app.registry.adapter import AdapterRecord
 from app.registry.jsonread import parse_metadata
 from app.schemas import STANCE_NAME_PATTERN, AdapterInfo, AdapterList, LoadLoRARequest, UnloadLoRARequest
 
@@ -66,19 +78,32 @@ _UPLOAD_BODY = {
 }
 
 
+def _secrets(settings: Settings) -> list[str]:
+    """The secret values the server knows, which no stored or served text may contain: its admin key."""
+    return [settings.admin_key.get_secret_value()] if settings.admin_key else []
+
+
+def _public(rec: AdapterRecord, settings: Settings) -> AdapterInfo:
+    """The public view of ``rec``, its description and metadata redacted (see the module docstring)."""
+    info = AdapterInfo.from_record(rec)
+    secrets = _secrets(settings)
+    return info.model_copy(update={
+        "metadata": redact_json(info.metadata, secrets),
+        "description": redact_json(info.description, secrets) if info.description is not None else None,
+    })
 
 
 @router.get("/adapters", response_model=AdapterList)
-async def list_adapters(catalog: CatalogDep) -> AdapterList:
-    """Every registered adapter, sorted by name."""
-    return AdapterList(data=[AdapterInfo.from_record(r) for r in catalog.list()])
+async def list_adapters(catalog: CatalogDep, settings: SettingsDep) -> AdapterList:
+    """Every registered adapter, sorted by name (public fields: see the module docstring)."""
+    return AdapterList(data=[_public(r, settings) for r in catalog.list()])
 
 
 @router.get("/adapters/{name}", response_model=AdapterInfo)
-async def get_adapter(name: str, catalog: CatalogDep) -> AdapterInfo:
+async def get_adapter(name: str, catalog: CatalogDep, settings: SettingsDep) -> AdapterInfo:
     """One adapter: rank, alpha, target modules, size, sha256, created time, description, metadata."""
     try:
-        return AdapterInfo.from_record(catalog.get(name))
+        return _public(catalog.get(name), settings)
     except AdapterNotFoundError as e:
         e.param = "name"
         raise
@@ -124,28 +149,41 @@ async def upload_adapter(
         rec = await run_in_threadpool(
             lambda: catalog.register_upload(
                 name, files, description=description, metadata=metadata, replace=replace,
-                max_bytes=settings.max_adapter_bytes,
+                max_bytes=settings.max_adapter_bytes, secrets=_secrets(settings),
             )
         )
     finally:
         await form.close()
-    return AdapterInfo.from_record(rec)
+    return _public(rec, settings)
 
 
 @router.delete("/adapters/{name}", response_model=AdapterInfo, dependencies=[AdminDep])
-async def delete_adapter(name: str, catalog: CatalogDep) -> AdapterInfo:
+async def delete_adapter(name: str, catalog: CatalogDep, settings: SettingsDep) -> AdapterInfo:
     """Unregister an adapter; requests already running on it finish normally."""
     try:
-        return AdapterInfo.from_record(await run_in_threadpool(catalog.delete, name))
+        return _public(await run_in_threadpool(catalog.delete, name), settings)
     except AdapterNotFoundError as e:
         e.param = "name"
         raise
 
 
+#: The store's ``param`` names -> the fields of vLLM's ``load_lora_adapter`` request.
+_LOAD_PARAMS = {"path": "lora_path", "name": "lora_name", "adapter_config.json": "lora_path",
+                "adapter_model.safetensors": "lora_path"}
+
+
 @router.post("/load_lora_adapter", response_class=Response, responses=TEXT_RESPONSE, dependencies=[AdminDep])
 async def load_lora_adapter(body: LoadLoRARequest, catalog: CatalogDep) -> PlainTextResponse:
-    """vLLM-compatible: register the adapter folder ``lora_path`` on the server's disk as ``lora_name``."""
-    rec = await run_in_threadpool(catalog.register_path, body.lora_name, Path(body.lora_path))
+    """vLLM-compatible: register the adapter folder ``lora_path`` on the server's disk as ``lora_name``.
+
+    Errors name the request's fields: ``param`` is ``lora_path`` for the folder (or one of its files) and
+    ``lora_name`` for the name.
+    """
+    try:
+        rec = await run_in_threadpool(catalog.register_path, body.lora_name, Path(body.lora_path))
+    except StanceServeError as e:
+        e.param = _LOAD_PARAMS.get(e.param, e.param) if e.param is not None else None
+        raise
     return PlainTextResponse(f"Success: LoRA adapter '{rec.name}' added successfully.")
 
 

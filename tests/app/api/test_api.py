@@ -178,7 +178,13 @@ def test_persistence_and_vllm_endpoints(tmp_path, peft_dirs):
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "calm", "lora_path": str(peft_dirs["calm"])}, headers=AUTH)
         assert r.status_code == 200 and "calm" in r.text
         r = c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "nope")}, headers=AUTH)
-        assert r.status_code == 422 and r.json()["error"]["param"] == "path"
+        assert r.status_code == 422 and r.json()["error"]["param"] == "lora_path"  # the request's field
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "calm", "lora_path": str(peft_dirs["bold"])}, headers=AUTH)
+        assert r.status_code == 409 and r.json()["error"]["param"] == "lora_name"
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "adapter_config.json").write_text("{}")
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": str(tmp_path / "broken")}, headers=AUTH)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "lora_path"
         before = chat(c, "calm").json()["choices"][0]["message"]["content"]
     with TestClient(create_app(settings, model_factory=tiny_factory)) as c:  # restart: registered again
         assert wait_ready(c)["adapters"] == 1

@@ -174,7 +174,7 @@ def test_7_every_error_has_one_shape_and_is_documented(client, monkeypatch):
     assert_error(client.get("/v1/nope"), 404, "not_found")
     assert_error(client.get("/v1/chat/completions"), 405, "method_not_allowed")
     assert_error(client.post("/v1/chat/completions", json={"model": "calm"}), 422, param="messages")
-    assert_error(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert_error(client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)  # as OpenAI answers
     assert_error(chat(client, "nobody"), 404, "adapter_not_found", "model")
     r = client.post("/v1/unload_lora_adapter", json={"lora_name": "nobody"}, headers=AUTH)
     assert_error(r, 404, "adapter_not_found", "lora_name")
