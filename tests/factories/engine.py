@@ -54,8 +54,8 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepa
         lora = MultiLoRA(decoder.linears, max_slots=max_slots)
         for slot, ad in enumerate(adapters):
             lora.write_slot(slot, ad)
-    cache = decoder.new_cache(len(rows), max(len(ids) for ids, _ in rows))
-    plan = Plan.build([(i, list(ids), 0) for i, (ids, _) in enumerate(rows)], decoder.device, all_logits=True)
+    cache, tables = decoder.row_cache(len(rows), max(len(ids) for ids, _ in rows))
+    plan = Plan.build([(tables[i], list(ids), 0) for i, (ids, _) in enumerate(rows)], decoder.device, all_logits=True)
     routing = LoRABatch.from_rows([list(p) for _, p in rows], device=decoder.device, dtype=decoder.dtype,
                                   segments=plan.segments)
     out = decoder.forward(plan, cache, routing)
