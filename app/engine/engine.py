@@ -148,6 +148,7 @@ class Engine:
                 running=lambda: self.scheduler.num_running,
                 waiting=lambda: self.scheduler.num_waiting,
                 loaded=lambda: self.slots.resident,
+                preemptions=lambda: self.scheduler.preemptions,
             )
 
     # ------------------------------------------------------------------ lifecycle

@@ -6,8 +6,8 @@
   written by two sequences (or written while shared), a block is never handed out while a sequence reads it (each
   block's content is tracked), and the free count adds up.
 * Engines with a KV budget far below their traffic preempt sequences and resume them by recomputing their KV;
-  every request's greedy tokens still equal transformers' (and peft's), with the prefix cache on and off, and
-  every block comes back.
+  every request's greedy tokens still equal transformers' (and peft's), with the prefix cache on and off, every
+  block comes back, and ``/metrics`` counts the preemptions.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from app.engine.kv_cache import BLOCK_SIZE, BlockPool, PagedKVCache, blocks_for, token_bytes
 from app.engine.prefix_cache import PrefixCache, block_keys
 from app.engine.sampling import SamplingParams
+from app.metrics import Metrics
 from tests.app.engine.test_engine import collect, reference_greedy
-from tests.factories import FakeStore, make_engine, write_peft_adapter
+from tests.factories import FakeStore, make_engine, metric, write_peft_adapter
 
 B = BLOCK_SIZE
 
@@ -200,7 +201,8 @@ def test_greedy_tokens_under_preemption_and_prefix_hits_equal_transformers(tiny_
             (prompt(30, 4), "tiny"), (prompt(9, 5), "a1")]
     n = 20
     refs = [reference_greedy(tiny_model, p, n, a1 if s == "a1" else None) for p, s in asks]
-    eng = make_engine(tiny_model, tokenizer, FakeStore({"a1": a1}), max_model_len=96,
+    metrics = Metrics()
+    eng = make_engine(tiny_model, tokenizer, FakeStore({"a1": a1}), metrics=metrics, max_model_len=96,
                       kv_cache_memory_bytes=11 * block_bytes(tiny_model), prefix_cache_memory_bytes=prefix_bytes)
     try:
         sch = eng.scheduler
@@ -217,6 +219,7 @@ def test_greedy_tokens_under_preemption_and_prefix_hits_equal_transformers(tiny_
         hold.join()
         assert [toks for toks, _, _ in outs] == refs
         assert sch.preemptions > 0
+        assert metric(metrics.render().decode(), "stanceserve_preemptions_total") == sch.preemptions
         cached = [fin.cached_tokens for _, _, fin in outs]
         assert cached[:2] == ([2 * B, 2 * B] if prefix_bytes else [0, 0])
         for _ in range(200):
