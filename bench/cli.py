@@ -6,7 +6,8 @@ adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
 many registered adapters over few device slots; TTFT of a request arriving
 while others decode; one decode step alone against the roofline of its matmuls,
 with a per-op profile (``step``); TTFT with a shared 500-token stance system
-prompt, prefix cache on and off (``prefix``). Then a ``summary`` with the ratios
+prompt, prefix cache on and off (``prefix``); only when named, concurrent streams against the former 16-row cap
+and a mixed-length load in a 16-row KV budget (``capacity``, :mod:`bench.capacity`). Then a ``summary`` with the ratios
 the targets of issues #4 and #10 are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
 step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it.
 
@@ -37,8 +38,9 @@ from app.engine.config import EngineConfig
 logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
-#: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU; ``soak`` runs 1,000 requests)
-EXTRA = ["compile", "soak", "parity"]
+#: scenarios run only when named (``compile`` spends ~90 s compiling on a 2-core CPU; ``soak`` runs 1,000 requests;
+#: ``capacity`` runs 16, 64 and 128 streams at two row caps, then 4 long and 60 short prompts)
+EXTRA = ["compile", "soak", "parity", "capacity"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -88,6 +90,7 @@ def bench(
     max_loras: Annotated[int, typer.Option(help="Device slots.")] = EngineConfig().max_loras,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per engine step (the server's default).")] = EngineConfig().prefill_chunk_tokens,
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
+    capacity_streams: Annotated[str, typer.Option(help="Concurrent streams of the capacity scenario, comma-separated.")] = "16,64,128",
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
@@ -125,8 +128,9 @@ def bench(
     }
     sc = result["scenarios"]
     work = Path(tempfile.mkdtemp(prefix="stanceserve-bench-"))
+    needs_eb = bool(set(wanted) - {"capacity", "parity", "compile", "many"})
     eb = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_loras=max_loras, max_batch_size=n,
-                     prefill_chunk_tokens=prefill_chunk_tokens)
+                     prefill_chunk_tokens=prefill_chunk_tokens) if needs_eb else None
     try:
         if "engine" in wanted:
             mixes = {
@@ -178,7 +182,8 @@ def bench(
             console.print("[dim]cold loads[/dim]")
             sc["cold_load"] = cold_load(eb, bm, work, n=cold_loads, rank=rank, alpha=2.0 * rank)
     finally:
-        eb.close()
+        if eb is not None:
+            eb.close()
     if "baselines" in wanted:
         pm = peft_model(bm, adapters, work, rank, 2.0 * rank)
         prompts = [eb.prompt() for _ in range(n)]
@@ -188,12 +193,19 @@ def bench(
         console.print("[dim]baseline: serial set_adapter[/dim]")
         sc["baseline_serial_set_adapter"] = baseline_serial_set_adapter(pm, bm, prompts, names, max_tokens)
         del pm
+    if "capacity" in wanted:
+        from bench.capacity import capacity
+
+        console.print(f"[dim]capacity: {capacity_streams} streams at 16 rows and at the default cap; mixed lengths[/dim]")
+        sc["capacity"] = capacity(bm, adapters[0], streams=tuple(int(x) for x in capacity_streams.split(",")),
+                                  prompt_len=prompt_len, max_tokens=max_tokens, repeats=repeats,
+                                  prefill_chunk_tokens=prefill_chunk_tokens)
     if "many" in wanted:
         console.print(f"[dim]{many_adapters} registered adapters, {max_loras} slots[/dim]")
         sc["many_adapters"] = many(bm, work, n_adapters=many_adapters, slots=max_loras, requests=many_requests,
                                    concurrency=n, prompt_len=prompt_len, max_tokens=max_tokens, rank=8,
                                    max_cpu_loras=4 * max_loras)
-    graphs = getattr(eb.engine, "graphs", None)
+    graphs = getattr(eb.engine, "graphs", None) if eb is not None else None
     if graphs is not None:  # on CUDA: did the engine's decode steps replay graphs, or run eagerly (and why)?
         result["cuda_graphs"] = {**graphs.stats, "disabled": graphs.disabled}
     result["summary"] = _summary(sc, bm, hbm_gbps or _default_hbm_gbps(bm))

@@ -21,8 +21,10 @@ keys), shared by reference. A block whose count drops to 0 but that has a key st
 
 Block 0 is never handed out: it is the *null block*, which block tables are padded with and which
 the padding rows of static-shape decode steps write (:mod:`app.engine.graphs`); masked reads of it
-only see finite values. A block is zeroed when it is taken, so a sequence never reads (under a mask,
-where ``0 * nan`` would still be ``nan``) what a failed sequence left in it.
+only see finite values. A decode step reads, under its mask, the positions of a row's last block past
+the row's length (where a score of ``nan`` from a failed sequence's leftovers would not be masked away),
+so the last block of each allocation is zeroed when it is taken; the others are written in full by
+the prefill before anything reads them.
 
 Not here: attention (:mod:`app.engine.forward`), which sequence holds which blocks and when
 (:mod:`app.engine.scheduler`, :mod:`app.engine.batch`), the content keys (:mod:`app.engine.prefix_cache`).
@@ -292,14 +294,21 @@ class PagedKVCache:
     def free_blocks(self) -> int:
         return self.pool.free
 
-    def allocate(self, n: int) -> list[int] | None:
-        """``n`` zeroed blocks for one sequence, or ``None`` when fewer are available (:meth:`BlockPool.allocate`)."""
+    def allocate(self, n: int, *, zero: int = 1) -> list[int] | None:
+        """``n`` blocks, or ``None`` when fewer are available (:meth:`BlockPool.allocate`); the last ``zero`` of them
+        zeroed (see the module docstring: 1 for one sequence's blocks, ``n`` for one new block for each of ``n``
+        sequences, 0 when the caller zeroes them with :meth:`zero`)."""
         blocks = self.pool.allocate(n)
+        if blocks and zero > 0:
+            self.zero(blocks[-zero:])
+        return blocks
+
+    def zero(self, blocks: list[int]) -> None:
+        """Zero the keys and values of ``blocks`` in every layer."""
         if blocks:
             idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
             for t in (*self.k, *self.v):
                 t.index_fill_(1, idx, 0)
-        return blocks
 
     def release(self, blocks: list[int]) -> None:
         """Drop a sequence's references to ``blocks`` (:meth:`BlockPool.release`)."""

@@ -260,6 +260,7 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         seqs: list[Sequence] = []
         keys: list[bytes] = []  # each admitted row's stance key
+        fresh_blocks: list[int] = []  # each admitted row's last block, zeroed at once below
         budget = self.prefill_chunk_tokens
         while self.num_running + len(seqs) < self.max_batch_size:
             if self._preempted:  # preempted sequences resume first, oldest first
@@ -269,7 +270,7 @@ class Scheduler:
                 if not self._fits(seqs, len(ids), hit, budget):
                     break
                 self._preempted.popleft()
-                self._place(seq, ids, hit)
+                fresh_blocks.append(self._place(seq, ids, hit))
                 seqs.append(seq)
                 keys.append(seq.prefix_key)
                 continue
@@ -317,11 +318,12 @@ class Scheduler:
                 self._release(pairs)
                 self._error(req, e)
                 continue
-            self._place(seq, req.prompt_ids, hit)
+            fresh_blocks.append(self._place(seq, req.prompt_ids, hit))
             seq.prompt_cached = seq.cached
             seqs.append(seq)
             keys.append(key)
             self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
+        self.kv.zero([b for b in fresh_blocks if b >= 0])
         # rows of one stance side by side, at the place of its first row (distinct stances keep their order): prefill
         # then runs one slice per adapter slot over them, not a gather
         first: dict[bytes, int] = {}
@@ -344,14 +346,15 @@ class Scheduler:
         reserve = self.block_reserve if (seqs or self.num_running) else 0
         return need <= self.kv.pool.available(hit.blocks) - reserve
 
-    def _place(self, seq: Sequence, ids: list[int], hit: Hit) -> None:
+    def _place(self, seq: Sequence, ids: list[int], hit: Hit) -> int:
         """Give ``seq`` its block table for prefilling ``ids``: the prefix cache's blocks of ``hit``, then new ones
-        (:meth:`_fits` said they are free)."""
+        (:meth:`_fits` said they are free). Returns its last new block, which the caller zeroes (-1: none)."""
         shared = self.prefix.take(hit, ids) if self.prefix is not None else []
-        new = self.kv.allocate(blocks_for(len(ids), self.kv.block_size) - len(shared))
+        new = self.kv.allocate(blocks_for(len(ids), self.kv.block_size) - len(shared), zero=0)
         assert new is not None, "admission checked the free blocks"
         seq.blocks = shared + new
         seq.cached = seq.prefilled = len(shared) * self.kv.block_size
+        return new[-1] if new else -1
 
     def _reserve_decode_blocks(self) -> None:
         """Give every decoding row the block its next position needs, preempting the newest rows while the cache
@@ -362,8 +365,10 @@ class Scheduler:
             if not needy:
                 return
             if len(needy) <= self.kv.free_blocks:
-                for s in needy:
-                    s.blocks += self.kv.allocate(1)
+                got = self.kv.allocate(len(needy), zero=len(needy))
+                assert got is not None
+                for s, b in zip(needy, got):
+                    s.blocks.append(b)
                 return
             self._preempt(max(self._batch.seqs, key=lambda s: s.order))
 

@@ -127,3 +127,20 @@ def test_step_scenario_counts_the_weight_bytes_each_mix_reads():
     # the roofline ratio pairs a step and a roofline timed in alternating rounds (times rounded to microseconds:
     # the tiny model's roofline is tens of them)
     assert out["base_step_vs_roofline"] == pytest.approx(out["base_step_paired_s"] / out["matmul_roofline_s"], rel=0.05)
+
+
+def test_capacity_scenario_runs_on_a_tiny_model():
+    """Streams at the former 16-row cap and at the default one, then long and short prompts together in one budget."""
+    from bench.capacity import capacity
+
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    out = capacity(bm, random_adapter(model, "llama", "a0", rank=4, seed=0), streams=(4, 20), prompt_len=8,
+                   max_tokens=4, max_model_len=128, long_prompts=2, long_len=100, short_requests=6)
+    for key in ("base_4", "one_adapter_20"):
+        row = out[key]
+        assert row["rows16"]["output_tokens"] == row["paged"]["output_tokens"] > 0 and row["tok_per_s_ratio"] > 0
+    assert out["base_20"]["rows16"]["decode_rows_peak"] <= 16 and out["base_20"]["paged"]["max_batch_size"] > 16
+    mixed = out["mixed_lengths"]
+    assert mixed["output_tokens"] == 8 * 4 and 0 < mixed["kv_bytes_peak"] <= out["kv_budget_bytes"]
+    assert out["kv_bytes_per_token"] > 0 and "ratio_median" in out["summary"]
