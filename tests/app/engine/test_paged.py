@@ -21,7 +21,7 @@ import torch
 from hypothesis import event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from app.engine.kv_cache import BLOCK_SIZE, BlockPool, PagedKVCache, blocks_for, token_bytes
+from app.engine.kv_cache import BLOCK_SIZE, BlockPool, PagedKVCache, blocks_for, default_budget, token_bytes
 from app.engine.prefix_cache import PrefixCache, block_keys
 from app.engine.sampling import SamplingParams
 from app.metrics import Metrics
@@ -228,5 +228,17 @@ def test_greedy_tokens_under_preemption_and_prefix_hits_equal_transformers(tiny_
             time.sleep(0.01)
         eng.kv_cache.pool.check()
         assert eng.kv_cache.pool.in_use == 0
+    finally:
+        eng.stop()
+
+
+def test_default_budget_follows_free_memory_and_the_row_cap(tiny_model, tokenizer):
+    """Unset kv_cache_memory_bytes: a quarter of the host's free memory on CPU, at most max_batch_size sequences of
+    max_model_len tokens (the tiny model's blocks are small, so the cap decides)."""
+    assert 0 < default_budget(torch.device("cpu"), max_tokens=1 << 40, per_token=1) <= 1 << 40
+    assert default_budget(torch.device("cpu"), max_tokens=10, per_token=3) == 30
+    eng = make_engine(tiny_model, tokenizer, FakeStore({}), max_batch_size=8, max_model_len=64)
+    try:
+        assert eng.kv_cache.num_blocks == blocks_for(8 * 64 + B)  # 8 rows of 4 blocks, and the null block
     finally:
         eng.stop()
