@@ -10,13 +10,15 @@ are theirs); attention is ``torch.nn.functional.scaled_dot_product_attention`` o
 length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through block tables:
 
 * decode (one token per row): one batched call over the rows' blocks gathered into
-  ``[kv_heads, rows, L, head_dim]`` (one ``index_select`` per layer and tensor; measured against a loop
-  over rows reading each row's blocks, which was 1.5-6x slower except for a few rows of over a thousand
-  tokens, where the two were even). The ``G = heads / kv_heads`` query heads of a KV head ride in the
-  query-length axis and the rows in the heads axis (``[kv_heads, rows, G, head_dim]``), so grouped-query
-  attention needs no repeated keys, and a ``[1, rows, 1, L]`` mask hides each row's positions past its
-  length. On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster for short
-  rows: :attr:`Decoder.matmul_decode_attention`);
+  ``[rows, kv_heads, L, head_dim]`` by one ``index_select`` per layer and tensor over the cache viewed as
+  ``[kv_heads * blocks, block_size, head_dim]`` (:meth:`Plan.gather_index`), so the gathered keys are
+  contiguous in the layout attention reads. Measured against a loop over rows reading each row's blocks
+  (1.5-6x slower, except for a few rows of over a thousand tokens, where the two were even) and against
+  gathering ``[kv_heads, rows, L, head_dim]`` and moving the rows into the heads axis (1.5-3x slower). The
+  ``G = heads / kv_heads`` query heads of a KV head ride in the query-length axis (``[rows, kv_heads, G,
+  head_dim]``), so grouped-query attention needs no repeated keys, and a ``[rows, 1, 1, L]`` mask hides each
+  row's positions past its length. On CPU in fp32 the call is two batched matmuls and a softmax rather than
+  SDPA (faster for short rows: :attr:`Decoder.matmul_decode_attention`);
 * prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
   prefill and prefix reuse start mid-sequence).
 
@@ -75,6 +77,7 @@ class Plan:
     block_size: int = BLOCK_SIZE
     _decode_mask: torch.Tensor | None = None
     _decode_bias: torch.Tensor | None = None
+    _gather_index: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -121,21 +124,31 @@ class Plan:
         return [(a, a + n) for _, a, n, _ in self.rows]
 
     def decode_mask(self) -> tuple[torch.Tensor, int]:
-        """``([1, rows, 1, L] bool, L)``, ``L = tables' width * block_size``: key ``j`` of row ``b`` is visible iff
-        ``j <= position_b`` (rows on the second axis: decode attention runs ``[kv_heads, rows, ...]``)."""
+        """``([rows, 1, 1, L] bool, L)``, ``L = tables' width * block_size``: key ``j`` of row ``b`` is visible iff
+        ``j <= position_b``."""
         if self._decode_mask is None:
             assert self.tables is not None, "not a decode plan"
             length = int(self.tables.shape[1]) * self.block_size
             ar = torch.arange(length, device=self.positions.device)
-            self._decode_mask = (ar[None, :] <= self.positions[:, None])[None, :, None, :]
+            self._decode_mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
         return self._decode_mask, int(self._decode_mask.shape[-1])
 
     def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`decode_mask` as an additive score bias ``[1, rows, 1, L]``: 0 where visible, ``-inf`` elsewhere."""
+        """:meth:`decode_mask` as an additive score bias ``[rows, 1, 1, L]``: 0 where visible, ``-inf`` elsewhere."""
         if self._decode_bias is None:
             mask, _ = self.decode_mask()
             self._decode_bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         return self._decode_bias
+
+    def gather_index(self, kv_heads: int, num_blocks: int) -> torch.Tensor:
+        """``[rows * kv_heads * blocks]`` int64: for row ``r``, KV head ``h`` and table entry ``i``, the block
+        ``h * num_blocks + tables[r, i]`` of a cache layer viewed as ``[kv_heads * num_blocks, block_size,
+        head_dim]``, in ``(r, h, i)`` order, so the gathered blocks view as ``[rows, kv_heads, L, head_dim]``."""
+        if self._gather_index is None:
+            assert self.tables is not None, "not a decode plan"
+            heads = torch.arange(kv_heads, device=self.tables.device) * num_blocks
+            self._gather_index = (self.tables[:, None, :] + heads[None, :, None]).reshape(-1)
+        return self._gather_index
 
 
 class DecoderLayer:
@@ -321,16 +334,16 @@ class Decoder:
         if plan.decode:
             assert plan.tables is not None
             n = q.shape[0]
-            k, v = cache.gather(layer, plan.tables)  # [kv_heads, n, L, hd]: rows ride in the heads axis
-            qg = q.view(n, kvh, g, hd).transpose(0, 1)  # [kv_heads, n, G, hd]
+            k, v = cache.gather(layer, plan.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
+            qg = q.view(n, kvh, g, hd)
             if self.matmul_decode_attention:
-                scores = torch.matmul(qg, k.transpose(-1, -2))  # [kv_heads, n, G, L]
+                scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
                 scores.mul_(self.scaling).add_(plan.decode_bias(scores.dtype))
                 out = torch.matmul(torch.softmax(scores, dim=-1), v)
             else:
                 mask, _ = plan.decode_mask()
                 out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
-            return out.transpose(0, 1).reshape(n, kvh * g * hd)
+            return out.reshape(n, kvh * g * hd)
         assert plan.row_tables is not None
         kc, vc = cache.k[layer], cache.v[layer]
         bs = cache.block_size

@@ -9,9 +9,10 @@ positions, one tensor pair per layer, allocated once at start-up:
 A sequence holds a *block table* (a list of block ids): its token ``t`` lives at position
 ``t % block_size`` of block ``table[t // block_size]``. Blocks are taken as the sequence grows and
 given back when it ends, so memory follows the tokens in use, not ``max_model_len`` per sequence.
-The kv-heads axis comes first so that gathering a batch's blocks (``index_select`` on axis 1) gives
-``[kv_heads, rows, length, head_dim]`` with each row's positions contiguous, the layout attention's
-batched matmuls read without another copy.
+Viewed as ``[kv_heads * num_blocks, block_size, head_dim]``, a layer gives a decode step's keys with
+one ``index_select`` (block ``h * num_blocks + b`` for each row, KV head and table entry) as
+``[rows, kv_heads, length, head_dim]``, contiguous, the layout attention's batched matmuls read
+without another copy.
 
 :class:`BlockPool` is the bookkeeping, with no tensors (so it can be property-tested alone): a
 reference count per block (the sequences whose tables hold it), the free blocks, and the prefix
@@ -335,11 +336,16 @@ class PagedKVCache:
         kc.view(h, nb * bs, d).index_copy_(1, slots, k.transpose(0, 1))
         vc.view(h, nb * bs, d).index_copy_(1, slots, v.transpose(0, 1))
 
-    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values of ``tables``' blocks (``[rows, blocks]`` int64, padded with the null block)
-        -> two ``[kv_heads, rows, blocks * block_size, head_dim]`` tensors (copies)."""
-        rows, nb = tables.shape
-        flat = tables.reshape(-1)
+    def gather(self, layer: int, index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``rows`` rows' blocks of layer ``layer`` -> two ``[rows, kv_heads, L, head_dim]``
+        contiguous tensors (copies).
+
+        Args:
+            index: ``[rows * kv_heads * blocks]`` int64 into the layer viewed as ``[kv_heads * num_blocks,
+                block_size, head_dim]`` (:meth:`~app.engine.forward.Plan.gather_index`); ``L = blocks * block_size``.
+        """
         kc, vc = self.k[layer], self.v[layer]
-        h, _, bs, d = kc.shape
-        return (kc.index_select(1, flat).view(h, rows, nb * bs, d), vc.index_select(1, flat).view(h, rows, nb * bs, d))
+        h, nb, bs, d = kc.shape
+        length = index.shape[0] // (rows * h) * bs
+        return (kc.view(h * nb, bs, d).index_select(0, index).view(rows, h, length, d),
+                vc.view(h * nb, bs, d).index_select(0, index).view(rows, h, length, d))
