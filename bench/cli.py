@@ -284,6 +284,14 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
         s["decode_step_vs_roofline"] = sc["decode_step"]["base_step_vs_roofline"]
     if "shared_prefix" in sc and "ratio" in sc["shared_prefix"]:
         s["shared_prefix_ttft_ratio"] = sc["shared_prefix"]["ratio"]
+    cap = sc.get("capacity", {})
+    for mix in ("base", "one_adapter"):
+        for n in (16, 64):
+            if f"{mix}_{n}" in cap:
+                s[f"capacity_{mix}_{n}_vs_16_rows"] = cap[f"{mix}_{n}"]["tok_per_s_ratio"]
+                s[f"capacity_{mix}_{n}_ttft_s_p50"] = cap[f"{mix}_{n}"]["paged"]["ttft_s_p50"]
+    if "mixed_lengths" in cap:
+        s["capacity_mixed_lengths_ran_together"] = cap["summary"]["mixed_lengths_ran_together"]
     s["targets_met"] = {
         k: ok for k, ok in {
             "distinct >= 0.85x one adapter": s.get("distinct_vs_one_adapter", 0) >= 0.85 if "distinct_vs_one_adapter" in s else None,
@@ -298,6 +306,12 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
             "blend3 >= 0.9x base": s["blend3_vs_base"] >= 0.9 if "blend3_vs_base" in s else None,
             "decode step <= 1.2x matmul roofline": s["decode_step_vs_roofline"] <= 1.2 if "decode_step_vs_roofline" in s else None,
             "shared-prefix TTFT <= 0.3x without": s["shared_prefix_ttft_ratio"] <= 0.3 if "shared_prefix_ttft_ratio" in s else None,
+            **{f"{m} 64 streams >= 1.4x tok/s of 16 rows": s[f"capacity_{m}_64_vs_16_rows"] >= 1.4
+               for m in ("base", "one_adapter") if f"capacity_{m}_64_vs_16_rows" in s},
+            **{f"{m} 64 streams TTFT p50 <= 1.0 s": s[f"capacity_{m}_64_ttft_s_p50"] <= 1.0
+               for m in ("base", "one_adapter") if f"capacity_{m}_64_ttft_s_p50" in s},
+            **{f"{m} 16 streams >= 0.95x tok/s of 16 rows": s[f"capacity_{m}_16_vs_16_rows"] >= 0.95
+               for m in ("base", "one_adapter") if f"capacity_{m}_16_vs_16_rows" in s},
         }.items() if ok is not None
     }
     if hbm_gbps:
