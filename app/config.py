@@ -134,7 +134,10 @@ class Settings(BaseSettings):
     )
 
     # --- scheduling ------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, description="Most sequences decoded in one step.")
+    max_batch_size: int = Field(
+        256, ge=1, description="Most sequences decoded in one step: a cap on rows (as vLLM's max_num_seqs); the KV "
+        "cache's free blocks bound them too.",
+    )
     max_waiting: int = Field(256, ge=1, description="Queue length past which requests get HTTP 429.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     prefill_chunk_tokens: int = Field(
@@ -142,12 +145,16 @@ class Settings(BaseSettings):
     )
 
     kv_cache_memory_bytes: int | None = Field(
-        None, ge=1, description="KV cache budget, in bytes, allocated at start-up: rows of max_model_len tokens, "
-        "at most max_batch_size of them (default: max_batch_size rows). Fewer rows means fewer concurrent sequences.",
+        None, ge=1, description="KV cache budget, in bytes, allocated at start-up as blocks of 16 tokens (paged): "
+        "it decides how many tokens the running sequences hold together, whatever their lengths; a sequence that "
+        "finds no free block is preempted and resumed later. Default: half the free GPU memory on CUDA, a quarter of "
+        "the host's free memory on CPU (touched only as blocks are used), at most max_batch_size sequences of "
+        "max_model_len tokens. It must hold one sequence of max_model_len tokens.",
     )
     prefix_cache_memory_bytes: int = Field(
-        256 * 2**20, ge=0, description="Prefix cache budget, in bytes: KV blocks of prompt prefixes, per stance, "
-        "reused by later prompts that start the same way (0: off).",
+        256 * 2**20, ge=0, description="Prefix cache bound, in bytes: most KV cache blocks of prompt prefixes kept "
+        "keyed per stance and shared by later prompts that start the same way; unused ones are reclaimed when the "
+        "KV cache needs blocks (0: off).",
     )
     weight_prepack: bool = Field(
         True, description="On CPU, reorder the linear weights once into oneDNN's blocked layout (as vLLM's CPU backend "

@@ -30,7 +30,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
@@ -136,6 +136,17 @@ class _TokenRate(Collector):
         yield g
 
 
+class _LiveCounter(Collector):
+    """A counter whose value is read at scrape time from ``read()`` (a count the engine keeps itself)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.read: Callable[[], float] = lambda: 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+
 class Metrics:
     """Every Prometheus metric of one server instance.
 
@@ -210,6 +221,11 @@ class Metrics:
             "stanceserve_model", "The served base model: name, device, dtype, and whether the CPU has native bf16.",
             registry=r,
         )
+        self.preemptions = _LiveCounter(
+            "stanceserve_preemptions",
+            "Sequences preempted because the KV cache ran out of blocks (each resumes later by recomputing its KV).",
+        )
+        r.register(self.preemptions)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux)
         self.token_rate = _TokenRate(window_s)
         self._last_token_at: dict[str, float] = {}  # request id -> perf_counter of its last token, in flight only
@@ -280,8 +296,11 @@ class Metrics:
         """Count one error response: HTTP ``status`` and its ``{"error": {"code"}}`` (bounded: the service's codes)."""
         self.http_errors.labels(str(status), code).inc()
 
-    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float]) -> None:
-        """Make the running/waiting/loaded gauges read live values at scrape time."""
+    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float],
+                    preemptions: Callable[[], float] | None = None) -> None:
+        """Make the running/waiting/loaded gauges and the preemption counter read live values at scrape time."""
+        if preemptions is not None:
+            self.preemptions.read = preemptions
         self.requests_running.set_function(running)
         self.requests_waiting.set_function(waiting)
         self.adapters_loaded.set_function(loaded)

@@ -6,10 +6,11 @@ adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
 many registered adapters over few device slots; TTFT of a request arriving
 while others decode; one decode step alone against the roofline of its matmuls,
 with a per-op profile (``step``); TTFT with a shared 500-token stance system
-prompt, prefix cache on and off (``prefix``). Then a ``summary`` with the ratios
-the performance targets are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
-step (weight bytes / ``--hbm-gbps``) and the achieved fraction of it. ``--report PAGE`` also writes the
-benchmarks page (:mod:`bench.report`).
+prompt, prefix cache on and off (``prefix``); only when named, concurrent streams against the former 16-row cap
+and a mixed-length load in a 16-row KV budget (``capacity``, :mod:`bench.capacity`), and constrained decoding
+(``structured``, ``grammars``: :mod:`bench.structured`). Then a ``summary`` with the ratios the performance targets
+are stated in. On CUDA it also prints the memory-bandwidth bound of a decode step (weight bytes / ``--hbm-gbps``)
+and the achieved fraction of it. ``--report PAGE`` also writes the benchmarks page (:mod:`bench.report`).
 
 A typer app of its own, run by the thin ``bench`` command of :mod:`app.cli` from a
 source checkout (this folder is not installed with the package); it does not import
@@ -39,8 +40,9 @@ from app.engine.model_loader import cpu_info
 logger = logging.getLogger(__name__)
 
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
-#: scenarios run only when named (``compile`` spends minutes compiling; ``soak`` runs 1,000 requests)
-EXTRA = ["compile", "soak", "parity", "structured", "grammars"]
+#: scenarios run only when named (``compile`` spends minutes compiling; ``soak`` runs 1,000 requests;
+#: ``capacity`` runs 16, 64 and 128 streams at two row caps, then 4 long and 60 short prompts)
+EXTRA = ["compile", "soak", "parity", "capacity", "structured", "grammars"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -92,6 +94,7 @@ def bench(
     max_loras: Annotated[int, typer.Option(help="Device slots.")] = EngineConfig().max_loras,
     prefill_chunk_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per engine step (the server's default).")] = EngineConfig().prefill_chunk_tokens,
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
+    capacity_streams: Annotated[str, typer.Option(help="Concurrent streams of the capacity scenario, comma-separated.")] = "16,64,128",
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
     report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md; the headline table of ./README.md follows it.")] = None,
 ) -> None:
@@ -130,8 +133,9 @@ def bench(
     }
     sc = result["scenarios"]
     work = Path(tempfile.mkdtemp(prefix="stanceserve-bench-"))
+    needs_eb = bool(set(wanted) - {"capacity", "parity", "compile", "many"})
     eb = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_loras=max_loras, max_batch_size=n,
-                     prefill_chunk_tokens=prefill_chunk_tokens)
+                     prefill_chunk_tokens=prefill_chunk_tokens) if needs_eb else None
     try:
         if "engine" in wanted:
             mixes = {
@@ -193,7 +197,8 @@ def bench(
             console.print("[dim]cold loads[/dim]")
             sc["cold_load"] = cold_load(eb, bm, work, n=cold_loads, rank=rank, alpha=2.0 * rank)
     finally:
-        eb.close()
+        if eb is not None:
+            eb.close()
     if "baselines" in wanted:
         pm = peft_model(bm, adapters, work, rank, 2.0 * rank)
         prompts = [eb.prompt() for _ in range(n)]
@@ -203,12 +208,19 @@ def bench(
         console.print("[dim]baseline: serial set_adapter[/dim]")
         sc["baseline_serial_set_adapter"] = baseline_serial_set_adapter(pm, bm, prompts, names, max_tokens)
         del pm
+    if "capacity" in wanted:
+        from bench.capacity import capacity
+
+        console.print(f"[dim]capacity: {capacity_streams} streams at 16 rows and at the default cap; mixed lengths[/dim]")
+        sc["capacity"] = capacity(bm, adapters[0], streams=tuple(int(x) for x in capacity_streams.split(",")),
+                                  prompt_len=prompt_len, max_tokens=max_tokens, repeats=repeats,
+                                  prefill_chunk_tokens=prefill_chunk_tokens)
     if "many" in wanted:
         console.print(f"[dim]{many_adapters} registered adapters, {max_loras} slots[/dim]")
         sc["many_adapters"] = many(bm, work, n_adapters=many_adapters, slots=max_loras, requests=many_requests,
                                    concurrency=n, prompt_len=prompt_len, max_tokens=max_tokens, rank=8,
                                    max_cpu_loras=4 * max_loras)
-    graphs = getattr(eb.engine, "graphs", None)
+    graphs = getattr(eb.engine, "graphs", None) if eb is not None else None
     if graphs is not None:  # on CUDA: did the engine's decode steps replay graphs, or run eagerly (and why)?
         result["cuda_graphs"] = {**graphs.stats, "disabled": graphs.disabled}
     result["summary"] = _summary(sc, bm, hbm_gbps or _default_hbm_gbps(bm))
@@ -302,6 +314,14 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
         s["decode_step_vs_roofline"] = sc["decode_step"]["base_step_vs_roofline"]
     if "shared_prefix" in sc and "ratio" in sc["shared_prefix"]:
         s["shared_prefix_ttft_ratio"] = sc["shared_prefix"]["ratio"]
+    cap = sc.get("capacity", {})
+    for mix in ("base", "one_adapter"):
+        for n in (16, 64):
+            if f"{mix}_{n}" in cap:
+                s[f"capacity_{mix}_{n}_vs_16_rows"] = cap[f"{mix}_{n}"]["tok_per_s_ratio"]
+                s[f"capacity_{mix}_{n}_ttft_s_p50"] = cap[f"{mix}_{n}"]["paged"]["ttft_s_p50"]
+    if "mixed_lengths" in cap:
+        s["capacity_mixed_lengths_ran_together"] = cap["summary"]["mixed_lengths_ran_together"]
     s["targets_met"] = {
         k: ok for k, ok in {
             "distinct >= 0.85x one adapter": s.get("distinct_vs_one_adapter", 0) >= 0.85 if "distinct_vs_one_adapter" in s else None,
@@ -316,6 +336,12 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
             "blend3 >= 0.9x base": s["blend3_vs_base"] >= 0.9 if "blend3_vs_base" in s else None,
             "decode step <= 1.2x matmul roofline": s["decode_step_vs_roofline"] <= 1.2 if "decode_step_vs_roofline" in s else None,
             "shared-prefix TTFT <= 0.3x without": s["shared_prefix_ttft_ratio"] <= 0.3 if "shared_prefix_ttft_ratio" in s else None,
+            **{f"{m} 64 streams >= 1.4x tok/s of 16 rows": s[f"capacity_{m}_64_vs_16_rows"] >= 1.4
+               for m in ("base", "one_adapter") if f"capacity_{m}_64_vs_16_rows" in s},
+            **{f"{m} 64 streams TTFT p50 <= 1.0 s": s[f"capacity_{m}_64_ttft_s_p50"] <= 1.0
+               for m in ("base", "one_adapter") if f"capacity_{m}_64_ttft_s_p50" in s},
+            **{f"{m} 16 streams >= 0.95x tok/s of 16 rows": s[f"capacity_{m}_16_vs_16_rows"] >= 0.95
+               for m in ("base", "one_adapter") if f"capacity_{m}_16_vs_16_rows" in s},
         }.items() if ok is not None
     }
     if hbm_gbps:

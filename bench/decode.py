@@ -53,17 +53,18 @@ def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, flo
     """A prefilled KV cache of ``rows`` x ``context`` tokens and the closure running one decode step on it
     (with ``graphs``, through :class:`~app.engine.graphs.DecodeGraphs`: CUDA graphs on CUDA)."""
     dec = engine.decoder
-    cache = dec.new_cache(rows, context + 2)
+    cache, tables = dec.row_cache(rows, context + 2)
     g = torch.Generator().manual_seed(0)
     vocab = dec.lm_head.out_features
     prompts = torch.randint(min(100, vocab // 2), min(1000, vocab), (rows, context), generator=g).tolist()
-    plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
+    plan = Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device)
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
-    step = Plan.build([(i, [7], context) for i in range(rows)], dec.device)
+    step = Plan.build([(tables[i], [7], context) for i in range(rows)], dec.device)
     routing = LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype)
     if not graphs:
         return lambda: dec.forward(step, cache, routing)
-    static = DecodeGraphs(dec, cache, engine.lora, max_rows=rows, max_terms=max(len(r) for r in routes) or 1)
+    static = DecodeGraphs(dec, cache, engine.lora, max_rows=rows, max_terms=max(len(r) for r in routes) or 1,
+                          max_len=context + 2)
     if static.run(step, routing) is None:
         raise RuntimeError(f"no decode graph for this step: {static.disabled or 'no bucket'}")
     return lambda: static.run(step, routing)
@@ -180,9 +181,9 @@ def compiled_step(bm: Any, *, rows: int, context: int, repeats: int = 8) -> dict
     prompts = torch.randint(3, min(1000, bm.vocab_size), (rows, context), generator=g).tolist()
     for name in ("eager_dense", "eager_prepacked", "compiled"):
         dec = Decoder(copy.deepcopy(bm.model), prepack=rows if name == "eager_prepacked" else None)
-        cache = dec.new_cache(rows, context + 2)
-        dec.forward(Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device), cache, None)
-        step = Plan.build([(i, [7], context) for i in range(rows)], dec.device)
+        cache, tables = dec.row_cache(rows, context + 2)
+        dec.forward(Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device), cache, None)
+        step = Plan.build([(tables[i], [7], context) for i in range(rows)], dec.device)
         fwd = dec.forward
         if name == "compiled":
             inductor_config.freezing = dec.device.type == "cpu"

@@ -88,17 +88,22 @@ class EngineBench:
         bm: the model to serve.
         prompt_len: tokens per prompt (random ids).
         max_tokens: tokens generated per request.
+        max_model_len, kv_cache_memory_bytes: the engine's (default: room for the prompts, the shared-prefix
+            scenario's system prompt and the tokens; the service's KV budget).
     """
 
     def __init__(self, bm: BenchModel, *, prompt_len: int, max_tokens: int, max_loras: int = _DEFAULTS.max_loras,
                  max_batch_size: int = _DEFAULTS.max_batch_size, store: Any = None,
-                 max_cpu_loras: int | None = None, prefill_chunk_tokens: int = _DEFAULTS.prefill_chunk_tokens) -> None:
+                 max_cpu_loras: int | None = None, prefill_chunk_tokens: int = _DEFAULTS.prefill_chunk_tokens,
+                 max_model_len: int | None = None, kv_cache_memory_bytes: int | None = None) -> None:
         self.bm = bm
         self.prompt_len = prompt_len
         self.max_tokens = max_tokens
         config = EngineConfig(
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_batch_size=max_batch_size, max_waiting=10_000,
-            prefill_chunk_tokens=prefill_chunk_tokens, max_model_len=prompt_len + max_tokens + 16 + SHARED_PREFIX_ROOM,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+            max_model_len=max_model_len or prompt_len + max_tokens + 16 + SHARED_PREFIX_ROOM,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
         )
         # the peft baselines, adapter shapes and later engines still read the model's dense weights
         self.engine = Engine(bm.model, bm.tokenizer, bm.name, bm.eos_token_ids, config=config, store=store,
@@ -126,8 +131,10 @@ class EngineBench:
                 raise RuntimeError(f"request failed: {ev}")
         return {"ttft": times[0] - t0, "itl": [b - a for a, b in zip(times, times[1:])], "n": len(times), "t_submit": t0}
 
-    def run(self, stances: list[Stance | str], *, concurrency: int | None = None) -> dict[str, Any]:
-        """Send one request per stance (at most ``concurrency`` in flight) and measure.
+    def run(self, stances: list[Stance | str], *, concurrency: int | None = None,
+            prompts: list[list[int]] | None = None) -> dict[str, Any]:
+        """Send one request per stance (at most ``concurrency`` in flight; ``prompts[i]`` for request ``i``, default
+        random prompts of ``prompt_len`` tokens) and measure.
 
         A stance given as an adapter name is resolved when its request starts (as the API does),
         so reading a cold adapter from disk counts in that request's TTFT.
@@ -138,16 +145,16 @@ class EngineBench:
         async def main() -> list[dict]:
             sem = asyncio.Semaphore(conc)
 
-            async def guarded(st: Stance | str) -> dict:
+            async def guarded(st: Stance | str, prompt: list[int] | None) -> dict:
                 async with sem:
                     t0 = time.perf_counter()
                     if isinstance(st, str):
                         st = await asyncio.to_thread(self.engine.resolve_stance, st)
-                    r = await self._one(st)
+                    r = await self._one(st, prompt=prompt)
                     r["ttft"] += r.pop("t_submit") - t0  # include the wait for the stance to resolve
                     return r
 
-            return await asyncio.gather(*(guarded(s) for s in stances))
+            return await asyncio.gather(*(guarded(s, prompts[i] if prompts else None) for i, s in enumerate(stances)))
 
         before = dict(sch.timings)
         with peak_memory(self.bm.device) as mem:

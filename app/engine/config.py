@@ -30,15 +30,16 @@ class EngineConfig:
     Attributes:
         max_loras: adapter slots on the compute device.
         max_cpu_loras: parsed adapters kept on CPU (``None``: all).
-        max_batch_size: most sequences decoded in one step.
+        max_batch_size: most sequences decoded in one step (a cap; free KV blocks bound them too).
         max_waiting: queue length past which requests are refused (HTTP 429).
         prefill_chunk_tokens: most prompt tokens prefilled per engine step.
         max_model_len: longest prompt + completion, in tokens (the engine clamps it to the
             model's ``max_position_embeddings``).
         max_prompt_tokens: longest prompt, in tokens (``None``: ``max_model_len - 1``).
         max_blend_weight: largest ``|w|`` of a blend term.
-        kv_cache_memory_bytes: KV cache budget in bytes (``None``: ``max_batch_size`` rows of ``max_model_len``).
-        prefix_cache_memory_bytes: prefix cache pool, in bytes (0: off).
+        kv_cache_memory_bytes: paged KV cache budget in bytes (``None``: sized from the device's free memory,
+            :func:`~app.engine.kv_cache.default_budget`).
+        prefix_cache_memory_bytes: most bytes of KV blocks the prefix cache keeps keyed (0: off).
         weight_prepack: pack linear weights for oneDNN on CPU (:meth:`~app.engine.lora.FusedLinear.prepack`).
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs (:mod:`app.engine.graphs`).
 

@@ -20,6 +20,7 @@ from app.engine.config import EngineConfig
 from app.engine.forward import Decoder
 from app.engine.grammar import GrammarCompiler
 from app.engine.graphs import DecodeGraphs
+from app.engine.kv_cache import BLOCK_SIZE, blocks_for, default_budget, token_bytes
 from app.engine.lora import MultiLoRA
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
@@ -123,11 +124,17 @@ class Engine:
         self.device = next(model.parameters()).device
         #: the dtype the model computes in (its first floating-point parameter's)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        #: the KV cache, allocated here once: ``max_batch_size`` rows of ``max_model_len`` positions, or fewer
-        #: rows when ``kv_cache_memory_bytes`` is set
-        self.kv_cache = self.decoder.new_cache(config.max_batch_size, max_model_len, config.kv_cache_memory_bytes)
+        #: the paged KV cache, allocated here once: ``kv_cache_memory_bytes`` of blocks (default: sized from the
+        #: device's free memory, up to what ``max_batch_size`` sequences of ``max_model_len`` tokens could hold)
+        per_token = token_bytes(self.decoder.num_layers, self.decoder.kv_heads, self.decoder.head_dim, self.decoder.dtype)
+        most = config.max_batch_size * max_model_len + BLOCK_SIZE  # + the null block
+        budget = config.kv_cache_memory_bytes or max(
+            default_budget(self.device, max_tokens=most, per_token=per_token), (max_model_len + BLOCK_SIZE) * per_token
+        )
+        self.kv_cache = self.decoder.budgeted_cache(budget, max_model_len, max_blocks=blocks_for(most),
+                                                    prefix_bytes=config.prefix_cache_memory_bytes)
         #: KV blocks of prompt prefixes per stance (``prefix_cache_memory_bytes``; 0 turns it off)
-        self.prefix_cache = PrefixCache(self.kv_cache, config.prefix_cache_memory_bytes)
+        self.prefix_cache = PrefixCache(self.kv_cache)
         self.lora = MultiLoRA(self.decoder.linears, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
@@ -135,7 +142,7 @@ class Engine:
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.decoder, self.kv_cache, self.lora, max_rows=config.max_batch_size,
-                                       max_terms=MAX_BLEND_ADAPTERS)
+                                       max_terms=MAX_BLEND_ADAPTERS, max_len=max_model_len)
         self.scheduler = Scheduler(
             self.decoder, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
             prefix_cache=self.prefix_cache, listeners=[metrics.observe] if metrics is not None else None,
@@ -146,6 +153,7 @@ class Engine:
                 running=lambda: self.scheduler.num_running,
                 waiting=lambda: self.scheduler.num_waiting,
                 loaded=lambda: self.slots.resident,
+                preemptions=lambda: self.scheduler.preemptions,
             )
 
     @property

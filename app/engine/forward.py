@@ -7,16 +7,20 @@ rows of any length share every matmul, and nothing is padded. Projections are :c
 (one matmul for q/k/v, one for gate/up, each with its fused LoRA slots). Rotary embeddings and norms
 are the Hugging Face model's own modules (so rope scaling variants and RMSNorm/LayerNorm details
 are theirs); attention is ``torch.nn.functional.scaled_dot_product_attention`` over each row's true
-length in the :class:`~app.engine.kv_cache.KVCache`:
+length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through block tables:
 
-* decode (one token per row): one batched call; the ``G = heads / kv_heads`` query heads of a KV
-  head ride in the query-length axis (``[rows, kv_heads, G, head_dim]``), so grouped-query attention
-  needs no repeated keys (``enable_gqa`` would expand them, several times slower), and a ``[rows, 1, 1, L]``
-  mask hides each row's positions past its length.
-  On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster for short rows:
-  :attr:`Decoder.matmul_decode_attention`);
-* prefill: one call per row, causal from the row's cached length on (chunked prefill and prefix
-  reuse start mid-sequence).
+* decode (one token per row): one batched call over the rows' blocks gathered into
+  ``[rows, kv_heads, L, head_dim]`` by one ``index_select`` per layer and tensor over the cache viewed as
+  ``[kv_heads * blocks, block_size, head_dim]`` (:meth:`Plan.gather_index`), so the gathered keys are
+  contiguous in the layout attention reads. Measured against a loop over rows reading each row's blocks
+  (1.5-6x slower, except for a few rows of over a thousand tokens, where the two were even) and against
+  gathering ``[kv_heads, rows, L, head_dim]`` and moving the rows into the heads axis (1.5-3x slower). The
+  ``G = heads / kv_heads`` query heads of a KV head ride in the query-length axis (``[rows, kv_heads, G,
+  head_dim]``), so grouped-query attention needs no repeated keys, and a ``[rows, 1, 1, L]`` mask hides each
+  row's positions past its length. On CPU in fp32 the call is two batched matmuls and a softmax rather than
+  SDPA (faster for short rows: :attr:`Decoder.matmul_decode_attention`);
+* prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
+  prefill and prefix reuse start mid-sequence).
 
 Checked against ``transformers``' logits for each supported architecture (tests/app/engine/test_forward.py).
 Not here: which tokens a step runs (:mod:`app.engine.batch`), sampling, adapters' provenance.
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.engine.kv_cache import KVCache
+from app.engine.kv_cache import BLOCK_SIZE, NULL_BLOCK, PagedKVCache, blocks_for
 from app.engine.lora import FusedLinear, LoRABatch
 
 #: ``config.model_type`` values this forward pass implements.
@@ -46,52 +50,73 @@ class Plan:
     """What one forward pass computes: its packed tokens, where their KV goes and which logits come back.
 
     Attributes:
-        ids, positions: ``[N]`` int64 token ids and positions (= KV cache position) of the packed tokens.
-        kv_rows: ``[N]`` int64, each token's KV cache row.
-        rows: per sequence, ``(kv row, first token index in the pack, tokens, cached length before them)``.
+        ids, positions: ``[N]`` int64 token ids and positions of the packed tokens.
+        slots: ``[N]`` int64, where each token's key and value go: ``block * block_size + offset`` in the
+            :class:`~app.engine.kv_cache.PagedKVCache`.
+        rows: per sequence, ``(block table, first token index in the pack, tokens, cached length before them)``.
         decode: every sequence has one token (then token ``i`` is sequence ``i``).
         logit_index: ``[M]`` int64, the packed tokens whose logits are returned.
-        contiguous: decode rows are KV rows ``0 .. n-1`` in order (attention reads a view).
-        mask_length: decode attention reads this many positions of each row (``None``: the longest row's
-            length); a fixed length gives a step static shapes (:mod:`app.engine.graphs`).
+        tables: decode only: ``[rows, blocks]`` int64, each row's block table up to the longest row's length,
+            padded with the null block; attention reads ``blocks * block_size`` positions of every row, a mask
+            hiding each row's positions past its own (a fixed width gives a step static shapes:
+            :mod:`app.engine.graphs`).
+        row_tables: prefill only: per sequence, ``[blocks]`` int64, the blocks holding its first
+            ``cached + tokens`` positions.
+        block_size: positions per block.
     """
 
     ids: torch.Tensor
     positions: torch.Tensor
-    kv_rows: torch.Tensor
-    rows: list[tuple[int, int, int, int]]
+    slots: torch.Tensor
+    rows: list[tuple[list[int], int, int, int]]
     decode: bool
     logit_index: torch.Tensor
-    contiguous: bool = False
+    tables: torch.Tensor | None = None
+    row_tables: list[torch.Tensor] | None = None
     all_logits: bool = False
-    mask_length: int | None = None
+    block_size: int = BLOCK_SIZE
     _decode_mask: torch.Tensor | None = None
     _decode_bias: torch.Tensor | None = None
+    _gather_index: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, rows: list[tuple[int, list[int], int]], device: torch.device, *, all_logits: bool = False) -> Plan:
-        """A plan from ``(kv row, new token ids, cached length)`` per sequence.
+    def build(
+        cls, rows: list[tuple[list[int], list[int], int]], device: torch.device, *, all_logits: bool = False,
+        block_size: int = BLOCK_SIZE,
+    ) -> Plan:
+        """A plan from ``(block table, new token ids, cached length)`` per sequence.
 
-        A sequence's new tokens take positions ``cached .. cached + len(ids) - 1``. Logits come back for
-        each sequence's last token (``[sequences, vocab]``), or with ``all_logits`` for every token
-        (``[N, vocab]``, for tests and scoring).
+        A sequence's new tokens take positions ``cached .. cached + len(ids) - 1``; its table must hold a block
+        for each of them. Logits come back for each sequence's last token (``[sequences, vocab]``), or with
+        ``all_logits`` for every token (``[N, vocab]``, for tests and scoring).
+
+        Raises:
+            ValueError: a table is too short for its sequence's positions.
         """
         ids: list[int] = []
         pos: list[int] = []
-        kv: list[int] = []
+        slots: list[int] = []
         spans = []
         last = []
-        for kv_row, toks, cached in rows:
-            spans.append((kv_row, len(ids), len(toks), cached))
+        for table, toks, cached in rows:
+            end = cached + len(toks)
+            if blocks_for(end, block_size) > len(table):
+                raise ValueError(f"a block table of {len(table)} blocks cannot hold {end} positions")
+            spans.append((table, len(ids), len(toks), cached))
             ids.extend(toks)
-            pos.extend(range(cached, cached + len(toks)))
-            kv.extend([kv_row] * len(toks))
+            pos.extend(range(cached, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, end))
             last.append(len(ids) - 1)
         decode = all(n == 1 for _, _, n, _ in spans)
-        contiguous = decode and [r for r, *_ in spans] == list(range(len(spans)))
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         index = t(list(range(len(ids)))) if all_logits else t(last)
-        return cls(t(ids), t(pos), t(kv), spans, decode, index, contiguous, all_logits)
+        tables = row_tables = None
+        if decode:
+            width = max(blocks_for(c + 1, block_size) for *_, c in spans)
+            tables = t([list(tb[:width]) + [NULL_BLOCK] * (width - min(len(tb), width)) for tb, *_ in spans])
+        else:
+            row_tables = [t(list(tb[: blocks_for(c + n, block_size)])) for tb, _, n, c in spans]
+        return cls(t(ids), t(pos), t(slots), spans, decode, index, tables, row_tables, all_logits, block_size)
 
     @property
     def segments(self) -> list[tuple[int, int]]:
@@ -99,9 +124,11 @@ class Plan:
         return [(a, a + n) for _, a, n, _ in self.rows]
 
     def decode_mask(self) -> tuple[torch.Tensor, int]:
-        """``([rows, 1, 1, L] bool, L)``: key ``j`` of row ``b`` is visible iff ``j <= position_b``."""
+        """``([rows, 1, 1, L] bool, L)``, ``L = tables' width * block_size``: key ``j`` of row ``b`` is visible iff
+        ``j <= position_b``."""
         if self._decode_mask is None:
-            length = self.mask_length or max(c for *_, c in self.rows) + 1
+            assert self.tables is not None, "not a decode plan"
+            length = int(self.tables.shape[1]) * self.block_size
             ar = torch.arange(length, device=self.positions.device)
             self._decode_mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
         return self._decode_mask, int(self._decode_mask.shape[-1])
@@ -112,6 +139,16 @@ class Plan:
             mask, _ = self.decode_mask()
             self._decode_bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         return self._decode_bias
+
+    def gather_index(self, kv_heads: int, num_blocks: int) -> torch.Tensor:
+        """``[rows * kv_heads * blocks]`` int64: for row ``r``, KV head ``h`` and table entry ``i``, the block
+        ``h * num_blocks + tables[r, i]`` of a cache layer viewed as ``[kv_heads * num_blocks, block_size,
+        head_dim]``, in ``(r, h, i)`` order, so the gathered blocks view as ``[rows, kv_heads, L, head_dim]``."""
+        if self._gather_index is None:
+            assert self.tables is not None, "not a decode plan"
+            heads = torch.arange(kv_heads, device=self.tables.device) * num_blocks
+            self._gather_index = (self.tables[:, None, :] + heads[None, :, None]).reshape(-1)
+        return self._gather_index
 
 
 class DecoderLayer:
@@ -221,16 +258,32 @@ class Decoder:
                 f.prepack(prepack, release=not (keep_dense or (f is self.lm_head and tied))) for f in self.linears.values()
             )
 
-    def new_cache(self, rows: int, max_len: int, budget_bytes: int | None = None) -> KVCache:
-        """A :class:`KVCache` for this model: ``rows`` rows of ``max_len`` positions, within ``budget_bytes``."""
-        return KVCache.budgeted(
-            self.num_layers, self.kv_heads, self.head_dim, max_len, self.dtype, self.device,
-            max_rows=rows, budget_bytes=budget_bytes,
-        )
+    def new_cache(self, blocks: int, *, block_size: int = BLOCK_SIZE, max_cached: int = 0) -> PagedKVCache:
+        """A :class:`PagedKVCache` for this model of ``blocks`` blocks (the null block included)."""
+        return PagedKVCache(self.num_layers, self.kv_heads, self.head_dim, blocks, self.dtype, self.device,
+                            block_size=block_size, max_cached=max_cached)
+
+    def row_cache(self, rows: int, max_len: int) -> tuple[PagedKVCache, list[list[int]]]:
+        """A cache just big enough for ``rows`` sequences of ``max_len`` positions, and their block tables (tests
+        and benchmarks of fixed-length rows). Blocks are handed out round-robin, so no table is one run of blocks."""
+        per = blocks_for(max_len)
+        cache = self.new_cache(rows * per + 1)
+        tables: list[list[int]] = [[] for _ in range(rows)]
+        for _ in range(per):
+            for t in tables:
+                t += cache.allocate(1)
+        return cache, tables
+
+    def budgeted_cache(self, budget_bytes: int, max_len: int, *, max_blocks: int | None = None,
+                       prefix_bytes: int = 0) -> PagedKVCache:
+        """A :class:`PagedKVCache` for this model within ``budget_bytes`` (:meth:`PagedKVCache.budgeted`)."""
+        return PagedKVCache.budgeted(self.num_layers, self.kv_heads, self.head_dim, self.dtype, self.device,
+                                     budget_bytes=budget_bytes, max_len=max_len, max_blocks=max_blocks,
+                                     prefix_bytes=prefix_bytes)
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
-    def forward(self, plan: Plan, cache: KVCache, routing: LoRABatch | None) -> torch.Tensor:
+    def forward(self, plan: Plan, cache: PagedKVCache, routing: LoRABatch | None) -> torch.Tensor:
         """Run ``plan``'s tokens, writing their KV into ``cache``.
 
         Returns:
@@ -249,7 +302,7 @@ class Decoder:
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            cache.write(layer.index, plan.kv_rows, plan.positions, k, v)
+            cache.write(layer.index, plan.slots, k, v)
             a = layer.o(self._attention(q, layer.index, plan, cache), routing)
             if layer.parallel:
                 h = h + a + layer.mlp(x, routing)
@@ -274,37 +327,36 @@ class Decoder:
             return out
         return torch.cat((out, x[..., r:]), dim=-1)
 
-    def _attention(self, q: torch.Tensor, layer: int, plan: Plan, cache: KVCache) -> torch.Tensor:
-        """Attention of the packed queries ``q`` ``[N, heads, head_dim]`` over their rows' cache -> ``[N, heads * head_dim]``."""
+    def _attention(self, q: torch.Tensor, layer: int, plan: Plan, cache: PagedKVCache) -> torch.Tensor:
+        """Attention of the packed queries ``q`` ``[N, heads, head_dim]`` over their rows' blocks -> ``[N, heads * head_dim]``."""
         hd, kvh, g = self.head_dim, self.kv_heads, self.groups
-        kc, vc = cache.k[layer], cache.v[layer]
         if plan.decode:
-            mask, length = plan.decode_mask()
+            assert plan.tables is not None
             n = q.shape[0]
-            if plan.contiguous:
-                k, v = kc[:n, :, :length], vc[:n, :, :length]
-            else:
-                k = kc.index_select(0, plan.kv_rows)[:, :, :length]
-                v = vc.index_select(0, plan.kv_rows)[:, :, :length]
+            k, v = cache.gather(layer, plan.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
             qg = q.view(n, kvh, g, hd)
             if self.matmul_decode_attention:
                 scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
                 scores.mul_(self.scaling).add_(plan.decode_bias(scores.dtype))
                 out = torch.matmul(torch.softmax(scores, dim=-1), v)
             else:
+                mask, _ = plan.decode_mask()
                 out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
             return out.reshape(n, kvh * g * hd)
+        assert plan.row_tables is not None
+        kc, vc = cache.k[layer], cache.v[layer]
+        bs = cache.block_size
         out = q.new_empty(q.shape[0], self.num_heads * hd)
-        for kv_row, a, n, cached in plan.rows:
+        for (_, a, n, cached), table in zip(plan.rows, plan.row_tables):
             length = cached + n
+            width = int(table.shape[0]) * bs
             qr = q[a : a + n].permute(1, 0, 2).reshape(1, kvh, g * n, hd)  # [1, kv_heads, G*n, hd]
             ar = torch.arange(length, device=q.device)
             causal = ar[None, :] <= (cached + torch.arange(n, device=q.device))[:, None]  # [n, L]
+            k = kc.index_select(1, table).view(1, kvh, width, hd)[:, :, :length]
+            v = vc.index_select(1, table).view(1, kvh, width, hd)[:, :, :length]
             # 4-D inputs: the fused (flash) CPU kernel takes them; 3-D ones fall back to the math path (1.7x slower)
-            o = F.scaled_dot_product_attention(
-                qr, kc[kv_row : kv_row + 1, :, :length], vc[kv_row : kv_row + 1, :, :length],
-                attn_mask=causal.repeat(g, 1)[None, None], scale=self.scaling,
-            )
+            o = F.scaled_dot_product_attention(qr, k, v, attn_mask=causal.repeat(g, 1)[None, None], scale=self.scaling)
             out[a : a + n] = o.view(kvh, g, n, hd).permute(2, 0, 1, 3).reshape(n, -1)
         return out
 

@@ -7,17 +7,19 @@ and SGLang's CUDA-graph runners do for decode. A graph replays fixed shapes at f
 :class:`DecodeGraphs` gives the decode step static shapes:
 
 * **rows** are padded up to a bucket (1, 2, 4, ... ``max_rows``). A padding row decodes token 0 at
-  position ``max_len - 1`` of its own KV row (a row ``>= n``, so not one of the decoding rows) and its
-  logits are dropped. Writing that position is harmless whoever owns the row: a sequence writes a
-  position's key and value before any query reads it (attention at position ``p`` reads ``0 .. p``,
-  and the step writes ``p`` first), so the padding's values are never read.
-* **context**: attention reads the first ``L`` positions of each row, ``L`` the smallest length
-  bucket (128, 256, ... ``max_len``) holding the longest row; the mask, computed inside the graph
-  from the positions, hides each row's positions past its own (:attr:`~app.engine.forward.Plan.mask_length`).
+  position 0 of a block table of null blocks (:data:`~app.engine.kv_cache.NULL_BLOCK`, which no
+  sequence holds) and its logits are dropped; it writes only the null block.
+* **context**: attention reads ``L / block_size`` blocks of each row's block table, ``L`` the smallest
+  length bucket (128, 256, ... ``max_len``, in multiples of the block size) holding the longest row;
+  the block tables are a static ``[max_rows, max_len / block_size]`` buffer, padded with null blocks,
+  and the mask, computed inside the graph from the positions, hides each row's positions past its own.
+  A step of any rows (their blocks anywhere in the cache) fits a bucket, so the graphs stay valid
+  whatever blocks the sequences hold.
 * **LoRA terms**: ``K`` (slot, weight) pairs per row, padded to 1, 2, 4 ... ``max_terms`` with weight
   0, through the general gather path (never the uniform-slot shortcut, chosen per batch).
 
-Each bucket's inputs live in static buffers, filled before each replay; the logits come back as a
+Each bucket's inputs (token ids, positions, KV slots, block tables, LoRA routing) live in static buffers,
+filled before each replay; the logits come back as a
 copy. A graph reads the LoRA slot tensors at their addresses, so a LoRA bucket is keyed by
 :attr:`~app.engine.lora.MultiLoRA.version` (new slot tensors: capture again); loading an adapter into
 a slot copies into the same tensors, which a graph then reads.
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from app.engine.forward import Decoder, Plan
-from app.engine.kv_cache import KVCache
+from app.engine.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,10 @@ class DecodeGraphs:
     """Static-shape decode steps, one per bucket, captured as CUDA graphs (see the module docstring).
 
     Args:
-        decoder: the forward pass; cache: its KV cache (the graphs write and read it in place).
+        decoder: the forward pass; cache: its paged KV cache (the graphs write and read it in place).
         lora: the decoder's multi-LoRA slots (their :attr:`~app.engine.lora.MultiLoRA.version` keys LoRA graphs).
-        max_rows: the largest row bucket (the scheduler's ``max_batch_size``; at most the cache's rows).
+        max_rows: the largest row bucket (the scheduler's ``max_batch_size``).
+        max_len: the longest sequence, in tokens (the engine's ``max_model_len``): the largest context bucket.
         max_terms: the largest terms bucket (the most (slot, weight) pairs a row routes: a blend's members).
         capture: record CUDA graphs (default: on CUDA); ``False`` runs the static-shape step eagerly.
 
@@ -91,22 +94,25 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, decoder: Decoder, cache: KVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
-        capture: bool | None = None,
+        self, decoder: Decoder, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
+        max_len: int, capture: bool | None = None,
     ) -> None:
         device = decoder.device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.decoder, self.cache, self.lora = decoder, cache, lora
-        rows = max(1, min(max_rows, cache.rows))
-        self.max_len = cache.max_len
+        rows = max(1, max_rows)
+        bs = self.block_size = cache.block_size
+        self.max_len = blocks_for(max_len, bs) * bs
         self.row_buckets = buckets(rows)
-        self.length_buckets = buckets(cache.max_len, MIN_LENGTH_BUCKET)
+        self.length_buckets = buckets(self.max_len, MIN_LENGTH_BUCKET)
         self.term_buckets = buckets(max(1, max_terms))
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)
-        self.positions = torch.full((rows,), cache.max_len - 1, dtype=torch.long, device=device)
-        self.kv_rows = torch.arange(rows, device=device)  # also the logit index: one token per row
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.slots = torch.full((rows,), NULL_BLOCK * bs, dtype=torch.long, device=device)
+        self.tables = torch.full((rows, self.max_len // bs), NULL_BLOCK, dtype=torch.long, device=device)
+        self.logit_index = torch.arange(rows, device=device)  # one token per row
         self.idx = {k: torch.zeros(rows, k, dtype=torch.long, device=device) for k in self.term_buckets}
         self.weights = {k: torch.zeros(rows, k, dtype=decoder.dtype, device=device) for k in self.term_buckets}
         self._steps: dict[Key, Callable[[], torch.Tensor]] = {}
@@ -117,8 +123,8 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ public
     def key(self, plan: Plan, routing: LoRABatch | None) -> Key | None:
         """The bucket that runs decode step ``plan``, or ``None`` when it must run eagerly: graphs are off, it is
-        not a decode step of KV rows ``0 .. n-1``, or it has more rows, context or terms than the largest bucket."""
-        if self.disabled is not None or not plan.decode or not plan.contiguous or plan.all_logits:
+        not a decode step, or it has more rows, context or terms than the largest bucket."""
+        if self.disabled is not None or not plan.decode or plan.all_logits:
             return None
         rows = bucket_of(len(plan.rows), self.row_buckets)
         length = bucket_of(max(c for *_, c in plan.rows) + 1, self.length_buckets)
@@ -151,7 +157,7 @@ class DecodeGraphs:
         """Capture every (rows, context) bucket of the base model now (at start-up), largest first so later
         captures reuse the memory pool; LoRA buckets are captured on first use. Returns the steps held.
 
-        Padding rows only: each writes position ``max_len - 1`` of KV rows ``0 .. rows-1`` (see the module docstring).
+        Padding rows only: each writes the null block (see the module docstring).
         """
         for rows in reversed(self.row_buckets):
             for length in reversed(self.length_buckets):
@@ -169,10 +175,17 @@ class DecodeGraphs:
         rows, _, terms, _ = key
         n = 0 if plan is None else len(plan.rows)
         if plan is not None:
+            assert plan.tables is not None
+            width = int(plan.tables.shape[1])
             self.ids[:n].copy_(plan.ids)
             self.positions[:n].copy_(plan.positions)
+            self.slots[:n].copy_(plan.slots)
+            self.tables[:n, :width].copy_(plan.tables)
+            self.tables[:n, width:].fill_(NULL_BLOCK)
         self.ids[n:rows].zero_()
-        self.positions[n:rows].fill_(self.max_len - 1)
+        self.positions[n:rows].zero_()
+        self.slots[n:rows].fill_(NULL_BLOCK * self.block_size)
+        self.tables[n:rows].fill_(NULL_BLOCK)
         if terms:
             idx, weights = self.idx[terms], self.weights[terms]
             idx[:rows].zero_()
@@ -187,8 +200,9 @@ class DecodeGraphs:
         computed in an earlier run, such as the mask or the gather indices, is reused) -> ``[rows, vocab]``."""
         rows, length, terms, _ = key
         plan = Plan(
-            self.ids[:rows], self.positions[:rows], self.kv_rows[:rows], [(i, i, 1, 0) for i in range(rows)],
-            True, self.kv_rows[:rows], contiguous=True, mask_length=length,
+            self.ids[:rows], self.positions[:rows], self.slots[:rows], [([NULL_BLOCK], i, 1, 0) for i in range(rows)],
+            True, self.logit_index[:rows], tables=self.tables[:rows, : length // self.block_size],
+            block_size=self.block_size,
         )
         routing = None
         if terms:  # weight 0 on every pair, so no shortcut (unit weights, uniform slot) is taken

@@ -1,4 +1,4 @@
-"""Prefix reuse per stance: KV blocks of prompt prefixes, keyed by stance and token content.
+"""Prefix reuse per stance: full KV blocks of prompt prefixes, shared by reference, keyed by stance and content.
 
 Many requests on one stance share a system prompt. With LoRA on k/v (and on every layer below), the
 keys and values of a prefix depend on the stance, so a block is keyed by
@@ -7,29 +7,25 @@ keys and values of a prefix depend on the stance, so a block is keyed by
 
 where the stance key names the exact adapter contents and weights (:func:`stance_key`: adapter
 digests, so a replaced adapter never reuses its predecessor's KV), as vLLM's automatic prefix
-caching keys blocks per LoRA. A block holds ``BLOCK_TOKENS`` consecutive positions of every layer's
-keys and values, in a pool preallocated from a byte budget; least recently used blocks are
-overwritten when the pool is full.
+caching keys blocks per LoRA. A block is shared only between sequences of the same stance key.
 
-Sequences keep their own KV rows (:mod:`app.engine.kv_cache`): at admission, :meth:`PrefixCache.load`
-copies the longest cached chain of the prompt's full blocks into the sequence's row (always leaving
-at least one prompt token to prefill, whose logits give the first output token); once its prompt is
-prefilled, :meth:`PrefixCache.store` copies its new full blocks into the pool. Copying a block costs
-far less than recomputing it. Not here: deciding when to call these (:mod:`app.engine.scheduler`).
+The blocks are the engine's own KV blocks (:class:`~app.engine.kv_cache.PagedKVCache`), nothing is
+copied: once a sequence's prompt is prefilled, :meth:`PrefixCache.store` keys its full prompt blocks
+in the cache's :class:`~app.engine.kv_cache.BlockPool`; at admission, :meth:`PrefixCache.match` finds
+the longest keyed chain of a prompt's full blocks (always leaving at least one prompt token to
+prefill, whose logits give the first output token) and :meth:`PrefixCache.take` puts them at the
+head of the new sequence's block table, one more reference each. A sequence writes only positions
+past its cached prefix, so a shared block is only ever read. Blocks nobody references stay keyed
+(evictable) until the pool needs them. Not here: deciding when to call these (:mod:`app.engine.scheduler`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from dataclasses import dataclass
 
-import torch
-
-from app.engine.kv_cache import KVCache
+from app.engine.kv_cache import BLOCK_SIZE, PagedKVCache
 from app.engine.request import Stance
-
-#: Tokens per cached block (vLLM's default block size is 16 as well).
-BLOCK_TOKENS = 16
 
 
 def stance_key(stance: Stance) -> bytes:
@@ -38,11 +34,11 @@ def stance_key(stance: Stance) -> bytes:
     return ("base" if not parts else "|".join(parts)).encode()
 
 
-def block_keys(stance: bytes, tokens: list[int], blocks: int) -> list[bytes]:
+def block_keys(stance: bytes, tokens: list[int], blocks: int, block_size: int = BLOCK_SIZE) -> list[bytes]:
     """The chained keys of the first ``blocks`` full blocks of ``tokens`` under ``stance``."""
     keys, parent = [], b""
     for i in range(blocks):
-        chunk = tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
+        chunk = tokens[i * block_size : (i + 1) * block_size]
         h = hashlib.sha256(parent)
         h.update(stance)
         h.update(b"\0")
@@ -52,112 +48,88 @@ def block_keys(stance: bytes, tokens: list[int], blocks: int) -> list[bytes]:
     return keys
 
 
+@dataclass
+class Hit:
+    """The cached leading blocks of a prompt: their keys and block ids (empty: no hit)."""
+
+    keys: list[bytes]
+    blocks: list[int]
+
+    def tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size
+
+
 class PrefixCache:
-    """A pool of KV blocks and the index from block keys to them (LRU).
+    """The prefix index of a paged KV cache, per stance (see the module docstring).
 
     Args:
-        cache: the engine's KV cache (its shape and dtype set the pool's).
-        budget_bytes: pool size in bytes; the pool holds ``budget_bytes // block_bytes`` blocks.
+        cache: the engine's KV cache; its pool's ``max_cached`` bounds the keyed blocks (0 disables the cache).
 
     Attributes:
-        blocks: blocks in the pool (0 disables the cache).
-        block_bytes: bytes of one block (keys and values of every layer).
         hits, queries: prompt tokens served from the cache, and prompt tokens looked up (counters).
     """
 
-    def __init__(self, cache: KVCache, budget_bytes: int) -> None:
-        k0 = cache.k[0]
-        _, kv_heads, _, head_dim = k0.shape
-        layers = len(cache.k)
-        self.block_bytes = 2 * layers * kv_heads * BLOCK_TOKENS * head_dim * k0.element_size()
-        self.blocks = max(0, budget_bytes // self.block_bytes)
-        shape = (self.blocks, kv_heads, BLOCK_TOKENS, head_dim)
-        self.k = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in range(layers)] if self.blocks else []
-        self.v = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in range(layers)] if self.blocks else []
+    def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
-        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> block, least recently used first
-        self._free = list(range(self.blocks - 1, -1, -1))
+        self.pool = cache.pool
+        self.block_size = cache.block_size
         self.hits = 0
         self.queries = 0
 
     @property
     def enabled(self) -> bool:
-        return self.blocks > 0
+        return self.pool.max_cached > 0
+
+    @property
+    def blocks(self) -> int:
+        """Most keyed blocks."""
+        return self.pool.max_cached
 
     @property
     def nbytes(self) -> int:
-        return self.blocks * self.block_bytes
+        """Bytes of the blocks keyed now (they are KV cache blocks, not a separate pool)."""
+        return self.pool.cached * self.cache.block_bytes
 
-    def _chain(self, stance: bytes, tokens: list[int]) -> list[tuple[bytes, int]]:
-        """``(key, block)`` of the longest cached run of ``tokens``' leading full blocks, leaving at least one token."""
-        found = []
-        for key in block_keys(stance, tokens, (len(tokens) - 1) // BLOCK_TOKENS):
-            block = self._index.get(key)
+    def match(self, stance: bytes, tokens: list[int]) -> Hit:
+        """The longest keyed run of ``tokens``' leading full blocks under ``stance``, leaving at least one token
+        (nothing shared, counted or reordered)."""
+        hit = Hit([], [])
+        if not self.enabled:
+            return hit
+        for key in block_keys(stance, tokens, (len(tokens) - 1) // self.block_size, self.block_size):
+            block = self.pool.lookup(key)
             if block is None:
                 break
-            found.append((key, block))
-        return found
+            hit.keys.append(key)
+            hit.blocks.append(block)
+        return hit
 
     def cached_tokens(self, stance: bytes, tokens: list[int]) -> int:
-        """How many leading tokens of ``tokens`` :meth:`load` would serve now, in tokens (nothing copied or
-        counted, LRU order untouched): what admission subtracts from a prompt's prefill cost."""
-        return len(self._chain(stance, tokens)) * BLOCK_TOKENS if self.enabled else 0
+        """How many leading tokens of ``tokens`` a :meth:`match` serves now, in tokens: what admission subtracts
+        from a prompt's prefill cost."""
+        return self.match(stance, tokens).tokens(self.block_size)
 
-    def load(self, stance: bytes, tokens: list[int], row: int) -> int:
-        """Copy the longest cached prefix of ``tokens`` (whole blocks) into KV row ``row``.
-
-        Returns:
-            the prefix length served from the cache, in tokens: a multiple of ``BLOCK_TOKENS``, at most
-            ``len(tokens) - 1``.
-        """
+    def take(self, hit: Hit, tokens: list[int]) -> list[int]:
+        """Share ``hit``'s blocks with a new sequence of prompt ``tokens`` (one more reference each) and count the
+        lookup. Returns the blocks, the head of the sequence's block table."""
         self.queries += len(tokens)
-        if not self.enabled:
-            return 0
-        found = self._chain(stance, tokens)
-        if not found:
-            return 0
-        for key, _ in found:
-            self._index.move_to_end(key)
-        idx = torch.tensor([block for _, block in found], dtype=torch.long, device=self.k[0].device)
-        n = len(found) * BLOCK_TOKENS
-        for pool, rows in ((self.k, self.cache.k), (self.v, self.cache.v)):
-            for src, dst in zip(pool, rows):
-                # [blocks, kv_heads, B, hd] -> [kv_heads, blocks * B, hd]
-                dst[row, :, :n].copy_(src.index_select(0, idx).transpose(0, 1).reshape(dst.shape[1], n, -1))
-        self.hits += n
-        return n
+        if hit.blocks:
+            self.pool.share(hit.blocks)
+            self.pool.touch(hit.keys)
+            self.hits += hit.tokens(self.block_size)
+        return list(hit.blocks)
 
-    def store(self, stance: bytes, tokens: list[int], row: int, start: int = 0) -> int:
-        """Copy the full blocks of ``tokens`` from KV row ``row`` into the pool (from token ``start`` on).
+    def store(self, stance: bytes, tokens: list[int], table: list[int]) -> int:
+        """Key the full blocks of ``tokens`` (whose KV is written) in ``table`` under ``stance``.
 
-        Blocks already cached are only touched (LRU). Returns the number of blocks added.
+        Blocks already keyed are only touched (LRU). Returns the number of blocks added.
         """
         if not self.enabled:
             return 0
-        added = 0
-        keys = block_keys(stance, tokens, len(tokens) // BLOCK_TOKENS)
-        for i, key in enumerate(keys):
-            if key in self._index:
-                self._index.move_to_end(key)
-                continue
-            if i * BLOCK_TOKENS < start:  # loaded from the pool at admission (and evicted since)
-                continue
-            block = self._take()
-            a = i * BLOCK_TOKENS
-            for pool, rows in ((self.k, self.cache.k), (self.v, self.cache.v)):
-                for dst, src in zip(pool, rows):
-                    dst[block].copy_(src[row, :, a : a + BLOCK_TOKENS])
-            self._index[key] = block
-            added += 1
-        return added
-
-    def _take(self) -> int:
-        if self._free:
-            return self._free.pop()
-        _, block = self._index.popitem(last=False)  # least recently used
-        return block
+        keys = block_keys(stance, tokens, min(len(tokens) // self.block_size, len(table)), self.block_size)
+        self.pool.touch(keys)
+        return sum(self.pool.register(key, block) for key, block in zip(keys, table))
 
     def clear(self) -> None:
-        """Forget every block."""
-        self._index.clear()
-        self._free = list(range(self.blocks - 1, -1, -1))
+        """Forget every key."""
+        self.pool.clear()

@@ -2,19 +2,26 @@
 
 Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 
-1. drop cancelled rows; if no group is prefilling, admit waiting requests as a
-   new group while the batch has room (``max_batch_size`` and a free KV cache
-   row), their adapters fit in free slots, and the group's prompts fit one
-   prefill chunk (``prefill_chunk_tokens``, counting the tokens the prefix
-   cache does not serve; a longer single prompt goes alone); the group's rows
-   of one adapter or blend are moved next to its first row (side by side);
+1. drop cancelled rows; if no group is prefilling, admit preempted sequences,
+   then waiting requests, as a new group while the batch has room
+   (``max_batch_size`` rows), the KV cache has free blocks for their prompts
+   (past the blocks the prefix cache shares, keeping a small reserve while
+   other rows run), their adapters fit in free slots, and the group's prompts
+   fit one prefill chunk (``prefill_chunk_tokens``, counting the tokens the
+   prefix cache does not serve; a longer single prompt goes alone); the
+   group's rows of one adapter or blend are moved next to its first row;
 2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` packed
    prompt tokens (chunked prefill: a long prompt never stalls the running rows
    for more than one chunk per step); when its prompts are done, sample their
    first tokens and merge them into the running batch;
-3. run one decode step for every running row;
-4. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
-   their adapter slots.
+3. give each decoding row the block its next position needs; when the cache
+   has too few, preempt the newest rows (vLLM's recompute preemption): free
+   their blocks and put them back at the head of the queue, to prefill their
+   prompt and generated tokens again when blocks are free (the client sees a
+   longer wait, never an error, and the same tokens);
+4. run one decode step for every running row;
+5. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
+   their adapter slots and KV blocks.
 
 Fault isolation: anything that goes wrong for one row (its admission, a
 forward pass it is part of, non-finite logits, sampling, detokenisation) ends
@@ -27,13 +34,14 @@ the thread; ``fault_hook`` lets tests make a chosen row fail at a chosen stage.
 Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
 rows of different stances and blends share every step. The model runs through
 the engine's own forward pass (:class:`~app.engine.forward.Decoder`) over its
-KV cache (:class:`~app.engine.kv_cache.KVCache`). Not here: HTTP,
+paged KV cache (:class:`~app.engine.kv_cache.PagedKVCache`). Not here: HTTP,
 tokenisation of chat messages, adapter validation.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -47,9 +55,9 @@ from app.engine.config import EngineConfig
 from app.engine.forward import Decoder, Plan
 from app.engine.grammar import MaskJob
 from app.engine.graphs import DecodeGraphs
-from app.engine.kv_cache import KVCache
+from app.engine.kv_cache import PagedKVCache, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
-from app.engine.prefix_cache import PrefixCache, stance_key
+from app.engine.prefix_cache import Hit, PrefixCache, stance_key
 from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, Listener, TokenEvent
 from app.engine.sampling import TokenChoice, choose_tokens
 from app.engine.slots import NoFreeSlotError, SlotCache
@@ -63,11 +71,11 @@ class Scheduler:
 
     Args:
         decoder: the forward pass over the base model's weights.
-        cache: its KV cache (its rows bound how many sequences run at once).
+        cache: its paged KV cache (its free blocks bound how many sequences run at once).
         lora, slots: the multi-LoRA slots of ``decoder``'s layers and their slot cache.
         eos_token_ids: token ids that end a sequence.
         config: sizes (default: :class:`~app.engine.config.EngineConfig`'s, i.e. the settings' defaults); the
-            scheduler reads ``max_batch_size`` (most rows per step), ``max_waiting`` (queue length past which
+            scheduler reads ``max_batch_size`` (most rows per step, a cap: free KV blocks bound them too), ``max_waiting`` (queue length past which
             :meth:`submit` raises :class:`QueueFullError`) and ``prefill_chunk_tokens`` (prompt-token budget
             of one step's prefill).
         prefix_cache: KV blocks of prompt prefixes per stance, reused at admission (``None``: off).
@@ -81,7 +89,7 @@ class Scheduler:
     def __init__(
         self,
         decoder: Decoder,
-        cache: KVCache,
+        cache: PagedKVCache,
         lora: MultiLoRA,
         slots: SlotCache,
         eos_token_ids: set[int],
@@ -113,6 +121,13 @@ class Scheduler:
         self._group: PrefillGroup | None = None  # newcomers being prefilled, chunk by chunk
         #: admitted rows (slots pinned) waiting to be prefilled as their own group: a failed group's rows
         self._pending: collections.deque[list[Sequence]] = collections.deque()
+        #: sequences preempted for KV blocks (slots still pinned, no blocks), oldest first: admitted before the queue
+        self._preempted: collections.deque[Sequence] = collections.deque()
+        #: sequences preempted so far (a counter; /metrics reads it)
+        self.preemptions = 0
+        self._order = itertools.count()
+        #: free blocks admission leaves for the running rows to grow into (vLLM's watermark: 1% of the cache)
+        self.block_reserve = max(1, cache.pool.capacity // 100)
         #: tests only: ``fault_hook(stage, request)`` may raise to make that row fail at that stage
         self.fault_hook: Callable[[str, GenerationRequest], None] | None = None
         self._stop = False
@@ -131,7 +146,8 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Requests queued, and sequences preempted waiting to resume."""
+        return len(self._waiting) + len(self._preempted)
 
     def start(self) -> None:
         """Start the engine thread."""
@@ -202,7 +218,7 @@ class Scheduler:
             logger.info("captured %d decode graphs in %.1f s", held, time.perf_counter() - t0)
         while True:
             with self._cv:
-                while not (self._stop or self._waiting or self._control or self.num_running):
+                while not (self._stop or self._waiting or self._control or self._preempted or self.num_running):
                     self._cv.wait()
                 if self._stop:
                     break
@@ -220,6 +236,7 @@ class Scheduler:
                     logger.exception("failing the running rows failed too")
                     self.kv.reset()
                     self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
+                    self._preempted = collections.deque()
         self._fail_all(NotReadyError("engine stopped"), waiting=True)
 
     def step(self) -> None:
@@ -236,14 +253,30 @@ class Scheduler:
         if self._group is not None:
             self._prefill_chunk()
         if len(self._batch):
+            self._reserve_decode_blocks()
+        if len(self._batch):
             self._decode()
 
     # ------------------------------------------------------------------ admission
     def _admit(self) -> list[Sequence]:
         seqs: list[Sequence] = []
         keys: list[bytes] = []  # each admitted row's stance key
+        fresh_blocks: list[int] = []  # each admitted row's last block, zeroed at once below
         budget = self.prefill_chunk_tokens
-        while self._waiting and self.num_running + len(seqs) < self.max_batch_size and self.kv.free_rows:
+        while self.num_running + len(seqs) < self.max_batch_size:
+            if self._preempted:  # preempted sequences resume first, oldest first
+                seq = self._preempted[0]
+                ids = seq.prefill_ids()
+                hit = self._match(seq.prefix_key, ids)
+                if not self._fits(seqs, len(ids), hit, budget):
+                    break
+                self._preempted.popleft()
+                fresh_blocks.append(self._place(seq, ids, hit))
+                seqs.append(seq)
+                keys.append(seq.prefix_key)
+                continue
+            if not self._waiting:
+                break
             with self._cv:
                 req = self._waiting[0]
             if req.cancelled:
@@ -255,9 +288,9 @@ class Scheduler:
             key = stance_key(req.stance)
             # the prefill cost is the tokens left after the prefix cache: many requests sharing a cached system
             # prompt fit one group, where counting whole prompts would prefill them one group each
-            todo = n - (self.prefix.cached_tokens(key, req.prompt_ids) if self.prefix is not None else 0)
-            if seqs and sum(s.prompt_len - s.cached for s in seqs) + todo > budget:
-                break  # the group's prefill would exceed one chunk: leave it for the next group
+            hit = self._match(key, req.prompt_ids)
+            if not self._fits(seqs, n, hit, budget):
+                break
             try:
                 self._inject("admission", req)
                 pairs = self._acquire(req)
@@ -280,24 +313,84 @@ class Scheduler:
                 self._waiting.popleft()
             p = req.params
             try:
-                seq = Sequence(req=req, slots=pairs, generator=p.make_generator(self.device), next_pos=n)
+                seq = Sequence(req=req, slots=pairs, generator=p.make_generator(self.device), next_pos=n,
+                               order=next(self._order), prefix_key=key)
             except Exception as e:  # noqa: BLE001 - e.g. a seed the generator refuses
                 self._release(pairs)
                 self._error(req, e)
                 continue
-            seq.kv_row = self.kv.allocate()
-            if self.prefix is not None:
-                seq.prefix_key = key
-                seq.cached = seq.prefilled = self.prefix.load(key, req.prompt_ids, seq.kv_row)
+            fresh_blocks.append(self._place(seq, req.prompt_ids, hit))
+            seq.prompt_cached = seq.cached
             seqs.append(seq)
             keys.append(key)
             self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
+        self.kv.zero([b for b in fresh_blocks if b >= 0])
         # rows of one stance side by side, at the place of its first row (distinct stances keep their order): prefill
         # then runs one slice per adapter slot over them, not a gather
         first: dict[bytes, int] = {}
         for i, k in enumerate(keys):
             first.setdefault(k, i)
         return [seqs[i] for i in sorted(range(len(seqs)), key=lambda i: first[keys[i]])]
+
+    def _match(self, key: bytes, ids: list[int]) -> Hit:
+        return self.prefix.match(key, ids) if self.prefix is not None else Hit([], [])
+
+    def _fits(self, seqs: list[Sequence], n: int, hit: Hit, budget: int) -> bool:
+        """Whether a sequence of ``n`` tokens to prefill (``hit`` served by the prefix cache) joins the group
+        ``seqs``: its uncached tokens fit the group's prefill budget (a first one always does) and the cache has
+        blocks for it, keeping :attr:`block_reserve` free while other rows run."""
+        bs = self.kv.block_size
+        todo = n - hit.tokens(bs)
+        if seqs and sum(s.prefill_len - s.cached for s in seqs) + todo > budget:
+            return False  # the group's prefill would exceed one chunk: leave it for the next group
+        need = blocks_for(n, bs) - len(hit.blocks)
+        reserve = self.block_reserve if (seqs or self.num_running) else 0
+        return need <= self.kv.pool.available(hit.blocks) - reserve
+
+    def _place(self, seq: Sequence, ids: list[int], hit: Hit) -> int:
+        """Give ``seq`` its block table for prefilling ``ids``: the prefix cache's blocks of ``hit``, then new ones
+        (:meth:`_fits` said they are free). Returns its last new block, which the caller zeroes (-1: none)."""
+        shared = self.prefix.take(hit, ids) if self.prefix is not None else []
+        new = self.kv.allocate(blocks_for(len(ids), self.kv.block_size) - len(shared), zero=0)
+        assert new is not None, "admission checked the free blocks"
+        seq.blocks = shared + new
+        seq.cached = seq.prefilled = len(shared) * self.kv.block_size
+        return new[-1] if new else -1
+
+    def _reserve_decode_blocks(self) -> None:
+        """Give every decoding row the block its next position needs, preempting the newest rows while the cache
+        has too few (:meth:`_preempt`)."""
+        bs = self.kv.block_size
+        while True:
+            needy = [s for s in self._batch.seqs if s.blocks_needed(bs)]
+            if not needy:
+                return
+            if len(needy) <= self.kv.free_blocks:
+                got = self.kv.allocate(len(needy), zero=len(needy))
+                assert got is not None
+                for s, b in zip(needy, got):
+                    s.blocks.append(b)
+                return
+            self._preempt(max(self._batch.seqs, key=lambda s: s.order))
+
+    def _preempt(self, s: Sequence) -> None:
+        """Take ``s`` out of the batch and free its blocks; it resumes ahead of the queue by prefilling its prompt
+        and generated tokens again. A sequence that alone needs more blocks than the cache holds fails instead."""
+        self._batch.keep([i for i, x in enumerate(self._batch.seqs) if x is not s])
+        if len(s.blocks) + 1 > self.kv.pool.capacity:
+            self._fail_row(s, InternalError(
+                f"the sequence needs more than the KV cache's {self.kv.pool.capacity} blocks "
+                f"(request id {s.req.request_id}); raise kv_cache_memory_bytes"
+            ))
+            return
+        if self.prefix is not None:  # its full blocks stay cached (evictable): a resume soon finds them
+            self.prefix.store(s.prefix_key, s.prefill_ids(), s.blocks)
+        self.kv.release(s.blocks)
+        s.blocks, s.prefilled, s.cached = [], 0, 0
+        self._preempted.appendleft(s)
+        self.preemptions += 1
+        logger.info("preempted request %s at %d tokens (KV cache full); it resumes when blocks are free",
+                    s.req.request_id, s.next_pos)
 
     def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
         """Pin every adapter of the request's stance; ``None`` (nothing pinned) when a slot is not free now.
@@ -345,7 +438,7 @@ class Scheduler:
         g = self._group
         assert g is not None
         t0 = time.perf_counter()
-        seqs, plan = g.next_chunk(self.prefill_chunk_tokens, self.device)
+        seqs, plan = g.next_chunk(self.prefill_chunk_tokens, self.device, self.kv.block_size)
         try:
             logits = self._forward(seqs, plan, "prefill")
         except Exception as e:  # noqa: BLE001 - isolate the faulty row (see docstring)
@@ -364,13 +457,15 @@ class Scheduler:
         if not g.finished:
             return
         self._group = None
-        first = torch.stack([s.logits for s in g.seqs])
+        fresh = [s for s in g.seqs if not s.resumed]  # resumed rows already hold their next token
+        first = torch.stack([s.logits for s in fresh]) if fresh else None
         for s in g.seqs:
             s.logits = None
             if self.prefix is not None:
-                self.prefix.store(s.prefix_key, s.req.prompt_ids, s.kv_row, s.cached)
+                self.prefix.store(s.prefix_key, s.req.prompt_ids, s.blocks)
         self._batch.extend(g.seqs)
-        self._consume(g.seqs, first)
+        if fresh:
+            self._consume(fresh, first)
 
     def _mask_job(self, seqs: list[Sequence], overlap: bool) -> MaskJob:
         """Start computing the token masks of the constrained rows of ``seqs`` (see :class:`MaskJob`)."""
@@ -497,11 +592,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ endings
     def _retire(self, s: Sequence) -> None:
-        """Give back what a finished row holds: its adapter slots and its KV row."""
+        """Give back what a finished row holds: its adapter slots and its KV blocks."""
         self._release(s.slots)
-        if s.kv_row >= 0:
-            row, s.kv_row = s.kv_row, -1
-            self.kv.release(row, s.written)
+        if s.blocks:
+            blocks, s.blocks = s.blocks, []
+            self.kv.release(blocks)
 
     def _finish(self, s: Sequence, reason: str) -> None:
         s.finish_reason = reason
@@ -509,8 +604,8 @@ class Scheduler:
         req = s.req
         ttft = None if s.first_token_at is None else s.first_token_at - req.arrival
         mask_s = s.matcher.mask_s if s.matcher is not None else 0.0
-        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter(), "", s.cached,
-                                    mask_s))
+        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter(), "",
+                                    s.prompt_cached, mask_s))
 
     def _finish_unstarted(self, req: GenerationRequest, reason: str) -> None:
         self._emit(req, FinishEvent(reason, len(req.prompt_ids), 0, None, time.perf_counter()))
@@ -524,6 +619,9 @@ class Scheduler:
             else:
                 keep.append(i)
         self._batch.keep(keep)
+        for s in [s for s in self._preempted if s.req.cancelled]:
+            self._preempted.remove(s)
+            self._finish(s, s.req.cancel_reason)
 
     def _empty_batch(self) -> Batch:
         return Batch(self.kv)
@@ -531,8 +629,9 @@ class Scheduler:
     def _fail_all(self, error: BaseException, *, waiting: bool) -> None:
         """Fail every running and prefilling row (and, with ``waiting``, every queued request)."""
         rows = self._batch.seqs + (self._group.seqs if self._group is not None else [])
-        rows += [s for group in self._pending for s in group]
+        rows += [s for group in self._pending for s in group] + list(self._preempted)
         self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
+        self._preempted = collections.deque()
         for s in rows:
             self._fail_row(s, error)
         if waiting:

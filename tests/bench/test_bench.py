@@ -148,3 +148,20 @@ def test_structured_scenario_and_grammar_libraries_on_a_tiny_model():
     libs = grammar_libraries(load_tokenizer(), 512, repeats=1)
     for name in ("person", "order"):
         assert libs[name]["tokens"] > 10 and libs[name]["llguidance_mask_s_per_token"] > 0
+
+
+def test_capacity_scenario_runs_on_a_tiny_model():
+    """Streams at the former 16-row cap and at the default one, then long and short prompts together in one budget."""
+    from bench.capacity import capacity
+
+    model = build_tiny_model("llama")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    out = capacity(bm, random_adapter(model, "llama", "a0", rank=4, seed=0), streams=(4, 20), prompt_len=8,
+                   max_tokens=4, max_model_len=128, long_prompts=2, long_len=100, short_requests=6)
+    for key in ("base_4", "one_adapter_20"):
+        row = out[key]
+        assert row["rows16"]["output_tokens"] == row["paged"]["output_tokens"] > 0 and row["tok_per_s_ratio"] > 0
+    assert out["base_20"]["rows16"]["decode_rows_peak"] <= 16 and out["base_20"]["paged"]["max_batch_size"] > 16
+    mixed = out["mixed_lengths"]
+    assert mixed["output_tokens"] == 8 * 4 and 0 < mixed["kv_bytes_peak"] <= out["kv_budget_bytes"]
+    assert out["kv_bytes_per_token"] > 0 and "ratio_median" in out["summary"]

@@ -14,13 +14,14 @@ import torch
 from tests.factories.adapters import read_adapter
 
 
-def make_engine(model, tokenizer, store, **kw):
+def make_engine(model, tokenizer, store, *, metrics=None, **kw):
     """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots)."""
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
 
     config = EngineConfig(max_loras=4).replace(**kw)
-    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store)  # no EOS in range
+    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store,  # no EOS in range
+                 metrics=metrics)
     eng.start()
     return eng
 
@@ -54,8 +55,8 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepa
         lora = MultiLoRA(decoder.linears, max_slots=max_slots)
         for slot, ad in enumerate(adapters):
             lora.write_slot(slot, ad)
-    cache = decoder.new_cache(len(rows), max(len(ids) for ids, _ in rows))
-    plan = Plan.build([(i, list(ids), 0) for i, (ids, _) in enumerate(rows)], decoder.device, all_logits=True)
+    cache, tables = decoder.row_cache(len(rows), max(len(ids) for ids, _ in rows))
+    plan = Plan.build([(tables[i], list(ids), 0) for i, (ids, _) in enumerate(rows)], decoder.device, all_logits=True)
     routing = LoRABatch.from_rows([list(p) for _, p in rows], device=decoder.device, dtype=decoder.dtype,
                                   segments=plan.segments)
     out = decoder.forward(plan, cache, routing)

@@ -3,7 +3,7 @@
 For every supported architecture (tiny random models: Llama with GQA and tied embeddings, Qwen2 with
 q/k/v biases, Phi with parallel blocks and partial rotary, Qwen3 with q/k norms, Mistral), rows of
 different lengths are prefilled in one packed pass, prefilled in chunks, and decoded token by token
-on KV rows out of order, and every logit is compared with the Hugging Face model's own forward.
+on block tables handed out round-robin and across block boundaries, and every logit is compared with the Hugging Face model's own forward.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from app.engine.forward import Decoder, Plan, UnsupportedModelError
+from app.engine.kv_cache import blocks_for
 from tests.factories import build_tiny_model, decoder_logits
 
 ATOL = 1e-4
@@ -54,35 +55,47 @@ def test_chunked_prefill_and_decode_on_shuffled_rows_match_transformers(any_mode
     ref_model = any_model
     dec = Decoder(copy.deepcopy(any_model), prepack=prepack)
     assert dec.prepacked == (prepack is not None and dec.device.type == "cpu")
-    cache = dec.new_cache(4, 64)
+    cache, T = dec.row_cache(4, 64)
     g = torch.Generator().manual_seed(1)
     seqs = {3: torch.randint(3, 512, (9,), generator=g).tolist(), 1: torch.randint(3, 512, (5,), generator=g).tolist()}
     # prefill in two chunks: 4 tokens of each row, then the rest
-    dec.forward(Plan.build([(r, s[:4], 0) for r, s in seqs.items()], dec.device), cache, None)
-    last = dec.forward(Plan.build([(r, s[4:], 4) for r, s in seqs.items()], dec.device), cache, None)
+    dec.forward(Plan.build([(T[r], s[:4], 0) for r, s in seqs.items()], dec.device), cache, None)
+    last = dec.forward(Plan.build([(T[r], s[4:], 4) for r, s in seqs.items()], dec.device), cache, None)
     for i, s in enumerate(seqs.values()):
         torch.testing.assert_close(last[i], hf_logits(ref_model, s)[0, -1], atol=ATOL, rtol=1e-4)
     for _ in range(3):  # greedy decode, rows 3 and 1 (not contiguous)
         nxt = {r: int(last[i].argmax()) for i, r in enumerate(seqs)}
-        plan = Plan.build([(r, [nxt[r]], len(seqs[r])) for r in seqs], dec.device)
-        assert plan.decode and not plan.contiguous
+        plan = Plan.build([(T[r], [nxt[r]], len(seqs[r])) for r in seqs], dec.device)
+        assert plan.decode
         last = dec.forward(plan, cache, None)
         for i, r in enumerate(seqs):
             seqs[r].append(nxt[r])
             torch.testing.assert_close(last[i], hf_logits(ref_model, seqs[r])[0, -1], atol=ATOL, rtol=1e-4)
 
 
-def test_contiguous_decode_view_matches_gather(any_model):
+def test_decode_across_block_boundaries_on_scattered_blocks_matches_transformers(any_model):
+    """Rows of 14, 16 and 31 tokens decode 4 tokens each, crossing position 16 and 32 (block boundaries), on block
+    tables taken in no order (new blocks handed out as the rows grow, as the scheduler does): every step's logits
+    equal transformers'; rows whose tables list the same blocks in another order would read other positions."""
     dec = Decoder(copy.deepcopy(any_model))
-    cache = dec.new_cache(2, 32)
-    rows = {0: [5, 6, 7, 8], 1: [9, 10]}
-    dec.forward(Plan.build([(r, s, 0) for r, s in rows.items()], dec.device), cache, None)
-    plan = Plan.build([(r, [11], len(s)) for r, s in rows.items()], dec.device)
-    assert plan.contiguous
-    a = dec.forward(plan, cache, None)
-    plan2 = Plan.build([(r, [11], len(s)) for r, s in rows.items()], dec.device)
-    plan2.contiguous = False
-    torch.testing.assert_close(a, dec.forward(plan2, cache, None), atol=1e-6, rtol=1e-6)
+    cache = dec.new_cache(16)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (14, 16, 31)]
+    tables = [[] for _ in seqs]
+    for t, s in zip(reversed(tables), reversed(seqs)):  # the longest row takes the lowest blocks
+        t += cache.allocate(blocks_for(len(s)))
+    last = dec.forward(Plan.build([(t, s, 0) for t, s in zip(tables, seqs)], dec.device), cache, None)
+    for _ in range(4):
+        nxt = [int(x.argmax()) for x in last]
+        for t, s in zip(tables, seqs):
+            if blocks_for(len(s) + 1) > len(t):
+                t += cache.allocate(1)
+        last = dec.forward(Plan.build([(t, [x], len(s)) for t, s, x in zip(tables, seqs, nxt)], dec.device), cache, None)
+        for i, (s, x) in enumerate(zip(seqs, nxt)):
+            s.append(x)
+            torch.testing.assert_close(last[i], hf_logits(any_model, s)[0, -1], atol=ATOL, rtol=1e-4)
+    assert [len(t) for t in tables] == [2, 2, 3] and sorted(b for t in tables for b in t) == list(range(1, 8))
+    cache.pool.check()
 
 
 @pytest.mark.parametrize("kw", [{}, {"prepack": 4, "keep_dense": True}], ids=["dense", "prepacked-keep-dense"])
@@ -130,12 +143,12 @@ def test_matmul_decode_attention_equals_sdpa(any_model):
     """The CPU fp32 decode attention (two matmuls and a softmax) against SDPA's, on rows of different lengths."""
     dec = Decoder(copy.deepcopy(any_model))
     assert dec.matmul_decode_attention  # CPU, fp32
-    cache = dec.new_cache(3, 32)
+    cache, T = dec.row_cache(3, 32)
     rows = {0: [5, 6, 7, 8, 9, 10, 11], 1: [9, 10], 2: [3, 4, 5, 6]}
-    dec.forward(Plan.build([(r, s, 0) for r, s in rows.items()], dec.device), cache, None)
+    dec.forward(Plan.build([(T[r], s, 0) for r, s in rows.items()], dec.device), cache, None)
     out = {}
     for matmul in (True, False):
         dec.matmul_decode_attention = matmul
-        out[matmul] = dec.forward(Plan.build([(r, [12], len(s)) for r, s in rows.items()], dec.device), cache, None)
+        out[matmul] = dec.forward(Plan.build([(T[r], [12], len(s)) for r, s in rows.items()], dec.device), cache, None)
     assert not torch.allclose(out[True][0], out[True][1], atol=1e-3)  # rows really differ
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 
@@ -196,3 +197,32 @@ def test_decode_masks_are_computed_beside_the_forward_pass(engine, monkeypatch):
     asyncio.run(run_rows(engine, [(PROMPT, SamplingParams(max_tokens=20, temperature=0, grammar=g),
                                    stances(engine)[0])]))
     assert any(t.startswith("grammar-masks") for t in threads)  # decode steps: on the helper thread
+
+
+def test_constrained_rows_survive_preemption(tmp_path):
+    """A KV budget far below the traffic preempts rows mid-answer; a preempted constrained row resumes with its
+    grammar state and still completes valid JSON, with the tokens it gets with room to spare."""
+    from tests.app.engine.test_paged import block_bytes
+
+    model = build_tiny_model("llama")
+    schema = _object({"a": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+                            "minItems": 6, "maxItems": 6}, "b": {"type": "string", "maxLength": 4}})
+
+    def run(**kw):
+        eng = Engine(copy.deepcopy(model), load_tokenizer(), "tiny", {EOS}, config=EngineConfig(max_loras=4, **kw))
+        eng.start()
+        try:
+            g = compile_schema(eng, schema)
+            rows = [([1, 40 + i, 50, 60], SamplingParams(max_tokens=120, temperature=1.0, seed=i, grammar=g),
+                     eng.resolve_stance("tiny")) for i in range(6)]
+            return asyncio.run(run_rows(eng, rows)), eng.scheduler.preemptions
+        finally:
+            eng.stop()
+
+    roomy, _ = run(max_model_len=128)
+    tight, preempted = run(kv_cache_memory_bytes=10 * block_bytes(model), max_model_len=128)
+    assert preempted > 0
+    assert [o[0] for o in tight] == [o[0] for o in roomy]
+    for toks, text, fin, errs in tight:
+        assert not errs and fin.reason == "stop"
+        jsonschema.validate(json.loads(text), schema)

@@ -3,7 +3,7 @@
 Each test runs good rows (base, adapters, a blend) alone first, then together with a bad row that fails
 at a chosen stage (fault injection through ``Scheduler.fault_hook``, or a real fault: non-finite logits,
 an out-of-range seed, an adapter that cannot load into a slot). The good rows must produce exactly the
-greedy tokens they produce alone, the bad row exactly one error, and no slot may stay pinned.
+greedy tokens they produce alone, the bad row exactly one error, and no slot may stay pinned nor KV block held.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def stance_of(eng, name):
 
 
 def assert_clean(eng):
-    """No row left running or waiting, no slot pinned (the engine thread retires rows just after their last event)."""
+    """No row left running or waiting, no slot pinned, no KV block held (the engine thread retires rows just after
+    their last event)."""
     sched = eng.scheduler
     for _ in range(200):
         if sched.num_running == 0 and sched.num_waiting == 0:
@@ -71,6 +72,9 @@ def assert_clean(eng):
         time.sleep(0.01)
     assert sched.num_running == 0 and sched.num_waiting == 0
     assert all(n == 0 for n in eng.slots._refs.values()), eng.slots._refs
+    pool = eng.kv_cache.pool
+    pool.check()
+    assert pool.in_use == 0 and pool.free == pool.capacity  # a failed row's blocks came back too
 
 
 def alone_outputs(eng):

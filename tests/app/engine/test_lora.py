@@ -81,11 +81,11 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
     third = [(0, 0.5), (1, -0.25)] if mix == "blend" else [(1, 1.0)]
     routes = [[(0, 1.0)], [(1, 1.0)], third, []]
-    cache = dec.new_cache(4, 16)
-    plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
+    cache, T = dec.row_cache(4, 16)
+    plan = Plan.build([(T[i], p, 0) for i, p in enumerate(prompts)], dec.device)
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
     nxt = [7, 8, 9, 10]
-    step = Plan.build([(i, [t], len(p)) for i, (p, t) in enumerate(zip(prompts, nxt))], dec.device)
+    step = Plan.build([(T[i], [t], len(p)) for i, (p, t) in enumerate(zip(prompts, nxt))], dec.device)
     out = dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
     full = [p + [t] for p, t in zip(prompts, nxt)]
     ref = [
@@ -211,7 +211,7 @@ def test_prefill_of_one_blend_on_several_rows(tiny_model, arch, two_adapters, ro
     ids = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 3, 4, 6, 2)][: max(rows_of_blend) + 2]
     blend = [(0, 0.5), (1, 0.5)]
     routes = [blend if i in rows_of_blend else [(1, 1.0)] for i in range(len(ids))]
-    plan = Plan.build([(i, p, 0) for i, p in enumerate(ids)], dec.device)
+    plan = Plan.build([([i + 1], p, 0) for i, p in enumerate(ids)], dec.device)  # one block each: only segments count
     groups = {s: t for s, t, _ in LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype,
                                                          segments=plan.segments).slot_groups}
     if rows_of_blend == (0, 1):
@@ -241,10 +241,10 @@ def test_fp16_padding_terms_never_carry_another_adapters_overflow(tiny_model, ar
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 4)]
 
     def step(routes, rows):
-        cache = dec.new_cache(2, 16)
-        plan = Plan.build([(i, prompts[r], 0) for i, r in enumerate(rows)], dec.device)
+        cache, T = dec.row_cache(2, 16)
+        plan = Plan.build([(T[i], prompts[r], 0) for i, r in enumerate(rows)], dec.device)
         dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
-        step = Plan.build([(i, [7], len(prompts[r])) for i, r in enumerate(rows)], dec.device)
+        step = Plan.build([(T[i], [7], len(prompts[r])) for i, r in enumerate(rows)], dec.device)
         return dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
 
     mixed = step([[], [(1, 0.5), (2, 0.5)]], [0, 1])

@@ -1,9 +1,10 @@
-"""Prefix reuse per stance: reused KV gives the logits of a cold prefill, and never crosses stances.
+"""Prefix reuse per stance: shared KV blocks give the logits of a cold prefill, and never cross stances.
 
-The forward-level tests copy cached blocks into a fresh KV row and prefill only the rest of the prompt,
-then compare with a cold prefill of the whole prompt; the engine-level tests check what requests see:
-``cached_tokens`` in the finish event (the admission event carries it to metrics too), the same greedy tokens as without the cache, and no reuse across
-adapters, blend weights or a replaced adapter's new content.
+The forward-level tests key a prefilled sequence's full blocks, share them at the head of a second sequence's
+block table (no copy) and prefill only the rest of its prompt, then compare with a cold prefill of the whole
+prompt; the engine-level tests check what requests see: ``cached_tokens`` in the finish event (the admission
+event carries it to metrics too), the same greedy tokens as without the cache, and no reuse across adapters,
+blend weights or a replaced adapter's new content.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import pytest
 import torch
 
 from app.engine.forward import Decoder, Plan
+from app.engine.kv_cache import BLOCK_SIZE, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
-from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, stance_key
+from app.engine.prefix_cache import PrefixCache, stance_key
 from app.engine.request import Stance
 from app.engine.sampling import SamplingParams
 from tests.app.engine.test_engine import collect
@@ -35,47 +37,70 @@ async def cached_and_tokens(eng, model, ask, max_tokens):
     return fin.cached_tokens, toks
 
 
-def run(dec, cache, row, tokens, start, routes):
-    plan = Plan.build([(row, tokens[start:], start)], dec.device)
+def run(dec, cache, table, tokens, start, routes):
+    plan = Plan.build([(table, tokens[start:], start)], dec.device)
     routing = LoRABatch.from_rows([routes], device=dec.device, dtype=dec.dtype, segments=plan.segments)
     return dec.forward(plan, cache, routing)[0]
 
 
 @pytest.mark.parametrize("routes", [[], [(0, 1.0)], [(0, 0.6), (1, -0.4)]], ids=["base", "adapter", "blend"])
-def test_reused_kv_gives_the_logits_of_a_cold_prefill(tiny_model, arch, tmp_path, routes):
+def test_shared_blocks_give_the_logits_of_a_cold_prefill(tiny_model, arch, tmp_path, routes):
     dec = Decoder(copy.deepcopy(tiny_model))
     lora = MultiLoRA(dec.linears, max_slots=2)
     for slot in (0, 1):
         lora.write_slot(slot, read_adapter(write_peft_adapter(tmp_path / f"a{slot}", arch, model=tiny_model, seed=slot), f"a{slot}"))
-    cache = dec.new_cache(3, 128)
-    pc = PrefixCache(cache, 1 << 20)
-    system = prompt(3 * BLOCK_TOKENS + 5, 0)
+    cache = dec.new_cache(32, max_cached=32)
+    pc = PrefixCache(cache)
+    system = prompt(3 * BLOCK_SIZE + 5, 0)
     first, second = system + prompt(7, 1), system + prompt(9, 2)
     key = b"stance-under-test"
-    run(dec, cache, 0, first, 0, routes)
-    assert pc.store(key, first, 0) == len(first) // BLOCK_TOKENS
-    hit = pc.load(key, second, 1)
-    assert hit == 3 * BLOCK_TOKENS  # the shared whole blocks
-    warm = run(dec, cache, 1, second, hit, routes)
-    cold = run(dec, cache, 2, second, 0, routes)
-    assert not torch.equal(cache.k[0][1, :, hit:], torch.zeros_like(cache.k[0][1, :, hit:]))
+    t1 = cache.allocate(blocks_for(len(first)))
+    run(dec, cache, t1, first, 0, routes)
+    assert pc.store(key, first, t1) == len(first) // BLOCK_SIZE
+    hit = pc.match(key, second)
+    assert hit.tokens(BLOCK_SIZE) == 3 * BLOCK_SIZE and hit.blocks == t1[:3]  # the shared whole blocks, no copy
+    t2 = pc.take(hit, second)
+    t2 += cache.allocate(blocks_for(len(second)) - len(t2))
+    assert [cache.pool.refs[b] for b in t1[:3]] == [2, 2, 2]
+    warm = run(dec, cache, t2, second, 3 * BLOCK_SIZE, routes)
+    t3 = cache.allocate(blocks_for(len(second)))
+    cold = run(dec, cache, t3, second, 0, routes)
     torch.testing.assert_close(warm, cold, atol=1e-5, rtol=1e-5)
-    assert pc.load(b"another stance", second, 2) == 0  # keys are per stance
-    assert pc.load(key, first[: 2 * BLOCK_TOKENS], 2) == BLOCK_TOKENS  # at least one token is left to prefill
+    assert pc.match(b"another stance", second).blocks == []  # keys are per stance
+    assert pc.match(key, first[: 2 * BLOCK_SIZE]).tokens(BLOCK_SIZE) == BLOCK_SIZE  # at least one token is left to prefill
+    for t in (t1, t2, t3):
+        cache.release(t)
+    cache.pool.check()
+    assert cache.pool.free == cache.pool.capacity and cache.pool.cached == 3  # keyed blocks stay, evictable
+    assert pc.match(key, second).blocks == t1[:3]
 
 
-def test_pool_evicts_least_recently_used_blocks(tiny_model):
+def test_keyed_blocks_are_reused_least_recently_used_first(tiny_model):
+    """Unreferenced keyed blocks are handed out only when no plain free block is left, least recently used first;
+    the index holds at most max_cached keys; a zero max_cached turns the cache off."""
     dec = Decoder(copy.deepcopy(tiny_model))
-    cache = dec.new_cache(1, 64)
-    pc = PrefixCache(cache, 2 * PrefixCache(cache, 1 << 20).block_bytes)  # room for two blocks
-    assert pc.blocks == 2
-    a, b = prompt(BLOCK_TOKENS + 1, 3), prompt(BLOCK_TOKENS + 1, 4)
-    pc.store(b"s", a, 0)
-    pc.store(b"s", b, 0)
-    assert pc.load(b"s", a, 0) == BLOCK_TOKENS  # touches a: b is now the oldest
-    pc.store(b"s", prompt(BLOCK_TOKENS + 1, 5), 0)
-    assert pc.load(b"s", b, 0) == 0 and pc.load(b"s", a, 0) == BLOCK_TOKENS
-    assert PrefixCache(cache, 0).load(b"s", a, 0) == 0  # a zero budget turns it off
+    cache = dec.new_cache(5, max_cached=3)  # 4 usable blocks
+    pc = PrefixCache(cache)
+    a, b = prompt(BLOCK_SIZE + 1, 3), prompt(BLOCK_SIZE + 1, 4)
+    for p in (a, b):
+        t = cache.allocate(2)
+        pc.store(b"s", p, t)
+        cache.release(t)
+    assert cache.pool.cached == 2 and cache.pool.free == 4
+    hit = pc.match(b"s", a)
+    pc.take(hit, a)  # touches a: b is now the least recently used
+    cache.release(hit.blocks)
+    got = cache.allocate(3)  # two plain free blocks, then b's block
+    assert pc.match(b"s", b).blocks == [] and pc.match(b"s", a).tokens(BLOCK_SIZE) == BLOCK_SIZE
+    cache.release(got)
+    for i in range(3):  # three more keys: past max_cached the oldest (a) goes
+        t = cache.allocate(1)
+        pc.store(b"s", prompt(BLOCK_SIZE, 10 + i), t)
+        cache.release(t)
+    assert cache.pool.cached == 3 and pc.match(b"s", a).blocks == []
+    cache.pool.check()
+    off = PrefixCache(dec.new_cache(5))
+    assert not off.enabled and off.store(b"s", a, [1, 2]) == 0 and off.match(b"s", a).blocks == []
 
 
 def test_stance_key_names_adapter_content_and_weights(tiny_model, tmp_path):
@@ -89,7 +114,7 @@ def test_stance_key_names_adapter_content_and_weights(tiny_model, tmp_path):
 @pytest.mark.parametrize("arch", ["llama"])
 def test_engine_reuses_a_shared_system_prompt_per_stance(tiny_model, tokenizer, arch, tmp_path):
     dirs = {n: write_peft_adapter(tmp_path / n, arch, model=tiny_model, seed=i) for i, n in enumerate(("a1", "a2"))}
-    system = prompt(4 * BLOCK_TOKENS, 7)
+    system = prompt(4 * BLOCK_SIZE, 7)
     asks = [system + prompt(5, 10 + i) for i in range(3)]
 
     def serve(prefix_bytes):
@@ -100,7 +125,7 @@ def test_engine_reuses_a_shared_system_prompt_per_stance(tiny_model, tokenizer, 
             eng.stop()
 
     warm, cold = serve(1 << 20), serve(0)
-    assert [c for c, _ in warm] == [0, 4 * BLOCK_TOKENS, 0, 0]  # a hit only for the same stance
+    assert [c for c, _ in warm] == [0, 4 * BLOCK_SIZE, 0, 0]  # a hit only for the same stance
     assert [c for c, _ in cold] == [0, 0, 0, 0]
     assert [t for _, t in warm] == [t for _, t in cold]  # and the same greedy tokens
 
@@ -109,7 +134,7 @@ def test_admission_counts_only_the_prompt_tokens_the_prefix_cache_leaves(tiny_mo
     """Three requests sharing a cached 64-token system prompt, 5 tokens of their own each, with a 16-token
     prefill chunk: one group and one prefill step for all three (counting whole 69-token prompts made a group
     of each), and the same greedy tokens as with the cache off."""
-    system = prompt(4 * BLOCK_TOKENS, 7)
+    system = prompt(4 * BLOCK_SIZE, 7)
     asks = [system + prompt(5, 20 + i) for i in range(3)]
 
     def serve(prefix_bytes):
@@ -131,6 +156,6 @@ def test_admission_counts_only_the_prompt_tokens_the_prefix_cache_leaves(tiny_mo
             eng.stop()
 
     (warm, warm_steps), (cold, cold_steps) = serve(1 << 20), serve(0)
-    assert [c for c, _ in warm] == [4 * BLOCK_TOKENS] * 3 and warm_steps == 1
+    assert [c for c, _ in warm] == [4 * BLOCK_SIZE] * 3 and warm_steps == 1
     assert cold_steps >= 3 * 5  # 69 tokens each in chunks of 16, one request per group
     assert [t for _, t in warm] == [t for _, t in cold]

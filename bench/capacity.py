@@ -1,0 +1,131 @@
+"""Capacity: how many concurrent streams the paged KV cache serves, against the same engine capped at 16 rows.
+
+:func:`capacity` runs one engine whose KV budget is what 16 rows of ``max_model_len`` tokens took before the
+cache was paged, and alternates, run by run, its scheduler's row cap between 16 (the former default) and the
+service's ``max_batch_size`` default, at 16, 64 and 128 concurrent streams, for the base model and one
+adapter. Then a mixed-length load in the same budget: 4 requests of 1,500 prompt tokens and 60 short ones at
+once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS) plus
+the peak KV bytes the sequences held (sampled every 10 ms from the block pool), the most rows one decode step
+ran, and the preemptions. Nothing here asserts a target; ``stanceserve bench --scenarios capacity`` prints it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from app.engine.config import EngineConfig
+from app.engine.kv_cache import token_bytes
+from app.engine.request import Stance
+from bench.scenarios import EngineBench
+
+#: the row cap the service had before the KV cache was paged
+FORMER_ROWS = 16
+
+
+@contextmanager
+def kv_peak(bench: EngineBench) -> Iterator[dict[str, int]]:
+    """Peak KV blocks in use and peak decoding rows inside the block, sampled every 10 ms."""
+    sch, pool = bench.engine.scheduler, bench.engine.kv_cache.pool
+    out: dict[str, int] = {}
+    stop, peak = threading.Event(), {"blocks": 0, "rows": 0}
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["blocks"] = max(peak["blocks"], pool.in_use)
+            peak["rows"] = max(peak["rows"], len(sch._batch))
+            stop.wait(0.01)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["kv_bytes_peak"] = peak["blocks"] * bench.engine.kv_cache.block_bytes
+        out["decode_rows_peak"] = peak["rows"]
+
+
+def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list[int]] | None = None) -> dict:
+    sch = bench.engine.scheduler
+    sch.max_batch_size = cap
+    before = sch.preemptions
+    with kv_peak(bench) as kv:
+        r = bench.run(stances, prompts=prompts)
+    r.update(kv)
+    r["preemptions"] = sch.preemptions - before
+    r["max_batch_size"] = cap
+    return r
+
+
+def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128), prompt_len: int = 80,
+             max_tokens: int = 32, repeats: int = 1, max_model_len: int = 2048, long_prompts: int = 4,
+             long_len: int = 1500, short_requests: int = 60, prefill_chunk_tokens: int | None = None) -> dict[str, Any]:
+    """The capacity runs (see the module docstring).
+
+    Args:
+        bm: the model; adapter: the one adapter (:class:`~app.registry.adapter.AdapterWeights`).
+        streams: concurrent requests per run.
+        repeats: rounds; each round runs every (streams, mix) pair at both caps, alternating, and the median
+            round is reported per cap.
+
+    Returns:
+        ``kv_budget_bytes`` (16 rows of ``max_model_len``), ``kv_bytes_per_token``, per ``{mix}_{streams}``
+        the ``rows16`` and ``paged`` medians and their tok/s ratio, and ``mixed_lengths``.
+    """
+    from bench.scenarios import stance
+
+    default_rows = EngineConfig().max_batch_size
+    dec_cfg = bm.model.config
+    heads = dec_cfg.num_attention_heads
+    head_dim = getattr(dec_cfg, "head_dim", None) or dec_cfg.hidden_size // heads
+    per_token = token_bytes(dec_cfg.num_hidden_layers, getattr(dec_cfg, "num_key_value_heads", None) or heads,
+                            head_dim, bm.dtype)
+    budget = FORMER_ROWS * max_model_len * per_token
+    kw = {} if prefill_chunk_tokens is None else {"prefill_chunk_tokens": prefill_chunk_tokens}
+    bench = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_batch_size=default_rows,
+                        max_model_len=max_model_len, kv_cache_memory_bytes=budget, **kw)
+    out: dict[str, Any] = {"kv_budget_bytes": budget, "kv_bytes_per_token": per_token,
+                           "prompt_tokens": prompt_len, "max_tokens": max_tokens, "default_max_batch_size": default_rows}
+    try:
+        mixes = {"base": Stance.base(), "one_adapter": stance(adapter)}
+        for st in mixes.values():  # warm-up: the adapter's slot, kernels at both caps
+            _run(bench, [st] * 8, FORMER_ROWS)
+        runs: dict[tuple[str, int, str], list[dict]] = {}
+        for _ in range(repeats):
+            for n in streams:
+                for name, st in mixes.items():
+                    for cap_name, cap in (("rows16", FORMER_ROWS), ("paged", default_rows)):
+                        runs.setdefault((name, n, cap_name), []).append(_run(bench, [st] * n, cap))
+        for n in streams:
+            for name in mixes:
+                row: dict[str, Any] = {}
+                for cap_name in ("rows16", "paged"):
+                    rs = sorted(runs[(name, n, cap_name)], key=lambda r: r["output_tok_per_s"])
+                    row[cap_name] = dict(rs[len(rs) // 2], output_tok_per_s_all=[r["output_tok_per_s"] for r in rs])
+                row["tok_per_s_ratio"] = round(row["paged"]["output_tok_per_s"] / row["rows16"]["output_tok_per_s"], 3)
+                out[f"{name}_{n}"] = row
+        rng = bench._rng
+        hi = min(bm.vocab_size, 30000)
+        prompts = [[rng.randrange(100, hi) for _ in range(long_len)] for _ in range(long_prompts)]
+        prompts += [bench.prompt() for _ in range(short_requests)]
+        mixed = _run(bench, [Stance.base()] * len(prompts), default_rows, prompts)
+        mixed.update({"long_requests": long_prompts, "long_prompt_tokens": long_len, "short_requests": short_requests,
+                      "kv_budget_fraction_peak": round(mixed["kv_bytes_peak"] / budget, 3)})
+        out["mixed_lengths"] = mixed
+        out["summary"] = {
+            k: {"tok_per_s_ratio": v["tok_per_s_ratio"], "ttft_s_p50_paged": v["paged"]["ttft_s_p50"],
+                "ttft_s_p50_rows16": v["rows16"]["ttft_s_p50"], "peak_rss_paged": v["paged"].get("peak_memory_bytes"),
+                "peak_rss_rows16": v["rows16"].get("peak_memory_bytes")}
+            for k, v in out.items() if isinstance(v, dict) and "tok_per_s_ratio" in v
+        }
+        out["summary"]["mixed_lengths_ran_together"] = mixed["decode_rows_peak"] >= long_prompts + short_requests // 2
+        out["summary"]["ratio_median"] = round(statistics.median(
+            v["tok_per_s_ratio"] for v in out["summary"].values() if isinstance(v, dict)), 3)
+    finally:
+        bench.close()
+    return out
