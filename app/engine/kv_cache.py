@@ -342,7 +342,7 @@ class PagedKVCache:
 
         Args:
             index: ``[rows * kv_heads * blocks]`` int64 into the layer viewed as ``[kv_heads * num_blocks,
-                block_size, head_dim]`` (:meth:`~app.engine.forward.Plan.gather_index`); ``L = blocks * block_size``.
+                block_size, head_dim]`` (:meth:`~app.engine.forward.DecodeGroup.gather_index`); ``L = blocks * block_size``.
         """
         kc, vc = self.k[layer], self.v[layer]
         h, nb, bs, d = kc.shape
