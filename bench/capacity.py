@@ -5,7 +5,7 @@ cache was paged, and alternates, run by run, its scheduler's row cap between 16 
 service's ``max_batch_size`` default, at 16, 64 and 128 concurrent streams, for the base model and one
 adapter. Then a mixed-length load in the same budget: 4 requests of 1,500 prompt tokens and 60 short ones at
 once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS) plus
-the peak KV bytes the sequences held (sampled every 10 ms from the block pool), the most rows one decode step
+the peak KV bytes the sequences held (the block pool's peak), the most rows one decode step
 ran, and the preemptions. Nothing here asserts a target; ``stanceserve bench --scenarios capacity`` prints it.
 """
 
@@ -28,14 +28,14 @@ FORMER_ROWS = 16
 
 @contextmanager
 def kv_peak(bench: EngineBench) -> Iterator[dict[str, int]]:
-    """Peak KV blocks in use and peak decoding rows inside the block, sampled every 10 ms."""
+    """Peak KV bytes in use (the block pool's own peak) and peak decoding rows (sampled every 10 ms) inside the block."""
     sch, pool = bench.engine.scheduler, bench.engine.kv_cache.pool
     out: dict[str, int] = {}
-    stop, peak = threading.Event(), {"blocks": 0, "rows": 0}
+    stop, peak = threading.Event(), {"rows": 0}
+    pool.reset_peak()
 
     def sample() -> None:
         while not stop.is_set():
-            peak["blocks"] = max(peak["blocks"], pool.in_use)
             peak["rows"] = max(peak["rows"], len(sch._batch))
             stop.wait(0.01)
 
@@ -46,7 +46,7 @@ def kv_peak(bench: EngineBench) -> Iterator[dict[str, int]]:
     finally:
         stop.set()
         t.join()
-        out["kv_bytes_peak"] = peak["blocks"] * bench.engine.kv_cache.block_bytes
+        out["kv_bytes_peak"] = pool.peak_in_use * bench.engine.kv_cache.block_bytes
         out["decode_rows_peak"] = peak["rows"]
 
 
@@ -124,8 +124,9 @@ def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128),
             for k, v in out.items() if isinstance(v, dict) and "tok_per_s_ratio" in v
         }
         out["summary"]["mixed_lengths_ran_together"] = mixed["decode_rows_peak"] >= long_prompts + short_requests // 2
-        out["summary"]["ratio_median"] = round(statistics.median(
-            v["tok_per_s_ratio"] for v in out["summary"].values() if isinstance(v, dict)), 3)
+        ratios = [v["tok_per_s_ratio"] for v in out["summary"].values() if isinstance(v, dict)]
+        if ratios:
+            out["summary"]["ratio_median"] = round(statistics.median(ratios), 3)
     finally:
         bench.close()
     return out

@@ -11,14 +11,16 @@ length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through blo
 
 * decode (one token per row): one batched call over the rows' blocks gathered into
   ``[rows, kv_heads, L, head_dim]`` by one ``index_select`` per layer and tensor over the cache viewed as
-  ``[kv_heads * blocks, block_size, head_dim]`` (:meth:`Plan.gather_index`), so the gathered keys are
+  ``[kv_heads * blocks, block_size, head_dim]`` (:meth:`DecodeGroup.gather_index`), so the gathered keys are
   contiguous in the layout attention reads. Measured against a loop over rows reading each row's blocks
   (1.5-6x slower, except for a few rows of over a thousand tokens, where the two were even) and against
   gathering ``[kv_heads, rows, L, head_dim]`` and moving the rows into the heads axis (1.5-3x slower). The
   ``G = heads / kv_heads`` query heads of a KV head ride in the query-length axis (``[rows, kv_heads, G,
   head_dim]``), so grouped-query attention needs no repeated keys, and a ``[rows, 1, 1, L]`` mask hides each
-  row's positions past its length. On CPU in fp32 the call is two batched matmuls and a softmax rather than
-  SDPA (faster for short rows: :attr:`Decoder.matmul_decode_attention`);
+  row's positions past its length. Rows of very different lengths (a few long prompts among short ones)
+  attend in groups of similar lengths (:class:`DecodeGroup`), so short rows do not gather the longest
+  row's positions. On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster
+  for short rows: :attr:`Decoder.matmul_decode_attention`);
 * prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
   prefill and prefix reuse start mid-sequence).
 
@@ -46,6 +48,51 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows whose attention runs as one batched call over their blocks.
+
+    Attributes:
+        rows: ``[g]`` int64, the rows' indices in the plan (``None``: every row, in order).
+        tables: ``[g, blocks]`` int64, each row's block table up to the group's longest row, padded with the null
+            block; attention reads ``L = blocks * block_size`` positions of each row.
+        positions: ``[g]`` int64, each row's position (its last visible key).
+        block_size: positions per block.
+    """
+
+    rows: torch.Tensor | None
+    tables: torch.Tensor
+    positions: torch.Tensor
+    block_size: int
+    _mask: torch.Tensor | None = None
+    _bias: torch.Tensor | None = None
+    _index: torch.Tensor | None = None
+
+    def mask(self) -> tuple[torch.Tensor, int]:
+        """``([g, 1, 1, L] bool, L)``: key ``j`` of row ``b`` is visible iff ``j <= position_b``."""
+        if self._mask is None:
+            length = int(self.tables.shape[1]) * self.block_size
+            ar = torch.arange(length, device=self.positions.device)
+            self._mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
+        return self._mask, int(self._mask.shape[-1])
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`mask` as an additive score bias ``[g, 1, 1, L]``: 0 where visible, ``-inf`` elsewhere."""
+        if self._bias is None:
+            mask, _ = self.mask()
+            self._bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return self._bias
+
+    def gather_index(self, kv_heads: int, num_blocks: int) -> torch.Tensor:
+        """``[g * kv_heads * blocks]`` int64: for row ``r``, KV head ``h`` and table entry ``i``, the block
+        ``h * num_blocks + tables[r, i]`` of a cache layer viewed as ``[kv_heads * num_blocks, block_size,
+        head_dim]``, in ``(r, h, i)`` order, so the gathered blocks view as ``[g, kv_heads, L, head_dim]``."""
+        if self._index is None:
+            heads = torch.arange(kv_heads, device=self.tables.device) * num_blocks
+            self._index = (self.tables[:, None, :] + heads[None, :, None]).reshape(-1)
+        return self._index
+
+
+@dataclass
 class Plan:
     """What one forward pass computes: its packed tokens, where their KV goes and which logits come back.
 
@@ -63,6 +110,7 @@ class Plan:
         row_tables: prefill only: per sequence, ``[blocks]`` int64, the blocks holding its first
             ``cached + tokens`` positions.
         block_size: positions per block.
+        groups: decode only: the rows split by length (:meth:`decode_groups`), or ``None``: one group.
     """
 
     ids: torch.Tensor
@@ -75,9 +123,7 @@ class Plan:
     row_tables: list[torch.Tensor] | None = None
     all_logits: bool = False
     block_size: int = BLOCK_SIZE
-    _decode_mask: torch.Tensor | None = None
-    _decode_bias: torch.Tensor | None = None
-    _gather_index: torch.Tensor | None = None
+    groups: list[DecodeGroup] | None = None
 
     @classmethod
     def build(
@@ -110,45 +156,41 @@ class Plan:
         decode = all(n == 1 for _, _, n, _ in spans)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         index = t(list(range(len(ids)))) if all_logits else t(last)
-        tables = row_tables = None
+        tables = row_tables = groups = None
         if decode:
-            width = max(blocks_for(c + 1, block_size) for *_, c in spans)
-            tables = t([list(tb[:width]) + [NULL_BLOCK] * (width - min(len(tb), width)) for tb, *_ in spans])
+            widths = [blocks_for(c + 1, block_size) for *_, c in spans]
+            width = max(widths)
+
+            def padded(rows: list[int], w: int) -> torch.Tensor:
+                return t([list(spans[i][0][:w]) + [NULL_BLOCK] * (w - min(len(spans[i][0]), w)) for i in rows])
+
+            tables = padded(list(range(len(spans))), width)
+            # rows of very different lengths attend in groups of similar widths (powers of two of blocks), so short
+            # rows do not gather the longest row's length; only when that halves the positions read
+            by_width: dict[int, list[int]] = {}
+            for i, w in enumerate(widths):
+                by_width.setdefault(1 << (w - 1).bit_length(), []).append(i)
+            split = sum(len(r) * max(widths[i] for i in r) for r in by_width.values())
+            if len(by_width) > 1 and 2 * split <= len(spans) * width:
+                groups = [
+                    DecodeGroup(t(r), padded(r, max(widths[i] for i in r)), t([spans[i][3] for i in r]), block_size)
+                    for _, r in sorted(by_width.items())
+                ]
         else:
             row_tables = [t(list(tb[: blocks_for(c + n, block_size)])) for tb, _, n, c in spans]
-        return cls(t(ids), t(pos), t(slots), spans, decode, index, tables, row_tables, all_logits, block_size)
+        return cls(t(ids), t(pos), t(slots), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
 
     @property
     def segments(self) -> list[tuple[int, int]]:
         """Each sequence's token range ``(start, end)`` in the pack."""
         return [(a, a + n) for _, a, n, _ in self.rows]
 
-    def decode_mask(self) -> tuple[torch.Tensor, int]:
-        """``([rows, 1, 1, L] bool, L)``, ``L = tables' width * block_size``: key ``j`` of row ``b`` is visible iff
-        ``j <= position_b``."""
-        if self._decode_mask is None:
+    def decode_groups(self) -> list[DecodeGroup]:
+        """The decode rows' attention groups: :attr:`groups`, or one group of every row over :attr:`tables`."""
+        if self.groups is None:
             assert self.tables is not None, "not a decode plan"
-            length = int(self.tables.shape[1]) * self.block_size
-            ar = torch.arange(length, device=self.positions.device)
-            self._decode_mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
-        return self._decode_mask, int(self._decode_mask.shape[-1])
-
-    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`decode_mask` as an additive score bias ``[rows, 1, 1, L]``: 0 where visible, ``-inf`` elsewhere."""
-        if self._decode_bias is None:
-            mask, _ = self.decode_mask()
-            self._decode_bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return self._decode_bias
-
-    def gather_index(self, kv_heads: int, num_blocks: int) -> torch.Tensor:
-        """``[rows * kv_heads * blocks]`` int64: for row ``r``, KV head ``h`` and table entry ``i``, the block
-        ``h * num_blocks + tables[r, i]`` of a cache layer viewed as ``[kv_heads * num_blocks, block_size,
-        head_dim]``, in ``(r, h, i)`` order, so the gathered blocks view as ``[rows, kv_heads, L, head_dim]``."""
-        if self._gather_index is None:
-            assert self.tables is not None, "not a decode plan"
-            heads = torch.arange(kv_heads, device=self.tables.device) * num_blocks
-            self._gather_index = (self.tables[:, None, :] + heads[None, :, None]).reshape(-1)
-        return self._gather_index
+            self.groups = [DecodeGroup(None, self.tables, self.positions, self.block_size)]
+        return self.groups
 
 
 class DecoderLayer:
@@ -327,22 +369,33 @@ class Decoder:
             return out
         return torch.cat((out, x[..., r:]), dim=-1)
 
+    def _decode_attention(self, q: torch.Tensor, group: DecodeGroup, layer: int, cache: PagedKVCache) -> torch.Tensor:
+        """Attention of one token per row of ``group`` (``q``: ``[g, heads, head_dim]``) -> ``[g, heads * head_dim]``."""
+        hd, kvh, g = self.head_dim, self.kv_heads, self.groups
+        n = q.shape[0]
+        k, v = cache.gather(layer, group.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
+        qg = q.view(n, kvh, g, hd)
+        if self.matmul_decode_attention:
+            scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
+            scores.mul_(self.scaling).add_(group.bias(scores.dtype))
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        else:
+            mask, _ = group.mask()
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
+        return out.reshape(n, kvh * g * hd)
+
     def _attention(self, q: torch.Tensor, layer: int, plan: Plan, cache: PagedKVCache) -> torch.Tensor:
         """Attention of the packed queries ``q`` ``[N, heads, head_dim]`` over their rows' blocks -> ``[N, heads * head_dim]``."""
         hd, kvh, g = self.head_dim, self.kv_heads, self.groups
         if plan.decode:
-            assert plan.tables is not None
-            n = q.shape[0]
-            k, v = cache.gather(layer, plan.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
-            qg = q.view(n, kvh, g, hd)
-            if self.matmul_decode_attention:
-                scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
-                scores.mul_(self.scaling).add_(plan.decode_bias(scores.dtype))
-                out = torch.matmul(torch.softmax(scores, dim=-1), v)
-            else:
-                mask, _ = plan.decode_mask()
-                out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
-            return out.reshape(n, kvh * g * hd)
+            groups = plan.decode_groups()
+            if len(groups) == 1 and groups[0].rows is None:
+                return self._decode_attention(q, groups[0], layer, cache)
+            out = q.new_empty(q.shape[0], self.num_heads * hd)
+            for group in groups:
+                assert group.rows is not None
+                out.index_copy_(0, group.rows, self._decode_attention(q.index_select(0, group.rows), group, layer, cache))
+            return out
         assert plan.row_tables is not None
         kc, vc = cache.k[layer], cache.v[layer]
         bs = cache.block_size

@@ -88,6 +88,7 @@ class BlockPool:
     Attributes:
         refs: per block, the sequences holding it.
         allocations: blocks handed out by :meth:`allocate` so far (a counter).
+        peak_in_use: the most blocks in use at once since the last :meth:`reset_peak`.
     """
 
     def __init__(self, num_blocks: int, max_cached: int = 0) -> None:
@@ -101,6 +102,11 @@ class BlockPool:
         self._block_of: OrderedDict[bytes, int] = OrderedDict()  # key -> block, least recently used first
         self._evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced keyed blocks, LRU first
         self.allocations = 0
+        self.peak_in_use = 0
+
+    def reset_peak(self) -> None:
+        """Start :attr:`peak_in_use` again from the blocks in use now."""
+        self.peak_in_use = self.in_use
 
     # ------------------------------------------------------------------ counts
     @property
@@ -144,6 +150,7 @@ class BlockPool:
             self.refs[b] = 1
             out.append(b)
         self.allocations += n
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
         return out
 
     def share(self, blocks: list[int]) -> None:
@@ -154,6 +161,7 @@ class BlockPool:
                     raise RuntimeError(f"KV block {b} is free: it cannot be shared")
                 del self._evictable[b]
             self.refs[b] += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each of ``blocks``; a block nobody references becomes evictable (keyed) or free."""
@@ -342,7 +350,7 @@ class PagedKVCache:
 
         Args:
             index: ``[rows * kv_heads * blocks]`` int64 into the layer viewed as ``[kv_heads * num_blocks,
-                block_size, head_dim]`` (:meth:`~app.engine.forward.Plan.gather_index`); ``L = blocks * block_size``.
+                block_size, head_dim]`` (:meth:`~app.engine.forward.DecodeGroup.gather_index`); ``L = blocks * block_size``.
         """
         kc, vc = self.k[layer], self.v[layer]
         h, nb, bs, d = kc.shape

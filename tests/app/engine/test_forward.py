@@ -98,6 +98,26 @@ def test_decode_across_block_boundaries_on_scattered_blocks_matches_transformers
     cache.pool.check()
 
 
+def test_rows_of_very_different_lengths_attend_in_groups_and_match_transformers(any_model):
+    """Rows of 3, 4 and 70 tokens: the decode step splits them into a 1-block and a 5-block group (not three rows
+    of 5 blocks); the logits equal the one-group step's and transformers'."""
+    dec = Decoder(copy.deepcopy(any_model))
+    cache, T = dec.row_cache(3, 80)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 4, 70)]
+    dec.forward(Plan.build([(T[i], s, 0) for i, s in enumerate(seqs)], dec.device), cache, None)
+    step = lambda: Plan.build([(T[i], [9], len(s)) for i, s in enumerate(seqs)], dec.device)  # noqa: E731
+    plan = step()
+    assert [g.tables.shape[1] for g in plan.groups] == [1, 5] and plan.groups[1].rows.tolist() == [2]
+    split = dec.forward(plan, cache, None)
+    one = step()
+    one.groups = None  # a single group over the padded tables
+    torch.testing.assert_close(split, dec.forward(one, cache, None), atol=1e-5, rtol=1e-5)
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(split[i], hf_logits(any_model, s + [9])[0, -1], atol=ATOL, rtol=1e-4)
+    assert Plan.build([(T[i], [9], 30 + i) for i in range(3)], dec.device).groups is None  # similar lengths: one group
+
+
 @pytest.mark.parametrize("kw", [{}, {"prepack": 4, "keep_dense": True}], ids=["dense", "prepacked-keep-dense"])
 def test_hf_model_still_runs_on_the_fused_weights(kw):
     model = build_tiny_model("qwen2")  # untied lm_head: prepacking alone would free every linear weight
