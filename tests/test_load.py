@@ -72,8 +72,9 @@ BAD = {
                           422, "invalid_blend", "stances.calm"),
     "seed-2**64+1": (chat_body(BASE_MODEL, PROMPTS[0], seed=2**64 + 1), 422, "invalid_request", "seed"),
     "unknown-model": (chat_body("no-such-stance", PROMPTS[0]), 404, "adapter_not_found", "model"),
-    "tools": (chat_body(BASE_MODEL, PROMPTS[0], tools=[{"type": "function", "function": {"name": "f"}}]),
-              400, "unsupported_parameter", "tools"),
+    "functions": (chat_body(BASE_MODEL, PROMPTS[0], functions=[{"name": "f"}]),
+                  400, "unsupported_parameter", "functions"),
+    "bad-regex": (chat_body(BASE_MODEL, PROMPTS[0], guided_regex="a(b"), 400, "invalid_constraint", "guided_regex"),
     "over-context": (chat_body(BASE_MODEL, "hello world " * 400), 400, "context_length_exceeded", "messages"),
 }
 
