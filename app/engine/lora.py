@@ -23,11 +23,16 @@ carries ``K`` (slot, weight) pairs the layer computes
 
     y[b] = W x[b] + sum_k  w[b, k] * scaling_{s} * B_{s} A_{s} x[b],   s = idx[b, k]
 
-for all rows at once: ``embedding_bag`` gather-reductions in decode (the BGMV pattern of Punica,
-Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), and in prefill one matmul
-pair per slot in use, over the tokens of every row using it (the SGMV pattern); never a Python
-loop over adapters in decode. A plain adapter is one pair with weight 1; a blend is several pairs, computed live (no merged weights). LoRA itself is Hu et
-al. 2021 (arXiv:2106.09685).
+for all rows at once: in decode, gathers of each row's slots (the BGMV pattern of Punica,
+Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285) by one of two kernels chosen per
+device and dtype, ``embedding_bag`` gather-reductions or ``index_select`` + ``bmm``
+(:mod:`app.engine.lora_kernels`); in prefill one matmul pair per slot in use, over the tokens of
+every row using it (the SGMV pattern); never a Python loop over adapters in decode. When every row
+is one and the same slot at weight 1 (:attr:`LoRABatch.uniform_slot`: one stance for the whole
+batch) there is nothing to gather: one dense ``x @ At[slot]`` and an ``addmm_`` per part into ``y``.
+On CPU these small products run single-threaded (:class:`~app.engine.lora_kernels.serial_threads`).
+A plain adapter is one pair with weight 1; a blend is several pairs, computed live (no merged
+weights). LoRA itself is Hu et al. 2021 (arXiv:2106.09685).
 
 On CPU the base weight can be *prepacked* (:meth:`FusedLinear.prepack`): reordered once into
 oneDNN's blocked layout, as vLLM's CPU backend and inductor's weight freezing do, so no matmul
@@ -50,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.engine.lora_kernels import KERNELS, decode_kernel_for, serial_threads
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
 
 logger = logging.getLogger(__name__)
@@ -202,6 +208,8 @@ class FusedLinear:
         paths: the parts' module paths; offsets: their first output column; sizes: their ``d_out``.
         At: LoRA ``A`` slots (``None`` until :meth:`enable`); Bt: one ``B`` slot view per part; Bg: the group
             tensors they view; groups: ``(first part, count, d_out)`` per group. See the module docstring.
+        decode_kernel: how decode steps gather each row's slots: ``"embedding_bag"`` or ``"bgmv"``
+            (:mod:`app.engine.lora_kernels`; chosen per device and dtype, settable).
 
     Call: ``x`` ``[N, d_in]`` (packed tokens) and a :class:`LoRABatch` (or ``None``) -> ``[N, D_out]``.
     """
@@ -251,6 +259,8 @@ class FusedLinear:
         self.Bt: list[torch.Tensor] = []
         self.Bg: list[torch.Tensor] = []
         self.rank = 0
+        #: the decode step's gather kernel, a key of :data:`app.engine.lora_kernels.KERNELS`
+        self.decode_kernel = decode_kernel_for(self.device, self.dtype)
 
     def prepack(self, batch_hint: int, *, release: bool = True) -> bool:
         """Reorder the base weight into oneDNN's blocked layout for CPU matmuls (no repacking per call).
@@ -344,12 +354,13 @@ class FusedLinear:
         y = self.base(x)
         if routing is None or self.At is None:
             return y
-        if routing.uniform_slot is not None:
-            self._add_b(y, x @ self.At[routing.uniform_slot], routing.uniform_slot)  # y is fresh: updated in place
-        elif routing.segments is None:
-            self._decode(x, y, routing)
-        else:
-            self._prefill(x, y, routing)
+        with serial_threads(x):  # small products: one thread beats a fork/join (app.engine.lora_kernels)
+            if routing.uniform_slot is not None:
+                self._add_b(y, x @ self.At[routing.uniform_slot], routing.uniform_slot)  # y is fresh: updated in place
+            elif routing.segments is None:
+                KERNELS[self.decode_kernel](self, x, y, routing)
+            else:
+                self._prefill(x, y, routing)
         return y
 
     def _add_b(self, y: torch.Tensor, xa: torch.Tensor, slot: int, alpha: float = 1.0) -> None:
@@ -360,28 +371,6 @@ class FusedLinear:
             return
         for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
             y[:, off : off + n].addmm_(xa[:, i * r : (i + 1) * r], self.Bt[i][slot], alpha=alpha)
-
-    def _decode(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
-        rows, k = routing.idx.shape
-        r, p = self.rank, len(self.Bt)
-        x2 = x if k == 1 else x.repeat_interleave(k, dim=0)
-        # xa[(b, k)] = sum_i x[b, i] * At[s_bk, i, :]  -> [rows * K, P*R], scaled by each term's weight
-        index, offsets = routing.bags(self.in_features)
-        xa = F.embedding_bag(index, self.At.view(-1, p * r), offsets, mode="sum", per_sample_weights=x2.reshape(-1))
-        xa = xa.view(rows, k, p, r)
-        if not routing.unit_weights:
-            w = routing.weights.view(rows, k, 1, 1)
-            xa = xa * w
-            if xa.dtype == torch.float16:  # a padding term (weight 0) reads slot 0: if that adapter's A x overflows
-                xa = xa.masked_fill(w == 0, 0.0)  # fp16 for this row, inf * 0 = NaN must not reach the row
-        for (first, count, n), table in zip(self.groups, self.Bg):
-            # y[b, part i] += sum_{k, j} xa[b, k, i, j] * Bt[i][s_bk, j, :], for the group's parts i at once:
-            # a bag per (row, part) over its K terms' B^T rows, weighted in (row, part, term, j) order
-            index, offsets = routing.group_bags(r, count)
-            weights = xa[:, :, first : first + count, :].transpose(1, 2).reshape(-1)  # a view when K = 1 and one group
-            off = self.offsets[first]
-            out = F.embedding_bag(index, table.view(-1, n), offsets, mode="sum", per_sample_weights=weights)
-            y[:, off : off + count * n] += out.view(rows, count * n)
 
     def _prefill(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
         # one matmul pair per slot over all the tokens that use it (a blend's slots are shared by many rows)
