@@ -29,7 +29,8 @@ device and dtype, ``embedding_bag`` gather-reductions or ``index_select`` + ``bm
 (:mod:`app.engine.lora_kernels`); in prefill one matmul pair per slot in use, over the tokens of
 every row using it (the SGMV pattern); never a Python loop over adapters in decode. When every row
 is one and the same slot at weight 1 (:attr:`LoRABatch.uniform_slot`: one stance for the whole
-batch) there is nothing to gather: one dense ``x @ At[slot]`` and an ``addmm_`` per part into ``y``.
+batch) there is nothing to gather: one dense ``x @ At[slot]`` and one ``addmm_`` into ``y`` of a
+block-diagonal ``B`` of every part, built once for that slot (an ``addmm_`` per part past a few rows).
 On CPU these small products run single-threaded (:class:`~app.engine.lora_kernels.serial_threads`).
 A plain adapter is one pair with weight 1; a blend is several pairs, computed live (no merged
 weights). LoRA itself is Hu et al. 2021 (arXiv:2106.09685).
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.lora_kernels import KERNELS, decode_kernel_for, serial_threads
+from app.engine.lora_kernels import KERNELS, SMALL_ROWS, decode_kernel_for, serial_threads
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,8 @@ class FusedLinear:
         self.Bt: list[torch.Tensor] = []
         self.Bg: list[torch.Tensor] = []
         self.rank = 0
+        #: ``(slot, [P * R, D_out])``: that slot's ``B`` of every part on the block diagonal (:meth:`_block_b`)
+        self._block: tuple[int, torch.Tensor] | None = None
         #: the decode step's gather kernel, a key of :data:`app.engine.lora_kernels.KERNELS`
         self.decode_kernel = decode_kernel_for(self.device, self.dtype)
 
@@ -324,12 +327,13 @@ class FusedLinear:
             for new, old in zip(bg, self.Bg):
                 new[:s0, :, :r0] = old
         self.At, self.Bg, self.rank = at, bg, rank
+        self._block = None
         self.Bt = [g[:, j] for g, (_, count, _) in zip(bg, self.groups) for j in range(count)]
 
     def write(self, slot: int, modules: list[LoRAModuleWeights | None]) -> None:
         """Put each part's factors in ``slot`` (zeros for a part without a module). Needs :meth:`enable`."""
         assert self.At is not None
-        self.clear(slot)
+        self.clear(slot)  # also drops the slot's block-diagonal B
         r = self.rank
         for i, m in enumerate(modules):
             if m is None:
@@ -339,6 +343,8 @@ class FusedLinear:
 
     def clear(self, slot: int) -> None:
         """Zero ``slot``."""
+        if self._block is not None and self._block[0] == slot:
+            self._block = None
         if self.At is not None and slot < self.At.shape[0]:
             self.At[slot].zero_()
             for b in self.Bg:
@@ -356,12 +362,34 @@ class FusedLinear:
             return y
         with serial_threads(x):  # small products: one thread beats a fork/join (app.engine.lora_kernels)
             if routing.uniform_slot is not None:
-                self._add_b(y, x @ self.At[routing.uniform_slot], routing.uniform_slot)  # y is fresh: updated in place
+                slot = routing.uniform_slot
+                xa = x @ self.At[slot]
+                if len(self.Bt) > 1 and x.shape[0] <= BLOCK_B_ROWS:
+                    y.addmm_(xa, self._block_b(slot))  # every part's B in one product (y is fresh: updated in place)
+                else:
+                    self._add_b(y, xa, slot)
             elif routing.segments is None:
                 KERNELS[self.decode_kernel](self, x, y, routing)
             else:
                 self._prefill(x, y, routing)
         return y
+
+    def _block_b(self, slot: int) -> torch.Tensor:
+        """``[P * R, D_out]``: ``slot``'s ``Bt[p]`` in rows ``p * R ..`` and part ``p``'s output columns, zeros elsewhere.
+
+        ``xa @`` it is every part's ``B`` product at once: one ``addmm_`` instead of one per part. It multiplies
+        zeros (``P`` times the work), which at decode's few rows costs less than a call per part (bfloat16 CPU
+        matmuls cost about the same per call whatever their size). Built for the last slot used so (one slot's
+        worth of memory), dropped when that slot is written or cleared, or when the slots grow.
+        """
+        if self._block is not None and self._block[0] == slot:
+            return self._block[1]
+        r = self.rank
+        block = torch.zeros(len(self.Bt) * r, self.out_features, dtype=self.dtype, device=self.device)
+        for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
+            block[i * r : (i + 1) * r, off : off + n] = self.Bt[i][slot]
+        self._block = (slot, block)
+        return block
 
     def _add_b(self, y: torch.Tensor, xa: torch.Tensor, slot: int, alpha: float = 1.0) -> None:
         """``y[:, part p] += alpha * xa[:, part p's rank columns] @ Bt[p][slot]`` for every part."""
@@ -383,6 +411,9 @@ class FusedLinear:
             for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):  # each part's columns, added in place
                 y[:, off : off + n].index_add_(0, tokens, xa[:, i * r : (i + 1) * r] @ self.Bt[i][slot])
 
+
+#: the one-slot path adds every part's ``B`` product in one block-diagonal matmul up to this many rows (tokens)
+BLOCK_B_ROWS = SMALL_ROWS
 
 #: packed matmuls of more rows than the decode batch are padded to a multiple of this many rows (see FusedLinear.base)
 PACKED_ROW_BUCKET = 64

@@ -14,18 +14,16 @@ for every part ``p`` of a :class:`~app.engine.lora.FusedLinear`,
   It copies every row's factors first, which an ``embedding_bag`` never does, but ``bmm`` is a tuned
   batched GEMM where a device's ``embedding_bag`` may not be.
 
-:data:`DECODE_KERNELS` says which one a layer uses by default, per device type and dtype (a table, not a
-measurement at start-up: a measurement on a busy host would pick at random); ``stanceserve bench
---scenarios step`` times both on the running host, so a new entry comes with its numbers. On CPU (AMD
-EPYC, AVX512-BF16, 2 cores, SmolLM2-135M, 16 rows of 16 distinct rank-16 adapters) the ``embedding_bag``
-step ran at 0.70x (fp32) and 0.67x (bf16) of the base step's speed, BGMV at 0.59x and 0.42x; CUDA keeps
-``embedding_bag`` until the bench has measured it there.
+:data:`DECODE_KERNELS` says which one a layer uses by default, per device type and dtype: a table, not a
+measurement at start-up (timings taken while a busy host serves would pick at random). ``stanceserve bench
+--scenarios step`` times both kernels on the running host (``*_step_s_by_kernel``), so an entry changes
+with the numbers that justify it; on CPU, in float32 and bfloat16, ``embedding_bag`` was the faster one
+(``bmm`` does not make up for copying every row's slots), and CUDA keeps it until the bench says otherwise.
 
-On CPU, LoRA products of few rows (:data:`SERIAL_ROWS`) run on the calling thread alone
+On CPU, LoRA products of few rows (:data:`SMALL_ROWS`) run on the calling thread alone
 (:class:`serial_threads`): a ``[16, 576] @ [576, 48]`` product is a few microseconds of work, less than
 what splitting it over threads costs, and each parallel region waits for its slowest thread, which on a
-busy host may be descheduled. On that host a one-adapter decode step went from 0.78-0.82x to 0.89-0.91x
-of the base step's speed (fp32), 0.74x to 0.87x (bf16); the base model's own matmuls keep every thread.
+busy host may be descheduled. The base model's own matmuls keep every thread.
 
 Not here: the layers and slot tensors (:mod:`app.engine.lora`), the prefill path (one matmul pair per slot,
 :meth:`~app.engine.lora.FusedLinear._prefill`).
@@ -42,14 +40,14 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from app.engine.lora import FusedLinear, LoRABatch
 
-#: LoRA products of at most this many rows (tokens) run single-threaded on CPU (see :class:`serial_threads`)
-SERIAL_ROWS = 256
+#: LoRA products of at most this many rows (tokens) are small: single-threaded on CPU (:class:`serial_threads`)
+SMALL_ROWS = 256
 
 
 class serial_threads:  # noqa: N801 - used like a function: ``with serial_threads(x):``
     """Context: torch's intra-op threads set to 1 while small CPU LoRA products run, then restored.
 
-    Active only on CPU, for ``x`` of at most :data:`SERIAL_ROWS` rows, when torch has more than one thread;
+    Active only on CPU, for ``x`` of at most :data:`SMALL_ROWS` rows, when torch has more than one thread;
     else it changes nothing. The count is read and restored on the calling thread (OpenMP and MKL keep it
     per thread); torch also records it process-wide for threads that start their first parallel op while it
     is 1, which then run single-threaded, so only the engine thread, which runs every forward pass, uses this.
@@ -62,7 +60,7 @@ class serial_threads:  # noqa: N801 - used like a function: ``with serial_thread
 
     def __init__(self, x: torch.Tensor) -> None:
         self._n = 0
-        if x.device.type == "cpu" and x.shape[0] <= SERIAL_ROWS:
+        if x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS:
             n = torch.get_num_threads()
             if n > 1:
                 self._n = n

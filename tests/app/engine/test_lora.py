@@ -160,12 +160,40 @@ def test_one_adapter_decode_takes_the_dense_path_only_when_every_row_is_that_slo
         torch.testing.assert_close(out[2], want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("block_rows", [256, 0], ids=["block_diagonal_b", "b_per_part"])
+def test_one_adapter_path_follows_a_slot_rewritten_in_place(tiny_model, arch, two_adapters, block_rows, monkeypatch):
+    """The one-slot path's block-diagonal B is built from the slot it serves: after another adapter is written into
+    that slot (and after the slots grow), a decode step on it equals peft of the new adapter; with the per-part
+    products (block rows 0) too."""
+    from app.engine import lora
+
+    monkeypatch.setattr(lora, "BLOCK_B_ROWS", block_rows)
+    d1, d2 = two_adapters
+    dec, multi = lora_decoder(tiny_model, {1: read_adapter(d1, "a1")}, slots=2)
+    prompts = [[5, 9, 13], [7, 11]]
+    routes = [[(1, 1.0)], [(1, 1.0)]]
+
+    def check(d):
+        out = decode_step_logits(dec, prompts, routes)
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(out[i], peft_logits(tiny_model, d, torch.tensor([p + [7]]))[0, -1],
+                                       atol=1e-4, rtol=1e-4)
+
+    check(d1)
+    built = [f._block for f in dec.linears.values() if f.enabled and len(f.Bt) > 1]
+    assert built and all((b is not None) == (block_rows > 0) for b in built)
+    multi.write_slot(1, read_adapter(d2, "a2"))  # same slot tensors, new contents (rank 8 > 4: they grow first)
+    check(d2)
+    multi.write_slot(1, read_adapter(d1, "a1"))
+    check(d1)
+
+
 def test_small_cpu_lora_products_run_single_threaded_and_restore_the_thread_count(tiny_model, arch, two_adapters,
                                                                                   monkeypatch):
     """The LoRA terms of a decode step run at one torch thread on CPU (the base matmuls at all of them), and the
-    count is restored afterwards, also when a kernel raises; an input past SERIAL_ROWS keeps every thread."""
+    count is restored afterwards, also when a kernel raises; an input past SMALL_ROWS keeps every thread."""
     from app.engine import lora_kernels
-    from app.engine.lora_kernels import SERIAL_ROWS, serial_threads
+    from app.engine.lora_kernels import SMALL_ROWS, serial_threads
 
     d1, d2 = two_adapters
     dec, _ = lora_decoder(tiny_model, {0: read_adapter(d1, "a1"), 1: read_adapter(d2, "a2")})
@@ -188,7 +216,7 @@ def test_small_cpu_lora_products_run_single_threaded_and_restore_the_thread_coun
                 assert torch.get_num_threads() == 1
                 raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
-        with serial_threads(torch.zeros(SERIAL_ROWS + 1, 8)):
+        with serial_threads(torch.zeros(SMALL_ROWS + 1, 8)):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
