@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from app.engine.lora import FusedLinear, LoRABatch
+    from app.engine.lora import FusedLinear
+    from app.engine.lora_routing import LoRABatch
 
 #: LoRA products of at most this many rows (tokens) are small: single-threaded on CPU (:class:`serial_threads`)
 SMALL_ROWS = 256
