@@ -5,7 +5,7 @@ adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
 (serial ``set_adapter``, peft ``adapter_names`` batches); cold adapter loads;
 many registered adapters over few device slots; TTFT of a request arriving
 while others decode; one decode step alone against the roofline of its matmuls,
-with a per-op profile, the one-adapter step against the base step in alternating rounds, and the
+with a per-op profile, the one-adapter step against the base step interleaved step by step, and the
 distinct-adapter and blend steps through each LoRA gather kernel (``step``); TTFT with a shared 500-token stance system
 prompt, prefix cache on and off (``prefix``). Then a ``summary`` with the ratios
 the performance targets are stated in. On CUDA it also prints the memory-bandwidth bound of a decode
@@ -236,7 +236,7 @@ def _command_line() -> str:
 
 def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
     """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile; the base
-    and one-adapter steps and the gathering mixes' steps through each LoRA decode kernel in alternating rounds."""
+    and one-adapter steps and the gathering mixes' steps through each LoRA decode kernel, interleaved step by step."""
     from app.engine.lora_kernels import KERNELS
     from bench.decode import alternating_steps, decode_step, profile_step, step_vs_roofline, weight_bytes
 
@@ -268,7 +268,7 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         out["matmul_roofline_s"] = paired["roofline_s"]
         out["base_step_paired_s"] = paired["step_s"]
         out["base_step_vs_roofline"] = paired["ratio"]
-        # base, one adapter and each gather kernel on the mixes that gather, in alternating rounds
+        # base, one adapter and each gather kernel on the mixes that gather, their steps interleaved
         gathered = ("distinct_adapters", "blend3")
         variants = {"base": (mixes["base"], None), "one_adapter": (mixes["one_adapter"], None)}
         variants.update({f"{k}:{kernel}": (mixes[k], kernel) for k in gathered for kernel in KERNELS})

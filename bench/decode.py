@@ -5,7 +5,7 @@
   :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds; on CUDA also replayed from
   its CUDA graph (:mod:`app.engine.graphs`).
 * :func:`alternating_steps` times decode steps of several mixes (and LoRA decode kernels: ``embedding_bag``
-  and BGMV, :mod:`app.engine.lora_kernels`) in alternating rounds, for ratios a drifting machine does not skew.
+  and BGMV, :mod:`app.engine.lora_kernels`) interleaved step by step, for ratios a drifting machine does not skew.
 * :func:`step_vs_roofline` times the base step and, in alternating rounds, only its matmuls (the
   roofline): the same fused (q/k/v, o, gate/up, down, lm_head) weights, prepacked when the engine packs
   them, at the same batch: what the step cannot beat here.
@@ -83,32 +83,43 @@ def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: 
 
 
 def alternating_steps(engine: Any, variants: dict[str, tuple[list[list[tuple[int, float]]], str | None]], *,
-                      context: int, rounds: int = 5, repeats: int = 3) -> dict[str, float]:
-    """Median seconds of one decode step per variant, the variants timed in alternating rounds (a busy machine's
-    speed drifts within minutes: each variant then sees the same minutes).
+                      context: int, rounds: int = 20) -> dict[str, float]:
+    """Median seconds of one decode step per variant, the variants' steps interleaved one by one (a busy machine's
+    speed drifts within seconds: each variant's samples then come from the same moments).
 
     Args:
         variants: name -> ``(routes, kernel)``; ``kernel`` a decode kernel name of
-            :data:`app.engine.lora_kernels.KERNELS` set on every layer for that variant's runs, or ``None`` for
+            :data:`app.engine.lora_kernels.KERNELS` set on every layer for that variant's steps, or ``None`` for
             each layer's own. The layers' own kernels are restored afterwards.
+        rounds: steps timed per variant (one per round, every variant in each round).
 
     Returns:
-        name -> median over ``rounds`` of ``repeats``-run medians, seconds.
+        name -> median seconds over its ``rounds`` steps.
     """
     dec = engine.decoder
     layers = list(dec.linears.values())
     own = [f.decode_kernel for f in layers]
     fns = {name: _step(engine, len(routes), context, routes) for name, (routes, _) in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
+
+    def use(kernel: str | None) -> None:
+        for f, k in zip(layers, own):
+            f.decode_kernel = kernel or k
+
     try:
+        for name, (_, kernel) in variants.items():  # warm-up
+            use(kernel)
+            fns[name]()
         for _ in range(rounds):
             for name, (_, kernel) in variants.items():
-                for f, k in zip(layers, own):
-                    f.decode_kernel = kernel or k
-                times[name].append(_timed(fns[name], dec.device, repeats))
+                use(kernel)
+                _sync(dec.device)
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(dec.device)
+                times[name].append(time.perf_counter() - t0)
     finally:
-        for f, k in zip(layers, own):
-            f.decode_kernel = k
+        use(None)
     return {name: round(statistics.median(t), 6) for name, t in times.items()}
 
 

@@ -100,7 +100,7 @@ def _other_rows(sc: dict[str, Any]) -> list[tuple[str, str]]:
                           if d.get(f"{k}_step_s") is not None)
         rows.append((f"one decode step, {d.get('rows')} rows at {d.get('context_tokens')} tokens", steps))
         if d.get("one_adapter_alternating_ratio_to_base") is not None:
-            rows.append(("one adapter on every row: decode step vs base, alternating rounds",
+            rows.append(("one adapter on every row: decode step vs base, interleaved steps",
                          f"{_s(d.get('alternating_one_adapter_step_s'), 'ms')} vs "
                          f"{_s(d.get('alternating_base_step_s'), 'ms')} "
                          f"({d['one_adapter_alternating_ratio_to_base']:.2f}x base speed)"))
