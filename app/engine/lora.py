@@ -127,8 +127,8 @@ class FusedLinear:
         self.Bt: list[torch.Tensor] = []
         self.Bg: list[torch.Tensor] = []
         self.rank = 0
-        #: ``(slot, [P * R, D_out])``: that slot's ``B`` of every part on the block diagonal (:meth:`_block_b`)
-        self._block: tuple[int, torch.Tensor] | None = None
+        #: ``(slot, At[slot], B)`` of the one-slot path's last slot (:meth:`_one_slot`), or ``None``
+        self._block: tuple[int, torch.Tensor, torch.Tensor] | None = None
         #: the decode step's gather kernel, a key of :data:`app.engine.lora_kernels.KERNELS`
         self.decode_kernel = decode_kernel_for(self.device, self.dtype)
 
@@ -230,33 +230,40 @@ class FusedLinear:
         with serial_threads(x):  # small products: one thread beats a fork/join (app.engine.lora_kernels)
             if routing.uniform_slot is not None:
                 slot = routing.uniform_slot
-                xa = x @ self.At[slot]
-                if len(self.Bt) > 1 and x.shape[0] <= BLOCK_B_ROWS:
-                    y.addmm_(xa, self._block_b(slot))  # every part's B in one product (y is fresh: updated in place)
+                if x.shape[0] <= BLOCK_B_ROWS:
+                    a, b = self._one_slot(slot)
+                    y.addmm_(torch.mm(x, a), b)  # every part's B in one product (y is fresh: updated in place)
                 else:
-                    self._add_b(y, xa, slot)
+                    self._add_b(y, x @ self.At[slot], slot)
             elif routing.segments is None:
                 KERNELS[self.decode_kernel](self, x, y, routing)
             else:
                 self._prefill(x, y, routing)
         return y
 
-    def _block_b(self, slot: int) -> torch.Tensor:
-        """``[P * R, D_out]``: ``slot``'s ``Bt[p]`` in rows ``p * R ..`` and part ``p``'s output columns, zeros elsewhere.
+    def _one_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(At[slot] [d_in, P * R], B [P * R, D_out])`` for the one-slot path: ``y += (x @ At[slot]) @ B``.
 
-        ``xa @`` it is every part's ``B`` product at once: one ``addmm_`` instead of one per part. It multiplies
-        zeros (``P`` times the work), which at decode's few rows costs less than a call per part (bfloat16 CPU
-        matmuls cost about the same per call whatever their size). Built for the last slot used so (one slot's
-        worth of memory), dropped when that slot is written or cleared, or when the slots grow.
+        With several parts ``B`` is block-diagonal: ``slot``'s ``Bt[p]`` in rows ``p * R ..`` and part ``p``'s
+        output columns, zeros elsewhere, so ``xa @ B`` is every part's ``B`` product at once: one ``addmm_``
+        instead of one per part. It multiplies zeros (``P`` times the work), which at decode's few rows
+        costs less than a call per part (bfloat16 CPU matmuls cost about the same per call whatever their
+        size). Kept for the last slot used (one slot's worth of memory), dropped when that slot is written
+        or cleared, or when the slots grow.
         """
-        if self._block is not None and self._block[0] == slot:
-            return self._block[1]
-        r = self.rank
-        block = torch.zeros(len(self.Bt) * r, self.out_features, dtype=self.dtype, device=self.device)
-        for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
-            block[i * r : (i + 1) * r, off : off + n] = self.Bt[i][slot]
-        self._block = (slot, block)
-        return block
+        hit = self._block
+        if hit is not None and hit[0] == slot:
+            return hit[1], hit[2]
+        assert self.At is not None
+        if len(self.Bt) == 1:
+            b = self.Bt[0][slot]
+        else:
+            r = self.rank
+            b = torch.zeros(len(self.Bt) * r, self.out_features, dtype=self.dtype, device=self.device)
+            for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
+                b[i * r : (i + 1) * r, off : off + n] = self.Bt[i][slot]
+        self._block = (slot, self.At[slot], b)
+        return self._block[1], b
 
     def _add_b(self, y: torch.Tensor, xa: torch.Tensor, slot: int, alpha: float = 1.0) -> None:
         """``y[:, part p] += alpha * xa[:, part p's rank columns] @ Bt[p][slot]`` for every part."""
@@ -279,7 +286,8 @@ class FusedLinear:
                 y[:, off : off + n].index_add_(0, tokens, xa[:, i * r : (i + 1) * r] @ self.Bt[i][slot])
 
 
-#: the one-slot path adds every part's ``B`` product in one block-diagonal matmul up to this many rows (tokens)
+#: the one-slot path adds every part's ``B`` product in one block-diagonal matmul up to this many rows (tokens),
+#: past them one product per part (:meth:`FusedLinear._one_slot`)
 BLOCK_B_ROWS = SMALL_ROWS
 
 #: packed matmuls of more rows than the decode batch are padded to a multiple of this many rows (see FusedLinear.base)

@@ -180,7 +180,7 @@ def test_one_adapter_path_follows_a_slot_rewritten_in_place(tiny_model, arch, tw
                                        atol=1e-4, rtol=1e-4)
 
     check(d1)
-    built = [f._block for f in dec.linears.values() if f.enabled and len(f.Bt) > 1]
+    built = [f._block for f in dec.linears.values() if f.enabled]
     assert built and all((b is not None) == (block_rows > 0) for b in built)
     multi.write_slot(1, read_adapter(d2, "a2"))  # same slot tensors, new contents (rank 8 > 4: they grow first)
     check(d2)
