@@ -5,7 +5,8 @@ adapter; on N distinct adapters; on 3-adapter blends; the naive peft baselines
 (serial ``set_adapter``, peft ``adapter_names`` batches); cold adapter loads;
 many registered adapters over few device slots; TTFT of a request arriving
 while others decode; one decode step alone against the roofline of its matmuls,
-with a per-op profile (``step``); TTFT with a shared 500-token stance system
+with a per-op profile, the one-adapter step against the base step interleaved step by step, and the
+distinct-adapter and blend steps through each LoRA gather kernel (``step``); TTFT with a shared 500-token stance system
 prompt, prefix cache on and off (``prefix``); only when named, concurrent streams against the former 16-row cap
 and a mixed-length load in a 16-row KV budget (``capacity``, :mod:`bench.capacity`), and constrained decoding
 (``structured``, ``grammars``: :mod:`bench.structured`). Then a ``summary`` with the ratios the performance targets
@@ -246,8 +247,10 @@ def _command_line() -> str:
 
 
 def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
-    """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile."""
-    from bench.decode import decode_step, profile_step, step_vs_roofline, weight_bytes
+    """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile; the base
+    and one-adapter steps and the gathering mixes' steps through each LoRA decode kernel, interleaved step by step."""
+    from app.engine.lora_kernels import KERNELS
+    from bench.decode import alternating_steps, decode_step, profile_step, step_vs_roofline, weight_bytes
 
     eng = eb.engine
     held = [eng.scheduler.call(lambda a=a: eng.slots.acquire(a)) for a in adapters[:n]]
@@ -277,7 +280,21 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         out["matmul_roofline_s"] = paired["roofline_s"]
         out["base_step_paired_s"] = paired["step_s"]
         out["base_step_vs_roofline"] = paired["ratio"]
+        # base, one adapter and each gather kernel on the mixes that gather, their steps interleaved
+        gathered = ("distinct_adapters", "blend3")
+        variants = {"base": (mixes["base"], None), "one_adapter": (mixes["one_adapter"], None)}
+        variants.update({f"{k}:{kernel}": (mixes[k], kernel) for k in gathered for kernel in KERNELS})
+        alt = alternating_steps(eng, variants, context=context)
+        out["decode_kernel"] = next(iter(eng.decoder.linears.values())).decode_kernel
+        out["alternating_base_step_s"] = alt["base"]
+        out["alternating_one_adapter_step_s"] = alt["one_adapter"]
+        out["one_adapter_alternating_ratio_to_base"] = round(alt["base"] / alt["one_adapter"], 3)
+        for k in gathered:
+            out[f"{k}_step_s_by_kernel"] = {kernel: alt[f"{k}:{kernel}"] for kernel in KERNELS}
+            out[f"{k}_ratio_to_base_by_kernel"] = {kernel: round(alt["base"] / alt[f"{k}:{kernel}"], 3)
+                                                   for kernel in KERNELS}
         out["profile_base"] = profile_step(eng, mixes["base"], context=context)
+        out["profile_one_adapter"] = profile_step(eng, mixes["one_adapter"], context=context)
         out["profile_distinct_adapters"] = profile_step(eng, mixes["distinct_adapters"], context=context)
         return out
     finally:

@@ -4,6 +4,8 @@
   one token each, on the calling thread (no scheduler, no sampling), and times it: the same
   :class:`~app.engine.forward.Plan` and LoRA routing the scheduler builds; on CUDA also replayed from
   its CUDA graph (:mod:`app.engine.graphs`).
+* :func:`alternating_steps` times decode steps of several mixes (and LoRA decode kernels: ``embedding_bag``
+  and BGMV, :mod:`app.engine.lora_kernels`) interleaved step by step, for ratios a drifting machine does not skew.
 * :func:`step_vs_roofline` times the base step and, in alternating rounds, only its matmuls (the
   roofline): the same fused (q/k/v, o, gate/up, down, lm_head) weights, prepacked when the engine packs
   them, at the same batch: what the step cannot beat here.
@@ -79,6 +81,47 @@ def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: 
         RuntimeError: with ``graphs``, the step could not be captured (the message says why).
     """
     return _timed(_step(engine, len(routes), context, routes, graphs), engine.decoder.device, repeats)
+
+
+def alternating_steps(engine: Any, variants: dict[str, tuple[list[list[tuple[int, float]]], str | None]], *,
+                      context: int, rounds: int = 20) -> dict[str, float]:
+    """Median seconds of one decode step per variant, the variants' steps interleaved one by one (a busy machine's
+    speed drifts within seconds: each variant's samples then come from the same moments).
+
+    Args:
+        variants: name -> ``(routes, kernel)``; ``kernel`` a decode kernel name of
+            :data:`app.engine.lora_kernels.KERNELS` set on every layer for that variant's steps, or ``None`` for
+            each layer's own. The layers' own kernels are restored afterwards.
+        rounds: steps timed per variant (one per round, every variant in each round).
+
+    Returns:
+        name -> median seconds over its ``rounds`` steps.
+    """
+    dec = engine.decoder
+    layers = list(dec.linears.values())
+    own = [f.decode_kernel for f in layers]
+    fns = {name: _step(engine, len(routes), context, routes) for name, (routes, _) in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+
+    def use(kernel: str | None) -> None:
+        for f, k in zip(layers, own):
+            f.decode_kernel = kernel or k
+
+    try:
+        for name, (_, kernel) in variants.items():  # warm-up
+            use(kernel)
+            fns[name]()
+        for _ in range(rounds):
+            for name, (_, kernel) in variants.items():
+                use(kernel)
+                _sync(dec.device)
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(dec.device)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        use(None)
+    return {name: round(statistics.median(t), 6) for name, t in times.items()}
 
 
 def _matmuls(engine: Any, rows: int):

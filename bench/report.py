@@ -99,6 +99,16 @@ def _other_rows(sc: dict[str, Any]) -> list[tuple[str, str]]:
         steps = ", ".join(f"{ENGINE_ROWS[k]} {_s(d.get(f'{k}_step_s'), 'ms')}" for k in ENGINE_ROWS
                           if d.get(f"{k}_step_s") is not None)
         rows.append((f"one decode step, {d.get('rows')} rows at {d.get('context_tokens')} tokens", steps))
+        if d.get("one_adapter_alternating_ratio_to_base") is not None:
+            rows.append(("one adapter on every row: decode step vs base, interleaved steps",
+                         f"{_s(d.get('alternating_one_adapter_step_s'), 'ms')} vs "
+                         f"{_s(d.get('alternating_base_step_s'), 'ms')} "
+                         f"({d['one_adapter_alternating_ratio_to_base']:.2f}x base speed)"))
+        for k in ("distinct_adapters", "blend3"):
+            by = d.get(f"{k}_step_s_by_kernel")
+            if by:
+                rows.append((f"{ENGINE_ROWS[k]}: decode step by LoRA gather kernel (engine: {d.get('decode_kernel')})",
+                             ", ".join(f"{kernel} {_s(t, 'ms')}" for kernel, t in by.items())))
         if d.get("base_step_vs_roofline") is not None:
             rows.append(("base decode step vs its matmuls alone (roofline)",
                          f"{_s(d.get('base_step_paired_s'), 'ms')} vs {_s(d.get('matmul_roofline_s'), 'ms')} "

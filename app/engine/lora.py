@@ -23,16 +23,24 @@ carries ``K`` (slot, weight) pairs the layer computes
 
     y[b] = W x[b] + sum_k  w[b, k] * scaling_{s} * B_{s} A_{s} x[b],   s = idx[b, k]
 
-for all rows at once: ``embedding_bag`` gather-reductions in decode (the BGMV pattern of Punica,
-Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285), and in prefill one matmul
-pair per slot in use, over the tokens of every row using it (the SGMV pattern); never a Python
-loop over adapters in decode. A plain adapter is one pair with weight 1; a blend is several pairs, computed live (no merged weights). LoRA itself is Hu et
-al. 2021 (arXiv:2106.09685).
+for all rows at once: in decode, gathers of each row's slots (the BGMV pattern of Punica,
+Chen et al. 2023, arXiv:2310.18547, and S-LoRA, arXiv:2311.03285) by one of two kernels chosen per
+device and dtype, ``embedding_bag`` gather-reductions or ``index_select`` + ``bmm``
+(:mod:`app.engine.lora_kernels`); in prefill one matmul pair per slot in use, over the tokens of
+every row using it (the SGMV pattern); never a Python loop over adapters in decode. When every row
+is one and the same slot at weight 1 (:attr:`LoRABatch.uniform_slot`: one stance for the whole
+batch) there is nothing to gather: one dense ``x @ At[slot]`` and one ``addmm_`` into ``y`` of a
+block-diagonal ``B`` of every part, built once for that slot (an ``addmm_`` per part past a few rows).
+On CPU these small products run single-threaded (:class:`~app.engine.lora_kernels.serial_threads`).
+A plain adapter is one pair with weight 1; a blend is several pairs, computed live (no merged
+weights). LoRA itself is Hu et al. 2021 (arXiv:2106.09685).
 
 On CPU the base weight can be *prepacked* (:meth:`FusedLinear.prepack`): reordered once into
 oneDNN's blocked layout, as vLLM's CPU backend and inductor's weight freezing do, so no matmul
 repacks it per call; ``stanceserve bench --scenarios step`` (bench/decode.py) times a decode step with and
 without it.
+
+A batch's routing is a :class:`~app.engine.lora_routing.LoRABatch` (also importable from here).
 
 What this module does not do: run the model (:mod:`app.engine.forward`), decide which adapter
 sits in which slot (:mod:`app.engine.slots`), or validate adapters (:mod:`app.registry.validation`).
@@ -42,150 +50,16 @@ Only the engine thread may write slots.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.engine.lora_kernels import KERNELS, SMALL_ROWS, decode_kernel_for, serial_threads
+from app.engine.lora_routing import LoRABatch  # the routing's home; importable from here as before
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoRABatch:
-    """Per-row adapter routing for one forward pass.
-
-    Attributes:
-        rows: each row's (slot, weight) pairs; ``()`` for the base model.
-        idx: slot indices, ``[rows, K]`` int64, on the model's device.
-        weights: blend weights, ``[rows, K]`` in the model's dtype; 0 where a row has fewer than K terms.
-        segments: each row's token range ``(start, end)`` in the packed input of a prefill, or ``None``
-            when every row has exactly one token (decode: token ``i`` is row ``i``).
-        uniform_slot: if every row uses exactly one and the same slot with weight 1, that slot
-            (lets layers use one dense matmul instead of gathers); else ``None``.
-    """
-
-    rows: tuple[tuple[tuple[int, float], ...], ...]
-    idx: torch.Tensor
-    weights: torch.Tensor
-    segments: tuple[tuple[int, int], ...] | None = None
-    uniform_slot: int | None = None
-    _bags: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, compare=False, repr=False)
-
-    @cached_property
-    def unit_weights(self) -> bool:
-        """Every row has exactly one term, of weight 1 (plain adapters, no blend, no base-model row): the weight
-        multiply can be skipped."""
-        # a base-model row (no term) has weight 0 on its padding term: it must be multiplied too
-        return all(len(r) == 1 and r[0][1] == 1.0 for r in self.rows)
-
-    def bags(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(indices [rows * K * width], offsets [rows * K])`` for the ``A`` side's ``embedding_bag``.
-
-        Bag ``(b, k)`` holds rows ``idx[b, k] * width + j``, ``j < width``, of a ``[slots * width, n]``
-        table: with ``width = d_in`` the rows of ``A^T`` of the term's slot. Cached, so the layers of a
-        step share them (no index arithmetic per layer).
-        """
-        hit = self._bags.get(("A", width))
-        if hit is None:
-            ar = torch.arange(width, device=self.idx.device)
-            flat = (self.idx.reshape(-1, 1) * width + ar).reshape(-1)
-            hit = self._bags[("A", width)] = (flat, torch.arange(0, flat.numel(), width, device=self.idx.device))
-        return hit
-
-    def group_bags(self, rank: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(indices [rows * count * K * rank], offsets [rows * count])`` for the ``B`` side's ``embedding_bag``.
-
-        The table is a part group's ``B`` slots viewed ``[slots * count * rank, n]`` (slot, part, rank
-        row). Bag ``(b, p)`` holds rows ``(idx[b, k] * count + p) * rank + j`` for every term ``k`` and
-        ``j < rank``: row ``b``'s terms for part ``p``, so one call gives ``[rows * count, n]``, which is
-        ``[rows, count * n]``: the group's output columns in order. Cached like :meth:`bags`.
-        """
-        hit = self._bags.get(("B", rank, count))
-        if hit is None:
-            dev = self.idx.device
-            rows, k = self.idx.shape
-            p = torch.arange(count, device=dev).view(1, count, 1, 1)
-            j = torch.arange(rank, device=dev).view(1, 1, 1, rank)
-            flat = ((self.idx.view(rows, 1, k, 1) * count + p) * rank + j).reshape(-1)
-            hit = self._bags[("B", rank, count)] = (flat, torch.arange(0, flat.numel(), k * rank, device=dev))
-        return hit
-
-    @cached_property
-    def slot_groups(self) -> list[tuple[int, slice | torch.Tensor, Any]]:
-        """Prefill: each slot with the packed tokens that use it, and their weights (computed once per batch).
-
-        Returns:
-            ``(slot, tokens, weight)`` per slot used with a non-zero weight: ``tokens`` a ``slice`` when
-            the tokens using the slot are one run at one weight (one row, or adjacent rows of the same
-            weight: a group's requests on one stance or blend; then ``weight`` is that float), else an
-            int64 index tensor ``[T]`` of the tokens of every row using it, with ``weight`` ``[T, 1]``
-            (each token's row's).
-        """
-        assert self.segments is not None
-        uses: dict[int, list[tuple[int, int, float]]] = {}
-        for (a, b), pairs in zip(self.segments, self.rows):
-            for slot, weight in pairs:
-                if weight != 0.0 and b > a:
-                    runs = uses.setdefault(slot, [])
-                    if runs and runs[-1][1] == a and runs[-1][2] == weight:
-                        runs[-1] = (runs[-1][0], b, weight)  # adjacent and the same weight: one slice
-                    else:
-                        runs.append((a, b, weight))
-        groups: list[tuple[int, slice | torch.Tensor, Any]] = []
-        dev, dtype = self.idx.device, self.weights.dtype
-        for slot, runs in uses.items():
-            if len(runs) == 1:
-                a, b, w = runs[0]
-                groups.append((slot, slice(a, b), w))
-                continue
-            tokens = torch.cat([torch.arange(a, b, device=dev) for a, b, _ in runs])
-            weight = torch.cat([torch.full((b - a, 1), w, dtype=dtype, device=dev) for a, b, w in runs])
-            groups.append((slot, tokens, weight))
-        return groups
-
-    @classmethod
-    def from_rows(
-        cls,
-        rows: list[list[tuple[int, float]]],
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        segments: list[tuple[int, int]] | None = None,
-    ) -> LoRABatch | None:
-        """Build the routing of a batch from each row's (slot, weight) pairs.
-
-        Args:
-            rows: one list per batch row; ``[]`` means the base model for that row.
-            segments: token ranges of the rows in a packed prefill (``None``: one token per row).
-
-        Returns:
-            ``None`` if no row uses an adapter (the layers then skip LoRA entirely).
-        """
-        k = max((len(r) for r in rows), default=0)
-        if k == 0:
-            return None
-        idx = [[0] * k for _ in rows]
-        w = [[0.0] * k for _ in rows]
-        for i, pairs in enumerate(rows):
-            for j, (slot, weight) in enumerate(pairs):
-                idx[i][j] = slot
-                w[i][j] = weight
-        uniform = None
-        if k == 1 and all(len(r) == 1 and r[0][1] == 1.0 for r in rows) and len({r[0][0] for r in rows}) == 1:
-            uniform = rows[0][0][0]
-        return cls(
-            tuple(tuple((int(s), float(x)) for s, x in r) for r in rows),
-            torch.tensor(idx, dtype=torch.long, device=device),
-            torch.tensor(w, dtype=dtype, device=device),
-            None if segments is None else tuple(segments),
-            uniform,
-        )
 
 
 class FusedLinear:
@@ -202,6 +76,8 @@ class FusedLinear:
         paths: the parts' module paths; offsets: their first output column; sizes: their ``d_out``.
         At: LoRA ``A`` slots (``None`` until :meth:`enable`); Bt: one ``B`` slot view per part; Bg: the group
             tensors they view; groups: ``(first part, count, d_out)`` per group. See the module docstring.
+        decode_kernel: how decode steps gather each row's slots: ``"embedding_bag"`` or ``"bgmv"``
+            (:mod:`app.engine.lora_kernels`; chosen per device and dtype, settable).
 
     Call: ``x`` ``[N, d_in]`` (packed tokens) and a :class:`LoRABatch` (or ``None``) -> ``[N, D_out]``.
     """
@@ -251,6 +127,10 @@ class FusedLinear:
         self.Bt: list[torch.Tensor] = []
         self.Bg: list[torch.Tensor] = []
         self.rank = 0
+        #: ``(slot, At[slot], B)`` of the one-slot path's last slot (:meth:`_one_slot`), or ``None``
+        self._block: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        #: the decode step's gather kernel, a key of :data:`app.engine.lora_kernels.KERNELS`
+        self.decode_kernel = decode_kernel_for(self.device, self.dtype)
 
     def prepack(self, batch_hint: int, *, release: bool = True) -> bool:
         """Reorder the base weight into oneDNN's blocked layout for CPU matmuls (no repacking per call).
@@ -314,12 +194,13 @@ class FusedLinear:
             for new, old in zip(bg, self.Bg):
                 new[:s0, :, :r0] = old
         self.At, self.Bg, self.rank = at, bg, rank
+        self._block = None
         self.Bt = [g[:, j] for g, (_, count, _) in zip(bg, self.groups) for j in range(count)]
 
     def write(self, slot: int, modules: list[LoRAModuleWeights | None]) -> None:
         """Put each part's factors in ``slot`` (zeros for a part without a module). Needs :meth:`enable`."""
         assert self.At is not None
-        self.clear(slot)
+        self.clear(slot)  # also drops the slot's block-diagonal B
         r = self.rank
         for i, m in enumerate(modules):
             if m is None:
@@ -329,6 +210,8 @@ class FusedLinear:
 
     def clear(self, slot: int) -> None:
         """Zero ``slot``."""
+        if self._block is not None and self._block[0] == slot:
+            self._block = None
         if self.At is not None and slot < self.At.shape[0]:
             self.At[slot].zero_()
             for b in self.Bg:
@@ -344,13 +227,43 @@ class FusedLinear:
         y = self.base(x)
         if routing is None or self.At is None:
             return y
-        if routing.uniform_slot is not None:
-            self._add_b(y, x @ self.At[routing.uniform_slot], routing.uniform_slot)  # y is fresh: updated in place
-        elif routing.segments is None:
-            self._decode(x, y, routing)
-        else:
-            self._prefill(x, y, routing)
+        with serial_threads(x):  # small products: one thread beats a fork/join (app.engine.lora_kernels)
+            if routing.uniform_slot is not None:
+                slot = routing.uniform_slot
+                if x.shape[0] <= BLOCK_B_ROWS:
+                    a, b = self._one_slot(slot)
+                    y.addmm_(torch.mm(x, a), b)  # every part's B in one product (y is fresh: updated in place)
+                else:
+                    self._add_b(y, x @ self.At[slot], slot)
+            elif routing.segments is None:
+                KERNELS[self.decode_kernel](self, x, y, routing)
+            else:
+                self._prefill(x, y, routing)
         return y
+
+    def _one_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(At[slot] [d_in, P * R], B [P * R, D_out])`` for the one-slot path: ``y += (x @ At[slot]) @ B``.
+
+        With several parts ``B`` is block-diagonal: ``slot``'s ``Bt[p]`` in rows ``p * R ..`` and part ``p``'s
+        output columns, zeros elsewhere, so ``xa @ B`` is every part's ``B`` product at once: one ``addmm_``
+        instead of one per part. It multiplies zeros (``P`` times the work), which at decode's few rows
+        costs less than a call per part (bfloat16 CPU matmuls cost about the same per call whatever their
+        size). Kept for the last slot used (one slot's worth of memory), dropped when that slot is written
+        or cleared, or when the slots grow.
+        """
+        hit = self._block
+        if hit is not None and hit[0] == slot:
+            return hit[1], hit[2]
+        assert self.At is not None
+        if len(self.Bt) == 1:
+            b = self.Bt[0][slot]
+        else:
+            r = self.rank
+            b = torch.zeros(len(self.Bt) * r, self.out_features, dtype=self.dtype, device=self.device)
+            for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
+                b[i * r : (i + 1) * r, off : off + n] = self.Bt[i][slot]
+        self._block = (slot, self.At[slot], b)
+        return self._block[1], b
 
     def _add_b(self, y: torch.Tensor, xa: torch.Tensor, slot: int, alpha: float = 1.0) -> None:
         """``y[:, part p] += alpha * xa[:, part p's rank columns] @ Bt[p][slot]`` for every part."""
@@ -360,28 +273,6 @@ class FusedLinear:
             return
         for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):
             y[:, off : off + n].addmm_(xa[:, i * r : (i + 1) * r], self.Bt[i][slot], alpha=alpha)
-
-    def _decode(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
-        rows, k = routing.idx.shape
-        r, p = self.rank, len(self.Bt)
-        x2 = x if k == 1 else x.repeat_interleave(k, dim=0)
-        # xa[(b, k)] = sum_i x[b, i] * At[s_bk, i, :]  -> [rows * K, P*R], scaled by each term's weight
-        index, offsets = routing.bags(self.in_features)
-        xa = F.embedding_bag(index, self.At.view(-1, p * r), offsets, mode="sum", per_sample_weights=x2.reshape(-1))
-        xa = xa.view(rows, k, p, r)
-        if not routing.unit_weights:
-            w = routing.weights.view(rows, k, 1, 1)
-            xa = xa * w
-            if xa.dtype == torch.float16:  # a padding term (weight 0) reads slot 0: if that adapter's A x overflows
-                xa = xa.masked_fill(w == 0, 0.0)  # fp16 for this row, inf * 0 = NaN must not reach the row
-        for (first, count, n), table in zip(self.groups, self.Bg):
-            # y[b, part i] += sum_{k, j} xa[b, k, i, j] * Bt[i][s_bk, j, :], for the group's parts i at once:
-            # a bag per (row, part) over its K terms' B^T rows, weighted in (row, part, term, j) order
-            index, offsets = routing.group_bags(r, count)
-            weights = xa[:, :, first : first + count, :].transpose(1, 2).reshape(-1)  # a view when K = 1 and one group
-            off = self.offsets[first]
-            out = F.embedding_bag(index, table.view(-1, n), offsets, mode="sum", per_sample_weights=weights)
-            y[:, off : off + count * n] += out.view(rows, count * n)
 
     def _prefill(self, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
         # one matmul pair per slot over all the tokens that use it (a blend's slots are shared by many rows)
@@ -394,6 +285,10 @@ class FusedLinear:
             for i, (off, n) in enumerate(zip(self.offsets, self.sizes)):  # each part's columns, added in place
                 y[:, off : off + n].index_add_(0, tokens, xa[:, i * r : (i + 1) * r] @ self.Bt[i][slot])
 
+
+#: the one-slot path adds every part's ``B`` product in one block-diagonal matmul up to this many rows (tokens),
+#: past them one product per part (:meth:`FusedLinear._one_slot`)
+BLOCK_B_ROWS = SMALL_ROWS
 
 #: packed matmuls of more rows than the decode batch are padded to a multiple of this many rows (see FusedLinear.base)
 PACKED_ROW_BUCKET = 64

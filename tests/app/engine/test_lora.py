@@ -70,13 +70,30 @@ def test_uniform_fast_path_matches_gather_path(tiny_model, arch, two_adapters):
         torch.testing.assert_close(a, peft_logits(tiny_model, d1, torch.tensor([row])), atol=1e-5, rtol=1e-4)
 
 
+def count_kernel_calls(monkeypatch):
+    """Wrap every decode kernel of :data:`app.engine.lora_kernels.KERNELS`; returns the per-kernel call counts."""
+    from app.engine import lora_kernels
+
+    calls = dict.fromkeys(lora_kernels.KERNELS, 0)
+    for name, fn in list(lora_kernels.KERNELS.items()):
+        def wrapped(*a, _name=name, _fn=fn):
+            calls[_name] += 1
+            return _fn(*a)
+        monkeypatch.setitem(lora_kernels.KERNELS, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("kernel", ["embedding_bag", "bgmv"])
 @pytest.mark.parametrize("mix", ["blend", "plain"])
-def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters, mix):
-    """One-token-per-row steps (the embedding_bag path) over rows of two adapters, a blend (or a third plain
+def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters, mix, kernel, monkeypatch):
+    """One-token-per-row steps through each decode kernel over rows of two adapters, a blend (or a third plain
     adapter row: every term then has weight 1, the fast case that skips the weight multiply) and the base."""
     d1, d2 = two_adapters
     a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
+    for f in dec.linears.values():
+        f.decode_kernel = kernel
+    calls = count_kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
     third = [(0, 0.5), (1, -0.25)] if mix == "blend" else [(1, 1.0)]
@@ -97,6 +114,124 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
     ]
     for i in range(4):
         torch.testing.assert_close(out[i], ref[i], atol=1e-4, rtol=1e-4)
+    enabled = sum(f.enabled for f in dec.linears.values())
+    assert calls == {k: enabled if k == kernel else 0 for k in calls}  # the step went through the chosen kernel
+
+
+def decode_step_logits(dec, prompts, routes, nxt=7):
+    """Prefill ``prompts`` routed by ``routes``, then one decode step of token ``nxt`` per row -> ``[rows, vocab]``."""
+    cache = dec.new_cache(len(prompts), max(map(len, prompts)) + 2)
+    plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
+    dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
+    step = Plan.build([(i, [nxt], len(p)) for i, p in enumerate(prompts)], dec.device)
+    return dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
+
+
+@pytest.mark.parametrize("others", ["same", "other_slot", "base_row", "half_weight", "padded_blend"])
+def test_one_adapter_decode_takes_the_dense_path_only_when_every_row_is_that_slot(tiny_model, arch, two_adapters,
+                                                                                 others, monkeypatch):
+    """A decode step whose rows all use slot 1 at weight 1 skips the gathers (no kernel runs) and equals peft per
+    row; any other row (another slot, the base model, weight 0.5, a padded 2-term route) takes the gather kernel,
+    and the slot-1 rows still equal peft."""
+    d1, d2 = two_adapters
+    a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
+    dec, _ = lora_decoder(tiny_model, {0: a2, 1: a1})
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 3, 6)]
+    last = {"same": [(1, 1.0)], "other_slot": [(0, 1.0)], "base_row": [], "half_weight": [(1, 0.5)],
+            "padded_blend": [(1, 1.0), (0, 0.0)]}[others]
+    routes = [[(1, 1.0)], [(1, 1.0)], last]
+    routing = LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype)
+    assert (routing.uniform_slot == 1) == (others == "same")
+    calls = count_kernel_calls(monkeypatch)
+    out = decode_step_logits(dec, prompts, routes)
+    assert (sum(calls.values()) == 0) == (others == "same")
+    for i in range(3 if others in ("same", "padded_blend") else 2):
+        want = peft_logits(tiny_model, d1, torch.tensor([prompts[i] + [7]]))[0, -1]
+        torch.testing.assert_close(out[i], want, atol=1e-4, rtol=1e-4)
+    if others == "other_slot":
+        torch.testing.assert_close(out[2], peft_logits(tiny_model, d2, torch.tensor([prompts[2] + [7]]))[0, -1],
+                                   atol=1e-4, rtol=1e-4)
+    elif others == "base_row":
+        torch.testing.assert_close(out[2], tiny_model(input_ids=torch.tensor([prompts[2] + [7]])).logits[0, -1].detach(),
+                                   atol=1e-4, rtol=1e-4)
+    elif others == "half_weight":
+        want = hand_merged_logits(tiny_model, [a1], (0.5,), torch.tensor([prompts[2] + [7]]))[0, -1]
+        torch.testing.assert_close(out[2], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_rows", [256, 0], ids=["block_diagonal_b", "b_per_part"])
+def test_one_adapter_path_follows_a_slot_rewritten_in_place(tiny_model, arch, two_adapters, block_rows, monkeypatch):
+    """The one-slot path's block-diagonal B is built from the slot it serves: after another adapter is written into
+    that slot (and after the slots grow), a decode step on it equals peft of the new adapter; with the per-part
+    products (block rows 0) too."""
+    from app.engine import lora
+
+    monkeypatch.setattr(lora, "BLOCK_B_ROWS", block_rows)
+    d1, d2 = two_adapters
+    dec, multi = lora_decoder(tiny_model, {1: read_adapter(d1, "a1")}, slots=2)
+    prompts = [[5, 9, 13], [7, 11]]
+    routes = [[(1, 1.0)], [(1, 1.0)]]
+
+    def check(d):
+        out = decode_step_logits(dec, prompts, routes)
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(out[i], peft_logits(tiny_model, d, torch.tensor([p + [7]]))[0, -1],
+                                       atol=1e-4, rtol=1e-4)
+
+    check(d1)
+    built = [f._block for f in dec.linears.values() if f.enabled]
+    assert built and all((b is not None) == (block_rows > 0) for b in built)
+    multi.write_slot(1, read_adapter(d2, "a2"))  # same slot tensors, new contents (rank 8 > 4: they grow first)
+    check(d2)
+    multi.write_slot(1, read_adapter(d1, "a1"))
+    check(d1)
+
+
+def test_small_cpu_lora_products_run_single_threaded_and_restore_the_thread_count(tiny_model, arch, two_adapters,
+                                                                                  monkeypatch):
+    """The LoRA terms of a decode step run at one torch thread on CPU (the base matmuls at all of them), and the
+    count is restored afterwards, also when a kernel raises; an input past SMALL_ROWS keeps every thread."""
+    from app.engine import lora_kernels
+    from app.engine.lora_kernels import SMALL_ROWS, serial_threads
+
+    d1, d2 = two_adapters
+    dec, _ = lora_decoder(tiny_model, {0: read_adapter(d1, "a1"), 1: read_adapter(d2, "a2")})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real = lora_kernels.KERNELS["embedding_bag"]
+
+        def spy(*a):
+            seen.append(torch.get_num_threads())
+            return real(*a)
+
+        monkeypatch.setitem(lora_kernels.KERNELS, "embedding_bag", spy)
+        decode_step_logits(dec, [[5, 6, 7], [8, 9]], [[(0, 1.0)], [(1, 1.0)]])
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+        with pytest.raises(RuntimeError, match="boom"):
+            with serial_threads(torch.zeros(4, 8)):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        with serial_threads(torch.zeros(SMALL_ROWS + 1, 8)):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_kernel_table():
+    """Each device and dtype gets a kernel from the table; a device type it does not name gets embedding_bag."""
+    from app.engine.lora_kernels import DECODE_KERNELS, KERNELS, decode_kernel_for
+
+    for (device, dtype), name in DECODE_KERNELS.items():
+        assert name in KERNELS
+        if dtype is not None:
+            assert decode_kernel_for(torch.device(device), dtype) == name
+    assert decode_kernel_for(torch.device("cpu"), torch.float16) == DECODE_KERNELS[("cpu", None)]
+    assert decode_kernel_for(torch.device("meta"), torch.float32) == "embedding_bag"
 
 
 def test_blend_matches_hand_merged_reference(tiny_model, arch, two_adapters):
