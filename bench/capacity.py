@@ -12,7 +12,6 @@ ran, and the preemptions. Nothing here asserts a target; ``stanceserve bench --s
 from __future__ import annotations
 
 import statistics
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from app.engine.config import EngineConfig
 from app.engine.kv_cache import token_bytes
 from app.engine.request import Stance
-from bench.scenarios import EngineBench
+from bench.scenarios import EngineBench, sampled_peak
 
 #: the row cap the service had before the KV cache was paged
 FORMER_ROWS = 16
@@ -31,23 +30,11 @@ def kv_peak(bench: EngineBench) -> Iterator[dict[str, int]]:
     """Peak KV bytes in use (the block pool's own peak) and peak decoding rows (sampled every 10 ms) inside the block."""
     sch, pool = bench.engine.scheduler, bench.engine.kv_cache.pool
     out: dict[str, int] = {}
-    stop, peak = threading.Event(), {"rows": 0}
     pool.reset_peak()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak["rows"] = max(peak["rows"], len(sch._batch))
-            stop.wait(0.01)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    with sampled_peak(lambda: len(sch._batch), 0.01) as rows:
         yield out
-    finally:
-        stop.set()
-        t.join()
-        out["kv_bytes_peak"] = pool.peak_in_use * bench.engine.kv_cache.block_bytes
-        out["decode_rows_peak"] = peak["rows"]
+    out["kv_bytes_peak"] = pool.peak_in_use * bench.engine.kv_cache.block_bytes
+    out["decode_rows_peak"] = rows[0]
 
 
 def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list[int]] | None = None) -> dict:

@@ -21,7 +21,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,26 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 @contextmanager
+def sampled_peak(read: Callable[[], int], interval_s: float) -> Iterator[list[int]]:
+    """The largest value ``read()`` returns inside the block, sampled every ``interval_s`` seconds on a thread;
+    yields a one-element list that holds it once the block ends."""
+    stop, peak = threading.Event(), [0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], read())
+            stop.wait(interval_s)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        t.join()
+
+
+@contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
     """Measure peak memory inside the block: ``{"peak_memory_bytes": ...}``."""
     out: dict[str, int] = {}
@@ -64,21 +84,10 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
         return
     import psutil
 
-    proc, stop, peak = psutil.Process(os.getpid()), threading.Event(), [0]
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            stop.wait(0.02)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    proc = psutil.Process(os.getpid())
+    with sampled_peak(lambda: proc.memory_info().rss, 0.02) as peak:
         yield out
-    finally:
-        stop.set()
-        t.join()
-        out["peak_memory_bytes"] = peak[0]
+    out["peak_memory_bytes"] = peak[0]
 
 
 class EngineBench:
