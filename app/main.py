@@ -65,9 +65,10 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         loaded.eos_token_ids,
         config=EngineConfig.from_settings(s),
         store=store,
-        metrics=state.metrics,
         aliases=(s.model, loaded.source),
     )
+    if state.metrics is not None:
+        state.metrics.attach(engine)
     engine.start()
     state.store = store
     state.catalog = StanceCatalog(store, engine, state.metrics)

@@ -22,10 +22,12 @@ from app.engine.grammar import GrammarCompiler
 from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import BLOCK_SIZE, blocks_for, default_budget, token_bytes
 from app.engine.lora import MultiLoRA
+from app.engine.observe import AdapterCacheEvent, AdapterLoadEvent, EngineEvent, EngineStats, Observer
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
     Event,
     GenerationRequest,
+    RejectedEvent,
     Stance,
 )
 from app.engine.sampling import SamplingParams
@@ -39,7 +41,6 @@ from app.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from app.metrics import Metrics
 from app.registry.adapter import AdapterRecord, AdapterVersion, AdapterWeights
 from app.registry.cache import WeightCache
 
@@ -67,7 +68,8 @@ class Engine:
             clamped to the model's ``max_position_embeddings``; ``max_prompt_tokens`` defaults to, and is at
             most, ``max_model_len - 1``.
         store: the adapter store (may be ``None`` for a base-only engine).
-        metrics: Prometheus metrics, or ``None``.
+        observers: watchers of every request's events and of the engine's own (e.g. the app's metrics);
+            more can join with :meth:`subscribe`.
         aliases: other strings accepted as the base model's name (e.g. its path).
         keep_model_callable: on CPU with ``weight_prepack``, keep the model's dense weights beside the packed
             ones (``Decoder(keep_dense=True)``), for callers that still run ``model`` themselves (peft
@@ -88,7 +90,7 @@ class Engine:
         *,
         config: EngineConfig | None = None,
         store: AdapterSource | None = None,
-        metrics: Metrics | None = None,
+        observers: tuple[Observer, ...] = (),
         aliases: tuple[str, ...] = (),
         keep_model_callable: bool = False,
         **overrides: Any,
@@ -118,7 +120,6 @@ class Engine:
         self._token_texts: dict[int, str] = {}
         #: longest vocabulary entry, in characters: bounds the characters one token can cover
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
-        self.metrics = metrics
         #: constrained decoding: grammar text -> compiled :class:`~app.engine.grammar.Grammar` (cached)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         self.device = next(model.parameters()).device
@@ -145,16 +146,31 @@ class Engine:
                                        max_terms=MAX_BLEND_ADAPTERS, max_len=max_model_len)
         self.scheduler = Scheduler(
             self.decoder, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
-            prefix_cache=self.prefix_cache, listeners=[metrics.observe] if metrics is not None else None,
-            graphs=self.graphs,
+            prefix_cache=self.prefix_cache, graphs=self.graphs,
         )
-        if metrics is not None:
-            metrics.bind_gauges(
-                running=lambda: self.scheduler.num_running,
-                waiting=lambda: self.scheduler.num_waiting,
-                loaded=lambda: self.slots.resident,
-                preemptions=lambda: self.scheduler.preemptions,
-            )
+        self._observers: list[Observer] = []
+        for observer in observers:
+            self.subscribe(observer)
+
+    def subscribe(self, observer: Observer) -> None:
+        """Give ``observer`` every later event: each request's (on the engine thread) and the engine's own.
+
+        Subscribe before :meth:`start` to see every request.
+        """
+        self._observers.append(observer)
+        self.scheduler.listeners.append(observer.observe)
+
+    def stats(self) -> EngineStats:
+        """Live counts: running and waiting requests, resident adapters, preemptions since start."""
+        return EngineStats(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
+                           adapters_loaded=self.slots.resident, preemptions=self.scheduler.preemptions)
+
+    def _tell(self, event: EngineEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer.observe_engine(event)
+            except Exception:  # noqa: BLE001 - a failing watcher must not stop the engine
+                logger.exception("engine observer %r failed", observer)
 
     @property
     def served(self) -> dict[str, str]:
@@ -383,8 +399,12 @@ class Engine:
         try:
             self.scheduler.submit(req)
         except QueueFullError:
-            if self.metrics is not None:
-                self.metrics.requests.labels(stance.label, "rejected").inc()
+            rejected = RejectedEvent()
+            for listener in list(self.scheduler.listeners):
+                try:
+                    listener(req, rejected)
+                except Exception:  # noqa: BLE001
+                    logger.exception("event listener %r failed", listener)
             raise
         return RequestStream(req, queue, self.tokenizer, self.scheduler)
 
@@ -400,12 +420,10 @@ class Engine:
             stream.cancel()
 
     def _on_slot_event(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.adapter_cache.labels(kind).inc()
+        self._tell(AdapterCacheEvent(kind))
 
     def _on_slot_load(self, version: AdapterVersion, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.adapter_load.observe(seconds)
+        self._tell(AdapterLoadEvent(version.name, seconds))
 
 
 def _no_store(record: AdapterRecord) -> AdapterWeights:

@@ -15,13 +15,17 @@ from tests.factories.adapters import read_adapter
 
 
 def make_engine(model, tokenizer, store, *, metrics=None, **kw):
-    """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots)."""
+    """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots).
+
+    ``metrics``: a :class:`~app.metrics.Metrics` that watches the engine (:meth:`~app.metrics.Metrics.attach`).
+    """
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
 
     config = EngineConfig(max_loras=4).replace(**kw)
-    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store,  # no EOS in range
-                 metrics=metrics)
+    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store)  # no EOS in range
+    if metrics is not None:
+        metrics.attach(eng)
     eng.start()
     return eng
 
