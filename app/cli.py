@@ -138,8 +138,8 @@ def fetch_model(**given: Any) -> None:
     settings = _settings(given)
     _setup_logging(settings.log_level)
 
-    from app.engine.model_loader import embedded_model_dir, fetch_embedded_model, is_complete_model_dir
     from app.errors import ModelLoadError
+    from app.model_loader import embedded_model_dir, fetch_embedded_model, is_complete_model_dir
 
     target = embedded_model_dir(settings.cache_dir)
     cached = is_complete_model_dir(target)

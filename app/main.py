@@ -39,7 +39,7 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
     from app.catalog import StanceCatalog
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
-    from app.engine.model_loader import cpu_has_native_bf16
+    from app.model_loader import cpu_has_native_bf16
     from app.registry.seed import empty_store_warning, seed_store
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
@@ -128,7 +128,7 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     Args:
         settings: configuration (default: from the environment).
         model_factory: returns a ``LoadedModel`` for the settings (default:
-            :func:`app.engine.model_loader.load_base_model`); tests pass tiny models here.
+            :func:`app.model_loader.load_base_model`); tests pass tiny models here.
     """
     settings = settings or Settings()
 
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
             )
         factory = model_factory
         if factory is None:
-            from app.engine.model_loader import load_base_model
+            from app.model_loader import load_base_model
 
             factory = load_base_model
         loader = threading.Thread(target=_load, args=(state, factory), name="stanceserve-load", daemon=True)

@@ -36,7 +36,7 @@ from rich.console import Console
 
 from app.config import Settings
 from app.engine.config import EngineConfig
-from app.engine.model_loader import cpu_info
+from app.model_loader import cpu_info
 
 logger = logging.getLogger(__name__)
 

@@ -217,13 +217,13 @@ def compiled_step(bm: Any, *, rows: int, context: int, repeats: int = 8) -> dict
 
     import torch._inductor.config as inductor_config
 
-    from app.engine.forward import Decoder
+    from app.engine.forward import ForwardPass
 
     out: dict[str, Any] = {"rows": rows, "context_tokens": context}
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, min(1000, bm.vocab_size), (rows, context), generator=g).tolist()
     for name in ("eager_dense", "eager_prepacked", "compiled"):
-        dec = Decoder(copy.deepcopy(bm.model), prepack=rows if name == "eager_prepacked" else None)
+        dec = ForwardPass(copy.deepcopy(bm.model), prepack=rows if name == "eager_prepacked" else None)
         cache, tables = dec.row_cache(rows, context + 2)
         dec.forward(Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device), cache, None)
         step = Plan.build([(tables[i], [7], context) for i in range(rows)], dec.device)

@@ -84,7 +84,7 @@ def build_model(config: str | None, *, device: str = "auto", dtype: str = "auto"
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from app.config import Settings
-    from app.engine.model_loader import load_base_model, resolve_device, resolve_dtype
+    from app.model_loader import load_base_model, resolve_device, resolve_dtype
 
     if config is None:
         kw: dict[str, Any] = {"device": device, "dtype": dtype}

@@ -11,7 +11,7 @@ report; :func:`evaluate_scheduling` measures the meeting-room task accuracy.
 Scoring itself lives in :mod:`training.scoring`, the report in :mod:`training.report`.
 
 Precision: :class:`LocalGenerator` loads the model with the server's own ``auto`` dtype rule
-(:func:`app.engine.model_loader.resolve_dtype`: bfloat16 on CUDA and on CPUs with native bf16,
+(:func:`app.model_loader.resolve_dtype`: bfloat16 on CUDA and on CPUs with native bf16,
 else float32), so a local evaluation runs what ``stanceserve serve`` runs. Every generator says
 where it ran (:meth:`LocalGenerator.runtime`, :meth:`HttpGenerator.runtime`: device and dtype,
 ``"unknown"`` where a server does not say), and every report states it (:func:`runtime_of`).
@@ -69,7 +69,7 @@ class LocalGenerator:
                  max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
         from app.config import EMBEDDED_MODEL, Settings
         from app.engine.engine import Engine
-        from app.engine.model_loader import load_base_model
+        from app.model_loader import load_base_model
 
         kw: dict[str, Any] = {"model": base or EMBEDDED_MODEL, "device": device, "dtype": dtype}
         if cache_dir is not None:
@@ -142,27 +142,14 @@ class LocalGenerator:
         return self._run([(p, self.blend_stance(b)) for p, b in rows], max_tokens, on_answer)
 
     def _run(self, rows: list[tuple[str, Any]], max_tokens: int, on_answer: Callable[[], None] | None) -> list[str]:
-        from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
         from app.engine.sampling import SamplingParams
 
-        async def one(prompt: str, stance: Any, sem: asyncio.Semaphore) -> str:
-            ids = self.engine.chat_prompt_ids([{"role": "user", "content": prompt}])
-            parts = []
-            async with sem:
-                async for ev in self.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), stance):
-                    if isinstance(ev, (TokenEvent, FinishEvent)):
-                        parts.append(ev.text)
-                    elif isinstance(ev, ErrorEvent):
-                        raise ev.error
-            if on_answer is not None:
-                on_answer()
-            return "".join(parts).strip()
-
-        async def main() -> list[str]:
-            sem = asyncio.Semaphore(self.max_in_flight)
-            return list(await asyncio.gather(*(one(p, st, sem) for p, st in rows)))
-
-        return asyncio.run(main())
+        ids = [self.engine.chat_prompt_ids([{"role": "user", "content": p}]) for p, _ in rows]
+        done = self.engine.generate_batch(
+            ids, [st for _, st in rows], SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            max_in_flight=self.max_in_flight, on_completion=(lambda i, c: on_answer()) if on_answer else None,
+        )
+        return [c.text.strip() for c in done]
 
 
 class HttpGenerator:

@@ -169,18 +169,17 @@ def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exp
     on a copy of the base model, teacher-forced on the engine's tokens.
 
     Args:
-        loaded: the base model as ``app.engine.model_loader.LoadedModel`` (left untouched).
+        loaded: the base model as ``app.model_loader.LoadedModel`` (left untouched).
 
     Returns:
         ``{"prompts", "steps", "max_abs_logprob_diff" (nats, over every step's live top-k), "greedy_agreement"
         (fraction of steps whose peft argmax is the engine's token)}``.
     """
-    import asyncio
 
     from peft import PeftModel
 
     from app.engine.engine import Engine
-    from app.engine.request import ErrorEvent, Stance, TokenEvent
+    from app.engine.request import Stance
     from app.engine.sampling import SamplingParams
     from app.registry.validation import linear_shapes, load_adapter_weights
 
@@ -190,23 +189,12 @@ def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exp
                     max_loras=len(terms) + 1, max_batch_size=8)
     engine.start()
 
-    async def one(prompt_ids: list[int]) -> tuple[list[int], list[dict[int, float]]]:
-        toks, tops = [], []
-        params = SamplingParams(max_tokens=steps, temperature=0, logprobs=top, ignore_eos=True)
-        async for ev in engine.generate(prompt_ids, params, Stance.blend(terms)):
-            if isinstance(ev, TokenEvent) and not ev.ends:
-                toks.append(ev.token_id)
-                tops.append(dict(ev.top_logprobs))
-            elif isinstance(ev, ErrorEvent):
-                raise ev.error
-        return toks, tops
-
-    async def run_all(ids: list[list[int]]):
-        return await asyncio.gather(*(one(i) for i in ids))
-
     try:
         ids = [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in prompts]
-        live = asyncio.run(run_all(ids))
+        params = SamplingParams(max_tokens=steps, temperature=0, logprobs=top, ignore_eos=True)
+        done = engine.generate_batch(ids, Stance.blend(terms), params)
+        live = [([t.token_id for t in c.tokens if not t.ends], [dict(t.top_logprobs) for t in c.tokens if not t.ends])
+                for c in done]
     finally:
         engine.stop()
     model = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(exported)).eval()

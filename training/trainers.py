@@ -148,7 +148,7 @@ def train_adapter(
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
         device: where the base model trains (``cpu`` by default).
         dtype: the precision it trains in (default ``auto``: the server's rule,
-            :func:`app.engine.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16, else float32); the
+            :func:`app.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16, else float32); the
             resolved device and dtype are recorded in ``machine``.
         command: the command line to record for reproduction (default: ``sys.argv``); recorded with the values
             of secret options (``--admin-key``...) replaced by ``***`` (:mod:`app.redaction`).
@@ -166,7 +166,7 @@ def train_adapter(
     from transformers import set_seed
 
     from app.config import EMBEDDED_MODEL, Settings
-    from app.engine.model_loader import load_base_model
+    from app.model_loader import load_base_model
 
     ds = load_dataset(data, config.method)
     set_seed(config.seed)

@@ -10,14 +10,15 @@ parse HTTP or validate uploads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
-from app.engine.forward import Decoder
+from app.engine.forward import ForwardPass
 from app.engine.grammar import GrammarCompiler
 from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import BLOCK_SIZE, blocks_for, default_budget, token_bytes
@@ -25,10 +26,14 @@ from app.engine.lora import MultiLoRA
 from app.engine.observe import AdapterCacheEvent, AdapterLoadEvent, EngineEvent, EngineStats, Observer
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
+    Completion,
+    ErrorEvent,
     Event,
+    FinishEvent,
     GenerationRequest,
     RejectedEvent,
     Stance,
+    TokenEvent,
 )
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
@@ -72,7 +77,7 @@ class Engine:
             more can join with :meth:`subscribe`.
         aliases: other strings accepted as the base model's name (e.g. its path).
         keep_model_callable: on CPU with ``weight_prepack``, keep the model's dense weights beside the packed
-            ones (``Decoder(keep_dense=True)``), for callers that still run ``model`` themselves (peft
+            ones (``ForwardPass(keep_dense=True)``), for callers that still run ``model`` themselves (peft
             baselines, likelihood scoring); the linear weights are then held twice.
         overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_loras=4``); ``TypeError`` on
             an unknown name.
@@ -102,7 +107,7 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
-        self.decoder = Decoder(model, prepack=config.max_batch_size if config.weight_prepack else None,
+        self.decoder = ForwardPass(model, prepack=config.max_batch_size if config.weight_prepack else None,
                                keep_dense=keep_model_callable)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
@@ -418,6 +423,67 @@ class Engine:
                 yield ev
         finally:
             stream.cancel()
+
+    def generate_batch(
+        self,
+        prompts: Sequence[list[int]],
+        stances: Stance | Sequence[Stance],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        *,
+        max_in_flight: int | None = None,
+        on_completion: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Run every prompt to its end and return the answers, in the prompts' order (blocking).
+
+        The requests run together, sharing the engine's batches as the server's requests do. For scripts,
+        training and benchmarks: it runs its own event loop, so it cannot be called from a running one.
+
+        Args:
+            prompts: token ids of each prompt.
+            stances: one resolved stance for every prompt, or one per prompt.
+            sampling: one :class:`SamplingParams` for every prompt (copied per request), or one per prompt.
+            max_in_flight: at most this many requests queued or running at once (default: all).
+            on_completion: called with ``(index, completion)`` as each request ends (e.g. progress).
+
+        Returns:
+            one :class:`~app.engine.request.Completion` per prompt.
+
+        Raises:
+            ValueError: ``stances`` or ``sampling`` is a sequence of another length than ``prompts``.
+            StanceServeError: the first request that ended in an :class:`~app.engine.request.ErrorEvent`
+                (its error), or that :meth:`open` refused; the other requests are cancelled.
+        """
+        n = len(prompts)
+        stance_of = [stances] * n if isinstance(stances, Stance) else list(stances)
+        params_of = ([dataclasses.replace(sampling) for _ in range(n)] if isinstance(sampling, SamplingParams)
+                     else list(sampling))
+        if len(stance_of) != n or len(params_of) != n:
+            raise ValueError(f"{n} prompts need as many stances and sampling parameters, got "
+                             f"{len(stance_of)} and {len(params_of)}")
+
+        async def one(i: int, gate: asyncio.Semaphore) -> Completion:
+            tokens: list[TokenEvent] = []
+            text: list[str] = []
+            async with gate:
+                async for ev in self.generate(prompts[i], params_of[i], stance_of[i]):
+                    if isinstance(ev, TokenEvent):
+                        tokens.append(ev)
+                        text.append(ev.text)
+                    elif isinstance(ev, FinishEvent):
+                        text.append(ev.text)
+                        done = Completion(tokens, "".join(text), ev)
+                        if on_completion is not None:
+                            on_completion(i, done)
+                        return done
+                    elif isinstance(ev, ErrorEvent):
+                        raise ev.error
+            raise RuntimeError(f"request {i} ended without a finish event")
+
+        async def main() -> list[Completion]:
+            gate = asyncio.Semaphore(max_in_flight or max(n, 1))
+            return list(await asyncio.gather(*(one(i, gate) for i in range(n))))
+
+        return asyncio.run(main())
 
     def _on_slot_event(self, kind: str) -> None:
         self._tell(AdapterCacheEvent(kind))

@@ -1,6 +1,6 @@
 """The engine's own forward pass over a Hugging Face decoder's weights, with the engine's KV cache.
 
-:class:`Decoder` runs Llama-style blocks (Llama, Mistral, Qwen2, Qwen3: pre-norm, gated MLP) and
+:class:`ForwardPass` runs Llama-style blocks (Llama, Mistral, Qwen2, Qwen3: pre-norm, gated MLP) and
 Phi-style blocks (Phi: one LayerNorm feeding attention and MLP in parallel, partial rotary) on
 *packed* tokens: a step's tokens from all rows are one ``[N, hidden]`` matrix, so prefill and decode
 rows of any length share every matmul, and nothing is padded. Projections are :class:`FusedLinear`
@@ -20,7 +20,7 @@ length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through blo
   row's positions past its length. Rows of very different lengths (a few long prompts among short ones)
   attend in groups of similar lengths (:class:`DecodeGroup`), so short rows do not gather the longest
   row's positions. On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster
-  for short rows: :attr:`Decoder.matmul_decode_attention`);
+  for short rows: :attr:`ForwardPass.matmul_decode_attention`);
 * prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
   prefill and prefix reuse start mid-sequence).
 
@@ -44,7 +44,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi")
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture is not one :class:`Decoder` implements (the message lists those it does)."""
+    """The model's architecture is not one :class:`ForwardPass` implements (the message lists those it does)."""
 
 
 @dataclass
@@ -233,7 +233,7 @@ class DecoderLayer:
         return self.down(h, routing)
 
 
-class Decoder:
+class ForwardPass:
     """The engine's forward pass over ``model``'s weights (see the module docstring).
 
     Args:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from app.engine.forward import Decoder, Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
 
@@ -94,7 +94,7 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, decoder: Decoder, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
+        self, decoder: ForwardPass, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
         max_len: int, capture: bool | None = None,
     ) -> None:
         device = decoder.device

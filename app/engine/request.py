@@ -153,6 +153,26 @@ Listener = Callable[["GenerationRequest", RequestEvent], None]
 
 
 @dataclass
+class Completion:
+    """One request's whole answer, drained from its event stream (:meth:`~app.engine.engine.Engine.generate_batch`).
+
+    Attributes:
+        tokens: every :class:`TokenEvent`, in order (the last one may be the ending EOS or stop token: ``ends``).
+        text: the answer's text (every token's released text and the finish's held-back tail).
+        finish: the request's :class:`FinishEvent` (reason, usage, timings).
+    """
+
+    tokens: list[TokenEvent]
+    text: str
+    finish: FinishEvent
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The sampled token ids, ending token included."""
+        return [t.token_id for t in self.tokens]
+
+
+@dataclass
 class GenerationRequest:
     """One completion to run.
 
