@@ -37,8 +37,7 @@ ModelFactory = Callable[[Settings], Any]
 def build_engine(state: ServiceState, loaded: Any) -> None:
     """Open the store and start the engine around an already loaded model (``LoadedModel``)."""
     from app.catalog import StanceCatalog
-    from app.engine.config import EngineConfig
-    from app.engine.engine import Engine
+    from app.engine import Engine, EngineConfig
     from app.model_loader import cpu_has_native_bf16
     from app.registry.seed import empty_store_warning, seed_store
     from app.registry.store import AdapterStore

@@ -35,9 +35,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.engine.observe import AdapterCacheEvent, AdapterLoadEvent, EngineEvent, EngineStats
-from app.engine.request import (
+from app.engine import (
+    AdapterCacheEvent,
+    AdapterLoadEvent,
     AdmittedEvent,
+    EngineEvent,
+    EngineStats,
     ErrorEvent,
     FinishEvent,
     GenerationRequest,

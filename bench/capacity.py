@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from app.engine.config import EngineConfig
+from app.engine import EngineConfig, Stance
 from app.engine.kv_cache import token_bytes
-from app.engine.request import Stance
 from bench.scenarios import EngineBench
 
 #: the row cap the service had before the KV cache was paged

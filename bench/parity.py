@@ -19,10 +19,7 @@ from typing import Any
 
 import torch
 
-from app.engine.config import EngineConfig
-from app.engine.engine import Engine
-from app.engine.request import Stance
-from app.engine.sampling import SamplingParams
+from app.engine import Engine, EngineConfig, SamplingParams, Stance
 
 #: the shipped stances' held-out probes (``training/data/stances/<stance>/probes.jsonl``)
 PROBE_DIR = Path(__file__).resolve().parent.parent / "training" / "data" / "stances"

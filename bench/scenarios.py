@@ -28,10 +28,7 @@ from typing import Any
 
 import torch
 
-from app.engine.config import EngineConfig
-from app.engine.engine import Engine
-from app.engine.request import FinishEvent, Stance, TokenEvent
-from app.engine.sampling import SamplingParams
+from app.engine import Engine, EngineConfig, FinishEvent, SamplingParams, Stance, TokenEvent
 from app.registry.adapter import AdapterWeights
 from bench.models import BenchModel, random_adapter, save_peft_folder
 

@@ -21,9 +21,8 @@ import llguidance.hf
 import torch
 
 from app.api.structured import JSON_OPTIONS
+from app.engine import SamplingParams, Stance
 from app.engine.grammar import mask_words
-from app.engine.request import Stance
-from app.engine.sampling import SamplingParams
 
 #: Schemas of the kind clients send, each with a valid compact instance (``", "`` / ``": "`` separators).
 SCHEMAS: dict[str, tuple[dict[str, Any], Any]] = {

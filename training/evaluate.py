@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from app.engine import StanceResolver, without_zero_weights
+
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"
@@ -68,7 +70,7 @@ class LocalGenerator:
                  adapters_dir: Path | None = None, cache_dir: Path | None = None, loaded: Any = None,
                  max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
         from app.config import EMBEDDED_MODEL, Settings
-        from app.engine.engine import Engine
+        from app.engine import Engine
         from app.model_loader import load_base_model
 
         kw: dict[str, Any] = {"model": base or EMBEDDED_MODEL, "device": device, "dtype": dtype}
@@ -87,6 +89,8 @@ class LocalGenerator:
                              keep_model_callable=True, max_loras=8, max_batch_size=max_batch_size, max_model_len=4096)
         self.engine.start()
         self._adapters: dict[str, Any] = {}
+        #: the server's stance rules over this generator's adapters (names or folders)
+        self.resolver = StanceResolver({BASE}, self.weights, max_weight=self.settings.max_blend_weight)
 
     def close(self) -> None:
         self.engine.stop()
@@ -118,18 +122,17 @@ class LocalGenerator:
 
     def blend_stance(self, blend: dict[str, float]):
         """The engine :class:`~app.engine.request.Stance` of ``{adapter: weight}``: the live weighted blend the
-        server runs for a request's ``stances`` (zero weights dropped; nothing left: the base model)."""
-        from app.engine.request import Stance
+        server runs for a request's ``stances``, by the server's rules (:mod:`app.engine.stances`); a sweep's
+        zero weights mean "absent" (:func:`~app.engine.stances.without_zero_weights`; nothing left: the base model).
 
-        terms = {self.weights(a): float(w) for a, w in blend.items() if w != 0}
-        return Stance.blend(terms) if terms else Stance.base()
+        Raises:
+            app.errors.InvalidBlendError: more than 8 non-zero terms, or a weight past ``max_blend_weight``.
+            app.errors.AdapterLookupError: an adapter that no folder holds.
+        """
+        return self.resolver.resolve(BASE, without_zero_weights(blend))
 
     def _stance(self, model: str):
-        from app.engine.request import Stance
-
-        if model == BASE:
-            return Stance.base()
-        return Stance.single(self.weights(model))
+        return self.resolver.resolve(model)
 
     def generate(self, prompts: list[str], model: str, max_tokens: int,
                  on_answer: Callable[[], None] | None = None) -> list[str]:
@@ -142,7 +145,7 @@ class LocalGenerator:
         return self._run([(p, self.blend_stance(b)) for p, b in rows], max_tokens, on_answer)
 
     def _run(self, rows: list[tuple[str, Any]], max_tokens: int, on_answer: Callable[[], None] | None) -> list[str]:
-        from app.engine.sampling import SamplingParams
+        from app.engine import SamplingParams
 
         ids = [self.engine.chat_prompt_ids([{"role": "user", "content": p}]) for p, _ in rows]
         done = self.engine.generate_batch(
@@ -191,8 +194,8 @@ class HttpGenerator:
 
     def generate_rows(self, rows: list[Row], max_tokens: int, on_answer: Callable[[], None] | None = None) -> list[str]:
         """Each row as the server's live blend: ``model`` the base model, ``stances`` the blend (none: the base)."""
-        bodies = [{"model": self.base_name, **({"stances": {a: w for a, w in b.items() if w != 0}}
-                                               if any(w != 0 for w in b.values()) else {})} for _, b in rows]
+        bodies = [{"model": self.base_name, **({"stances": kept} if (kept := without_zero_weights(b)) else {})}
+                  for _, b in rows]
         return self._run([(p, body) for (p, _), body in zip(rows, bodies)], max_tokens, on_answer)
 
     def _run(self, rows: list[tuple[str, dict[str, Any]]], max_tokens: int,

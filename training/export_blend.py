@@ -178,9 +178,7 @@ def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exp
 
     from peft import PeftModel
 
-    from app.engine.engine import Engine
-    from app.engine.request import Stance
-    from app.engine.sampling import SamplingParams
+    from app.engine import Engine, SamplingParams, Stance
     from app.registry.validation import linear_shapes, load_adapter_weights
 
     shapes = linear_shapes(loaded.model)

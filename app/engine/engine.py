@@ -2,7 +2,7 @@
 
 :class:`Engine` owns the resident base model, its multi-LoRA layers, the slot
 cache and the scheduler thread. It turns chat messages or text into token ids,
-resolves a stance (one adapter by name, or a weighted blend) against the
+resolves a stance (one adapter by name, or a weighted blend; the rules are :mod:`app.engine.stances`) against the
 adapter store, and bridges the scheduler's thread to ``asyncio``. It does not
 parse HTTP or validate uploads.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
@@ -38,11 +37,11 @@ from app.engine.request import (
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.slots import SlotCache
+from app.engine.stances import StanceResolver
 from app.engine.stream import RequestStream
 from app.errors import (
     AdapterNotFoundError,
     ContextLengthExceededError,
-    InvalidBlendError,
     InvalidRequestError,
     QueueFullError,
 )
@@ -144,6 +143,9 @@ class Engine:
         self.lora = MultiLoRA(self.decoder.linears, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
+        #: ``model`` + ``stances`` -> :class:`Stance` (the one set of rules; named blends are the catalog's)
+        self.stances = StanceResolver(self.base_names, self.adapter_weights, max_weight=self.max_blend_weight,
+                                      registered=self.is_registered)
         #: CUDA graphs of decode steps (``cuda_graphs``, on CUDA only), or ``None``
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
@@ -266,13 +268,15 @@ class Engine:
 
     # ------------------------------------------------------------------ stances
     def is_base(self, model: str) -> bool:
+        """Whether ``model`` names the base model (its name or an alias)."""
         return model in self.base_names
 
     def resolve_stance(self, model: str, stances: dict[str, float] | None = None) -> Stance:
-        """The adapters and weights for a request.
+        """The adapters and weights for a request, by the rules of :class:`~app.engine.stances.StanceResolver`.
 
         Args:
-            model: the request's ``model``: the base model's name or a registered adapter.
+            model: the request's ``model``: the base model's name or a registered adapter (named blends are
+                the catalog's: :meth:`app.catalog.StanceCatalog.resolve`).
             stances: optional blend ``{adapter name: weight}``; when given it defines the routing.
 
         Raises:
@@ -282,35 +286,23 @@ class Engine:
 
         Blocking (a cold adapter is read from disk): call it off the event loop.
         """
-        if stances is not None:
-            if not self.is_base(model):
-                self._record(model, param="model")  # model must still name something that exists
-            if not stances:
-                raise InvalidBlendError("stances must name at least one adapter", param="stances")
-            if len(stances) > MAX_BLEND_ADAPTERS:
-                raise InvalidBlendError(
-                    f"a blend may combine at most {MAX_BLEND_ADAPTERS} adapters, got {len(stances)}", param="stances"
-                )
-            terms: dict[AdapterWeights, float] = {}
-            for name, w in stances.items():
-                if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                    raise InvalidBlendError(f"weight of {name!r} must be a finite number, got {w!r}", param=f"stances.{name}")
-                if abs(w) > self.max_blend_weight:
-                    raise InvalidBlendError(
-                        f"weight of {name!r} is {w!r}; blend weights must lie in "
-                        f"[-{self.max_blend_weight:g}, {self.max_blend_weight:g}]",
-                        param=f"stances.{name}",
-                    )
-                try:
-                    rec = self._record(name, param=f"stances.{name}")
-                except AdapterNotFoundError as e:
-                    raise InvalidBlendError(f"blend names unknown adapter {name!r}", param=f"stances.{name}") from e
-                terms[self.weights.get(rec)] = float(w)
-            return Stance.blend(terms)
-        if self.is_base(model):
-            return Stance.base()
-        rec = self._record(model, param="model")
-        return Stance.single(self.weights.get(rec))
+        return self.stances.resolve(model, stances)
+
+    def adapter_weights(self, name: str) -> AdapterWeights:
+        """The weights of registered adapter ``name`` (from the CPU cache, else read from the store).
+
+        Raises:
+            AdapterNotFoundError: no adapter of that name. Blocking (a cold adapter is read from disk).
+        """
+        return self.weights.get(self._record(name, param="model"))
+
+    def is_registered(self, name: str) -> bool:
+        """Whether the store has an adapter ``name`` (its weights are not read)."""
+        try:
+            self._record(name, param="model")
+        except AdapterNotFoundError:
+            return False
+        return True
 
     def _record(self, name: str, *, param: str) -> AdapterRecord:
         if self.store is None:
