@@ -27,7 +27,14 @@ from typing import Any, Protocol
 
 import httpx
 
-from app.engine import StanceResolver, without_zero_weights
+from app.config import EMBEDDED_MODEL, Settings
+from app.engine import Engine, SamplingParams, StanceResolver, without_zero_weights
+from app.model_loader import load_base_model
+from app.registry.validation import linear_shapes, load_adapter_weights
+from training.adapter_lookup import resolve_adapter
+from training.report import fraction_different, write_eval_report
+from training.scoring import LikelihoodScorer, marker_hits, marker_score, summarize
+from training.tasks import scheduling
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +76,6 @@ class LocalGenerator:
     def __init__(self, base: str | None = None, *, device: str = "cpu", dtype: str = "auto",
                  adapters_dir: Path | None = None, cache_dir: Path | None = None, loaded: Any = None,
                  max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
-        from app.config import EMBEDDED_MODEL, Settings
-        from app.engine import Engine
-        from app.model_loader import load_base_model
 
         kw: dict[str, Any] = {"model": base or EMBEDDED_MODEL, "device": device, "dtype": dtype}
         if cache_dir is not None:
@@ -80,8 +84,6 @@ class LocalGenerator:
         self.loaded = loaded if loaded is not None else load_base_model(self.settings)
         self.base_name = self.loaded.name
         self.adapters_dir = Path(adapters_dir) if adapters_dir else self.settings.adapters_dir
-        from app.registry.validation import linear_shapes
-
         self.shapes = linear_shapes(self.loaded.model)
         self.max_in_flight = max_in_flight or 2 * max_batch_size
         # callers still run ``self.loaded.model`` (likelihood scoring, peft references)
@@ -106,14 +108,10 @@ class LocalGenerator:
             app.errors.AdapterLookupError: none of them holds ``adapter_config.json`` (the message names
                 every folder looked at).
         """
-        from training.adapter_lookup import resolve_adapter
-
         return resolve_adapter(adapter, self.adapters_dir)
 
     def weights(self, adapter: str):
         """The :class:`~app.registry.adapter.AdapterWeights` of ``adapter`` (a name or a folder), read once."""
-        from app.registry.validation import load_adapter_weights
-
         if adapter not in self._adapters:
             folder = self.resolve(adapter)
             w, _ = load_adapter_weights(folder, folder.resolve().name or "adapter", self.shapes, max_rank=4096)
@@ -145,8 +143,6 @@ class LocalGenerator:
         return self._run([(p, self.blend_stance(b)) for p, b in rows], max_tokens, on_answer)
 
     def _run(self, rows: list[tuple[str, Any]], max_tokens: int, on_answer: Callable[[], None] | None) -> list[str]:
-        from app.engine import SamplingParams
-
         ids = [self.engine.chat_prompt_ids([{"role": "user", "content": p}]) for p, _ in rows]
         done = self.engine.generate_batch(
             ids, [st for _, st in rows], SamplingParams(max_tokens=max_tokens, temperature=0.0),
@@ -266,9 +262,6 @@ def evaluate_stance(
         (:func:`runtime_of`: device and dtype of the generation and the scoring side); with a
         reference, each summary also has ``"reference": {"n", "mean", "above_base_p90", "separated"}``.
     """
-    from training.report import fraction_different, write_eval_report
-    from training.scoring import LikelihoodScorer, marker_hits, marker_score, summarize
-
     base_answers = gen.generate(probes, BASE, max_tokens)
     ad_answers = gen.generate(probes, adapter, max_tokens)
     m_base = [marker_score(a, stance) for a in base_answers]
@@ -305,8 +298,6 @@ def evaluate_stance(
 
 def _reference_summary(base_scores: list[float], reference_scores: list[float]) -> dict[str, Any]:
     """How the reference answers score against the base answers' distribution (see :func:`evaluate_stance`)."""
-    from training.scoring import summarize
-
     s = summarize(base_scores, reference_scores)
     return {"n": s["n_adapter"], "mean": s["adapter_mean"], "above_base_p90": s["adapter_above_base_p90"],
             "separated": s["separated"]}
@@ -317,13 +308,11 @@ def evaluate_scheduling(gen: Generator, adapter: str | None, *, n: int, seed: in
 
     Evaluates the base model, and the adapter when given.
     """
-    from training.tasks.scheduling import evaluate, generate
-
-    problems = generate(n, seed)
+    problems = scheduling.generate(n, seed)
     questions = [p.question() for p in problems]
     out: dict[str, Any] = {"n": n, "seed": seed}
-    out["base"] = evaluate(gen.generate(questions, BASE, max_tokens), problems)
+    out["base"] = scheduling.evaluate(gen.generate(questions, BASE, max_tokens), problems)
     if adapter:
-        out["adapter"] = evaluate(gen.generate(questions, adapter, max_tokens), problems)
+        out["adapter"] = scheduling.evaluate(gen.generate(questions, adapter, max_tokens), problems)
         out["adapter_name"] = adapter
     return out

@@ -27,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from app.engine import Engine, SamplingParams, Stance
+from app.registry.validation import linear_shapes, load_adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +70,6 @@ def _peft_name(i: int) -> str:
 
 def blend_deltas(model: Any, names: list[str], weights: list[float]) -> dict[str, torch.Tensor]:
     """``{module path: sum_i w_i s_i B_i A_i}`` ``[d_out, d_in]`` of peft adapters ``names`` loaded in ``model``."""
-    from peft.tuners.lora import LoraLayer
-
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -108,8 +111,6 @@ def export_blend(
         ValueError: unknown method, ``rank`` with ``cat``, a rank < 1, or keys of ``folders`` and ``weights``
             that differ.
     """
-    from peft import PeftModel
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "cat" and rank is not None:
@@ -176,10 +177,6 @@ def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exp
         (fraction of steps whose peft argmax is the engine's token)}``.
     """
 
-    from peft import PeftModel
-
-    from app.engine import Engine, SamplingParams, Stance
-    from app.registry.validation import linear_shapes, load_adapter_weights
 
     shapes = linear_shapes(loaded.model)
     terms = {load_adapter_weights(f, n, shapes, max_rank=4096)[0]: float(weights[n]) for n, f in folders.items()}

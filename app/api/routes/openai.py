@@ -14,6 +14,7 @@ engine does the generating.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -279,8 +280,6 @@ def _sse(obj: BaseModel | dict) -> str:
 
 
 def _json(obj: dict) -> str:
-    import json
-
     return json.dumps(obj, separators=(",", ":"))
 
 
