@@ -98,8 +98,8 @@ class Plan:
 
     Attributes:
         ids, positions: ``[N]`` int64 token ids and positions of the packed tokens.
-        slots: ``[N]`` int64, where each token's key and value go: ``block * block_size + offset`` in the
-            :class:`~app.engine.kv_cache.PagedKVCache`.
+        kv_index: ``[N]`` int64, where each token's key and value go: ``block * block_size + offset`` in the
+            :class:`~app.engine.kv_cache.PagedKVCache` (KV has blocks; only adapters have slots).
         rows: per sequence, ``(block table, first token index in the pack, tokens, cached length before them)``.
         decode: every sequence has one token (then token ``i`` is sequence ``i``).
         logit_index: ``[M]`` int64, the packed tokens whose logits are returned.
@@ -115,7 +115,7 @@ class Plan:
 
     ids: torch.Tensor
     positions: torch.Tensor
-    slots: torch.Tensor
+    kv_index: torch.Tensor
     rows: list[tuple[list[int], int, int, int]]
     decode: bool
     logit_index: torch.Tensor
@@ -141,7 +141,7 @@ class Plan:
         """
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        kv_index: list[int] = []
         spans = []
         last = []
         for table, toks, cached in rows:
@@ -151,7 +151,7 @@ class Plan:
             spans.append((table, len(ids), len(toks), cached))
             ids.extend(toks)
             pos.extend(range(cached, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, end))
+            kv_index.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, end))
             last.append(len(ids) - 1)
         decode = all(n == 1 for _, _, n, _ in spans)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
@@ -178,7 +178,7 @@ class Plan:
                 ]
         else:
             row_tables = [t(list(tb[: blocks_for(c + n, block_size)])) for tb, _, n, c in spans]
-        return cls(t(ids), t(pos), t(slots), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
+        return cls(t(ids), t(pos), t(kv_index), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
 
     @property
     def segments(self) -> list[tuple[int, int]]:
@@ -344,7 +344,7 @@ class ForwardPass:
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            cache.write(layer.index, plan.slots, k, v)
+            cache.write(layer.index, plan.kv_index, k, v)
             a = layer.o(self._attention(q, layer.index, plan, cache), routing)
             if layer.parallel:
                 h = h + a + layer.mlp(x, routing)
