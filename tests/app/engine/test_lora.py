@@ -120,10 +120,10 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
 
 def decode_step_logits(dec, prompts, routes, nxt=7):
     """Prefill ``prompts`` routed by ``routes``, then one decode step of token ``nxt`` per row -> ``[rows, vocab]``."""
-    cache = dec.new_cache(len(prompts), max(map(len, prompts)) + 2)
-    plan = Plan.build([(i, p, 0) for i, p in enumerate(prompts)], dec.device)
+    cache, tables = dec.row_cache(len(prompts), max(map(len, prompts)) + 2)
+    plan = Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device)
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
-    step = Plan.build([(i, [nxt], len(p)) for i, p in enumerate(prompts)], dec.device)
+    step = Plan.build([(tables[i], [nxt], len(p)) for i, p in enumerate(prompts)], dec.device)
     return dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
 
 
