@@ -19,7 +19,7 @@ from typing import Any
 
 from app.engine import EngineConfig, Stance
 from app.engine.kv_cache import token_bytes
-from bench.scenarios import EngineBench
+from bench.scenarios import EngineBench, stance
 
 #: the row cap the service had before the KV cache was paged
 FORMER_ROWS = 16
@@ -76,7 +76,6 @@ def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128),
         ``kv_budget_bytes`` (16 rows of ``max_model_len``), ``kv_bytes_per_token``, per ``{mix}_{streams}``
         the ``rows16`` and ``paged`` medians and their tok/s ratio, and ``mixed_lengths``.
     """
-    from bench.scenarios import stance
 
     default_rows = EngineConfig().max_batch_size
     dec_cfg = bm.model.config
