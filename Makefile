@@ -68,7 +68,7 @@ test: venv model
 		echo "pytest collected no tests (exit 5); accepted because ALLOW_NO_TESTS is set"; rc=0; \
 	fi; \
 	if [ $$rc -eq 0 ] && [ -n "$(BF16_PASS)" ]; then \
-		other=$$($(BIN)/python -c 'from app.engine.model_loader import cpu_has_native_bf16 as h; print(int(not h()))'); \
+		other=$$($(BIN)/python -c 'from app.model_loader import cpu_has_native_bf16 as h; print(int(not h()))'); \
 		echo "dtype-sensitive tests again, as on the other kind of CPU (STANCESERVE_CPU_BF16=$$other)"; \
 		STANCESERVE_CPU_BF16=$$other $(BIN)/pytest -m dtype $(PYTEST_ARGS) || rc=$$?; \
 		if [ $$rc -eq 5 ]; then rc=0; fi; \

@@ -24,7 +24,6 @@ here: validation rules (:mod:`app.registry.validation`), slot management
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections import defaultdict
@@ -32,8 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from app.engine.engine import Engine
-from app.engine.request import BASE_LABEL, BLEND_LABEL, Stance
+from app.engine import BASE_LABEL, BLEND_LABEL, Engine, Stance, StanceResolver
 from app.errors import (
     AdapterInUseError,
     AdapterValidationError,
@@ -89,6 +87,9 @@ class StanceCatalog:
         #: held while a blend's members are checked and stored, and while an adapter's users are checked and it is
         #: removed: no blend is ever stored with a member that is being deleted
         self._members = threading.Lock()
+        #: the stance rules (:mod:`app.engine.stances`), with this catalog's named blends and registered adapters
+        self.resolver = StanceResolver(engine.base_names, engine.adapter_weights, max_weight=engine.max_blend_weight,
+                                       named_blend=self._recipe, registered=store.__contains__)
         self._update_gauge()
 
     # ------------------------------------------------------------------ reading
@@ -100,29 +101,19 @@ class StanceCatalog:
 
         Raises:
             BlendMemberMissingError: the named blend's recipe names an adapter that is not registered.
-            AdapterNotFoundError, InvalidBlendError: see :meth:`Engine.resolve_stance`.
+            AdapterNotFoundError, InvalidBlendError: see :class:`~app.engine.stances.StanceResolver`.
         """
-        if model in self.blends and not self.engine.is_base(model):
-            if stances is not None:
-                return self.engine.resolve_stance(self.engine.model_name, stances)
-            try:
-                return self._resolve_named(self.blends.get(model))
-            except StanceNotFoundError:  # deleted a moment ago: answered as any unknown model (404, param "model")
-                pass
-        return self.engine.resolve_stance(model, stances)
+        return self.resolver.resolve(model, stances)
 
-    def _resolve_named(self, blend: NamedBlend) -> Stance:
-        missing = [a for a in blend.stances if a not in self.store]
-        if missing:
-            raise BlendMemberMissingError(
-                f"named blend {blend.name!r} uses adapter(s) {', '.join(map(repr, missing))} that are not registered; "
-                "register them again or replace the blend", param="model")
+    def _recipe(self, name: str) -> dict[str, float] | None:
+        """The recipe of named blend ``name``, or ``None`` (also when it was deleted a moment ago: then the name
+        is answered as any unknown model, 404 with param ``model``)."""
+        if name not in self.blends:
+            return None
         try:
-            stance = self.engine.resolve_stance(self.engine.model_name, blend.stances)
-        except InvalidBlendError as e:  # a member deleted meanwhile, or a weight past a lowered max_blend_weight
-            raise BlendMemberMissingError(f"named blend {blend.name!r} cannot be served: {e.message}",
-                                          param="model") from e
-        return dataclasses.replace(stance, label=blend.name)
+            return dict(self.blends.get(name).stances)
+        except StanceNotFoundError:
+            return None
 
     def list_blends(self) -> list[NamedBlend]:
         """Every named blend, sorted by name."""
@@ -246,7 +237,7 @@ class StanceCatalog:
             if missing:
                 raise BlendMemberMissingError(
                     f"member adapter {missing[0]!r} is not registered", param=f"stances.{missing[0]}")
-            self.engine.resolve_stance(self.engine.model_name, stances)  # weights, count; warms the CPU cache
+            self.resolver.blend(stances)  # weights, count; warms the CPU cache
             return self.blends.put(name, stances, description=description, replace=replace)
 
     def delete_blend(self, name: str) -> NamedBlend:

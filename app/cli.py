@@ -28,12 +28,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import typer.core
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -53,8 +56,6 @@ out = Console()  # results (stdout)
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             typer.echo(version("stanceserve"))
         except PackageNotFoundError:
@@ -76,8 +77,6 @@ def _settings(given: dict[str, Any]) -> Settings:
 
     Exits with status 2 and a readable message on invalid values.
     """
-    from pydantic import ValidationError
-
     try:
         return Settings(**from_cli(Settings, given))
     except ValidationError as exc:
@@ -107,7 +106,7 @@ def serve(**given: Any) -> None:
     _setup_logging(settings.log_level)
     if settings.ray:
         try:
-            import ray.serve  # noqa: F401
+            import ray.serve  # noqa: F401 - the optional [ray] extra: only with --ray
 
             from app.ray_serve.cluster import serve_forever
         except ModuleNotFoundError as exc:
@@ -117,6 +116,7 @@ def serve(**given: Any) -> None:
         serve_forever(settings)
         return
 
+    # the server stack (torch, fastapi, the model code) loads for serve only, not for --help or config-table
     import uvicorn
 
     from app.main import create_app
@@ -138,8 +138,9 @@ def fetch_model(**given: Any) -> None:
     settings = _settings(given)
     _setup_logging(settings.log_level)
 
-    from app.engine.model_loader import embedded_model_dir, fetch_embedded_model, is_complete_model_dir
+    # torch and transformers load for this command only, not for --help
     from app.errors import ModelLoadError
+    from app.model_loader import embedded_model_dir, fetch_embedded_model, is_complete_model_dir
 
     target = embedded_model_dir(settings.cache_dir)
     cached = is_complete_model_dir(target)
@@ -166,7 +167,7 @@ def config_table(
     ] = None,
 ) -> None:
     """Print the Markdown table of every setting (variable, flag, default, meaning), generated from Settings."""
-    from app.config import config_table as table, update_config_table
+    from app.config import config_table as table, update_config_table  # (the command is named config_table too)
 
     if update is None:
         typer.echo(table())
@@ -190,7 +191,7 @@ def adapters_seed(**given: Any) -> None:
     settings = _settings(given)
     _setup_logging(settings.log_level)
 
-    from app.registry.seed import add_shipped, shipped_adapters_dir
+    from app.registry.seed import add_shipped, shipped_adapters_dir  # torch: for this command only, not for --help
 
     source = shipped_adapters_dir()
     if source is None:
@@ -256,7 +257,7 @@ def _forward(ctx: typer.Context, load: Callable[[], typer.Typer], extra: str) ->
 
 
 def _training_app() -> typer.Typer:
-    from training.cli import app as training_app
+    from training.cli import app as training_app  # the optional [train] extra (TRL): kept out of the server
 
     return training_app
 
@@ -313,7 +314,7 @@ def _bench_app() -> typer.Typer:
             soft_wrap=True,
         )
         raise typer.Exit(1)
-    from bench.cli import app as bench_app
+    from bench.cli import app as bench_app  # benchmarks (not installed): kept out of the server
 
     return bench_app
 
@@ -334,8 +335,6 @@ _HARMLESS_WARNINGS = (
 
 def quiet_dependency_warnings() -> None:
     """Hide :data:`_HARMLESS_WARNINGS` (the command line's own warnings, and every other one, still show)."""
-    import warnings
-
     for category, module in _HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", category=category, module=module)
 

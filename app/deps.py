@@ -25,7 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.catalog import StanceCatalog
 from app.config import Settings
-from app.engine.engine import Engine
+from app.engine import Engine
 from app.errors import ForbiddenError, NotReadyError, UnauthorizedError
 from app.metrics import Metrics
 from app.registry.store import AdapterStore

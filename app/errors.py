@@ -9,8 +9,15 @@ OpenAI-style shape ``{"error": {"message", "type", "code", "param"}}`` where
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +292,6 @@ def _allowed_methods(request: Any) -> str:
     Starlette's router names only the methods of the first route that matched the path, so ``GET`` and
     ``POST /v1/adapters`` (two routes) would answer ``Allow: GET``.
     """
-    from starlette.routing import Match
-
     routes = request.app.router.routes
     return ", ".join(
         m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)
@@ -302,13 +307,6 @@ def install_error_handlers(app: Any) -> None:
     Args:
         app: the FastAPI application.
     """
-    import uuid
-
-    from fastapi import Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
     @app.exception_handler(StanceServeError)
     async def _domain(_: Request, exc: StanceServeError) -> JSONResponse:
         if exc.status_code == 500:

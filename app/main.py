@@ -18,16 +18,23 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 
 from app.api.docs import install_offline_docs
 from app.api.error_metrics import WARM_UP_EXTENSION, ErrorMetricsMiddleware
 from app.api.limits import BodySizeLimitMiddleware, route_limits
 from app.api.routes import adapters, blend_export, health, openai, playground, stances
+from app.catalog import StanceCatalog
 from app.config import Settings
 from app.deps import ServiceState
+from app.engine import Engine, EngineConfig
 from app.errors import install_error_handlers
 from app.metrics import Metrics
+from app.model_loader import cpu_has_native_bf16, load_base_model
+from app.registry.seed import empty_store_warning, seed_store
+from app.registry.store import AdapterStore
+from app.registry.validation import linear_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +43,6 @@ ModelFactory = Callable[[Settings], Any]
 
 def build_engine(state: ServiceState, loaded: Any) -> None:
     """Open the store and start the engine around an already loaded model (``LoadedModel``)."""
-    from app.catalog import StanceCatalog
-    from app.engine.config import EngineConfig
-    from app.engine.engine import Engine
-    from app.engine.model_loader import cpu_has_native_bf16
-    from app.registry.seed import empty_store_warning, seed_store
-    from app.registry.store import AdapterStore
-    from app.registry.validation import linear_shapes
 
     s = state.settings
     if s.seeds_store():
@@ -65,9 +65,10 @@ def build_engine(state: ServiceState, loaded: Any) -> None:
         loaded.eos_token_ids,
         config=EngineConfig.from_settings(s),
         store=store,
-        metrics=state.metrics,
         aliases=(s.model, loaded.source),
     )
+    if state.metrics is not None:
+        state.metrics.attach(engine)
     engine.start()
     state.store = store
     state.catalog = StanceCatalog(store, engine, state.metrics)
@@ -86,8 +87,6 @@ def _load(state: ServiceState, factory: ModelFactory) -> None:
     t0 = time.perf_counter()
     try:
         if state.settings.torch_threads:
-            import torch
-
             torch.set_num_threads(state.settings.torch_threads)
         loaded = factory(state.settings)
         build_engine(state, loaded)
@@ -127,7 +126,7 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
     Args:
         settings: configuration (default: from the environment).
         model_factory: returns a ``LoadedModel`` for the settings (default:
-            :func:`app.engine.model_loader.load_base_model`); tests pass tiny models here.
+            :func:`app.model_loader.load_base_model`); tests pass tiny models here.
     """
     settings = settings or Settings()
 
@@ -143,8 +142,6 @@ def create_app(settings: Settings | None = None, *, model_factory: ModelFactory 
             )
         factory = model_factory
         if factory is None:
-            from app.engine.model_loader import load_base_model
-
             factory = load_base_model
         loader = threading.Thread(target=_load, args=(state, factory), name="stanceserve-load", daemon=True)
         loader.start()

@@ -6,7 +6,8 @@ All metrics live in one :class:`Metrics` object with its own
 or ``"blend"`` for every anonymous weighted blend (a request's own ``stances``), so label
 cardinality is bounded by the registered adapters and named blends.
 Names follow Prometheus conventions: snake_case, base units, ``_total`` for
-counters. The engine's one event stream feeds it (:meth:`Metrics.observe`); error responses are counted by
+counters. The engine's events feed it (:meth:`Metrics.observe`, :meth:`Metrics.observe_engine`) and its live
+counts are read at scrape time, both wired by :meth:`Metrics.attach`: the engine knows nothing of this module. Error responses are counted by
 :class:`app.api.error_metrics.ErrorMetricsMiddleware` (:meth:`Metrics.count_error`); the process's own memory and
 CPU come from prometheus-client's ``ProcessCollector`` (``process_resident_memory_bytes``... on Linux). Series of a deleted adapter are dropped by
 :meth:`Metrics.forget_stance`. This module only records; it does not time
@@ -20,6 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,7 +35,28 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
+from app.engine import (
+    AdapterCacheEvent,
+    AdapterLoadEvent,
+    AdmittedEvent,
+    EngineEvent,
+    EngineStats,
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    RejectedEvent,
+    RequestEvent,
+    TokenEvent,
+)
+
+
+class Watchable(Protocol):
+    """What :meth:`Metrics.attach` needs of an engine (:class:`app.engine.Engine`)."""
+
+    def subscribe(self, observer: Metrics) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -258,11 +281,11 @@ class Metrics:
             metric.remove_by_labels({"stance": name})
         self.token_rate.forget(name)
 
-    def observe(self, request: GenerationRequest, event: Event) -> None:
+    def observe(self, request: GenerationRequest, event: RequestEvent) -> None:
         """Record one engine event (the engine calls this for every event of every request, on its thread).
 
         Admitted -> prompt tokens and prefix cache hits/misses; token -> TTFT (first) or inter-token latency, generated tokens, tokens/s;
-        finish -> request latency and outcome; error -> outcome ``error``. Keeps one float per request in
+        finish -> request latency and outcome; error -> outcome ``error``; rejected -> outcome ``rejected``. Keeps one float per request in
         flight (its last token time), dropped when it ends.
         """
         label = request.stance.label
@@ -291,6 +314,22 @@ class Metrics:
         elif isinstance(event, ErrorEvent):
             self._last_token_at.pop(request.request_id, None)
             self.requests.labels(label, "error").inc()
+        elif isinstance(event, RejectedEvent):
+            self.requests.labels(label, "rejected").inc()
+
+    def observe_engine(self, event: EngineEvent) -> None:
+        """Record one engine-wide event: adapter slot cache lookups and loads into a slot."""
+        if isinstance(event, AdapterCacheEvent):
+            self.adapter_cache.labels(event.result).inc()
+        elif isinstance(event, AdapterLoadEvent):
+            self.adapter_load.observe(event.seconds)
+
+    def attach(self, engine: Watchable) -> None:
+        """Watch ``engine``: subscribe to its events and read its live counts at scrape time (before it starts)."""
+        engine.subscribe(self)
+        self.bind_gauges(running=lambda: engine.stats().running, waiting=lambda: engine.stats().waiting,
+                         loaded=lambda: engine.stats().adapters_loaded,
+                         preemptions=lambda: engine.stats().preemptions)
 
     def count_error(self, status: int, code: str) -> None:
         """Count one error response: HTTP ``status`` and its ``{"error": {"code"}}`` (bounded: the service's codes)."""

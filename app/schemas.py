@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from app.config import MAX_BLEND_ADAPTERS
-from app.engine.sampling import SamplingParams
+from app.engine import SamplingParams, blend_size_problem
 from app.errors import InvalidRequestError, UnsupportedParameterError
 from app.registry.adapter import AdapterRecord, thaw_json
 
@@ -546,10 +546,9 @@ class NamedBlendRequest(BaseModel):
     @field_validator("stances")
     @classmethod
     def _stances(cls, v: dict[str, float]) -> dict[str, float]:
-        if not v:
-            raise ValueError("stances must name at least one adapter")
-        if len(v) > MAX_BLEND_ADAPTERS:
-            raise ValueError(f"a blend may combine at most {MAX_BLEND_ADAPTERS} adapters, got {len(v)}")
+        problem = blend_size_problem(len(v))  # the weights and members are the resolver's, with the registry at hand
+        if problem:
+            raise ValueError(problem)
         return v
 
 

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from app.engine.config import EngineConfig
+from app.engine import EngineConfig, Stance
 from app.engine.kv_cache import token_bytes
-from app.engine.request import Stance
-from bench.scenarios import EngineBench, sampled_peak
+from bench.scenarios import EngineBench, sampled_peak, stance
 
 #: the row cap the service had before the KV cache was paged
 FORMER_ROWS = 16
@@ -64,7 +63,6 @@ def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128),
         ``kv_budget_bytes`` (16 rows of ``max_model_len``), ``kv_bytes_per_token``, per ``{mix}_{streams}``
         the ``rows16`` and ``paged`` medians and their tok/s ratio, and ``mixed_lengths``.
     """
-    from bench.scenarios import stance
 
     default_rows = EngineConfig().max_batch_size
     dec_cfg = bm.model.config

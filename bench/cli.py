@@ -35,8 +35,8 @@ import typer
 from rich.console import Console
 
 from app.config import Settings
-from app.engine.config import EngineConfig
-from app.engine.model_loader import cpu_info
+from app.engine import EngineConfig
+from app.model_loader import cpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def bench(
     report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md; the headline table of ./README.md follows it.")] = None,
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
-    from app.engine.request import Stance
+    from app.engine import Stance
     from bench.decode import shared_prefix
     from bench.models import build_model, random_adapter
     from bench.scenarios import (

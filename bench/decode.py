@@ -22,13 +22,15 @@ Nothing here asserts a target; ``stanceserve bench`` prints the numbers.
 from __future__ import annotations
 
 import asyncio
+import copy
 import statistics
 import time
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from app.engine.forward import Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.graphs import DecodeGraphs
 from app.engine.lora import LoRABatch
 
@@ -180,8 +182,6 @@ def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str
 def profile_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, steps: int = 5,
                  top: int = 12) -> list[dict[str, Any]]:
     """The ``top`` ops of one decode step by self time (ms per step), from ``torch.profiler`` over ``steps`` steps."""
-    from torch.profiler import ProfilerActivity, profile
-
     dec = engine.decoder
     fn = _step(engine, len(routes), context, routes)
     fn()
@@ -213,17 +213,13 @@ def compiled_step(bm: Any, *, rows: int, context: int, repeats: int = 8) -> dict
         ``{variant}_step_s`` (median seconds), ``compile_s`` (the first compiled call, seconds), and
         ``compiled_vs_engine`` (compiled step / the engine's own eager step).
     """
-    import copy
-
-    import torch._inductor.config as inductor_config
-
-    from app.engine.forward import Decoder
+    import torch._inductor.config as inductor_config  # torch.compile's inductor: only for the compiled-step scenario
 
     out: dict[str, Any] = {"rows": rows, "context_tokens": context}
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, min(1000, bm.vocab_size), (rows, context), generator=g).tolist()
     for name in ("eager_dense", "eager_prepacked", "compiled"):
-        dec = Decoder(copy.deepcopy(bm.model), prepack=rows if name == "eager_prepacked" else None)
+        dec = ForwardPass(copy.deepcopy(bm.model), prepack=rows if name == "eager_prepacked" else None)
         cache, tables = dec.row_cache(rows, context + 2)
         dec.forward(Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device), cache, None)
         step = Plan.build([(tables[i], [7], context) for i in range(rows)], dec.device)

@@ -10,13 +10,18 @@ as :class:`AdapterWeights`, identified by a digest of their tensors. This module
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from app.config import Settings
+from app.model_loader import load_base_model, resolve_device, resolve_dtype
 from app.registry.adapter import AdapterVersion, AdapterWeights, LoRAModuleWeights
 
 logger = logging.getLogger(__name__)
@@ -81,11 +86,6 @@ def build_model(config: str | None, *, device: str = "auto", dtype: str = "auto"
     Raises:
         KeyError: unknown ``config`` name.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from app.config import Settings
-    from app.engine.model_loader import load_base_model, resolve_device, resolve_dtype
-
     if config is None:
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         if cache_dir is not None:
@@ -143,10 +143,6 @@ def random_adapter(
 
 def save_peft_folder(adapter: AdapterWeights, folder: Path, *, rank: int, alpha: float, dtype=torch.bfloat16) -> Path:
     """Write ``adapter`` as a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-    import json
-
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
     tensors = {}

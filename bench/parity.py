@@ -5,14 +5,13 @@ greedily through two engines over copies of one model, in float32 and in a lower
 how many generated tokens agree: position by position, and up to each answer's first divergence
 (after which the two continuations condition on different text, so later agreement is luck).
 
-This module measures; it asserts nothing and picks no default dtype (:mod:`app.engine.model_loader`
+This module measures; it asserts nothing and picks no default dtype (:mod:`app.model_loader`
 does, from the hardware). On a CPU without native bf16 the bf16 engine runs emulated (slowly), which
 changes its speed, not its numbers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import time
 from pathlib import Path
@@ -20,10 +19,7 @@ from typing import Any
 
 import torch
 
-from app.engine.config import EngineConfig
-from app.engine.engine import Engine
-from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
-from app.engine.sampling import SamplingParams
+from app.engine import Engine, EngineConfig, SamplingParams, Stance
 
 #: the shipped stances' held-out probes (``training/data/stances/<stance>/probes.jsonl``)
 PROBE_DIR = Path(__file__).resolve().parent.parent / "training" / "data" / "stances"
@@ -45,23 +41,8 @@ def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int, dty
     try:
         ids = [eng.chat_prompt_ids([{"role": "user", "content": p}]) for p in prompts]
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-        async def one(prompt_ids: list[int]) -> list[int]:
-            toks: list[int] = []
-            async for ev in eng.generate(prompt_ids, params, Stance.base()):
-                if isinstance(ev, TokenEvent):
-                    toks.append(ev.token_id)
-                elif isinstance(ev, ErrorEvent):
-                    raise RuntimeError(f"parity request failed: {ev}")
-                elif isinstance(ev, FinishEvent):
-                    break
-            return toks
-
-        async def main() -> list[list[int]]:
-            return await asyncio.gather(*(one(i) for i in ids))
-
         t0 = time.perf_counter()
-        out = asyncio.run(main())
+        out = [c.token_ids for c in eng.generate_batch(ids, Stance.base(), params)]
         return out, time.perf_counter() - t0
     finally:
         eng.stop()

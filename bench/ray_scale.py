@@ -32,6 +32,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.config import EMBEDDED_MODEL, Settings
+from app.ray_serve import cluster
 from bench.http_load import PROMPTS, pct  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +83,6 @@ async def load(url: str, work: list[dict], conc: int) -> tuple[float, list[dict]
 
 
 def measure(args: argparse.Namespace, replicas: int, store: Path) -> dict:
-    from app.config import Settings
-    from app.ray_serve import cluster
-
     port = args.port
     settings = Settings(
         model=args.model, adapters_dir=store, host="127.0.0.1", port=port, replicas=replicas,
@@ -128,8 +127,6 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8765)
     a = ap.parse_args()
     if a.model is None:
-        from app.config import EMBEDDED_MODEL
-
         a.model = EMBEDDED_MODEL
     out = {"model": a.model, "adapters": str(a.adapters), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 import os
 import random
@@ -27,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 
-from app.engine.config import EngineConfig
-from app.engine.engine import Engine
-from app.engine.request import FinishEvent, Stance, TokenEvent
-from app.engine.sampling import SamplingParams
+from app.engine import Engine, EngineConfig, FinishEvent, SamplingParams, Stance, TokenEvent
 from app.registry.adapter import AdapterWeights
+from app.registry.store import AdapterStore
+from app.registry.validation import linear_shapes
 from bench.models import BenchModel, random_adapter, save_peft_folder
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
         torch.cuda.synchronize(device)
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
         return
-    import psutil
+    import psutil  # [bench] extra, optional: peak RSS only where it is installed
 
     proc = psutil.Process(os.getpid())
     with sampled_peak(lambda: proc.memory_info().rss, 0.02) as peak:
@@ -223,13 +224,11 @@ class EngineBench:
         checkpoints`` requests, in bytes, and ``growth_after_warmup_bytes``: the last checkpoint minus the
         first (the first wave warms allocator pools and caches).
         """
-        import gc
-
         def used() -> int:
             if self.bm.device.type == "cuda":
                 torch.cuda.synchronize(self.bm.device)
                 return int(torch.cuda.memory_allocated(self.bm.device))
-            import psutil
+            import psutil  # [bench] extra, optional: peak RSS only where it is installed
 
             return int(psutil.Process(os.getpid()).memory_info().rss)
 
@@ -280,8 +279,6 @@ def blend(adapters: list[AdapterWeights]) -> Stance:
 # --------------------------------------------------------------------------- baselines (peft)
 def peft_model(bm: BenchModel, adapters: list[AdapterWeights], workdir: Path, rank: int, alpha: float) -> Any:
     """A peft model over a copy of the base with every adapter loaded under its name (``a0``, ``a1``...)."""
-    from peft import PeftModel
-
     dirs = [save_peft_folder(a, workdir / f"peft-{i}", rank=rank, alpha=alpha, dtype=torch.float32)
             for i, a in enumerate(adapters)]
     base = copy.deepcopy(bm.model)
@@ -330,9 +327,6 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
     ``slot_load`` (copy into a free device slot), and ``upload_to_first_token`` (store add, then a
     request on it until its first token).
     """
-    from app.registry.store import AdapterStore
-    from app.registry.validation import linear_shapes
-
     store = AdapterStore(workdir / "cold-store", linear_shapes(bm.model), max_rank=64, max_bytes=1 << 31)
     staged = []
     for i in range(n):
@@ -361,9 +355,6 @@ def cold_load(bench: EngineBench, bm: BenchModel, workdir: Path, *, n: int, rank
 def many_adapters(bm: BenchModel, workdir: Path, *, n_adapters: int, slots: int, requests: int, concurrency: int,
                   prompt_len: int, max_tokens: int, rank: int, max_cpu_loras: int) -> dict:
     """``n_adapters`` registered on disk, ``slots`` on the device, a random stance per request."""
-    from app.registry.store import AdapterStore
-    from app.registry.validation import linear_shapes
-
     root = workdir / "many-store"
     targets = ["q_proj", "v_proj"]
     t0 = time.perf_counter()

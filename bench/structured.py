@@ -11,7 +11,6 @@ Nothing here asserts a target: the CLI prints the numbers.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import time
@@ -22,9 +21,8 @@ import llguidance.hf
 import torch
 
 from app.api.structured import JSON_OPTIONS
+from app.engine import SamplingParams, Stance
 from app.engine.grammar import mask_words
-from app.engine.request import FinishEvent, Stance, TokenEvent
-from app.engine.sampling import SamplingParams
 
 #: Schemas of the kind clients send, each with a valid compact instance (``", "`` / ``": "`` separators).
 SCHEMAS: dict[str, tuple[dict[str, Any], Any]] = {
@@ -68,26 +66,12 @@ def structured_scenario(eb: Any, stances: list[Stance], *, repeats: int) -> dict
     compile_cached = time.perf_counter() - t0
 
     def run(constrained: bool) -> tuple[float, float, int]:
-        async def one(i: int, st: Stance) -> tuple[int, float]:
-            p = SamplingParams(max_tokens=eb.max_tokens, temperature=0.0, ignore_eos=True,
-                               grammar=g if constrained and i % 2 == 0 else None)
-            n, mask_s = 0, 0.0
-            async for ev in engine.generate(eb.prompt(), p, st):
-                if isinstance(ev, TokenEvent):
-                    n += 1
-                elif isinstance(ev, FinishEvent):
-                    mask_s = ev.mask_s
-                    break
-                else:
-                    raise RuntimeError(f"request failed: {ev}")
-            return n, mask_s
-
-        async def main() -> list[tuple[int, float]]:
-            return await asyncio.gather(*(one(i, st) for i, st in enumerate(stances)))
-
+        prompts = [eb.prompt() for _ in stances]
+        params = [SamplingParams(max_tokens=eb.max_tokens, temperature=0.0, ignore_eos=True,
+                                 grammar=g if constrained and i % 2 == 0 else None) for i in range(len(stances))]
         steps0 = engine.scheduler.timings["decode_steps"]
         t0 = time.perf_counter()
-        res = asyncio.run(main())
+        res = [(len(c.tokens), c.finish.mask_s) for c in engine.generate_batch(prompts, stances, params)]
         wall = time.perf_counter() - t0
         steps = engine.scheduler.timings["decode_steps"] - steps0
         return sum(n for n, _ in res) / wall, sum(m for _, m in res), steps

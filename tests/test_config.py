@@ -211,7 +211,7 @@ def test_serving_modules_import_no_training_or_bench_code():
     """As after `pip install .` (no extras): the server imports and builds its app without them."""
     done = _python(
         "import sys\n"
-        "import app.main, app.cli, app.engine.engine, app.engine.model_loader\n"
+        "import app.main, app.cli, app.engine.engine, app.model_loader\n"
         "app.main.create_app(app.main.Settings())\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'training', 'trl', 'datasets', 'matplotlib', 'bench'})\n"

@@ -46,7 +46,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smol():
-    from app.engine.model_loader import load_base_model
+    from app.model_loader import load_base_model
 
     loaded = load_base_model(Settings(device="cpu", dtype="float32"))
     return loaded

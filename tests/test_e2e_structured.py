@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from openai import OpenAI
 
 from app.config import Settings
-from tests.app.engine.test_grammar import SCHEMAS
 from tests.factories import AUTH, adapter_files, make_client, wait_ready, write_peft_adapter
+from tests.factories.schemas import SCHEMAS
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ CLOCK = {"type": "function", "function": {
 
 
 def smol_factory(settings):
-    from app.engine.model_loader import load_base_model
+    from app.model_loader import load_base_model
 
     return load_base_model(Settings(device="cpu", dtype="float32"))
 

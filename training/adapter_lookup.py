@@ -23,6 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.config import ENV_PREFIX, Settings, default_adapters_dir
+from app.errors import AdapterLookupError
+from app.registry import seed
+from app.registry.validation import NAME_RE
 
 #: The file that makes a folder a peft adapter folder, for this lookup.
 _MARKER = "adapter_config.json"
@@ -58,10 +61,6 @@ def resolve_adapter(adapter: str | Path, adapters_dir: Path | None = None) -> Pa
             (a store or shipped folder is searched only for a valid adapter name, see
             :data:`app.registry.validation.NAME_RE`).
     """
-    from app.errors import AdapterLookupError
-    from app.registry.seed import INSTALLED_SUBDIR, shipped_adapters_dir
-    from app.registry.validation import NAME_RE
-
     path = Path(adapter)
     if (path / _MARKER).is_file():
         return path
@@ -74,7 +73,7 @@ def resolve_adapter(adapter: str | Path, adapters_dir: Path | None = None) -> Pa
     if (candidate / _MARKER).is_file():
         return candidate
     searched.append(("the adapter store", str(candidate)))
-    shipped = shipped_adapters_dir()
+    shipped = seed.shipped_adapters_dir()  # looked up at call time (tests replace it)
     if shipped is not None:
         candidate = shipped / name
         if (candidate / _MARKER).is_file():
@@ -82,5 +81,5 @@ def resolve_adapter(adapter: str | Path, adapters_dir: Path | None = None) -> Pa
         searched.append(("the shipped adapters", str(candidate)))
         note = None
     else:
-        note = f"no shipped adapters found (beside the app package, or in <sys.prefix>/{INSTALLED_SUBDIR})"
+        note = f"no shipped adapters found (beside the app package, or in <sys.prefix>/{seed.INSTALLED_SUBDIR})"
     raise AdapterLookupError(name, searched, note=note)

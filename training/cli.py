@@ -286,7 +286,7 @@ def eval_cmd(
                     lm, tok = raw.loaded.model, raw.loaded.tokenizer
                 else:
                     from app.config import EMBEDDED_MODEL, Settings
-                    from app.engine.model_loader import load_base_model
+                    from app.model_loader import load_base_model
 
                     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                     lm, tok = loaded.model, loaded.tokenizer
@@ -332,7 +332,7 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
                 lm, tok = gen.loaded.model, gen.loaded.tokenizer
             else:
                 from app.config import EMBEDDED_MODEL, Settings
-                from app.engine.model_loader import load_base_model
+                from app.model_loader import load_base_model
 
                 loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                 lm, tok = loaded.model, loaded.tokenizer
@@ -460,8 +460,8 @@ def export_blend_cmd(
 ) -> None:
     """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
     from app.config import EMBEDDED_MODEL, Settings
-    from app.engine.model_loader import load_base_model
     from app.errors import AdapterLookupError
+    from app.model_loader import load_base_model
     from training.adapter_lookup import resolve_adapter
     from training.export_blend import export_blend, parse_stances
 

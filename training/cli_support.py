@@ -15,7 +15,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from app.errors import AdapterLookupError
+from app.redaction import redact_command
+from training.adapter_lookup import resolve_adapter
 from training.outputs import OutputExistsError, check_dir, check_file
+from training.register import RegistrationError, admin_key_from
 
 console = Console(stderr=True)  # progress and errors
 
@@ -59,8 +63,6 @@ def read_admin_key(key: str | None, key_file: Path | None) -> str | None:
 
     Warns when the key itself was typed on the command line (where ``ps`` and shell history show it).
     """
-    from training.register import RegistrationError, admin_key_from
-
     if key_file is None and any(a == "--admin-key" or a.startswith("--admin-key=") for a in sys.argv):
         console.print("[yellow]warning:[/yellow] --admin-key on the command line is visible to other local users "
                       "and kept in shell history; prefer STANCESERVE_ADMIN_KEY or --admin-key-file "
@@ -74,17 +76,12 @@ def read_admin_key(key: str | None, key_file: Path | None) -> str | None:
 
 def recorded_command(command: str) -> str | None:
     """``stanceserve COMMAND ...`` as run (from ``sys.argv``), secret option values redacted; None if unknown."""
-    from app.redaction import redact_command
-
     return redact_command(["stanceserve", command, *sys.argv[2:]]) if len(sys.argv) > 2 else None
 
 
 def run_folder(run: Path) -> Path:
     """A ``--compare`` argument as a folder: the path if it exists, else the adapter of that name (store, then
     shipped: :func:`training.adapter_lookup.resolve_adapter`), else the path as given (for the error message)."""
-    from app.errors import AdapterLookupError
-    from training.adapter_lookup import resolve_adapter
-
     if run.exists():
         return run
     try:
@@ -95,9 +92,6 @@ def run_folder(run: Path) -> Path:
 
 def check_local_adapters(adapters: list[str], adapters_dir: Path | None) -> None:
     """Fail (exit 1, naming every folder looked at) unless each adapter resolves locally, before the model loads."""
-    from app.errors import AdapterLookupError
-    from training.adapter_lookup import resolve_adapter
-
     for a in adapters:
         try:
             resolve_adapter(a, adapters_dir)

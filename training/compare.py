@@ -88,7 +88,7 @@ def compare_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_compare(runs: list[dict[str, Any]], path: Path, *, title: str = "training runs") -> Path:
     """Overlaid curves of every run (loss, reward margin, accuracy, seconds per step vs optimiser step) in one PNG."""
-    import matplotlib
+    import matplotlib  # [train] extra: kept out of the server (and the backend is chosen before pyplot loads)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

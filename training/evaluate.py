@@ -11,7 +11,7 @@ report; :func:`evaluate_scheduling` measures the meeting-room task accuracy.
 Scoring itself lives in :mod:`training.scoring`, the report in :mod:`training.report`.
 
 Precision: :class:`LocalGenerator` loads the model with the server's own ``auto`` dtype rule
-(:func:`app.engine.model_loader.resolve_dtype`: bfloat16 on CUDA and on CPUs with native bf16,
+(:func:`app.model_loader.resolve_dtype`: bfloat16 on CUDA and on CPUs with native bf16,
 else float32), so a local evaluation runs what ``stanceserve serve`` runs. Every generator says
 where it ran (:meth:`LocalGenerator.runtime`, :meth:`HttpGenerator.runtime`: device and dtype,
 ``"unknown"`` where a server does not say), and every report states it (:func:`runtime_of`).
@@ -26,6 +26,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+
+from app.config import EMBEDDED_MODEL, Settings
+from app.engine import Engine, SamplingParams, StanceResolver, without_zero_weights
+from app.model_loader import load_base_model
+from app.registry.validation import linear_shapes, load_adapter_weights
+from training.adapter_lookup import resolve_adapter
+from training.report import fraction_different, write_eval_report
+from training.scoring import LikelihoodScorer, marker_hits, marker_score, summarize
+from training.tasks import scheduling
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +76,6 @@ class LocalGenerator:
     def __init__(self, base: str | None = None, *, device: str = "cpu", dtype: str = "auto",
                  adapters_dir: Path | None = None, cache_dir: Path | None = None, loaded: Any = None,
                  max_batch_size: int = 16, max_in_flight: int | None = None) -> None:
-        from app.config import EMBEDDED_MODEL, Settings
-        from app.engine.engine import Engine
-        from app.engine.model_loader import load_base_model
 
         kw: dict[str, Any] = {"model": base or EMBEDDED_MODEL, "device": device, "dtype": dtype}
         if cache_dir is not None:
@@ -78,8 +84,6 @@ class LocalGenerator:
         self.loaded = loaded if loaded is not None else load_base_model(self.settings)
         self.base_name = self.loaded.name
         self.adapters_dir = Path(adapters_dir) if adapters_dir else self.settings.adapters_dir
-        from app.registry.validation import linear_shapes
-
         self.shapes = linear_shapes(self.loaded.model)
         self.max_in_flight = max_in_flight or 2 * max_batch_size
         # callers still run ``self.loaded.model`` (likelihood scoring, peft references)
@@ -87,6 +91,8 @@ class LocalGenerator:
                              keep_model_callable=True, max_loras=8, max_batch_size=max_batch_size, max_model_len=4096)
         self.engine.start()
         self._adapters: dict[str, Any] = {}
+        #: the server's stance rules over this generator's adapters (names or folders)
+        self.resolver = StanceResolver({BASE}, self.weights, max_weight=self.settings.max_blend_weight)
 
     def close(self) -> None:
         self.engine.stop()
@@ -102,14 +108,10 @@ class LocalGenerator:
             app.errors.AdapterLookupError: none of them holds ``adapter_config.json`` (the message names
                 every folder looked at).
         """
-        from training.adapter_lookup import resolve_adapter
-
         return resolve_adapter(adapter, self.adapters_dir)
 
     def weights(self, adapter: str):
         """The :class:`~app.registry.adapter.AdapterWeights` of ``adapter`` (a name or a folder), read once."""
-        from app.registry.validation import load_adapter_weights
-
         if adapter not in self._adapters:
             folder = self.resolve(adapter)
             w, _ = load_adapter_weights(folder, folder.resolve().name or "adapter", self.shapes, max_rank=4096)
@@ -118,18 +120,17 @@ class LocalGenerator:
 
     def blend_stance(self, blend: dict[str, float]):
         """The engine :class:`~app.engine.request.Stance` of ``{adapter: weight}``: the live weighted blend the
-        server runs for a request's ``stances`` (zero weights dropped; nothing left: the base model)."""
-        from app.engine.request import Stance
+        server runs for a request's ``stances``, by the server's rules (:mod:`app.engine.stances`); a sweep's
+        zero weights mean "absent" (:func:`~app.engine.stances.without_zero_weights`; nothing left: the base model).
 
-        terms = {self.weights(a): float(w) for a, w in blend.items() if w != 0}
-        return Stance.blend(terms) if terms else Stance.base()
+        Raises:
+            app.errors.InvalidBlendError: more than 8 non-zero terms, or a weight past ``max_blend_weight``.
+            app.errors.AdapterLookupError: an adapter that no folder holds.
+        """
+        return self.resolver.resolve(BASE, without_zero_weights(blend))
 
     def _stance(self, model: str):
-        from app.engine.request import Stance
-
-        if model == BASE:
-            return Stance.base()
-        return Stance.single(self.weights(model))
+        return self.resolver.resolve(model)
 
     def generate(self, prompts: list[str], model: str, max_tokens: int,
                  on_answer: Callable[[], None] | None = None) -> list[str]:
@@ -142,27 +143,12 @@ class LocalGenerator:
         return self._run([(p, self.blend_stance(b)) for p, b in rows], max_tokens, on_answer)
 
     def _run(self, rows: list[tuple[str, Any]], max_tokens: int, on_answer: Callable[[], None] | None) -> list[str]:
-        from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
-        from app.engine.sampling import SamplingParams
-
-        async def one(prompt: str, stance: Any, sem: asyncio.Semaphore) -> str:
-            ids = self.engine.chat_prompt_ids([{"role": "user", "content": prompt}])
-            parts = []
-            async with sem:
-                async for ev in self.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), stance):
-                    if isinstance(ev, (TokenEvent, FinishEvent)):
-                        parts.append(ev.text)
-                    elif isinstance(ev, ErrorEvent):
-                        raise ev.error
-            if on_answer is not None:
-                on_answer()
-            return "".join(parts).strip()
-
-        async def main() -> list[str]:
-            sem = asyncio.Semaphore(self.max_in_flight)
-            return list(await asyncio.gather(*(one(p, st, sem) for p, st in rows)))
-
-        return asyncio.run(main())
+        ids = [self.engine.chat_prompt_ids([{"role": "user", "content": p}]) for p, _ in rows]
+        done = self.engine.generate_batch(
+            ids, [st for _, st in rows], SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            max_in_flight=self.max_in_flight, on_completion=(lambda i, c: on_answer()) if on_answer else None,
+        )
+        return [c.text.strip() for c in done]
 
 
 class HttpGenerator:
@@ -204,8 +190,8 @@ class HttpGenerator:
 
     def generate_rows(self, rows: list[Row], max_tokens: int, on_answer: Callable[[], None] | None = None) -> list[str]:
         """Each row as the server's live blend: ``model`` the base model, ``stances`` the blend (none: the base)."""
-        bodies = [{"model": self.base_name, **({"stances": {a: w for a, w in b.items() if w != 0}}
-                                               if any(w != 0 for w in b.values()) else {})} for _, b in rows]
+        bodies = [{"model": self.base_name, **({"stances": kept} if (kept := without_zero_weights(b)) else {})}
+                  for _, b in rows]
         return self._run([(p, body) for (p, _), body in zip(rows, bodies)], max_tokens, on_answer)
 
     def _run(self, rows: list[tuple[str, dict[str, Any]]], max_tokens: int,
@@ -276,9 +262,6 @@ def evaluate_stance(
         (:func:`runtime_of`: device and dtype of the generation and the scoring side); with a
         reference, each summary also has ``"reference": {"n", "mean", "above_base_p90", "separated"}``.
     """
-    from training.report import fraction_different, write_eval_report
-    from training.scoring import LikelihoodScorer, marker_hits, marker_score, summarize
-
     base_answers = gen.generate(probes, BASE, max_tokens)
     ad_answers = gen.generate(probes, adapter, max_tokens)
     m_base = [marker_score(a, stance) for a in base_answers]
@@ -315,8 +298,6 @@ def evaluate_stance(
 
 def _reference_summary(base_scores: list[float], reference_scores: list[float]) -> dict[str, Any]:
     """How the reference answers score against the base answers' distribution (see :func:`evaluate_stance`)."""
-    from training.scoring import summarize
-
     s = summarize(base_scores, reference_scores)
     return {"n": s["n_adapter"], "mean": s["adapter_mean"], "above_base_p90": s["adapter_above_base_p90"],
             "separated": s["separated"]}
@@ -327,13 +308,11 @@ def evaluate_scheduling(gen: Generator, adapter: str | None, *, n: int, seed: in
 
     Evaluates the base model, and the adapter when given.
     """
-    from training.tasks.scheduling import evaluate, generate
-
-    problems = generate(n, seed)
+    problems = scheduling.generate(n, seed)
     questions = [p.question() for p in problems]
     out: dict[str, Any] = {"n": n, "seed": seed}
-    out["base"] = evaluate(gen.generate(questions, BASE, max_tokens), problems)
+    out["base"] = scheduling.evaluate(gen.generate(questions, BASE, max_tokens), problems)
     if adapter:
-        out["adapter"] = evaluate(gen.generate(questions, adapter, max_tokens), problems)
+        out["adapter"] = scheduling.evaluate(gen.generate(questions, adapter, max_tokens), problems)
         out["adapter_name"] = adapter
     return out

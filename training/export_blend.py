@@ -27,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from app.engine import Engine, SamplingParams, Stance
+from app.registry.validation import linear_shapes, load_adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +70,6 @@ def _peft_name(i: int) -> str:
 
 def blend_deltas(model: Any, names: list[str], weights: list[float]) -> dict[str, torch.Tensor]:
     """``{module path: sum_i w_i s_i B_i A_i}`` ``[d_out, d_in]`` of peft adapters ``names`` loaded in ``model``."""
-    from peft.tuners.lora import LoraLayer
-
     out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -108,8 +111,6 @@ def export_blend(
         ValueError: unknown method, ``rank`` with ``cat``, a rank < 1, or keys of ``folders`` and ``weights``
             that differ.
     """
-    from peft import PeftModel
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "cat" and rank is not None:
@@ -169,20 +170,13 @@ def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exp
     on a copy of the base model, teacher-forced on the engine's tokens.
 
     Args:
-        loaded: the base model as ``app.engine.model_loader.LoadedModel`` (left untouched).
+        loaded: the base model as ``app.model_loader.LoadedModel`` (left untouched).
 
     Returns:
         ``{"prompts", "steps", "max_abs_logprob_diff" (nats, over every step's live top-k), "greedy_agreement"
         (fraction of steps whose peft argmax is the engine's token)}``.
     """
-    import asyncio
 
-    from peft import PeftModel
-
-    from app.engine.engine import Engine
-    from app.engine.request import ErrorEvent, Stance, TokenEvent
-    from app.engine.sampling import SamplingParams
-    from app.registry.validation import linear_shapes, load_adapter_weights
 
     shapes = linear_shapes(loaded.model)
     terms = {load_adapter_weights(f, n, shapes, max_rank=4096)[0]: float(weights[n]) for n, f in folders.items()}
@@ -190,23 +184,12 @@ def parity(loaded: Any, folders: dict[str, Path], weights: dict[str, float], exp
                     max_loras=len(terms) + 1, max_batch_size=8)
     engine.start()
 
-    async def one(prompt_ids: list[int]) -> tuple[list[int], list[dict[int, float]]]:
-        toks, tops = [], []
-        params = SamplingParams(max_tokens=steps, temperature=0, logprobs=top, ignore_eos=True)
-        async for ev in engine.generate(prompt_ids, params, Stance.blend(terms)):
-            if isinstance(ev, TokenEvent) and not ev.ends:
-                toks.append(ev.token_id)
-                tops.append(dict(ev.top_logprobs))
-            elif isinstance(ev, ErrorEvent):
-                raise ev.error
-        return toks, tops
-
-    async def run_all(ids: list[list[int]]):
-        return await asyncio.gather(*(one(i) for i in ids))
-
     try:
         ids = [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in prompts]
-        live = asyncio.run(run_all(ids))
+        params = SamplingParams(max_tokens=steps, temperature=0, logprobs=top, ignore_eos=True)
+        done = engine.generate_batch(ids, Stance.blend(terms), params)
+        live = [([t.token_id for t in c.tokens if not t.ends], [dict(t.top_logprobs) for t in c.tokens if not t.ends])
+                for c in done]
     finally:
         engine.stop()
     model = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(exported)).eval()

@@ -27,7 +27,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from rich.table import Table
 
 from app.registry.peft_reader import CONFIG_FILE, MODEL_FILE, module_scaling, read_peft_adapter
 from app.registry.validation import config_problems, tensor_problems
@@ -168,8 +170,6 @@ def norms_table(rows: list[dict[str, Any]], title: str | None = "LoRA update nor
     ``k_proj``, ... in the usual order); cells show the norm to 4 significant digits, or
     ``-`` where the adapter does not target that module.
     """
-    from rich.table import Table
-
     labels, cols, cells = _grid(rows)
     table = Table(title=title)
     table.add_column("layer", justify="right", style="bold")
@@ -196,8 +196,7 @@ def plot_heatmap(rows: list[dict[str, Any]], png_path: Path, title: str) -> Path
     """
     if not rows:
         raise ValueError("no modules to plot")
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # [train] extra: kept out of the server
     from matplotlib.figure import Figure
 
     labels, cols, cells = _grid(rows)

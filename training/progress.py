@@ -13,12 +13,15 @@ printed at every tenth of a task instead. Not here: any evaluation logic.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from training.evaluate import BASE, runtime_of
 
 NewTask = Callable[[str, int], Callable[[], None]]
 
@@ -55,8 +58,6 @@ def progress_bars(enabled: bool = True, console: Console | None = None) -> Itera
 
 
 def _plain_tasks(console: Console, lock: threading.Lock) -> NewTask:
-    import time
-
     def new_task(description: str, total: int) -> Callable[[], None]:
         t0, done = time.perf_counter(), [0]
         step = max(1, total // 10)
@@ -81,8 +82,6 @@ class ProgressGenerator:
         self.base_name = gen.base_name
 
     def generate(self, prompts: list[str], model: str, max_tokens: int, on_answer=None) -> list[str]:
-        from training.evaluate import BASE
-
         label = "base" if model == BASE else model
         return self.gen.generate(prompts, model, max_tokens, on_answer or self.new_task(f"{label} answers", len(prompts)))
 
@@ -91,8 +90,6 @@ class ProgressGenerator:
 
     def runtime(self) -> dict[str, str]:
         """The wrapped generator's device and dtype (see :func:`training.evaluate.runtime_of`)."""
-        from training.evaluate import runtime_of
-
         return runtime_of(self.gen)["generation"]
 
     def close(self) -> None:

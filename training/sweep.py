@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from training.report import fraction_different
+from training.scoring import MARKERS, marker_score
 from training.stats import RESAMPLES, bootstrap_mean, paired_delta, sweep_rho
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,6 @@ def run_sweep(
     Raises:
         ValueError: no probes, or a stance without a scorer.
     """
-    from training.scoring import MARKERS, marker_score
-
     if not probes:
         raise ValueError("no probes")
     for s in stances:

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from training.report import runtime_lines
 from training.sweep import Blend, blend_key
 
 #: x values whose answers the report shows side by side.
@@ -29,7 +30,7 @@ def curve_filename(name: str) -> str:
 
 def plot_curve(curve: dict[str, Any], scorers: list[str], path: Path, *, title: str | None = None) -> Path:
     """One PNG for one curve of a sweep result (one panel per scorer). Returns ``path``."""
-    import matplotlib
+    import matplotlib  # [train] extra: kept out of the server (and the backend is chosen before pyplot loads)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,8 +100,6 @@ def write_sweep_report(path: Path, result: dict[str, Any], probes: list[str], an
         "",
     ]
     if result.get("runtime") is not None:
-        from training.report import runtime_lines
-
         lines += [*runtime_lines(result["runtime"]), ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]

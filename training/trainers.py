@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback, set_seed
 
+from app.config import EMBEDDED_MODEL, Settings
+from app.model_loader import load_base_model
 from app.redaction import redact_command, redact_json, redact_text
 from training.datasets import Method, load_dataset
 
@@ -100,8 +106,6 @@ def _save_adapter(model: Any, out_dir: Path, base_name: str, dtype: torch.dtype)
 def _callback(records: list[dict[str, Any]], on_step: Callable[[Any, int], None] | None = None):
     """A TrainerCallback that appends each log line, with its optimiser step's wall time, to ``records``,
     and calls ``on_step(model, global_step)`` after each optimiser step (outside the timed span)."""
-    from transformers import TrainerCallback
-
     class Recorder(TrainerCallback):
         """Keeps every log line with the wall time of each optimiser step; runs ``on_step`` after each."""
 
@@ -148,7 +152,7 @@ def train_adapter(
         base: HF model id or path; ``None`` = the embedded SmolLM2-135M-Instruct the server uses.
         device: where the base model trains (``cpu`` by default).
         dtype: the precision it trains in (default ``auto``: the server's rule,
-            :func:`app.engine.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16, else float32); the
+            :func:`app.model_loader.resolve_dtype`, bfloat16 on CPUs with native bf16, else float32); the
             resolved device and dtype are recorded in ``machine``.
         command: the command line to record for reproduction (default: ``sys.argv``); recorded with the values
             of secret options (``--admin-key``...) replaced by ``***`` (:mod:`app.redaction`).
@@ -161,12 +165,7 @@ def train_adapter(
         DatasetError: malformed dataset (file, line, field named).
         ModelLoadError: the base model cannot be loaded.
     """
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import set_seed
-
-    from app.config import EMBEDDED_MODEL, Settings
-    from app.engine.model_loader import load_base_model
+    from datasets import Dataset  # [train] extra (with TRL): kept out of the server
 
     ds = load_dataset(data, config.method)
     set_seed(config.seed)
@@ -201,7 +200,7 @@ def train_adapter(
     recorder = _callback(records, save_checkpoint if config.save_every else None)
     train_ds = Dataset.from_list(ds.rows)
     if config.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig, DPOTrainer  # [train] extra: kept out of the server
 
         # the reference log-probs (adapter off) are computed once, not in every epoch
         loss = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]} if config.sft_weight else {}
@@ -209,7 +208,7 @@ def train_adapter(
         trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                              peft_config=peft_cfg, callbacks=[recorder])
     else:
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig, SFTTrainer  # [train] extra: kept out of the server
 
         args = SFTConfig(**common)  # prompt-completion rows: loss on the completion only (TRL default)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
@@ -260,7 +259,7 @@ def summarize(records: list[dict[str, Any]], method: str, sha256: str, base: str
 
 def plot_curves(records: list[dict[str, Any]], method: str, path: Path, title: str) -> Path:
     """``training_curves.png``: loss against step and, for DPO, the reward margin against step."""
-    import matplotlib
+    import matplotlib  # [train] extra: kept out of the server (and the backend is chosen before pyplot loads)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,13 +291,11 @@ def plot_curves(records: list[dict[str, Any]], method: str, path: Path, title: s
 
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
-    from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(path))
     save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
 
     shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
@@ -24,8 +25,6 @@ STATIC_URL = "/docs-static"
 def assets_dir() -> Path:
     """The folder of the packaged assets: ``swagger-ui-bundle.js``, ``swagger-ui.css``, ``redoc.standalone.js``,
     ``favicon.png``."""
-    import fastapi_offline
-
     return Path(fastapi_offline.__file__).resolve().parent / "static"
 
 

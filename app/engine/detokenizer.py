@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 
 class TextDecoder:
     """Token ids in, text deltas out, cut at the first stop string.
@@ -32,8 +34,6 @@ class TextDecoder:
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
         if self._backend is not None:
-            from tokenizers.decoders import DecodeStream
-
             self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []  # the completion so far, for the full-decode fallback
         self.text = ""  # all text so far (up to the stop string, once stopped)

@@ -2,7 +2,7 @@
 
 :class:`Engine` owns the resident base model, its multi-LoRA layers, the slot
 cache and the scheduler thread. It turns chat messages or text into token ids,
-resolves a stance (one adapter by name, or a weighted blend) against the
+resolves a stance (one adapter by name, or a weighted blend; the rules are :mod:`app.engine.stances`) against the
 adapter store, and bridges the scheduler's thread to ``asyncio``. It does not
 parse HTTP or validate uploads.
 """
@@ -10,36 +10,41 @@ parse HTTP or validate uploads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from app.config import MAX_BLEND_ADAPTERS
 from app.engine.config import EngineConfig
-from app.engine.forward import Decoder
+from app.engine.forward import ForwardPass
 from app.engine.grammar import GrammarCompiler
 from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import BLOCK_SIZE, blocks_for, default_budget, token_bytes
 from app.engine.lora import MultiLoRA
+from app.engine.observe import AdapterCacheEvent, AdapterLoadEvent, EngineEvent, EngineStats, Observer
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import (
+    Completion,
+    ErrorEvent,
     Event,
+    FinishEvent,
     GenerationRequest,
+    RejectedEvent,
     Stance,
+    TokenEvent,
 )
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.slots import SlotCache
+from app.engine.stances import StanceResolver
 from app.engine.stream import RequestStream
 from app.errors import (
     AdapterNotFoundError,
     ContextLengthExceededError,
-    InvalidBlendError,
     InvalidRequestError,
     QueueFullError,
 )
-from app.metrics import Metrics
 from app.registry.adapter import AdapterRecord, AdapterVersion, AdapterWeights
 from app.registry.cache import WeightCache
 
@@ -67,10 +72,11 @@ class Engine:
             clamped to the model's ``max_position_embeddings``; ``max_prompt_tokens`` defaults to, and is at
             most, ``max_model_len - 1``.
         store: the adapter store (may be ``None`` for a base-only engine).
-        metrics: Prometheus metrics, or ``None``.
+        observers: watchers of every request's events and of the engine's own (e.g. the app's metrics);
+            more can join with :meth:`subscribe`.
         aliases: other strings accepted as the base model's name (e.g. its path).
         keep_model_callable: on CPU with ``weight_prepack``, keep the model's dense weights beside the packed
-            ones (``Decoder(keep_dense=True)``), for callers that still run ``model`` themselves (peft
+            ones (``ForwardPass(keep_dense=True)``), for callers that still run ``model`` themselves (peft
             baselines, likelihood scoring); the linear weights are then held twice.
         overrides: ``EngineConfig`` fields replacing ``config``'s (e.g. ``max_loras=4``); ``TypeError`` on
             an unknown name.
@@ -88,7 +94,7 @@ class Engine:
         *,
         config: EngineConfig | None = None,
         store: AdapterSource | None = None,
-        metrics: Metrics | None = None,
+        observers: tuple[Observer, ...] = (),
         aliases: tuple[str, ...] = (),
         keep_model_callable: bool = False,
         **overrides: Any,
@@ -100,7 +106,7 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
-        self.decoder = Decoder(model, prepack=config.max_batch_size if config.weight_prepack else None,
+        self.decoder = ForwardPass(model, prepack=config.max_batch_size if config.weight_prepack else None,
                                keep_dense=keep_model_callable)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
@@ -118,7 +124,6 @@ class Engine:
         self._token_texts: dict[int, str] = {}
         #: longest vocabulary entry, in characters: bounds the characters one token can cover
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
-        self.metrics = metrics
         #: constrained decoding: grammar text -> compiled :class:`~app.engine.grammar.Grammar` (cached)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, sorted(self.eos_token_ids))
         self.device = next(model.parameters()).device
@@ -138,6 +143,9 @@ class Engine:
         self.lora = MultiLoRA(self.decoder.linears, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
+        #: ``model`` + ``stances`` -> :class:`Stance` (the one set of rules; named blends are the catalog's)
+        self.stances = StanceResolver(self.base_names, self.adapter_weights, max_weight=self.max_blend_weight,
+                                      registered=self.is_registered)
         #: CUDA graphs of decode steps (``cuda_graphs``, on CUDA only), or ``None``
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
@@ -145,16 +153,31 @@ class Engine:
                                        max_terms=MAX_BLEND_ADAPTERS, max_len=max_model_len)
         self.scheduler = Scheduler(
             self.decoder, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
-            prefix_cache=self.prefix_cache, listeners=[metrics.observe] if metrics is not None else None,
-            graphs=self.graphs,
+            prefix_cache=self.prefix_cache, graphs=self.graphs,
         )
-        if metrics is not None:
-            metrics.bind_gauges(
-                running=lambda: self.scheduler.num_running,
-                waiting=lambda: self.scheduler.num_waiting,
-                loaded=lambda: self.slots.resident,
-                preemptions=lambda: self.scheduler.preemptions,
-            )
+        self._observers: list[Observer] = []
+        for observer in observers:
+            self.subscribe(observer)
+
+    def subscribe(self, observer: Observer) -> None:
+        """Give ``observer`` every later event: each request's (on the engine thread) and the engine's own.
+
+        Subscribe before :meth:`start` to see every request.
+        """
+        self._observers.append(observer)
+        self.scheduler.listeners.append(observer.observe)
+
+    def stats(self) -> EngineStats:
+        """Live counts: running and waiting requests, resident adapters, preemptions since start."""
+        return EngineStats(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting,
+                           adapters_loaded=self.slots.resident, preemptions=self.scheduler.preemptions)
+
+    def _tell(self, event: EngineEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer.observe_engine(event)
+            except Exception:  # noqa: BLE001 - a failing watcher must not stop the engine
+                logger.exception("engine observer %r failed", observer)
 
     @property
     def served(self) -> dict[str, str]:
@@ -245,13 +268,15 @@ class Engine:
 
     # ------------------------------------------------------------------ stances
     def is_base(self, model: str) -> bool:
+        """Whether ``model`` names the base model (its name or an alias)."""
         return model in self.base_names
 
     def resolve_stance(self, model: str, stances: dict[str, float] | None = None) -> Stance:
-        """The adapters and weights for a request.
+        """The adapters and weights for a request, by the rules of :class:`~app.engine.stances.StanceResolver`.
 
         Args:
-            model: the request's ``model``: the base model's name or a registered adapter.
+            model: the request's ``model``: the base model's name or a registered adapter (named blends are
+                the catalog's: :meth:`app.catalog.StanceCatalog.resolve`).
             stances: optional blend ``{adapter name: weight}``; when given it defines the routing.
 
         Raises:
@@ -261,35 +286,23 @@ class Engine:
 
         Blocking (a cold adapter is read from disk): call it off the event loop.
         """
-        if stances is not None:
-            if not self.is_base(model):
-                self._record(model, param="model")  # model must still name something that exists
-            if not stances:
-                raise InvalidBlendError("stances must name at least one adapter", param="stances")
-            if len(stances) > MAX_BLEND_ADAPTERS:
-                raise InvalidBlendError(
-                    f"a blend may combine at most {MAX_BLEND_ADAPTERS} adapters, got {len(stances)}", param="stances"
-                )
-            terms: dict[AdapterWeights, float] = {}
-            for name, w in stances.items():
-                if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                    raise InvalidBlendError(f"weight of {name!r} must be a finite number, got {w!r}", param=f"stances.{name}")
-                if abs(w) > self.max_blend_weight:
-                    raise InvalidBlendError(
-                        f"weight of {name!r} is {w!r}; blend weights must lie in "
-                        f"[-{self.max_blend_weight:g}, {self.max_blend_weight:g}]",
-                        param=f"stances.{name}",
-                    )
-                try:
-                    rec = self._record(name, param=f"stances.{name}")
-                except AdapterNotFoundError as e:
-                    raise InvalidBlendError(f"blend names unknown adapter {name!r}", param=f"stances.{name}") from e
-                terms[self.weights.get(rec)] = float(w)
-            return Stance.blend(terms)
-        if self.is_base(model):
-            return Stance.base()
-        rec = self._record(model, param="model")
-        return Stance.single(self.weights.get(rec))
+        return self.stances.resolve(model, stances)
+
+    def adapter_weights(self, name: str) -> AdapterWeights:
+        """The weights of registered adapter ``name`` (from the CPU cache, else read from the store).
+
+        Raises:
+            AdapterNotFoundError: no adapter of that name. Blocking (a cold adapter is read from disk).
+        """
+        return self.weights.get(self._record(name, param="model"))
+
+    def is_registered(self, name: str) -> bool:
+        """Whether the store has an adapter ``name`` (its weights are not read)."""
+        try:
+            self._record(name, param="model")
+        except AdapterNotFoundError:
+            return False
+        return True
 
     def _record(self, name: str, *, param: str) -> AdapterRecord:
         if self.store is None:
@@ -383,8 +396,12 @@ class Engine:
         try:
             self.scheduler.submit(req)
         except QueueFullError:
-            if self.metrics is not None:
-                self.metrics.requests.labels(stance.label, "rejected").inc()
+            rejected = RejectedEvent()
+            for listener in list(self.scheduler.listeners):
+                try:
+                    listener(req, rejected)
+                except Exception:  # noqa: BLE001
+                    logger.exception("event listener %r failed", listener)
             raise
         return RequestStream(req, queue, self.tokenizer, self.scheduler)
 
@@ -399,13 +416,72 @@ class Engine:
         finally:
             stream.cancel()
 
+    def generate_batch(
+        self,
+        prompts: Sequence[list[int]],
+        stances: Stance | Sequence[Stance],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        *,
+        max_in_flight: int | None = None,
+        on_completion: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Run every prompt to its end and return the answers, in the prompts' order (blocking).
+
+        The requests run together, sharing the engine's batches as the server's requests do. For scripts,
+        training and benchmarks: it runs its own event loop, so it cannot be called from a running one.
+
+        Args:
+            prompts: token ids of each prompt.
+            stances: one resolved stance for every prompt, or one per prompt.
+            sampling: one :class:`SamplingParams` for every prompt (copied per request), or one per prompt.
+            max_in_flight: at most this many requests queued or running at once (default: all).
+            on_completion: called with ``(index, completion)`` as each request ends (e.g. progress).
+
+        Returns:
+            one :class:`~app.engine.request.Completion` per prompt.
+
+        Raises:
+            ValueError: ``stances`` or ``sampling`` is a sequence of another length than ``prompts``.
+            StanceServeError: the first request that ended in an :class:`~app.engine.request.ErrorEvent`
+                (its error), or that :meth:`open` refused; the other requests are cancelled.
+        """
+        n = len(prompts)
+        stance_of = [stances] * n if isinstance(stances, Stance) else list(stances)
+        params_of = ([dataclasses.replace(sampling) for _ in range(n)] if isinstance(sampling, SamplingParams)
+                     else list(sampling))
+        if len(stance_of) != n or len(params_of) != n:
+            raise ValueError(f"{n} prompts need as many stances and sampling parameters, got "
+                             f"{len(stance_of)} and {len(params_of)}")
+
+        async def one(i: int, gate: asyncio.Semaphore) -> Completion:
+            tokens: list[TokenEvent] = []
+            text: list[str] = []
+            async with gate:
+                async for ev in self.generate(prompts[i], params_of[i], stance_of[i]):
+                    if isinstance(ev, TokenEvent):
+                        tokens.append(ev)
+                        text.append(ev.text)
+                    elif isinstance(ev, FinishEvent):
+                        text.append(ev.text)
+                        done = Completion(tokens, "".join(text), ev)
+                        if on_completion is not None:
+                            on_completion(i, done)
+                        return done
+                    elif isinstance(ev, ErrorEvent):
+                        raise ev.error
+            raise RuntimeError(f"request {i} ended without a finish event")
+
+        async def main() -> list[Completion]:
+            gate = asyncio.Semaphore(max_in_flight or max(n, 1))
+            return list(await asyncio.gather(*(one(i, gate) for i in range(n))))
+
+        return asyncio.run(main())
+
     def _on_slot_event(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.adapter_cache.labels(kind).inc()
+        self._tell(AdapterCacheEvent(kind))
 
     def _on_slot_load(self, version: AdapterVersion, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.adapter_load.observe(seconds)
+        self._tell(AdapterLoadEvent(version.name, seconds))
 
 
 def _no_store(record: AdapterRecord) -> AdapterWeights:

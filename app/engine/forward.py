@@ -1,6 +1,6 @@
 """The engine's own forward pass over a Hugging Face decoder's weights, with the engine's KV cache.
 
-:class:`Decoder` runs Llama-style blocks (Llama, Mistral, Qwen2, Qwen3: pre-norm, gated MLP) and
+:class:`ForwardPass` runs Llama-style blocks (Llama, Mistral, Qwen2, Qwen3: pre-norm, gated MLP) and
 Phi-style blocks (Phi: one LayerNorm feeding attention and MLP in parallel, partial rotary) on
 *packed* tokens: a step's tokens from all rows are one ``[N, hidden]`` matrix, so prefill and decode
 rows of any length share every matmul, and nothing is padded. Projections are :class:`FusedLinear`
@@ -20,7 +20,7 @@ length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through blo
   row's positions past its length. Rows of very different lengths (a few long prompts among short ones)
   attend in groups of similar lengths (:class:`DecodeGroup`), so short rows do not gather the longest
   row's positions. On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster
-  for short rows: :attr:`Decoder.matmul_decode_attention`);
+  for short rows: :attr:`ForwardPass.matmul_decode_attention`);
 * prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
   prefill and prefix reuse start mid-sequence).
 
@@ -44,7 +44,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi")
 
 
 class UnsupportedModelError(ValueError):
-    """The model's architecture is not one :class:`Decoder` implements (the message lists those it does)."""
+    """The model's architecture is not one :class:`ForwardPass` implements (the message lists those it does)."""
 
 
 @dataclass
@@ -98,8 +98,8 @@ class Plan:
 
     Attributes:
         ids, positions: ``[N]`` int64 token ids and positions of the packed tokens.
-        slots: ``[N]`` int64, where each token's key and value go: ``block * block_size + offset`` in the
-            :class:`~app.engine.kv_cache.PagedKVCache`.
+        kv_index: ``[N]`` int64, where each token's key and value go: ``block * block_size + offset`` in the
+            :class:`~app.engine.kv_cache.PagedKVCache` (KV has blocks; only adapters have slots).
         rows: per sequence, ``(block table, first token index in the pack, tokens, cached length before them)``.
         decode: every sequence has one token (then token ``i`` is sequence ``i``).
         logit_index: ``[M]`` int64, the packed tokens whose logits are returned.
@@ -115,7 +115,7 @@ class Plan:
 
     ids: torch.Tensor
     positions: torch.Tensor
-    slots: torch.Tensor
+    kv_index: torch.Tensor
     rows: list[tuple[list[int], int, int, int]]
     decode: bool
     logit_index: torch.Tensor
@@ -141,7 +141,7 @@ class Plan:
         """
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        kv_index: list[int] = []
         spans = []
         last = []
         for table, toks, cached in rows:
@@ -151,7 +151,7 @@ class Plan:
             spans.append((table, len(ids), len(toks), cached))
             ids.extend(toks)
             pos.extend(range(cached, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, end))
+            kv_index.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, end))
             last.append(len(ids) - 1)
         decode = all(n == 1 for _, _, n, _ in spans)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
@@ -178,7 +178,7 @@ class Plan:
                 ]
         else:
             row_tables = [t(list(tb[: blocks_for(c + n, block_size)])) for tb, _, n, c in spans]
-        return cls(t(ids), t(pos), t(slots), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
+        return cls(t(ids), t(pos), t(kv_index), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
 
     @property
     def segments(self) -> list[tuple[int, int]]:
@@ -233,7 +233,7 @@ class DecoderLayer:
         return self.down(h, routing)
 
 
-class Decoder:
+class ForwardPass:
     """The engine's forward pass over ``model``'s weights (see the module docstring).
 
     Args:
@@ -344,7 +344,7 @@ class Decoder:
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            cache.write(layer.index, plan.slots, k, v)
+            cache.write(layer.index, plan.kv_index, k, v)
             a = layer.o(self._attention(q, layer.index, plan, cache), routing)
             if layer.parallel:
                 h = h + a + layer.mlp(x, routing)

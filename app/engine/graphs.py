@@ -18,7 +18,7 @@ and SGLang's CUDA-graph runners do for decode. A graph replays fixed shapes at f
 * **LoRA terms**: ``K`` (slot, weight) pairs per row, padded to 1, 2, 4 ... ``max_terms`` with weight
   0, through the general gather path (never the uniform-slot shortcut, chosen per batch).
 
-Each bucket's inputs (token ids, positions, KV slots, block tables, LoRA routing) live in static buffers,
+Each bucket's inputs (token ids, positions, KV indices, block tables, LoRA routing) live in static buffers,
 filled before each replay; the logits come back as a
 copy. A graph reads the LoRA slot tensors at their addresses, so a LoRA bucket is keyed by
 :attr:`~app.engine.lora.MultiLoRA.version` (new slot tensors: capture again); loading an adapter into
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from app.engine.forward import Decoder, Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
 
@@ -94,7 +94,7 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, decoder: Decoder, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
+        self, decoder: ForwardPass, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
         max_len: int, capture: bool | None = None,
     ) -> None:
         device = decoder.device
@@ -110,7 +110,7 @@ class DecodeGraphs:
         self.term_buckets = buckets(max(1, max_terms))
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.slots = torch.full((rows,), NULL_BLOCK * bs, dtype=torch.long, device=device)
+        self.kv_index = torch.full((rows,), NULL_BLOCK * bs, dtype=torch.long, device=device)
         self.tables = torch.full((rows, self.max_len // bs), NULL_BLOCK, dtype=torch.long, device=device)
         self.logit_index = torch.arange(rows, device=device)  # one token per row
         self.idx = {k: torch.zeros(rows, k, dtype=torch.long, device=device) for k in self.term_buckets}
@@ -179,12 +179,12 @@ class DecodeGraphs:
             width = int(plan.tables.shape[1])
             self.ids[:n].copy_(plan.ids)
             self.positions[:n].copy_(plan.positions)
-            self.slots[:n].copy_(plan.slots)
+            self.kv_index[:n].copy_(plan.kv_index)
             self.tables[:n, :width].copy_(plan.tables)
             self.tables[:n, width:].fill_(NULL_BLOCK)
         self.ids[n:rows].zero_()
         self.positions[n:rows].zero_()
-        self.slots[n:rows].fill_(NULL_BLOCK * self.block_size)
+        self.kv_index[n:rows].fill_(NULL_BLOCK * self.block_size)
         self.tables[n:rows].fill_(NULL_BLOCK)
         if terms:
             idx, weights = self.idx[terms], self.weights[terms]
@@ -200,7 +200,7 @@ class DecodeGraphs:
         computed in an earlier run, such as the mask or the gather indices, is reused) -> ``[rows, vocab]``."""
         rows, length, terms, _ = key
         plan = Plan(
-            self.ids[:rows], self.positions[:rows], self.slots[:rows], [([NULL_BLOCK], i, 1, 0) for i in range(rows)],
+            self.ids[:rows], self.positions[:rows], self.kv_index[:rows], [([NULL_BLOCK], i, 1, 0) for i in range(rows)],
             True, self.logit_index[:rows], tables=self.tables[:rows, : length // self.block_size],
             block_size=self.block_size,
         )

@@ -332,17 +332,17 @@ class PagedKVCache:
         return self.pool.in_use * self.block_bytes
 
     # ------------------------------------------------------------------ reads and writes
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, kv_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the keys and values of ``N`` tokens of layer ``layer``.
 
         Args:
-            slots: ``[N]`` int64: each token's ``block * block_size + offset``.
+            kv_index: ``[N]`` int64: each token's ``block * block_size + offset``.
             k, v: ``[N, kv_heads, head_dim]``.
         """
         kc, vc = self.k[layer], self.v[layer]
         h, nb, bs, d = kc.shape
-        kc.view(h, nb * bs, d).index_copy_(1, slots, k.transpose(0, 1))
-        vc.view(h, nb * bs, d).index_copy_(1, slots, v.transpose(0, 1))
+        kc.view(h, nb * bs, d).index_copy_(1, kv_index, k.transpose(0, 1))
+        vc.view(h, nb * bs, d).index_copy_(1, kv_index, v.transpose(0, 1))
 
     def gather(self, layer: int, index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of ``rows`` rows' blocks of layer ``layer`` -> two ``[rows, kv_heads, L, head_dim]``

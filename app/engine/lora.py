@@ -13,7 +13,18 @@ time an adapter targets one of its parts:
   columns ``p * R .. (p + 1) * R``;
 * ``Bt[p]``: ``[S, R, d_out_p]``: part ``p``'s ``lora_B`` (transposed, times the adapter's scaling),
 
-so one ``x @ At`` gives every part's ``A x`` and each part's ``B`` adds into its own output columns
+The names against LoRA's (``y = W x + scaling * B A x``, ``A``: ``[r, d_in]``, ``B``: ``[d_out, r]``):
+
+==========  ==========================  ============================================================
+name        shape                       holds
+==========  ==========================  ============================================================
+``At``      ``[S, d_in, P * R]``        ``A`` transposed (``t``), every part side by side, per slot
+``Bt[p]``   ``[S, R, d_out_p]``         ``B`` of part ``p`` transposed, times ``scaling``, per slot
+``Bg[g]``   ``[S, count, R, d_out]``    the ``Bt`` of a group of parts of one ``d_out``, stacked
+                                        (``g``: group); ``Bt[p]`` is a view of one of its ``[:, j]``
+==========  ==========================  ============================================================
+
+``S``: adapter slots, ``R``: the largest rank in the slots, ``P``: parts. So one ``x @ At`` gives every part's ``A x`` and each part's ``B`` adds into its own output columns
 (exact; a block-diagonal fused ``B`` would be slower in decode, reading its zeros).
 Consecutive parts of the same ``d_out`` (``k``/``v``, ``gate``/``up``) share one *group* tensor
 ``Bg[g]``: ``[S, count, R, d_out]``, whose ``[:, p]`` views are their ``Bt``, so decode gathers a
@@ -325,7 +336,7 @@ class MultiLoRA:
     every part's ``A``, each part's ``Bt`` only its own output columns).
 
     Args:
-        layers: the model's fused linears by name (:attr:`app.engine.forward.Decoder.linears`).
+        layers: the model's fused linears by name (:attr:`app.engine.forward.ForwardPass.linears`).
         max_slots: most adapter slots on the device (``--max-loras``).
         initial_slots: slots allocated at first (default ``max_slots``).
     """

@@ -128,9 +128,48 @@ class ErrorEvent:
 #: The one stream of per-request events: admitted, tokens, then exactly one finish or error.
 Event = AdmittedEvent | TokenEvent | FinishEvent | ErrorEvent
 
+
+@dataclass
+class RejectedEvent:
+    """The request was refused before it was queued (the waiting queue was full).
+
+    Given to listeners only: the caller of :meth:`~app.engine.engine.Engine.open` gets the error raised.
+
+    Attributes:
+        reason: why, ``"queue_full"``.
+        at: ``time.perf_counter()`` of the refusal, in seconds.
+    """
+
+    reason: str = "queue_full"
+    at: float = field(default_factory=time.perf_counter)
+
+
+#: What a listener may see of a request: its stream's events, or its rejection.
+RequestEvent = Event | RejectedEvent
+
 #: Something that watches every request's events (metrics): ``listener(request, event)``, called on the
 #: engine thread; it must be quick and must not raise (a raising listener is logged and skipped).
-Listener = Callable[["GenerationRequest", Event], None]
+Listener = Callable[["GenerationRequest", RequestEvent], None]
+
+
+@dataclass
+class Completion:
+    """One request's whole answer, drained from its event stream (:meth:`~app.engine.engine.Engine.generate_batch`).
+
+    Attributes:
+        tokens: every :class:`TokenEvent`, in order (the last one may be the ending EOS or stop token: ``ends``).
+        text: the answer's text (every token's released text and the finish's held-back tail).
+        finish: the request's :class:`FinishEvent` (reason, usage, timings).
+    """
+
+    tokens: list[TokenEvent]
+    text: str
+    finish: FinishEvent
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The sampled token ids, ending token included."""
+        return [t.token_id for t in self.tokens]
 
 
 @dataclass

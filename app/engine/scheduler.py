@@ -33,7 +33,7 @@ the thread; ``fault_hook`` lets tests make a chosen row fail at a chosen stage.
 
 Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
 rows of different stances and blends share every step. The model runs through
-the engine's own forward pass (:class:`~app.engine.forward.Decoder`) over its
+the engine's own forward pass (:class:`~app.engine.forward.ForwardPass`) over its
 paged KV cache (:class:`~app.engine.kv_cache.PagedKVCache`). Not here: HTTP,
 tokenisation of chat messages, adapter validation.
 """
@@ -52,7 +52,7 @@ import torch
 
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
-from app.engine.forward import Decoder, Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.grammar import MaskJob
 from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import PagedKVCache, blocks_for
@@ -88,7 +88,7 @@ class Scheduler:
 
     def __init__(
         self,
-        decoder: Decoder,
+        decoder: ForwardPass,
         cache: PagedKVCache,
         lora: MultiLoRA,
         slots: SlotCache,

@@ -31,7 +31,7 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, **in
 
     A no-op when Ray is already initialised in this process. ``init_kwargs`` go to ``ray.init``.
     """
-    import ray
+    import ray  # the optional [ray] extra: loaded only when serving with --ray
 
     if ray.is_initialized():
         return
@@ -39,7 +39,7 @@ def start_ray(address: str | None = None, *, num_cpus: float | None = None, **in
         ray.init(address=address, **init_kwargs)
         return
     os.environ.update(LOOPBACK_ENV)  # inherited by the raylet and every worker it starts
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # [ray] extra
 
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported ray before the variable was set
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
@@ -50,9 +50,9 @@ def deploy(settings: Settings, model_factory: Any = None) -> Any:
 
     Blocks until every replica has loaded the model. Ray must be initialised (:func:`start_ray`).
     """
-    from ray import serve
+    from ray import serve  # [ray] extra
 
-    from app.ray_serve.deployments import build_app
+    from app.ray_serve.deployments import build_app  # imports ray.serve at its top: [ray] extra
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
     return serve.run(build_app(settings, model_factory), name=APP_NAME, route_prefix="/")
@@ -60,8 +60,8 @@ def deploy(settings: Settings, model_factory: Any = None) -> Any:
 
 def shutdown() -> None:
     """Stop Serve and disconnect from (or stop the local) Ray."""
-    import ray
-    from ray import serve
+    import ray  # the optional [ray] extra: loaded only when serving with --ray
+    from ray import serve  # [ray] extra
 
     try:
         serve.shutdown()

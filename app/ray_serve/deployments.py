@@ -95,7 +95,7 @@ class ReplicaBase:
     """
 
     async def __init__(self, settings: Settings, model_factory: ModelFactory | None, hub: DeploymentHandle) -> None:
-        from app.main import create_app
+        from app.main import create_app  # in the replica's process: the driver never loads the model stack
 
         self.settings = settings
         self.hub = hub

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 
 from app.errors import AdapterValidationError
 from app.registry.adapter import content_digest
@@ -196,8 +197,6 @@ def read_peft_adapter(path: Path, *, max_json_depth: int = MAX_JSON_DEPTH) -> Pe
     factors: dict[str, dict[str, Any]] = {}
     others: list[str] = []
     duplicates: list[str] = []
-    from safetensors import safe_open
-
     try:
         with open(model_path, "rb") as raw:
             before = os.fstat(raw.fileno())

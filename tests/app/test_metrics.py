@@ -1,4 +1,5 @@
-"""Metrics: the tokens/s gauge keeps O(window) memory and the right rate; forget_stance drops a stance's series."""
+"""Metrics: the tokens/s gauge keeps O(window) memory and the right rate; forget_stance drops a stance's series;
+attach records an engine's events and reads its live counts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import tracemalloc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.engine.observe import EngineStats
 from app.metrics import Metrics, _TokenRate
 
 
@@ -156,3 +158,42 @@ def test_forgotten_stance_records_again():
     fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
     samples = [s for s in fams["stanceserve_requests"].samples if s.name.endswith("_total")]
     assert [(s.labels, s.value) for s in samples] == [({"stance": "calm", "status": "stop"}, 1.0)]
+
+
+class _Watched:
+    """The two things :meth:`Metrics.attach` needs of an engine."""
+
+    def __init__(self):
+        self.observers = []
+        self.now = EngineStats(running=2, waiting=3, adapters_loaded=1, preemptions=4)
+
+    def subscribe(self, observer):
+        self.observers.append(observer)
+
+    def stats(self):
+        return self.now
+
+
+def test_attach_records_the_engine_events_and_reads_its_stats():
+    from app.engine.observe import AdapterCacheEvent, AdapterLoadEvent
+    from app.engine.request import GenerationRequest, RejectedEvent, Stance
+    from app.engine.sampling import SamplingParams
+
+    m, eng = Metrics(), _Watched()
+    m.attach(eng)
+    assert eng.observers == [m]
+    req = GenerationRequest(prompt_ids=[1], params=SamplingParams(), stance=Stance.base(), sink=lambda ev: None)
+    m.observe(req, RejectedEvent())
+    m.observe_engine(AdapterCacheEvent("miss"))
+    m.observe_engine(AdapterCacheEvent("miss"))
+    m.observe_engine(AdapterLoadEvent("a1", 0.02))
+    text = m.render().decode()
+    assert 'stanceserve_requests_total{stance="base",status="rejected"} 1.0' in text
+    assert 'stanceserve_adapter_cache_total{result="miss"} 2.0' in text
+    assert "stanceserve_adapter_load_seconds_count 1.0" in text
+    assert "stanceserve_requests_running 2.0" in text
+    assert "stanceserve_requests_waiting 3.0" in text
+    assert "stanceserve_adapters_loaded 1.0" in text
+    assert "stanceserve_preemptions_total 4.0" in text
+    eng.now = EngineStats(running=0, waiting=0, adapters_loaded=0, preemptions=5)
+    assert "stanceserve_preemptions_total 5.0" in m.render().decode()

@@ -14,6 +14,7 @@ import pytest
 
 from app.metrics import Metrics
 from tests.factories import REPO
+from tests.factories.dashboards import dashboard_queries
 
 GRAFANA = REPO / "deploy" / "grafana"
 
@@ -24,11 +25,6 @@ def load_generator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def dashboard_queries(model: dict) -> list[tuple[str, str]]:
-    """``(panel title, PromQL expression)`` of every query target of every panel."""
-    return [(p["title"], t["expr"]) for p in model["panels"] for t in p.get("targets", [])]
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ import time
 import httpx
 import pytest
 
-from tests.deploy.test_dashboard import dashboard_queries
 from tests.factories import BASE_MODEL, REPO, chat_body, free_port, metric, preexec, stop_process, write_peft_adapter
+from tests.factories.dashboards import dashboard_queries
 from tests.server import start_server
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,13 @@ What it builds, by module:
   multipart file lists (:func:`adapter_files`), chat bodies (:func:`chat_body`), deeply nested JSON.
 * :mod:`~tests.factories.stores`: a real :class:`AdapterStore` for the tiny models (:func:`new_store`) and
   :class:`FakeStore` for engine tests.
-* :mod:`~tests.factories.engine`: started engines (:func:`make_engine`) and the peft-alone reference of a
-  mixed multi-LoRA batch (:func:`peft_logits`, :func:`mixed_batch_and_alone`).
+* :mod:`~tests.factories.engine`: started engines (:func:`make_engine`), one request drained in a running
+  loop (:func:`collect`), greedy decoding by hand (:func:`reference_greedy`), a KV block's bytes
+  (:func:`block_bytes`) and the peft-alone reference of a mixed multi-LoRA batch (:func:`peft_logits`,
+  :func:`mixed_batch_and_alone`).
+* :mod:`~tests.factories.schemas`: bounded random JSON schemas (:data:`SCHEMAS`, hypothesis).
+* :mod:`~tests.factories.ci`: what CI runs, read from ``.ci/run`` and the Makefile (:func:`ci_steps`).
+* :mod:`~tests.factories.dashboards`: the Grafana dashboard's queries (:func:`dashboard_queries`).
 * :mod:`~tests.factories.http`: the app in-process on the tiny Llama (:func:`make_client`, :func:`wait_ready`,
   :func:`chat`, the admin :data:`KEY` / :data:`AUTH`) and the Prometheus reader :func:`metric`.
 * :mod:`~tests.factories.servers`: real server processes (:func:`free_port`, :func:`run_server`).
@@ -39,7 +44,15 @@ from tests.factories.adapters import (
     read_adapter,
     write_peft_adapter,
 )
-from tests.factories.engine import decoder_logits, make_engine, mixed_batch_and_alone, peft_logits
+from tests.factories.engine import (
+    block_bytes,
+    collect,
+    decoder_logits,
+    make_engine,
+    mixed_batch_and_alone,
+    peft_logits,
+    reference_greedy,
+)
 from tests.factories.http import AUTH, KEY, chat, make_client, metric, wait_ready
 from tests.factories.models import (
     BASE_MODEL,
@@ -67,7 +80,7 @@ from tests.factories.servers import APP_CLI, Server, free_port, preexec, run_ser
 from tests.factories.stores import FakeStore, new_store
 
 __all__ = [
-    "APP_CLI", "AUTH", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
+    "APP_CLI", "AUTH", "block_bytes", "collect", "reference_greedy", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
     "STORIES_DIR", "TARGETS", "FakeStore", "Server", "adapter_bytes", "adapter_files", "adapter_version",
     "base_model", "build_tiny_model", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
     "free_port", "key", "load_tokenizer", "make_client", "make_engine", "decoder_logits", "metric", "mixed_batch_and_alone",

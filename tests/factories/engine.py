@@ -1,7 +1,9 @@
 """Engines on tiny models, and the per-row reference the batched LoRA path is checked against.
 
-:func:`make_engine` starts an :class:`Engine` on a copy of a model; :func:`decoder_logits` runs rows
-through the engine's own forward pass (:class:`~app.engine.forward.Decoder`) with adapters in slots;
+:func:`make_engine` starts an :class:`Engine` on a copy of a model; :func:`collect` drains one request inside a
+running event loop (requests that must overlap, e.g. under ``asyncio.gather``); :func:`reference_greedy` is
+greedy decoding the slow, obviously right way; :func:`block_bytes` is one KV block's size for a model; :func:`decoder_logits` runs rows
+through the engine's own forward pass (:class:`~app.engine.forward.ForwardPass`) with adapters in slots;
 :func:`peft_logits` and :func:`mixed_batch_and_alone` run peft alone and the batched path on the same rows.
 """
 
@@ -11,19 +13,62 @@ import copy
 
 import torch
 
+from app.engine.kv_cache import BLOCK_SIZE, token_bytes
+from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from tests.factories.adapters import read_adapter
 
 
 def make_engine(model, tokenizer, store, *, metrics=None, **kw):
-    """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots)."""
+    """A started engine on a copy of ``model``; ``kw`` are :class:`EngineConfig` fields (default 4 slots).
+
+    ``metrics``: a :class:`~app.metrics.Metrics` that watches the engine (:meth:`~app.metrics.Metrics.attach`).
+    """
     from app.engine.config import EngineConfig
     from app.engine.engine import Engine
 
     config = EngineConfig(max_loras=4).replace(**kw)
-    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store,  # no EOS in range
-                 metrics=metrics)
+    eng = Engine(copy.deepcopy(model), tokenizer, "tiny", {10_000}, config=config, store=store)  # no EOS in range
+    if metrics is not None:
+        metrics.attach(eng)
     eng.start()
     return eng
+
+
+async def collect(eng, prompt, params, stance):
+    """``(token ids, text, finish event)`` of one request run to its end; raises the error of an ``ErrorEvent``."""
+    toks, text, fin = [], "", None
+    async for ev in eng.generate(prompt, params, stance):
+        if isinstance(ev, TokenEvent):
+            toks.append(ev.token_id)
+            text += ev.text
+        elif isinstance(ev, FinishEvent):
+            fin = ev
+            text += ev.text
+        elif isinstance(ev, ErrorEvent):
+            raise ev.error
+    return toks, text, fin
+
+
+def reference_greedy(model, prompt, n, adapter_dir=None):
+    """Greedy decoding without KV cache or batching: the slow, obviously right way (peft for the adapter)."""
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt) :]
+
+
+def block_bytes(model) -> int:
+    """Bytes of one KV block (``BLOCK_SIZE`` tokens, float32) of ``model``'s cache."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, torch.float32) * BLOCK_SIZE
 
 
 def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
@@ -40,18 +85,18 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepa
 
     Args:
         model: a Hugging Face causal LM (copied first, unless ``decoder`` is given).
-        prepack: the ``Decoder``'s ``prepack`` (oneDNN-packed weights on CPU, as the engine runs; ``None``: dense).
+        prepack: the ``ForwardPass``'s ``prepack`` (oneDNN-packed weights on CPU, as the engine runs; ``None``: dense).
         rows: ``(token ids, [(slot, weight), ...])`` per row; rows may differ in length.
         adapters: :class:`AdapterWeights` written into slots ``0, 1, ...``.
 
     Returns:
         a list of ``[1, T_row, vocab]`` logits, one per row.
     """
-    from app.engine.forward import Decoder, Plan
+    from app.engine.forward import ForwardPass, Plan
     from app.engine.lora import LoRABatch, MultiLoRA
 
     if decoder is None:
-        decoder = Decoder(copy.deepcopy(model), prepack=prepack)
+        decoder = ForwardPass(copy.deepcopy(model), prepack=prepack)
         lora = MultiLoRA(decoder.linears, max_slots=max_slots)
         for slot, ad in enumerate(adapters):
             lora.write_slot(slot, ad)
@@ -65,7 +110,7 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepa
 
 def mixed_batch_and_alone(base, d1, d2, input_ids, dtype=torch.float32):
     """Rows ``[adapter d1, adapter d2, no adapter]`` of ``input_ids`` (``[3, T]``) in one packed forward
-    through the engine's :class:`~app.engine.forward.Decoder` on a copy of ``base``, and each row run alone
+    through the engine's :class:`~app.engine.forward.ForwardPass` on a copy of ``base``, and each row run alone
     (peft for the adapters, plain ``transformers`` for the base).
 
     Returns:

@@ -103,7 +103,7 @@ def save_tiny_base(folder: Path, arch: str = "llama") -> Path:
 
 def tiny_factory(settings):
     """A ``model_factory`` for ``create_app``: the tiny random Llama served as :data:`BASE_MODEL` (``settings`` unused)."""
-    from app.engine.model_loader import LoadedModel
+    from app.model_loader import LoadedModel
 
     model = build_tiny_model("llama")
     for p in model.parameters():

@@ -116,7 +116,7 @@ def test_every_page_file_ships_in_the_wheel():
 
 
 def test_ci_installs_the_browser_and_requires_the_browser_test():
-    from tests.deploy.test_image import ci_steps
+    from tests.factories.ci import ci_steps
 
     ci = (REPO / ".ci" / "run").read_text()
     targets, _ = ci_steps(ci, (REPO / "Makefile").read_text())

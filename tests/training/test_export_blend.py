@@ -7,7 +7,6 @@ float rounding; ``svd`` at a lower rank is reported and bounded.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import math
@@ -15,7 +14,6 @@ import math
 import pytest
 import torch
 
-from app.engine.request import ErrorEvent, TokenEvent
 from app.engine.sampling import SamplingParams
 from tests.factories import FakeStore, base_model, load_tokenizer, make_engine, write_peft_adapter
 from training.export_blend import export_blend, parse_stances
@@ -39,19 +37,11 @@ def live(members):
     """Greedy tokens and per-step logprobs ``[STEPS, V']`` of the engine's live blend (top-20 per step)."""
     eng = make_engine(base_model("llama"), load_tokenizer(), FakeStore(members))
 
-    async def run():
-        toks, tops = [], []
-        params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=20, ignore_eos=True)
-        async for ev in eng.generate(PROMPT, params, eng.resolve_stance("tiny", BLEND)):
-            if isinstance(ev, TokenEvent) and not ev.ends:
-                toks.append(ev.token_id)
-                tops.append(dict(ev.top_logprobs))
-            elif isinstance(ev, ErrorEvent):
-                raise ev.error
-        return toks, tops
-
     try:
-        return asyncio.run(run())
+        params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=20, ignore_eos=True)
+        [done] = eng.generate_batch([PROMPT], eng.resolve_stance("tiny", BLEND), params)
+        steps = [t for t in done.tokens if not t.ends]
+        return [t.token_id for t in steps], [dict(t.top_logprobs) for t in steps]
     finally:
         eng.stop()
 

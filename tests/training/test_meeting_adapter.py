@@ -32,7 +32,7 @@ def test_meeting_scheduler_loads_on_the_embedded_model(tmp_path):
     import shutil
 
     from app.config import Settings
-    from app.engine.model_loader import load_base_model
+    from app.model_loader import load_base_model
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import torch
 
-from app.engine.model_loader import resolve_dtype
+from app.model_loader import resolve_dtype
 from tests.factories import build_tiny_model, load_tokenizer, save_tiny_base
 from training.evaluate import BASE, HttpGenerator, LocalGenerator, evaluate_stance, runtime_of
 from training.report import runtime_lines

@@ -19,7 +19,7 @@ def store(tmp_path_factory):
     import shutil
 
     from app.config import Settings
-    from app.engine.model_loader import load_base_model
+    from app.model_loader import load_base_model
     from app.registry.store import AdapterStore
     from app.registry.validation import linear_shapes
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from training.report import runtime_lines
 from training.tasks.scheduling import DIFFICULTIES, Problem, generate, parse_answer
 from training.tasks.sweep_trace import parse_final_answer, trace_errors
 
@@ -128,8 +129,6 @@ def write_report(path: Path, *, adapter: dict, base: dict | None = None, tries: 
         command: the commands that reproduce the adapter.
         runtime: :func:`training.evaluate.runtime_of` of the run (device and dtype it generated with).
     """
-    from training.report import runtime_lines
-
     lines = [f"# meeting-scheduler: meeting-room task, {adapter['n']} held-out problems (seed {adapter['seed']})", ""]
     if runtime is not None:
         lines += [runtime_lines(runtime)[0], ""]

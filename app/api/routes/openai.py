@@ -14,6 +14,7 @@ engine does the generating.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,8 +31,7 @@ from app.api.responses import INFERENCE_ERRORS, sse_response
 from app.api.structured import Constraint, chat_messages, constraint_for, parse_tool_output, tool_turns_as_user
 from app.catalog import StanceCatalog
 from app.deps import CatalogDep, EngineDep, SettingsDep
-from app.engine.engine import Engine, RequestStream
-from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from app.engine import Engine, ErrorEvent, FinishEvent, RequestStream, TokenEvent
 from app.errors import InvalidRequestError, StanceServeError
 from app.schemas import (
     ChatChoice,
@@ -280,8 +280,6 @@ def _sse(obj: BaseModel | dict) -> str:
 
 
 def _json(obj: dict) -> str:
-    import json
-
     return json.dumps(obj, separators=(",", ":"))
 
 

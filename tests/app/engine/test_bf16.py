@@ -6,14 +6,12 @@ Checks the batched multi-LoRA layer against peft per row in bf16 with a bf16-siz
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import pytest
 import torch
 
 from app.engine.engine import Engine
-from app.engine.request import FinishEvent
 from app.engine.sampling import SamplingParams
 from tests.factories import FakeStore, mixed_batch_and_alone, write_peft_adapter
 
@@ -42,18 +40,11 @@ def test_bf16_engine_serves_stances_and_blends(tiny_model, tokenizer, arch, devi
     eng = Engine(model, tokenizer, "tiny", {10_000}, store=FakeStore(dirs), max_loras=4)
     eng.start()
 
-    async def run():
-        async def one(st):
-            async for ev in eng.generate([1, 5, 6, 7], SamplingParams(max_tokens=6, temperature=0.7, seed=1), st):
-                if isinstance(ev, FinishEvent):
-                    return ev
-            raise AssertionError("no finish")
-
-        return await asyncio.gather(*(one(eng.resolve_stance(m, s)) for m, s in
-                                      (("a1", None), ("a2", None), ("tiny", {"a1": 0.5, "a2": 0.5}), ("tiny", None))))
-
     try:
-        fins = asyncio.run(run())
+        stances = [eng.resolve_stance(m, s) for m, s in
+                   (("a1", None), ("a2", None), ("tiny", {"a1": 0.5, "a2": 0.5}), ("tiny", None))]
+        done = eng.generate_batch([[1, 5, 6, 7]] * 4, stances, SamplingParams(max_tokens=6, temperature=0.7, seed=1))
+        fins = [c.finish for c in done]
     finally:
         eng.stop()
     assert [f.completion_tokens for f in fins] == [6, 6, 6, 6]

@@ -32,7 +32,7 @@ def feed(tokenizer, text, stop, decoder_cls=TextDecoder):
 
 def smollm2_tokenizer():
     from app.config import Settings
-    from app.engine.model_loader import embedded_model_dir, is_complete_model_dir
+    from app.model_loader import embedded_model_dir, is_complete_model_dir
 
     path = embedded_model_dir(Settings().cache_dir)
     if not is_complete_model_dir(path):

@@ -7,41 +7,12 @@ import copy
 import time
 
 import pytest
-import torch
 
 from app.engine.engine import Engine
-from app.engine.request import ErrorEvent, FinishEvent, Stance, TokenEvent
+from app.engine.request import Stance
 from app.engine.sampling import SamplingParams
-from app.errors import AdapterNotFoundError, InvalidBlendError, QueueFullError
-from tests.factories import FakeStore, adapter_version, make_engine, write_peft_adapter
-
-
-def reference_greedy(model, prompt, n, adapter_dir=None):
-    """Greedy decoding without KV cache or batching: the slow, obviously right way (peft for the adapter)."""
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir).eval()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
-    return ids[len(prompt) :]
-
-
-async def collect(eng, prompt, params, stance):
-    toks, text, fin = [], "", None
-    async for ev in eng.generate(prompt, params, stance):
-        if isinstance(ev, TokenEvent):
-            toks.append(ev.token_id)
-            text += ev.text
-        elif isinstance(ev, FinishEvent):
-            fin = ev
-            text += ev.text
-        elif isinstance(ev, ErrorEvent):
-            raise ev.error
-    return toks, text, fin
+from app.errors import AdapterNotFoundError, InvalidBlendError, QueueFullError, StanceServeError
+from tests.factories import FakeStore, adapter_version, collect, make_engine, reference_greedy, write_peft_adapter
 
 
 @pytest.fixture
@@ -62,23 +33,39 @@ def test_mixed_batch_equals_each_adapter_alone(tiny_model, tokenizer, adapters, 
 
     eng = make_engine(tiny_model, tokenizer, FakeStore(adapters), prefill_chunk_tokens=chunk)
 
-    async def run():
-        jobs = [
-            collect(eng, p, SamplingParams(max_tokens=n, temperature=0), eng.resolve_stance(s))
-            for p, s in zip(prompts, stances)
-        ]
-        return await asyncio.gather(*jobs)
-
     try:
-        outs = asyncio.run(run())
+        outs = eng.generate_batch(prompts, [eng.resolve_stance(s) for s in stances],
+                                  SamplingParams(max_tokens=n, temperature=0))
     finally:
         eng.stop()
-    for (toks, _, fin), ref in zip(outs, refs):
-        assert toks == ref
-        assert fin.reason == "length" and fin.completion_tokens == n
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.token_ids == ref
+        assert out.finish.reason == "length" and out.finish.completion_tokens == n
     assert eng.scheduler.num_running == 0
     if chunk == 5:  # the 13-token prompt alone needs 3 chunks of at most 5 tokens
         assert eng.scheduler.timings["prefill_steps"] >= len(prompts) + 2
+
+
+def test_generate_batch_keeps_order_and_params_and_raises_a_failed_request(tiny_model, tokenizer, adapters):
+    eng = make_engine(tiny_model, tokenizer, FakeStore(adapters))
+    prompts = [[1, 45, 80, 99], [1, 300, 12], [1, 200]]
+    try:
+        seen: list[int] = []
+        outs = eng.generate_batch(prompts, eng.resolve_stance("a1"),
+                                  [SamplingParams(max_tokens=k, temperature=0) for k in (3, 5, 2)],
+                                  max_in_flight=1, on_completion=lambda i, c: seen.append(i))
+        alone = [asyncio.run(collect(eng, p, SamplingParams(max_tokens=5, temperature=0), eng.resolve_stance("a1")))
+                 for p in prompts]
+        with pytest.raises(ValueError, match="3 prompts"):
+            eng.generate_batch(prompts, [eng.resolve_stance("a1")], SamplingParams())
+        with pytest.raises(StanceServeError):  # a seed past torch's range fails the request at admission
+            eng.generate_batch(prompts[:2], Stance.base(), [SamplingParams(max_tokens=2), SamplingParams(seed=2**70)])
+    finally:
+        eng.stop()
+    assert [len(o.tokens) for o in outs] == [3, 5, 2]
+    assert [o.token_ids for o in outs] == [toks[:k] for (toks, _, _), k in zip(alone, (3, 5, 2))]
+    assert [o.text for o in outs][1] == alone[1][1]
+    assert sorted(seen) == [0, 1, 2]
 
 
 def test_output_does_not_depend_on_batch_neighbours(tiny_model, tokenizer, adapters):

@@ -1,4 +1,4 @@
-"""The engine's own forward pass (:class:`~app.engine.forward.Decoder`) against ``transformers``' logits.
+"""The engine's own forward pass (:class:`~app.engine.forward.ForwardPass`) against ``transformers``' logits.
 
 For every supported architecture (tiny random models: Llama with GQA and tied embeddings, Qwen2 with
 q/k/v biases, Phi with parallel blocks and partial rotary, Qwen3 with q/k norms, Mistral), rows of
@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from app.engine.forward import Decoder, Plan, UnsupportedModelError
+from app.engine.forward import ForwardPass, Plan, UnsupportedModelError
 from app.engine.kv_cache import blocks_for
 from tests.factories import build_tiny_model, decoder_logits
 
@@ -53,7 +53,7 @@ def test_packed_prefill_matches_transformers(any_model, prepack):
 @pytest.mark.parametrize("prepack", [None, 2], ids=["dense", "prepacked"])
 def test_chunked_prefill_and_decode_on_shuffled_rows_match_transformers(any_model, prepack):
     ref_model = any_model
-    dec = Decoder(copy.deepcopy(any_model), prepack=prepack)
+    dec = ForwardPass(copy.deepcopy(any_model), prepack=prepack)
     assert dec.prepacked == (prepack is not None and dec.device.type == "cpu")
     cache, T = dec.row_cache(4, 64)
     g = torch.Generator().manual_seed(1)
@@ -77,7 +77,7 @@ def test_decode_across_block_boundaries_on_scattered_blocks_matches_transformers
     """Rows of 14, 16 and 31 tokens decode 4 tokens each, crossing position 16 and 32 (block boundaries), on block
     tables taken in no order (new blocks handed out as the rows grow, as the scheduler does): every step's logits
     equal transformers'; rows whose tables list the same blocks in another order would read other positions."""
-    dec = Decoder(copy.deepcopy(any_model))
+    dec = ForwardPass(copy.deepcopy(any_model))
     cache = dec.new_cache(16)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (14, 16, 31)]
@@ -101,7 +101,7 @@ def test_decode_across_block_boundaries_on_scattered_blocks_matches_transformers
 def test_rows_of_very_different_lengths_attend_in_groups_and_match_transformers(any_model):
     """Rows of 3, 4 and 70 tokens: the decode step splits them into a 1-block and a 5-block group (not three rows
     of 5 blocks); the logits equal the one-group step's and transformers'."""
-    dec = Decoder(copy.deepcopy(any_model))
+    dec = ForwardPass(copy.deepcopy(any_model))
     cache, T = dec.row_cache(3, 80)
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 4, 70)]
@@ -123,7 +123,7 @@ def test_hf_model_still_runs_on_the_fused_weights(kw):
     model = build_tiny_model("qwen2")  # untied lm_head: prepacking alone would free every linear weight
     ids = [4, 5, 6, 7]
     before = hf_logits(model, ids)
-    Decoder(model, **kw)  # q/k/v and gate/up weights become views of the fused copies
+    ForwardPass(model, **kw)  # q/k/v and gate/up weights become views of the fused copies
     torch.testing.assert_close(hf_logits(model, ids), before)
 
 
@@ -131,7 +131,7 @@ def test_hf_model_still_runs_on_the_fused_weights(kw):
 def test_prepacking_frees_dense_weights_but_keeps_a_tied_embedding(arch):
     model = build_tiny_model(arch)  # llama: tied lm_head; qwen2: untied
     tied = model.config.tie_word_embeddings
-    dec = Decoder(model, prepack=4)
+    dec = ForwardPass(model, prepack=4)
     if not dec.prepacked:
         pytest.skip("no oneDNN prepacking on this device")
     for name, f in dec.linears.items():
@@ -147,7 +147,7 @@ def test_unsupported_architecture_is_named():
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
-        Decoder(model)
+        ForwardPass(model)
 
 
 def test_packed_row_buckets_bound_the_shapes():
@@ -161,7 +161,7 @@ def test_packed_row_buckets_bound_the_shapes():
 
 def test_matmul_decode_attention_equals_sdpa(any_model):
     """The CPU fp32 decode attention (two matmuls and a softmax) against SDPA's, on rows of different lengths."""
-    dec = Decoder(copy.deepcopy(any_model))
+    dec = ForwardPass(copy.deepcopy(any_model))
     assert dec.matmul_decode_attention  # CPU, fp32
     cache, T = dec.row_cache(3, 32)
     rows = {0: [5, 6, 7, 8, 9, 10, 11], 1: [9, 10], 2: [3, 4, 5, 6]}

@@ -29,33 +29,11 @@ from app.engine.grammar import apply_token_mask, mask_words
 from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import GenerationError, InvalidConstraintError
-from tests.factories import FakeStore, build_tiny_model, load_tokenizer, write_peft_adapter
+from tests.factories import FakeStore, block_bytes, build_tiny_model, load_tokenizer, write_peft_adapter
+from tests.factories.schemas import SCHEMAS, object_schema
 
 EOS = 2  # the stories260k tokenizer's </s>
 PROMPT = [1, 45, 80, 99]
-
-
-def _object(props: dict) -> dict:
-    return {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False}
-
-
-#: Bounded JSON schemas (every instance has a bounded length, so a random model always completes one).
-LEAVES = st.one_of(
-    st.just({"type": "integer", "minimum": -50, "maximum": 50}),
-    st.just({"type": "boolean"}),
-    st.just({"type": "null"}),
-    st.integers(0, 5).map(lambda n: {"type": "string", "maxLength": n}),
-    st.lists(st.text("abxyz", min_size=1, max_size=3), min_size=1, max_size=3, unique=True).map(
-        lambda xs: {"enum": xs}),
-)
-SCHEMAS = st.recursive(
-    LEAVES,
-    lambda inner: st.one_of(
-        st.dictionaries(st.sampled_from("abcd"), inner, min_size=1, max_size=3).map(_object),
-        st.builds(lambda items, n: {"type": "array", "items": items, "maxItems": n}, inner, st.integers(0, 2)),
-    ),
-    max_leaves=5,
-).map(lambda s: s if s.get("type") == "object" else _object({"v": s}))
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +102,7 @@ def test_random_schemas_in_mixed_batches_always_validate(engine, schemas, seed):
 
 
 def test_free_rows_do_not_see_constrained_neighbours(engine):
-    g = compile_schema(engine, _object({"a": {"type": "integer", "minimum": 0, "maximum": 9},
+    g = compile_schema(engine, object_schema({"a": {"type": "integer", "minimum": 0, "maximum": 9},
                                         "b": {"type": "string", "maxLength": 3}}))
     free = [(PROMPT, SamplingParams(max_tokens=10, temperature=0), s) for s in stances(engine)]
     alone = asyncio.run(run_rows(engine, free))
@@ -138,7 +116,7 @@ def test_free_rows_do_not_see_constrained_neighbours(engine):
 
 
 def test_a_failing_grammar_ends_its_row_alone(engine):
-    g = compile_schema(engine, _object({"a": {"type": "string", "maxLength": 5}}))
+    g = compile_schema(engine, object_schema({"a": {"type": "string", "maxLength": 5}}))
     free = [(PROMPT, SamplingParams(max_tokens=10, temperature=0), s) for s in stances(engine)]
     alone = asyncio.run(run_rows(engine, free))
     bad = SamplingParams(max_tokens=40, temperature=0, grammar=g)
@@ -193,7 +171,7 @@ def test_decode_masks_are_computed_beside_the_forward_pass(engine, monkeypatch):
         return fill(self, bitmask, row)
 
     monkeypatch.setattr(grammar_mod.RowMatcher, "fill_mask", spy)
-    g = compile_schema(engine, _object({"a": {"type": "boolean"}}))
+    g = compile_schema(engine, object_schema({"a": {"type": "boolean"}}))
     asyncio.run(run_rows(engine, [(PROMPT, SamplingParams(max_tokens=20, temperature=0, grammar=g),
                                    stances(engine)[0])]))
     assert any(t.startswith("grammar-masks") for t in threads)  # decode steps: on the helper thread
@@ -202,10 +180,9 @@ def test_decode_masks_are_computed_beside_the_forward_pass(engine, monkeypatch):
 def test_constrained_rows_survive_preemption(tmp_path):
     """A KV budget far below the traffic preempts rows mid-answer; a preempted constrained row resumes with its
     grammar state and still completes valid JSON, with the tokens it gets with room to spare."""
-    from tests.app.engine.test_paged import block_bytes
 
     model = build_tiny_model("llama")
-    schema = _object({"a": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+    schema = object_schema({"a": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
                             "minItems": 6, "maxItems": 6}, "b": {"type": "string", "maxLength": 4}})
 
     def run(**kw):

@@ -14,12 +14,19 @@ import copy
 import pytest
 import torch
 
-from app.engine.forward import Decoder, Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.graphs import DecodeGraphs, bucket_of, buckets
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.sampling import SamplingParams
-from tests.app.engine.test_engine import collect, reference_greedy
-from tests.factories import FakeStore, make_engine, peft_logits, read_adapter, write_peft_adapter
+from tests.factories import (
+    FakeStore,
+    collect,
+    make_engine,
+    peft_logits,
+    read_adapter,
+    reference_greedy,
+    write_peft_adapter,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -40,7 +47,7 @@ def adapters(tiny_model, arch, tmp_path):
 
 
 def setup(model, adapters, device, *, max_len=160, rows=8, max_terms=4):
-    dec = Decoder(copy.deepcopy(model).to(device), prepack=4 if device == "cpu" else None)
+    dec = ForwardPass(copy.deepcopy(model).to(device), prepack=4 if device == "cpu" else None)
     lora = MultiLoRA(dec.linears, max_slots=4)
     for slot, (d, name) in enumerate(zip(adapters, ("a1", "a2"))):
         lora.write_slot(slot, read_adapter(d, name))  # copied into the slot tensors on the model's device

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from app.engine.forward import Decoder, Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.slots import NoFreeSlotError, SlotCache
 from tests.factories import (
@@ -51,7 +51,7 @@ def test_mixed_batch_matches_peft_per_row(tiny_model, arch, two_adapters):
 
 
 def lora_decoder(model, adapters, slots=4):
-    dec = Decoder(copy.deepcopy(model), prepack=4)  # as the engine runs on CPU
+    dec = ForwardPass(copy.deepcopy(model), prepack=4)  # as the engine runs on CPU
     lora = MultiLoRA(dec.linears, max_slots=slots)
     for slot, ad in adapters.items():
         lora.write_slot(slot, ad)
@@ -120,10 +120,10 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
 
 def decode_step_logits(dec, prompts, routes, nxt=7):
     """Prefill ``prompts`` routed by ``routes``, then one decode step of token ``nxt`` per row -> ``[rows, vocab]``."""
-    cache, T = dec.row_cache(len(prompts), max(map(len, prompts)) + 2)
-    plan = Plan.build([(T[i], p, 0) for i, p in enumerate(prompts)], dec.device)
+    cache, tables = dec.row_cache(len(prompts), max(map(len, prompts)) + 2)
+    plan = Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device)
     dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
-    step = Plan.build([(T[i], [nxt], len(p)) for i, p in enumerate(prompts)], dec.device)
+    step = Plan.build([(tables[i], [nxt], len(p)) for i, p in enumerate(prompts)], dec.device)
     return dec.forward(step, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype))
 
 
@@ -261,7 +261,7 @@ def test_growing_rank_and_slots_keeps_loaded_adapters(tiny_model, arch, tmp_path
     """A rank-4 adapter loaded first keeps its exact output after a rank-8 one grows every slot tensor."""
     d4 = write_peft_adapter(tmp_path / "r4", arch, model=tiny_model, rank=4, seed=5)
     d8 = write_peft_adapter(tmp_path / "r8", arch, model=tiny_model, rank=8, seed=6)
-    dec = Decoder(copy.deepcopy(tiny_model))
+    dec = ForwardPass(copy.deepcopy(tiny_model))
     lora = MultiLoRA(dec.linears, max_slots=4, initial_slots=1)
     lora.write_slot(0, read_adapter(d4, "r4"))
     lora.write_slot(3, read_adapter(d8, "r8"))  # grows slots 1 -> 4 and rank 4 -> 8
@@ -279,7 +279,7 @@ def test_slot_cache_lru_never_evicts_pinned(tiny_model, arch, tmp_path):
         for i in range(3)
     ]
     loads = []
-    cache = SlotCache(MultiLoRA(Decoder(copy.deepcopy(tiny_model)).linears, max_slots=2), on_load=lambda k, s: loads.append(k))
+    cache = SlotCache(MultiLoRA(ForwardPass(copy.deepcopy(tiny_model)).linears, max_slots=2), on_load=lambda k, s: loads.append(k))
     s0 = cache.acquire(ads[0])
     s1 = cache.acquire(ads[1])
     assert s0 != s1
@@ -303,7 +303,7 @@ def test_linear_shapes_unchanged_by_fusing(tiny_model, arch, tmp_path):
 
     before = linear_shapes(tiny_model)
     model = copy.deepcopy(tiny_model)
-    lora = MultiLoRA(Decoder(model).linears, max_slots=2)
+    lora = MultiLoRA(ForwardPass(model).linears, max_slots=2)
     lora.write_slot(0, read_adapter(write_peft_adapter(tmp_path / "a", arch, model=tiny_model), "a"))
     assert linear_shapes(model) == before
 
@@ -314,7 +314,7 @@ def test_unknown_target_module_is_refused(tiny_model, arch, tmp_path):
     ad = read_adapter(write_peft_adapter(tmp_path / "a", arch, model=tiny_model), "a")
     m = next(iter(ad.modules.values()))
     bad = AdapterWeights(ad.id, {"model.layers.0.nonexistent": m})
-    lora = MultiLoRA(Decoder(copy.deepcopy(tiny_model)).linears, max_slots=2)
+    lora = MultiLoRA(ForwardPass(copy.deepcopy(tiny_model)).linears, max_slots=2)
     with pytest.raises(KeyError, match="nonexistent"):
         lora.write_slot(0, bad)
 
@@ -323,7 +323,7 @@ def test_unknown_target_module_is_refused(tiny_model, arch, tmp_path):
 def test_real_smollm2_mixed_batch_logits_match_peft(tmp_path):
     """The embedded SmolLM2: one forward over rows of two adapters and the base equals peft per row."""
     from app.config import Settings
-    from app.engine.model_loader import load_base_model
+    from app.model_loader import load_base_model
 
     base = load_base_model(Settings(device="cpu", dtype="float32")).model
     d1 = write_peft_adapter(tmp_path / "a1", "llama", model=base, rank=8, alpha=16, seed=3, scale=0.05)
@@ -368,7 +368,7 @@ def test_fp16_padding_terms_never_carry_another_adapters_overflow(tiny_model, ar
     huge = read_adapter(d1, "a1")
     for m in huge.modules.values():
         m.A.fill_(65000.0)
-    dec = Decoder(copy.deepcopy(tiny_model).half())
+    dec = ForwardPass(copy.deepcopy(tiny_model).half())
     lora = MultiLoRA(dec.linears, max_slots=4)
     for slot, ad in ((0, huge), (1, read_adapter(d1, "a1")), (2, read_adapter(d2, "a2"))):
         lora.write_slot(slot, ad)

@@ -25,8 +25,7 @@ from app.engine.kv_cache import BLOCK_SIZE, BlockPool, PagedKVCache, blocks_for,
 from app.engine.prefix_cache import PrefixCache, block_keys
 from app.engine.sampling import SamplingParams
 from app.metrics import Metrics
-from tests.app.engine.test_engine import collect, reference_greedy
-from tests.factories import FakeStore, make_engine, metric, write_peft_adapter
+from tests.factories import FakeStore, block_bytes, collect, make_engine, metric, reference_greedy, write_peft_adapter
 
 B = BLOCK_SIZE
 
@@ -176,13 +175,6 @@ def test_a_budget_below_one_sequence_is_refused():
     assert cache.num_blocks == 5 and cache.pool.capacity == 4
     with pytest.raises(ValueError, match="one sequence of 65 tokens needs"):
         PagedKVCache.budgeted(2, 2, 8, torch.float32, "cpu", budget_bytes=5 * per_block, max_len=65)
-
-
-def block_bytes(model) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return token_bytes(cfg.num_hidden_layers, kv_heads, head_dim, torch.float32) * B
 
 
 def prompt(n, seed):

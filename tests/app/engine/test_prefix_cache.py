@@ -17,14 +17,13 @@ import time
 import pytest
 import torch
 
-from app.engine.forward import Decoder, Plan
+from app.engine.forward import ForwardPass, Plan
 from app.engine.kv_cache import BLOCK_SIZE, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.prefix_cache import PrefixCache, stance_key
 from app.engine.request import Stance
 from app.engine.sampling import SamplingParams
-from tests.app.engine.test_engine import collect
-from tests.factories import FakeStore, make_engine, read_adapter, write_peft_adapter
+from tests.factories import FakeStore, collect, make_engine, read_adapter, write_peft_adapter
 
 
 def prompt(n, seed):
@@ -45,7 +44,7 @@ def run(dec, cache, table, tokens, start, routes):
 
 @pytest.mark.parametrize("routes", [[], [(0, 1.0)], [(0, 0.6), (1, -0.4)]], ids=["base", "adapter", "blend"])
 def test_shared_blocks_give_the_logits_of_a_cold_prefill(tiny_model, arch, tmp_path, routes):
-    dec = Decoder(copy.deepcopy(tiny_model))
+    dec = ForwardPass(copy.deepcopy(tiny_model))
     lora = MultiLoRA(dec.linears, max_slots=2)
     for slot in (0, 1):
         lora.write_slot(slot, read_adapter(write_peft_adapter(tmp_path / f"a{slot}", arch, model=tiny_model, seed=slot), f"a{slot}"))
@@ -78,7 +77,7 @@ def test_shared_blocks_give_the_logits_of_a_cold_prefill(tiny_model, arch, tmp_p
 def test_keyed_blocks_are_reused_least_recently_used_first(tiny_model):
     """Unreferenced keyed blocks are handed out only when no plain free block is left, least recently used first;
     the index holds at most max_cached keys; a zero max_cached turns the cache off."""
-    dec = Decoder(copy.deepcopy(tiny_model))
+    dec = ForwardPass(copy.deepcopy(tiny_model))
     cache = dec.new_cache(5, max_cached=3)  # 4 usable blocks
     pc = PrefixCache(cache)
     a, b = prompt(BLOCK_SIZE + 1, 3), prompt(BLOCK_SIZE + 1, 4)

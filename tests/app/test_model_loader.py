@@ -1,4 +1,4 @@
-"""Tests of app.engine.model_loader: device/dtype resolution, loading local folders, errors, the embedded model."""
+"""Tests of app.model_loader: device/dtype resolution, loading local folders, errors, the embedded model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from app import model_loader
 from app.config import EMBEDDED_MODEL, Settings
-from app.engine import model_loader
-from app.engine.model_loader import (
+from app.errors import ModelLoadError
+from app.model_loader import (
     EMBEDDED_SERVED_NAME,
     LoadedModel,
     cpu_has_native_bf16,
@@ -21,7 +22,6 @@ from app.engine.model_loader import (
     resolve_device,
     resolve_dtype,
 )
-from app.errors import ModelLoadError
 from tests.factories import STORIES_DIR
 
 pytestmark = pytest.mark.dtype  # `auto` is read from the CPU: `make test` also runs these as a bf16 host

