@@ -214,7 +214,6 @@ def constraint_for(body: Any) -> Constraint | None:
         InvalidConstraintError: a malformed field, or two fields that both constrain the output (``param`` names
             the second).
     """
-    extra = body.model_extra or {}
     found: list[Constraint] = []
     rf = _response_format(getattr(body, "response_format", None))
     if rf is not None:
@@ -239,7 +238,6 @@ def constraint_for(body: Any) -> Constraint | None:
             found.append(c)
     elif getattr(body, "tool_choice", None) not in (None, "none", "auto"):
         raise InvalidConstraintError("tool_choice needs tools", param="tool_choice")
-    del extra
     if len(found) > 1:
         raise InvalidConstraintError(
             f"{found[0].param} and {found[1].param} both constrain the output; use one", param=found[1].param)

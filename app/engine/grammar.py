@@ -179,7 +179,10 @@ class MaskJob:
     def __init__(self, matchers: Sequence[RowMatcher | None], vocab_size: int) -> None:
         self.matchers = list(matchers)
         self.rows = [i for i, m in enumerate(self.matchers) if m is not None]
-        self.bitmask = torch.zeros((len(self.matchers), mask_words(vocab_size)), dtype=torch.int32)
+        #: ``[rows, words]`` int32, allocated only when a row is constrained (free batches pay nothing per step)
+        self.bitmask: torch.Tensor | None = (
+            torch.zeros((len(self.matchers), mask_words(vocab_size)), dtype=torch.int32) if self.rows else None
+        )
         self._future: Future | None = None
         self._errors: dict[int, BaseException] = {}
 
@@ -203,7 +206,7 @@ class MaskJob:
         """``(bitmask [rows, words] or None when no row is constrained, {row: error})``."""
         if self._future is not None:
             self._future.result()
-        return (self.bitmask if self.rows else None), self._errors
+        return self.bitmask, self._errors
 
 
 def apply_token_mask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:

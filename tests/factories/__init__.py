@@ -14,7 +14,7 @@ What it builds, by module:
 * :mod:`~tests.factories.stores`: a real :class:`AdapterStore` for the tiny models (:func:`new_store`) and
   :class:`FakeStore` for engine tests.
 * :mod:`~tests.factories.engine`: started engines (:func:`make_engine`), one request drained in a running
-  loop (:func:`collect`), greedy decoding by hand (:func:`reference_greedy`), a KV block's bytes
+  loop (:func:`collect`, or :func:`drain` keeping errors), greedy decoding by hand (:func:`reference_greedy`), a KV block's bytes
   (:func:`block_bytes`) and the peft-alone reference of a mixed multi-LoRA batch (:func:`peft_logits`,
   :func:`mixed_batch_and_alone`).
 * :mod:`~tests.factories.schemas`: bounded random JSON schemas (:data:`SCHEMAS`, hypothesis).
@@ -48,6 +48,7 @@ from tests.factories.engine import (
     block_bytes,
     collect,
     decoder_logits,
+    drain,
     make_engine,
     mixed_batch_and_alone,
     peft_logits,
@@ -80,7 +81,7 @@ from tests.factories.servers import APP_CLI, Server, free_port, preexec, run_ser
 from tests.factories.stores import FakeStore, new_store
 
 __all__ = [
-    "APP_CLI", "AUTH", "block_bytes", "collect", "reference_greedy", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
+    "APP_CLI", "AUTH", "block_bytes", "collect", "drain", "reference_greedy", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
     "STORIES_DIR", "TARGETS", "FakeStore", "Server", "adapter_bytes", "adapter_files", "adapter_version",
     "base_model", "build_tiny_model", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
     "free_port", "key", "load_tokenizer", "make_client", "make_engine", "decoder_logits", "metric", "mixed_batch_and_alone",

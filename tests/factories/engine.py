@@ -34,9 +34,9 @@ def make_engine(model, tokenizer, store, *, metrics=None, **kw):
     return eng
 
 
-async def collect(eng, prompt, params, stance):
-    """``(token ids, text, finish event)`` of one request run to its end; raises the error of an ``ErrorEvent``."""
-    toks, text, fin = [], "", None
+async def drain(eng, prompt, params, stance):
+    """``(token ids, text, finish event or None, errors)`` of one request run to its end; errors are collected."""
+    toks, text, fin, errs = [], "", None, []
     async for ev in eng.generate(prompt, params, stance):
         if isinstance(ev, TokenEvent):
             toks.append(ev.token_id)
@@ -45,7 +45,15 @@ async def collect(eng, prompt, params, stance):
             fin = ev
             text += ev.text
         elif isinstance(ev, ErrorEvent):
-            raise ev.error
+            errs.append(ev.error)
+    return toks, text, fin, errs
+
+
+async def collect(eng, prompt, params, stance):
+    """``(token ids, text, finish event)`` of one request run to its end; raises the error of an ``ErrorEvent``."""
+    toks, text, fin, errs = await drain(eng, prompt, params, stance)
+    if errs:
+        raise errs[0]
     return toks, text, fin
 
 

@@ -26,10 +26,9 @@ from app.engine import grammar as grammar_mod
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.grammar import apply_token_mask, mask_words
-from app.engine.request import ErrorEvent, FinishEvent, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import GenerationError, InvalidConstraintError
-from tests.factories import FakeStore, block_bytes, build_tiny_model, load_tokenizer, write_peft_adapter
+from tests.factories import FakeStore, block_bytes, build_tiny_model, drain, load_tokenizer, write_peft_adapter
 from tests.factories.schemas import SCHEMAS, object_schema
 
 EOS = 2  # the stories260k tokenizer's </s>
@@ -62,21 +61,7 @@ def compile_schema(eng, schema):
 
 async def run_rows(eng, rows):
     """rows: (prompt, params, stance); each gives (token ids, text, finish or None, errors)."""
-
-    async def one(prompt, params, stance):
-        toks, text, fin, errs = [], "", None, []
-        async for ev in eng.open(prompt, params, stance):
-            if isinstance(ev, TokenEvent):
-                toks.append(ev.token_id)
-                text += ev.text
-            elif isinstance(ev, FinishEvent):
-                fin = ev
-                text += ev.text
-            elif isinstance(ev, ErrorEvent):
-                errs.append(ev.error)
-        return toks, text, fin, errs
-
-    return await asyncio.gather(*(one(*r) for r in rows))
+    return await asyncio.gather(*(drain(eng, *r) for r in rows))
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,
