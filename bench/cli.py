@@ -285,7 +285,7 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         variants = {"base": (mixes["base"], None), "one_adapter": (mixes["one_adapter"], None)}
         variants.update({f"{k}:{kernel}": (mixes[k], kernel) for k in gathered for kernel in KERNELS})
         alt = alternating_steps(eng, variants, context=context)
-        out["decode_kernel"] = next(iter(eng.decoder.linears.values())).decode_kernel
+        out["decode_kernel"] = next(iter(eng.forward_pass.linears.values())).decode_kernel
         out["alternating_base_step_s"] = alt["base"]
         out["alternating_one_adapter_step_s"] = alt["one_adapter"]
         out["one_adapter_alternating_ratio_to_base"] = round(alt["base"] / alt["one_adapter"], 3)

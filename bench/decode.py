@@ -56,7 +56,7 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 def _step(engine: Any, rows: int, context: int, routes: list[list[tuple[int, float]]], graphs: bool = False):
     """A prefilled KV cache of ``rows`` x ``context`` tokens and the closure running one decode step on it
     (with ``graphs``, through :class:`~app.engine.graphs.DecodeGraphs`: CUDA graphs on CUDA)."""
-    dec = engine.decoder
+    dec = engine.forward_pass
     cache, tables = dec.row_cache(rows, context + 2)
     g = torch.Generator().manual_seed(0)
     vocab = dec.lm_head.out_features
@@ -82,7 +82,7 @@ def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: 
     Raises:
         RuntimeError: with ``graphs``, the step could not be captured (the message says why).
     """
-    return _timed(_step(engine, len(routes), context, routes, graphs), engine.decoder.device, repeats)
+    return _timed(_step(engine, len(routes), context, routes, graphs), engine.forward_pass.device, repeats)
 
 
 def alternating_steps(engine: Any, variants: dict[str, tuple[list[list[tuple[int, float]]], str | None]], *,
@@ -99,7 +99,7 @@ def alternating_steps(engine: Any, variants: dict[str, tuple[list[list[tuple[int
     Returns:
         name -> median seconds over its ``rounds`` steps.
     """
-    dec = engine.decoder
+    dec = engine.forward_pass
     layers = list(dec.linears.values())
     own = [f.decode_kernel for f in layers]
     fns = {name: _step(engine, len(routes), context, routes) for name, (routes, _) in variants.items()}
@@ -129,7 +129,7 @@ def alternating_steps(engine: Any, variants: dict[str, tuple[list[list[tuple[int
 def _matmuls(engine: Any, rows: int):
     """A closure running only the matmuls of one decode step: every fused weight of the model at ``rows`` rows
     (the prepacked weight when the engine packed it)."""
-    dec = engine.decoder
+    dec = engine.forward_pass
     layers = list(dec.linears.values())
     xs = {f.in_features: torch.randn(rows, f.in_features, dtype=dec.dtype, device=dec.device) for f in layers}
 
@@ -148,7 +148,7 @@ def step_vs_roofline(engine: Any, rows: int, *, context: int, rounds: int = 5, r
         ``step_s`` and ``roofline_s`` (medians over ``rounds`` rounds of ``repeats``-run medians, seconds) and
         ``ratio`` (``step_s / roofline_s``).
     """
-    dec = engine.decoder
+    dec = engine.forward_pass
     step = _step(engine, rows, context, [[] for _ in range(rows)])
     matmuls = _matmuls(engine, rows)
     steps, roofs = [], []
@@ -170,7 +170,7 @@ def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str
         ``base_bytes``, ``lora_bytes``, ``slots_read`` and ``bytes_bound_ratio``: ``base / (base + lora)``,
         the highest tok/s ratio to the base model a step bound by reading weights can reach with this mix.
     """
-    dec, lora = engine.decoder, engine.lora
+    dec, lora = engine.forward_pass, engine.lora
     base = sum(f.out_features * f.in_features for f in dec.linears.values()) * dec.dtype.itemsize
     slots = {s for r in routes for s, w in r if w != 0.0}
     per_slot = lora.slot_bytes() // max(lora.slots, 1)
@@ -182,7 +182,7 @@ def weight_bytes(engine: Any, routes: list[list[tuple[int, float]]]) -> dict[str
 def profile_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: int, steps: int = 5,
                  top: int = 12) -> list[dict[str, Any]]:
     """The ``top`` ops of one decode step by self time (ms per step), from ``torch.profiler`` over ``steps`` steps."""
-    dec = engine.decoder
+    dec = engine.forward_pass
     fn = _step(engine, len(routes), context, routes)
     fn()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dec.device.type == "cuda" else [])

@@ -106,11 +106,11 @@ class Engine:
         self.base_names = {model_name, *aliases}
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
-        self.decoder = ForwardPass(model, prepack=config.max_batch_size if config.weight_prepack else None,
+        self.forward_pass = ForwardPass(model, prepack=config.max_batch_size if config.weight_prepack else None,
                                keep_dense=keep_model_callable)
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
-        for limit, what in ((positions, "positions"), (self.decoder.max_context, "sliding window")):
+        for limit, what in ((positions, "positions"), (self.forward_pass.max_context, "sliding window")):
             if isinstance(limit, int) and 0 < limit < max_model_len:
                 logger.warning("max_model_len %d is past the model's %s: using %d", max_model_len, what, limit)
                 config = config.replace(max_model_len=limit)
@@ -120,7 +120,7 @@ class Engine:
         self.max_prompt_tokens = min(config.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
         self.max_blend_weight = config.max_blend_weight
         #: width of the logits (the output embedding's rows), in tokens
-        self.vocab_size = self.decoder.lm_head.out_features
+        self.vocab_size = self.forward_pass.lm_head.out_features
         self._token_texts: dict[int, str] = {}
         #: longest vocabulary entry, in characters: bounds the characters one token can cover
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -131,16 +131,16 @@ class Engine:
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         #: the paged KV cache, allocated here once: ``kv_cache_memory_bytes`` of blocks (default: sized from the
         #: device's free memory, up to what ``max_batch_size`` sequences of ``max_model_len`` tokens could hold)
-        per_token = token_bytes(self.decoder.num_layers, self.decoder.kv_heads, self.decoder.head_dim, self.decoder.dtype)
+        per_token = token_bytes(self.forward_pass.num_layers, self.forward_pass.kv_heads, self.forward_pass.head_dim, self.forward_pass.dtype)
         most = config.max_batch_size * max_model_len + BLOCK_SIZE  # + the null block
         budget = config.kv_cache_memory_bytes or max(
             default_budget(self.device, max_tokens=most, per_token=per_token), (max_model_len + BLOCK_SIZE) * per_token
         )
-        self.kv_cache = self.decoder.budgeted_cache(budget, max_model_len, max_blocks=blocks_for(most),
+        self.kv_cache = self.forward_pass.budgeted_cache(budget, max_model_len, max_blocks=blocks_for(most),
                                                     prefix_bytes=config.prefix_cache_memory_bytes)
         #: KV blocks of prompt prefixes per stance (``prefix_cache_memory_bytes``; 0 turns it off)
         self.prefix_cache = PrefixCache(self.kv_cache)
-        self.lora = MultiLoRA(self.decoder.linears, max_slots=config.max_loras)
+        self.lora = MultiLoRA(self.forward_pass.linears, max_slots=config.max_loras)
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
         #: ``model`` + ``stances`` -> :class:`Stance` (the one set of rules; named blends are the catalog's)
@@ -149,10 +149,10 @@ class Engine:
         #: CUDA graphs of decode steps (``cuda_graphs``, on CUDA only), or ``None``
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.decoder, self.kv_cache, self.lora, max_rows=config.max_batch_size,
+            self.graphs = DecodeGraphs(self.forward_pass, self.kv_cache, self.lora, max_rows=config.max_batch_size,
                                        max_terms=MAX_BLEND_ADAPTERS, max_len=max_model_len)
         self.scheduler = Scheduler(
-            self.decoder, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
+            self.forward_pass, self.kv_cache, self.lora, self.slots, self.eos_token_ids, config=config,
             prefix_cache=self.prefix_cache, graphs=self.graphs,
         )
         self._observers: list[Observer] = []

@@ -77,8 +77,8 @@ class DecodeGraphs:
     """Static-shape decode steps, one per bucket, captured as CUDA graphs (see the module docstring).
 
     Args:
-        decoder: the forward pass; cache: its paged KV cache (the graphs write and read it in place).
-        lora: the decoder's multi-LoRA slots (their :attr:`~app.engine.lora.MultiLoRA.version` keys LoRA graphs).
+        forward_pass: the forward pass; cache: its paged KV cache (the graphs write and read it in place).
+        lora: the forward pass's multi-LoRA slots (their :attr:`~app.engine.lora.MultiLoRA.version` keys LoRA graphs).
         max_rows: the largest row bucket (the scheduler's ``max_batch_size``).
         max_len: the longest sequence, in tokens (the engine's ``max_model_len``): the largest context bucket.
         max_terms: the largest terms bucket (the most (slot, weight) pairs a row routes: a blend's members).
@@ -94,14 +94,14 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, decoder: ForwardPass, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
+        self, forward_pass: ForwardPass, cache: PagedKVCache, lora: MultiLoRA, *, max_rows: int, max_terms: int,
         max_len: int, capture: bool | None = None,
     ) -> None:
-        device = decoder.device
+        device = forward_pass.device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        self.decoder, self.cache, self.lora = decoder, cache, lora
+        self.forward_pass, self.cache, self.lora = forward_pass, cache, lora
         rows = max(1, max_rows)
         bs = self.block_size = cache.block_size
         self.max_len = blocks_for(max_len, bs) * bs
@@ -114,7 +114,7 @@ class DecodeGraphs:
         self.tables = torch.full((rows, self.max_len // bs), NULL_BLOCK, dtype=torch.long, device=device)
         self.logit_index = torch.arange(rows, device=device)  # one token per row
         self.idx = {k: torch.zeros(rows, k, dtype=torch.long, device=device) for k in self.term_buckets}
-        self.weights = {k: torch.zeros(rows, k, dtype=decoder.dtype, device=device) for k in self.term_buckets}
+        self.weights = {k: torch.zeros(rows, k, dtype=forward_pass.dtype, device=device) for k in self.term_buckets}
         self._steps: dict[Key, Callable[[], torch.Tensor]] = {}
         self._pool: Any = None
         self.disabled: str | None = None
@@ -208,7 +208,7 @@ class DecodeGraphs:
         if terms:  # weight 0 on every pair, so no shortcut (unit weights, uniform slot) is taken
             pairs = tuple(((0, 0.0),) * terms for _ in range(rows))
             routing = LoRABatch(pairs, self.idx[terms][:rows], self.weights[terms][:rows])
-        return self.decoder.forward(plan, self.cache, routing)
+        return self.forward_pass.forward(plan, self.cache, routing)
 
     def _capture(self, key: Key) -> Callable[[], torch.Tensor] | None:
         """Record ``key``'s step (with ``capture``; else its eager static step) and check it; ``None`` turns graphs off."""
@@ -236,7 +236,7 @@ class DecodeGraphs:
 
     def _record(self, run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """A CUDA graph of ``run`` and the function replaying it (returning its static output)."""
-        device = self.decoder.device
+        device = self.forward_pass.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # lazy set-up (cuBLAS handles, workspaces) must happen outside the capture

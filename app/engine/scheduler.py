@@ -70,9 +70,9 @@ class Scheduler:
     """Queues requests and runs them in continuous batches on its own thread.
 
     Args:
-        decoder: the forward pass over the base model's weights.
+        forward_pass: the forward pass over the base model's weights.
         cache: its paged KV cache (its free blocks bound how many sequences run at once).
-        lora, slots: the multi-LoRA slots of ``decoder``'s layers and their slot cache.
+        lora, slots: the multi-LoRA slots of ``forward_pass``'s layers and their slot cache.
         eos_token_ids: token ids that end a sequence.
         config: sizes (default: :class:`~app.engine.config.EngineConfig`'s, i.e. the settings' defaults); the
             scheduler reads ``max_batch_size`` (most rows per step, a cap: free KV blocks bound them too), ``max_waiting`` (queue length past which
@@ -88,7 +88,7 @@ class Scheduler:
 
     def __init__(
         self,
-        decoder: ForwardPass,
+        forward_pass: ForwardPass,
         cache: PagedKVCache,
         lora: MultiLoRA,
         slots: SlotCache,
@@ -102,7 +102,7 @@ class Scheduler:
     ) -> None:
         config = (config or EngineConfig()).replace(**overrides)
         self.config = config
-        self.decoder = decoder
+        self.forward_pass = forward_pass
         self.kv = cache
         self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self.lora = lora
@@ -113,8 +113,8 @@ class Scheduler:
         self.max_waiting = config.max_waiting
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
         self.listeners: list[Listener] = list(listeners or [])
-        self.device = decoder.device
-        self.dtype = decoder.dtype
+        self.device = forward_pass.device
+        self.dtype = forward_pass.dtype
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
         self._batch = self._empty_batch()
@@ -427,7 +427,7 @@ class Scheduler:
             logits = self.graphs.run(plan, routing)
             if logits is not None:
                 return logits
-        return self.decoder.forward(plan, self.kv, routing)
+        return self.forward_pass.forward(plan, self.kv, routing)
 
     def _prefill_chunk(self) -> None:
         """Prefill the next chunk of the group; when its prompts are done, sample first tokens and merge.
@@ -472,7 +472,7 @@ class Scheduler:
         for s in seqs:
             if s.matcher is None and s.req.params.grammar is not None:
                 s.matcher = s.req.params.grammar.matcher()
-        return MaskJob([s.matcher for s in seqs], self.decoder.lm_head.out_features).start(overlap)
+        return MaskJob([s.matcher for s in seqs], self.forward_pass.lm_head.out_features).start(overlap)
 
     def _decode(self) -> None:
         """One decode step of every running row.

@@ -130,7 +130,7 @@ def test_step_scenario_counts_the_weight_bytes_each_mix_reads():
     for k in ("distinct_adapters", "blend3"):  # both gather kernels timed, the engine's own kernel restored after
         assert set(out[f"{k}_step_s_by_kernel"]) == {"embedding_bag", "bgmv"}
         assert all(t > 0 for t in out[f"{k}_step_s_by_kernel"].values())
-    assert {f.decode_kernel for f in eb.engine.decoder.linears.values()} == {"embedding_bag"}
+    assert {f.decode_kernel for f in eb.engine.forward_pass.linears.values()} == {"embedding_bag"}
     # the roofline ratio pairs a step and a roofline timed in alternating rounds (times rounded to microseconds:
     # the tiny model's roofline is tens of them)
     assert out["base_step_vs_roofline"] == pytest.approx(out["base_step_paired_s"] / out["matmul_roofline_s"], rel=0.05)

@@ -154,7 +154,7 @@ def test_the_engine_decodes_through_graphs_token_for_token(tiny_model, tokenizer
 
         eng = Engine(copy.deepcopy(tiny_model), tokenizer, "tiny", {10_000}, store=FakeStore({"a1": a1}), max_loras=4,
                      max_model_len=256)
-        eng.graphs = eng.scheduler.graphs = DecodeGraphs(eng.decoder, eng.kv_cache, eng.lora, max_rows=16, max_terms=8,
+        eng.graphs = eng.scheduler.graphs = DecodeGraphs(eng.forward_pass, eng.kv_cache, eng.lora, max_rows=16, max_terms=8,
                                                          max_len=256)
         eng.start()
     else:
