@@ -19,8 +19,8 @@ length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through blo
   head_dim]``), so grouped-query attention needs no repeated keys, and a ``[rows, 1, 1, L]`` mask hides each
   row's positions past its length. Rows of very different lengths (a few long prompts among short ones)
   attend in groups of similar lengths (:class:`DecodeGroup`), so short rows do not gather the longest
-  row's positions. On CPU in fp32 the call is two batched matmuls and a softmax rather than SDPA (faster
-  for short rows: :attr:`ForwardPass.matmul_decode_attention`);
+  row's positions. On CPU the call is two batched matmuls and a softmax (fp32 scores) rather than SDPA
+  (faster for one-token queries: :attr:`ForwardPass.matmul_decode_attention`);
 * prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
   prefill and prefix reuse start mid-sequence).
 
@@ -288,10 +288,11 @@ class ForwardPass:
         self.linears[self.lm_head.name] = self.lm_head
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        #: decode attention as two matmuls and a softmax instead of SDPA: on CPU in fp32, where that is faster
-        #: for short rows (SDPA's fused kernel pays a fixed cost per call that short decode rows do not amortise;
-        #: bench/decode.py times both). Elsewhere SDPA (fused kernels, fp32 accumulation for half types).
-        self.matmul_decode_attention = self.device.type == "cpu" and self.dtype == torch.float32
+        #: decode attention as two batched matmuls and a softmax instead of SDPA: on CPU, where that is faster for
+        #: decode rows (SDPA's fused kernel pays a fixed cost per call and per query that one-token queries do not
+        #: amortise: 1.8x in bf16 and 2-3x in fp32 at 64 rows of 112 positions, ``bench/decode.py`` times both). In
+        #: half types the scores and the softmax are fp32, as in SDPA's kernel. On CUDA SDPA (fused kernels).
+        self.matmul_decode_attention = self.device.type == "cpu"
         #: the linears run through oneDNN-prepacked weights
         self.prepacked = False
         if prepack is not None:
@@ -376,9 +377,12 @@ class ForwardPass:
         k, v = cache.gather(layer, group.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
         qg = q.view(n, kvh, g, hd)
         if self.matmul_decode_attention:
-            scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
-            scores.mul_(self.scaling).add_(group.bias(scores.dtype))
-            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+            if k.dtype == torch.float32:
+                scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
+            else:  # half types: fp32 scores (rounding them to bf16 costs ~10x SDPA's error), probabilities back
+                scores = torch.matmul(qg.float(), k.float().transpose(-1, -2))
+            scores.mul_(self.scaling).add_(group.bias(torch.float32))
+            out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         else:
             mask, _ = group.mask()
             out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
