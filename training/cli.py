@@ -5,8 +5,8 @@ this module only when one of these commands runs, so the server never imports
 ``training``). ``train``'s hyperparameter options are generated from
 :class:`training.trainers.TrainConfig` (defaults and help from its fields, see
 :func:`app.cli_options.dataclass_options`); its run options (data, output,
-device, registration) are declared here. Everything the commands use is imported
-above; TRL, ``datasets`` and matplotlib load only inside the functions of
+device, registration) are declared here. Everything the commands use is imported at
+the top of this module; TRL, ``datasets`` and matplotlib load only inside the functions of
 :mod:`training.trainers`, :mod:`training.compare`, :mod:`training.inspect_adapter` and
 :mod:`training.sweep_report` that use them, so a command that does not train or plot
 never imports them. Results go to stdout as JSON (or a rich table for ``inspect``);
