@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +37,33 @@ import typer
 from rich.console import Console
 
 from app.config import Settings
-from app.engine import EngineConfig
+from app.engine import EngineConfig, Stance
+from app.engine.lora_kernels import KERNELS
 from app.model_loader import cpu_info
+from bench.capacity import capacity
+from bench.decode import (
+    alternating_steps,
+    compiled_step,
+    decode_step,
+    profile_step,
+    shared_prefix,
+    step_vs_roofline,
+    weight_bytes,
+)
+from bench.models import build_model, random_adapter
+from bench.parity import dtype_parity, probe_prompts
+from bench.report import write_report
+from bench.scenarios import (
+    EngineBench,
+    baseline_peft_mixed_batch,
+    baseline_serial_set_adapter,
+    blend,
+    cold_load,
+    many_adapters as many,
+    peft_model,
+    stance,
+)
+from bench.structured import grammar_libraries, structured_scenario
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +127,6 @@ def bench(
     report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md; the headline table of ./README.md follows it.")] = None,
 ) -> None:
     """Benchmark batched multi-LoRA serving against the naive peft ways; prints JSON."""
-    from app.engine import Stance
-    from bench.decode import shared_prefix
-    from bench.models import build_model, random_adapter
-    from bench.scenarios import (
-        EngineBench,
-        baseline_peft_mixed_batch,
-        baseline_serial_set_adapter,
-        blend,
-        cold_load,
-        many_adapters as many,
-        peft_model,
-        stance,
-    )
-
     if config and not dummy_weights:
         raise typer.BadParameter("--config needs --dummy-weights (no hub downloads here)", param_hint="--config")
     wanted = [s.strip() for s in scenarios.split(",") if s.strip()]
@@ -172,23 +185,15 @@ def bench(
             sc["soak"] = eb.soak([Stance.base(), stance(adapters[0]), stance(adapters[1]),
                                   blend(adapters[2:5])] * max(1, n // 4), requests=1000)
         if "parity" in wanted:
-            from bench.parity import dtype_parity, probe_prompts
-
             console.print("[dim]bf16 vs fp32 greedy parity on the stance probes[/dim]")
             sc["bf16_parity"] = dtype_parity(bm.model, bm.tokenizer, probe_prompts(), max_tokens=max_tokens)
         if "compile" in wanted:
-            from bench.decode import compiled_step
-
             console.print("[dim]torch.compile vs eager decode step[/dim]")
             sc["compile"] = compiled_step(bm, rows=n, context=prompt_len + max_tokens // 2)
         if "structured" in wanted:
-            from bench.structured import structured_scenario
-
             console.print("[dim]structured: half the rows under a JSON schema vs none[/dim]")
             sc["structured"] = structured_scenario(eb, [stance(a) for a in adapters], repeats=repeats)
         if "grammars" in wanted:
-            from bench.structured import grammar_libraries
-
             console.print("[dim]grammar libraries: compile and mask times[/dim]")
             sc["grammar_libraries"] = grammar_libraries(bm.tokenizer, eb.engine.vocab_size)
         if "busy" in wanted:
@@ -210,8 +215,6 @@ def bench(
         sc["baseline_serial_set_adapter"] = baseline_serial_set_adapter(pm, bm, prompts, names, max_tokens)
         del pm
     if "capacity" in wanted:
-        from bench.capacity import capacity
-
         console.print(f"[dim]capacity: {capacity_streams} streams at 16 rows and at the default cap; mixed lengths[/dim]")
         sc["capacity"] = capacity(bm, adapters[0], streams=tuple(int(x) for x in capacity_streams.split(",")),
                                   prompt_len=prompt_len, max_tokens=max_tokens, repeats=repeats,
@@ -229,17 +232,12 @@ def bench(
     text = json.dumps(result, indent=2)
     out.write_text(text + "\n")
     if report is not None:
-        from bench.report import write_report
-
         write_report(report, result, command=_command_line(), readme=Path("README.md"))
     typer.echo(text)
 
 
 def _command_line() -> str:
     """The command that is running, as ``stanceserve bench ...`` (also when started as ``python -m bench``)."""
-    import shlex
-    import sys
-
     args = sys.argv[1:]
     if "bench" in args:
         args = args[args.index("bench") + 1:]
@@ -249,9 +247,6 @@ def _command_line() -> str:
 def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, Any]:
     """One decode step of ``n`` rows at ``context`` tokens per mix, the matmul roofline, and a per-op profile; the base
     and one-adapter steps and the gathering mixes' steps through each LoRA decode kernel, interleaved step by step."""
-    from app.engine.lora_kernels import KERNELS
-    from bench.decode import alternating_steps, decode_step, profile_step, step_vs_roofline, weight_bytes
-
     eng = eb.engine
     held = [eng.scheduler.call(lambda a=a: eng.slots.acquire(a)) for a in adapters[:n]]
     try:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from app.engine import Engine, EngineConfig, SamplingParams, Stance
+from training.datasets import load_probes
 
 #: the shipped stances' held-out probes (``training/data/stances/<stance>/probes.jsonl``)
 PROBE_DIR = Path(__file__).resolve().parent.parent / "training" / "data" / "stances"
@@ -27,8 +28,6 @@ PROBE_DIR = Path(__file__).resolve().parent.parent / "training" / "data" / "stan
 
 def probe_prompts(per_stance: int = 8) -> list[str]:
     """The first ``per_stance`` probes of each shipped stance (:func:`training.datasets.load_probes`)."""
-    from training.datasets import load_probes
-
     return [p for path in sorted(PROBE_DIR.glob("*/probes.jsonl")) for p in load_probes(path)[:per_stance]]
 
 

@@ -105,7 +105,7 @@ def grammar_libraries(tokenizer: Any, vocab_size: int, *, repeats: int = 5) -> d
     ll_tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
     out["llguidance_tokenizer_s"] = round(time.perf_counter() - t0, 3)
     try:
-        import xgrammar as xgr
+        import xgrammar as xgr  # optional, no extra installs it: compared only where it is installed
     except ImportError:
         xgr = None
         out["xgrammar"] = "not installed (pip install xgrammar to compare)"

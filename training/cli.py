@@ -5,8 +5,11 @@ this module only when one of these commands runs, so the server never imports
 ``training``). ``train``'s hyperparameter options are generated from
 :class:`training.trainers.TrainConfig` (defaults and help from its fields, see
 :func:`app.cli_options.dataclass_options`); its run options (data, output,
-device, registration) are declared here. Heavy imports happen inside the
-commands. Results go to stdout as JSON (or a rich table for ``inspect``);
+device, registration) are declared here. Everything the commands use is imported at
+the top of this module; TRL, ``datasets`` and matplotlib load only inside the functions of
+:mod:`training.trainers`, :mod:`training.compare`, :mod:`training.inspect_adapter` and
+:mod:`training.sweep_report` that use them, so a command that does not train or plot
+never imports them. Results go to stdout as JSON (or a rich table for ``inspect``);
 progress and errors to stderr. This module does not import :mod:`app.cli`.
 """
 
@@ -21,9 +24,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from app.cli_options import dataclass_options, from_cli, with_options
-from training.adapter_lookup import store_help
+from app.config import EMBEDDED_MODEL, Settings
+from app.errors import AdapterLookupError
+from app.model_loader import load_base_model
+from training import quick as presets
+from training.adapter_lookup import resolve_adapter, store_help
 from training.cli_support import (
     check_local_adapters,
     console,
@@ -36,9 +44,30 @@ from training.cli_support import (
     recorded_command,
     run_folder,
 )
+from training.compare import (
+    COLUMNS,
+    RunError,
+    compare_table,
+    load_run,
+    plot_compare,
+    table_cells,
+    write_compare_markdown,
+)
+from training.datasets import DatasetError, load_probes, load_reference_answers
+from training.evaluate import BASE, HttpGenerator, LocalGenerator, evaluate_stance, runtime_of
+from training.export_blend import export_blend, parity, parse_stances
+from training.inspect_adapter import adapter_update_norms, norms_table, plot_heatmap
 from training.outputs import default_out
+from training.progress import ProgressGenerator, progress_bars
 from training.quick import QUICK_DATA, QUICK_STANCE
-from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS
+from training.register import RegistrationError, register_adapter
+from training.scoring import MARKERS, LikelihoodScorer
+from training.sweep import TS as SWEEP_TS, WEIGHTS as SWEEP_WEIGHTS, run_sweep, write_answers
+from training.sweep_report import curve_filename, plot_curve, write_sweep_report
+from training.tasks import scheduling_eval as se
+from training.tasks.scheduling import generate, to_sft_rows, write_jsonl
+from training.tasks.scheduling_eval import check_disjoint
+from training.tasks.sweep_trace import STYLES, to_trace_sft_rows
 from training.trainers import TrainConfig, train_adapter
 
 app = typer.Typer(name="stanceserve", add_completion=False, pretty_exceptions_show_locals=False)
@@ -99,8 +128,6 @@ def train(
 ) -> None:
     """Train a LoRA stance adapter with TRL (SFT or DPO) and optionally register it with a running server
     (or, with --compare, compare finished runs)."""
-    from training.datasets import DatasetError
-
     if compare:
         out = out or default_out("compare")
         for f in ("compare.md", "compare.png"):
@@ -110,8 +137,6 @@ def train(
     if runs:
         fail(f"unexpected arguments {[str(r) for r in runs]} (run folders go with --compare)")
     if quick:
-        from training import quick as presets
-
         presets.apply(presets.TRAIN, hyperparameters, given_on_command_line(ctx))
         if data is None:
             data = QUICK_DATA
@@ -132,8 +157,6 @@ def train(
     report = {"adapter_dir": str(result.out_dir), "summary": summary,
               "trainable_parameters": result.metrics["parameters"]["trainable"]}
     if register:
-        from training.register import RegistrationError, register_adapter
-
         try:
             report["registered"] = register_adapter(register, name, result.out_dir, admin_key=key,
                                                     description=description or f"{cfg.method} stance adapter {name}",
@@ -145,18 +168,6 @@ def train(
 
 def _compare(runs: list[Path], out: Path) -> None:
     """``train --compare``: table (stderr, Markdown, JSON on stdout) and overlaid curves of finished runs."""
-    from rich.table import Table
-
-    from training.compare import (
-        COLUMNS,
-        RunError,
-        compare_table,
-        load_run,
-        plot_compare,
-        table_cells,
-        write_compare_markdown,
-    )
-
     if len(runs) < 1:
         fail("--compare needs at least one run folder")
     try:
@@ -225,10 +236,6 @@ def eval_cmd(
 ) -> None:
     """Compare an adapter with the base model: stance probes (report) or the scheduling task (accuracy),
     or (--sweep) blend response curves of several stances."""
-    from training import quick as presets
-    from training.evaluate import HttpGenerator, LocalGenerator, evaluate_stance
-    from training.progress import ProgressGenerator, progress_bars
-
     probe_limit = None
     if quick:
         o = presets.apply(presets.SWEEP if sweep else presets.EVAL, {}, given_on_command_line(ctx))
@@ -262,16 +269,11 @@ def eval_cmd(
         stack.callback(raw.close)
         gen = ProgressGenerator(raw, stack.enter_context(progress_bars(enabled=not quiet, console=console)))
         if task == "scheduling":
-            from training.tasks.sweep_trace import STYLES
-
             if trace_style not in STYLES:
                 fail(f"--trace-style must be one of {', '.join(STYLES)}, got {trace_style!r}")
             res = _scheduling_eval(gen, adapter, n=n, seed=seed, max_tokens=max(max_tokens, 360), out=out,
                                    style=trace_style, with_base=with_base)
         else:
-            from training.datasets import DatasetError, load_probes, load_reference_answers
-            from training.scoring import MARKERS
-
             st = stance or Path(adapter).name
             if st not in MARKERS:
                 fail(f"--stance must be one of {sorted(MARKERS)} (could not infer it from {adapter!r})")
@@ -285,9 +287,6 @@ def eval_cmd(
                 if isinstance(raw, LocalGenerator):  # idle engine: no adapter is routed, so this is the base model
                     lm, tok = raw.loaded.model, raw.loaded.tokenizer
                 else:
-                    from app.config import EMBEDDED_MODEL, Settings
-                    from app.model_loader import load_base_model
-
                     loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                     lm, tok = loaded.model, loaded.tokenizer
             res = evaluate_stance(gen, adapter, prompts, st, report_path=out,
@@ -300,14 +299,6 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
            base: str | None, adapters_dir: Path | None, max_tokens: int, likelihood: bool, out: Path, resamples: int,
            batch: int, quiet: bool, device: str = "cpu", dtype: str = "auto") -> None:
     """``eval --sweep``: run :func:`training.sweep.run_sweep`, write JSON, answers, PNGs and the report into ``out``."""
-
-    from training.datasets import DatasetError, load_probes
-    from training.evaluate import HttpGenerator, LocalGenerator, runtime_of
-    from training.progress import progress_bars
-    from training.scoring import MARKERS, LikelihoodScorer
-    from training.sweep import run_sweep, write_answers
-    from training.sweep_report import curve_filename, plot_curve, write_sweep_report
-
     names = [s.strip() for s in stances.split(",") if s.strip()]
     bad = [s for s in names if s not in MARKERS]
     if bad or not names:
@@ -331,9 +322,6 @@ def _sweep(*, stances: str, probes: Path | None, per_stance: int, weights: str, 
             if isinstance(gen, LocalGenerator):  # the engine is idle while scoring: no adapter is routed
                 lm, tok = gen.loaded.model, gen.loaded.tokenizer
             else:
-                from app.config import EMBEDDED_MODEL, Settings
-                from app.model_loader import load_base_model
-
                 loaded = load_base_model(Settings(model=base or EMBEDDED_MODEL, device=device, dtype=dtype))
                 lm, tok = loaded.model, loaded.tokenizer
             scorer = LikelihoodScorer(lm, tok, batch_size=16)
@@ -369,10 +357,6 @@ def inspect(
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Per-layer, per-projection norms of the adapter's weight update B·A (scaled), as a table and a heatmap."""
-    from app.errors import AdapterLookupError
-    from training.adapter_lookup import resolve_adapter
-    from training.inspect_adapter import adapter_update_norms, norms_table, plot_heatmap
-
     try:
         folder = resolve_adapter(adapter, adapters_dir)
     except AdapterLookupError as e:
@@ -389,15 +373,10 @@ def inspect(
 def _scheduling_eval(gen: Any, adapter: str | None, *, n: int, seed: int, max_tokens: int,
                      out: Path | None, style: str = "sweep", with_base: bool = True) -> dict[str, Any]:
     """``eval --task scheduling``: base and adapter on the held-out problems, strict scoring; report or JSON."""
-    from training.evaluate import BASE
-    from training.tasks import scheduling_eval as se
-
     if not with_base and not adapter:
         fail("--no-with-base needs --adapter")
     base = se.run(gen, BASE, n=n, seed=seed, max_tokens=max_tokens, style=style) if with_base else None
     ad = se.run(gen, adapter, n=n, seed=seed, max_tokens=max_tokens, style=style) if adapter else None
-    from training.evaluate import runtime_of
-
     keep = ("n", "accuracy", "lenient_accuracy", "unparsable", "trace_ok", "by_difficulty", "batches", "generation_s")
     res: dict[str, Any] = {"n": n, "seed": seed, "style": style, "runtime": runtime_of(gen)}
     if base:
@@ -424,10 +403,6 @@ def scheduling_data(
                                             "worked: a short free-text explanation.")] = "trace",
 ) -> None:
     """Write generated meeting-room problems with their answers as an SFT dataset."""
-    from training.tasks.scheduling import generate, to_sft_rows, write_jsonl
-    from training.tasks.scheduling_eval import check_disjoint
-    from training.tasks.sweep_trace import to_trace_sft_rows
-
     if style not in ("trace", "grid", "worked"):
         fail(f"--style must be trace, grid or worked, got {style!r}")
     free_file(out, overwrite)
@@ -459,12 +434,6 @@ def export_blend_cmd(
     overwrite: Annotated[bool, typer.Option(help=_OVERWRITE_HELP)] = False,
 ) -> None:
     """Write one ordinary peft LoRA adapter equal to a blend, for servers that cannot blend (vLLM, llama.cpp)."""
-    from app.config import EMBEDDED_MODEL, Settings
-    from app.errors import AdapterLookupError
-    from app.model_loader import load_base_model
-    from training.adapter_lookup import resolve_adapter
-    from training.export_blend import export_blend, parse_stances
-
     free_dir(out, overwrite)
     try:
         weights = parse_stances(stances)
@@ -483,9 +452,6 @@ def export_blend_cmd(
         fail(str(e))
     summary.pop("per_module")
     if check > 0:
-        from training.datasets import load_probes
-        from training.export_blend import parity
-
         prompts = [p for s in SHIPPED for p in load_probes(STANCE_DATA / s / "probes.jsonl")][:check]
         summary["parity"] = parity(loaded, folders, weights, out, prompts)
         full = json.loads((out / "export_blend.json").read_text())
