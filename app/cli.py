@@ -41,7 +41,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from app.cli_options import from_cli, settings_options, with_options
-from app.config import ENV_ONLY_FIELDS, ENV_PREFIX, Settings
+from app.config import ENV_ONLY_FIELDS, ENV_PREFIX, Settings, update_config_table
+from app.config import config_table as settings_table
 
 app = typer.Typer(
     name="stanceserve",
@@ -167,10 +168,8 @@ def config_table(
     ] = None,
 ) -> None:
     """Print the Markdown table of every setting (variable, flag, default, meaning), generated from Settings."""
-    from app.config import config_table as table, update_config_table  # (the command is named config_table too)
-
     if update is None:
-        typer.echo(table())
+        typer.echo(settings_table())
         return
     try:
         update.write_text(update_config_table(update.read_text(encoding="utf-8")), encoding="utf-8")
