@@ -41,8 +41,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from app.cli_options import from_cli, settings_options, with_options
-from app.config import ENV_ONLY_FIELDS, ENV_PREFIX, Settings, update_config_table
-from app.config import config_table as settings_table
+from app.config import ENV_ONLY_FIELDS, ENV_PREFIX, Settings, config_table as settings_table, update_config_table
 
 app = typer.Typer(
     name="stanceserve",
