@@ -44,6 +44,7 @@ from app.engine import (
     ErrorEvent,
     FinishEvent,
     GenerationRequest,
+    PreemptedEvent,
     RejectedEvent,
     RequestEvent,
     TokenEvent,
@@ -159,17 +160,6 @@ class _TokenRate(Collector):
         yield g
 
 
-class _LiveCounter(Collector):
-    """A counter whose value is read at scrape time from ``read()`` (a count the engine keeps itself)."""
-
-    def __init__(self, name: str, documentation: str) -> None:
-        self.name, self.documentation = name, documentation
-        self.read: Callable[[], float] = lambda: 0
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
-
-
 class Metrics:
     """Every Prometheus metric of one server instance.
 
@@ -244,11 +234,11 @@ class Metrics:
             "stanceserve_model", "The served base model: name, device, dtype, and whether the CPU has native bf16.",
             registry=r,
         )
-        self.preemptions = _LiveCounter(
+        self.preemptions = Counter(
             "stanceserve_preemptions",
             "Sequences preempted because the KV cache ran out of blocks (each resumes later by recomputing its KV).",
+            ["stance"], registry=r,
         )
-        r.register(self.preemptions)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux)
         self.token_rate = _TokenRate(window_s)
         self._last_token_at: dict[str, float] = {}  # request id -> perf_counter of its last token, in flight only
@@ -257,7 +247,7 @@ class Metrics:
     def _per_stance(self) -> tuple[Histogram | Counter, ...]:
         """The labelled metrics that carry a ``stance`` label (the tokens/s gauge aside)."""
         return (self.request_latency, self.ttft, self.itl, self.prompt_tokens, self.generation_tokens, self.requests,
-                self.prefix_cache_tokens, self.constrained_requests, self.grammar_mask_seconds)
+                self.prefix_cache_tokens, self.constrained_requests, self.grammar_mask_seconds, self.preemptions)
 
     def forget_stance(self, name: str, *, force: bool = False) -> None:
         """Remove every series of stance ``name`` from every per-stance metric.
@@ -285,7 +275,7 @@ class Metrics:
         """Record one engine event (the engine calls this for every event of every request, on its thread).
 
         Admitted -> prompt tokens and prefix cache hits/misses; token -> TTFT (first) or inter-token latency, generated tokens, tokens/s;
-        finish -> request latency and outcome; error -> outcome ``error``; rejected -> outcome ``rejected``. Keeps one float per request in
+        finish -> request latency and outcome; error -> outcome ``error``; rejected -> outcome ``rejected``; preempted -> the preemption counter. Keeps one float per request in
         flight (its last token time), dropped when it ends.
         """
         label = request.stance.label
@@ -316,6 +306,8 @@ class Metrics:
             self.requests.labels(label, "error").inc()
         elif isinstance(event, RejectedEvent):
             self.requests.labels(label, "rejected").inc()
+        elif isinstance(event, PreemptedEvent):
+            self.preemptions.labels(label).inc()
 
     def observe_engine(self, event: EngineEvent) -> None:
         """Record one engine-wide event: adapter slot cache lookups and loads into a slot."""
@@ -328,18 +320,14 @@ class Metrics:
         """Watch ``engine``: subscribe to its events and read its live counts at scrape time (before it starts)."""
         engine.subscribe(self)
         self.bind_gauges(running=lambda: engine.stats().running, waiting=lambda: engine.stats().waiting,
-                         loaded=lambda: engine.stats().adapters_loaded,
-                         preemptions=lambda: engine.stats().preemptions)
+                         loaded=lambda: engine.stats().adapters_loaded)
 
     def count_error(self, status: int, code: str) -> None:
         """Count one error response: HTTP ``status`` and its ``{"error": {"code"}}`` (bounded: the service's codes)."""
         self.http_errors.labels(str(status), code).inc()
 
-    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float],
-                    preemptions: Callable[[], float] | None = None) -> None:
-        """Make the running/waiting/loaded gauges and the preemption counter read live values at scrape time."""
-        if preemptions is not None:
-            self.preemptions.read = preemptions
+    def bind_gauges(self, running: Callable[[], float], waiting: Callable[[], float], loaded: Callable[[], float]) -> None:
+        """Make the running/waiting/loaded gauges read live values at scrape time."""
         self.requests_running.set_function(running)
         self.requests_waiting.set_function(waiting)
         self.adapters_loaded.set_function(loaded)

@@ -21,6 +21,7 @@ from app.engine.request import (
     Event,
     FinishEvent,
     GenerationRequest,
+    PreemptedEvent,
     RejectedEvent,
     RequestEvent,
     Stance,
@@ -33,6 +34,6 @@ from app.engine.stream import RequestStream
 __all__ = [
     "AdapterCacheEvent", "AdapterLoadEvent", "AdapterSource", "AdmittedEvent", "Completion", "Engine",
     "EngineConfig", "EngineEvent", "EngineStats", "ErrorEvent", "Event", "FinishEvent", "GenerationRequest",
-    "Observer", "RejectedEvent", "RequestEvent", "RequestStream", "SamplingParams", "Stance", "StanceResolver",
+    "Observer", "PreemptedEvent", "RejectedEvent", "RequestEvent", "RequestStream", "SamplingParams", "Stance", "StanceResolver",
     "TokenEvent", "BASE_LABEL", "BLEND_LABEL", "blend_size_problem", "without_zero_weights",
 ]

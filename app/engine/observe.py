@@ -1,7 +1,8 @@
 """What the engine tells whoever watches it (metrics), without knowing who that is.
 
 Three channels, all read-only for the watcher: the per-request events (:data:`~app.engine.request.Event`
-and :class:`~app.engine.request.RejectedEvent`, given to :meth:`Observer.observe` on the engine thread),
+and the listener-only :class:`~app.engine.request.RejectedEvent` and :class:`~app.engine.request.PreemptedEvent`,
+given to :meth:`Observer.observe` on the engine thread),
 the engine-wide events of the adapter slot cache (:data:`EngineEvent`, given to
 :meth:`Observer.observe_engine`), and a snapshot of live counts (:class:`EngineStats`, read on demand
 through :meth:`~app.engine.engine.Engine.stats`). The engine imports nothing of its watchers; the app

@@ -144,8 +144,24 @@ class RejectedEvent:
     at: float = field(default_factory=time.perf_counter)
 
 
-#: What a listener may see of a request: its stream's events, or its rejection.
-RequestEvent = Event | RejectedEvent
+@dataclass
+class PreemptedEvent:
+    """The request's sequence was preempted: the KV cache ran out of blocks, so its blocks were freed and it waits
+    at the head of the queue to recompute its KV (its client sees only a longer wait, and the same tokens).
+
+    Given to listeners only: the request's own stream goes on as if nothing happened.
+
+    Attributes:
+        tokens: the sequence's length when it was preempted (prompt and generated tokens), in tokens.
+        at: ``time.perf_counter()`` of the preemption, in seconds.
+    """
+
+    tokens: int
+    at: float = field(default_factory=time.perf_counter)
+
+
+#: What a listener may see of a request: its stream's events, its rejection, or its preemptions.
+RequestEvent = Event | RejectedEvent | PreemptedEvent
 
 #: Something that watches every request's events (metrics): ``listener(request, event)``, called on the
 #: engine thread; it must be quick and must not raise (a raising listener is logged and skipped).

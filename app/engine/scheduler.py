@@ -58,7 +58,17 @@ from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import PagedKVCache, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.prefix_cache import Hit, PrefixCache, stance_key
-from app.engine.request import AdmittedEvent, ErrorEvent, Event, FinishEvent, GenerationRequest, Listener, TokenEvent
+from app.engine.request import (
+    AdmittedEvent,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    Listener,
+    PreemptedEvent,
+    RequestEvent,
+    TokenEvent,
+)
 from app.engine.sampling import TokenChoice, choose_tokens
 from app.engine.slots import NoFreeSlotError, SlotCache
 from app.errors import InternalError, InvalidRequestError, NotReadyError, QueueFullError, StanceServeError
@@ -389,6 +399,7 @@ class Scheduler:
         s.blocks, s.prefilled, s.cached = [], 0, 0
         self._preempted.appendleft(s)
         self.preemptions += 1
+        self._notify(s.req, PreemptedEvent(s.next_pos))
         logger.info("preempted request %s at %d tokens (KV cache full); it resumes when blocks are free",
                     s.req.request_id, s.next_pos)
 
@@ -654,6 +665,10 @@ class Scheduler:
             req.sink(ev)
         except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
             logger.exception("could not deliver an event of request %s", req.request_id)
+        self._notify(req, ev)
+
+    def _notify(self, req: GenerationRequest, ev: RequestEvent) -> None:
+        """Send one event to every listener only (a raising listener is logged and skipped)."""
         for listener in self.listeners:
             try:
                 listener(req, ev)

@@ -211,7 +211,9 @@ def test_greedy_tokens_under_preemption_and_prefix_hits_equal_transformers(tiny_
         hold.join()
         assert [toks for toks, _, _ in outs] == refs
         assert sch.preemptions > 0
-        assert metric(metrics.render().decode(), "stanceserve_preemptions_total") == sch.preemptions
+        text = metrics.render().decode()
+        per_stance = [metric(text, "stanceserve_preemptions_total", stance=s) for s in ("base", "a1")]
+        assert sum(per_stance) == metric(text, "stanceserve_preemptions_total") == sch.preemptions
         cached = [fin.cached_tokens for _, _, fin in outs]
         assert cached[:2] == ([2 * B, 2 * B] if prefix_bytes else [0, 0])
         for _ in range(200):
