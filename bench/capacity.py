@@ -4,13 +4,15 @@
 cache was paged, and alternates, run by run, its scheduler's row cap between 16 (the former default) and the
 service's ``max_batch_size`` default, at 16, 64 and 128 concurrent streams, for the base model and one
 adapter. Then a mixed-length load in the same budget: 4 requests of 1,500 prompt tokens and 60 short ones at
-once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS) plus
-the peak KV bytes the sequences held (the block pool's peak), the most rows one decode step
-ran, and the preemptions. Nothing here asserts a target; ``stanceserve bench --scenarios capacity`` prints it.
+once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS, prefill
+tok/s) plus the peak KV bytes the sequences held (the block pool's peak), the most rows one decode step
+ran, the preemptions, and the TTFT p50 floor: the time prefill compute alone needs for half the prompts at the run's
+own prefill rate (:func:`ttft_floor`), which no scheduling beats when every request arrives at once. Nothing here asserts a target; ``stanceserve bench --scenarios capacity`` prints it.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,19 @@ def kv_peak(bench: EngineBench) -> Iterator[dict[str, int]]:
     out["decode_rows_peak"] = rows[0]
 
 
+def ttft_floor(prompt_tokens: list[int], prefill_tok_per_s: float | None, q: float = 0.5) -> float | None:
+    """The TTFT quantile ``q`` that prefill compute alone allows when every request arrives at once, in seconds.
+
+    The ``ceil(q * n)``-th first token cannot come before that many prompts are prefilled, shortest first, at the
+    run's own prefill rate (prompt tokens per second of prefill forward passes): a bound no scheduling can beat on
+    the machine, whatever it does between prefills.
+    """
+    if not prefill_tok_per_s or not prompt_tokens:
+        return None
+    k = max(1, math.ceil(q * len(prompt_tokens)))
+    return round(sum(sorted(prompt_tokens)[:k]) / prefill_tok_per_s, 3)
+
+
 def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list[int]] | None = None) -> dict:
     sch = bench.engine.scheduler
     sch.max_batch_size = cap
@@ -45,6 +60,8 @@ def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list
     r.update(kv)
     r["preemptions"] = sch.preemptions - before
     r["max_batch_size"] = cap
+    lengths = [len(p) for p in prompts] if prompts else [bench.prompt_len] * len(stances)
+    r["ttft_s_p50_floor"] = ttft_floor(lengths, r.get("prefill_tok_per_s"))
     return r
 
 
@@ -105,7 +122,8 @@ def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128),
         out["summary"] = {
             k: {"tok_per_s_ratio": v["tok_per_s_ratio"], "ttft_s_p50_paged": v["paged"]["ttft_s_p50"],
                 "ttft_s_p50_rows16": v["rows16"]["ttft_s_p50"], "peak_rss_paged": v["paged"].get("peak_memory_bytes"),
-                "peak_rss_rows16": v["rows16"].get("peak_memory_bytes")}
+                "peak_rss_rows16": v["rows16"].get("peak_memory_bytes"),
+                "ttft_s_p50_floor_paged": v["paged"]["ttft_s_p50_floor"]}
             for k, v in out.items() if isinstance(v, dict) and "tok_per_s_ratio" in v
         }
         out["summary"]["mixed_lengths_ran_together"] = mixed["decode_rows_peak"] >= long_prompts + short_requests // 2

@@ -332,6 +332,10 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
             if f"{mix}_{n}" in cap:
                 s[f"capacity_{mix}_{n}_vs_16_rows"] = cap[f"{mix}_{n}"]["tok_per_s_ratio"]
                 s[f"capacity_{mix}_{n}_ttft_s_p50"] = cap[f"{mix}_{n}"]["paged"]["ttft_s_p50"]
+                s[f"capacity_{mix}_{n}_ttft_s_p50_floor"] = cap[f"{mix}_{n}"]["paged"]["ttft_s_p50_floor"]
+                rss = (cap[f"{mix}_{n}"]["paged"].get("peak_memory_bytes"), cap[f"{mix}_{n}"]["rows16"].get("peak_memory_bytes"))
+                if None not in rss:
+                    s[f"capacity_{mix}_{n}_peak_rss_vs_16_rows"] = round(rss[0] / rss[1], 3)
     if "mixed_lengths" in cap:
         s["capacity_mixed_lengths_ran_together"] = cap["summary"]["mixed_lengths_ran_together"]
     s["targets_met"] = {
@@ -354,6 +358,8 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
                for m in ("base", "one_adapter") if f"capacity_{m}_64_ttft_s_p50" in s},
             **{f"{m} 16 streams >= 0.95x tok/s of 16 rows": s[f"capacity_{m}_16_vs_16_rows"] >= 0.95
                for m in ("base", "one_adapter") if f"capacity_{m}_16_vs_16_rows" in s},
+            **{f"{m} 64 streams peak RSS <= 16 rows' (2% noise)": s[f"capacity_{m}_64_peak_rss_vs_16_rows"] <= 1.02
+               for m in ("base", "one_adapter") if f"capacity_{m}_64_peak_rss_vs_16_rows" in s},
         }.items() if ok is not None
     }
     if hbm_gbps:

@@ -173,6 +173,7 @@ class EngineBench:
             wall = time.perf_counter() - t0
         after = sch.timings
         steps = after["decode_steps"] - before["decode_steps"]
+        ptok, psec = after["prefill_tokens"] - before["prefill_tokens"], after["prefill_s"] - before["prefill_s"]
         tokens = sum(r["n"] for r in res)
         ttft = [r["ttft"] for r in res]
         itl = [x for r in res for x in r["itl"]]
@@ -182,6 +183,7 @@ class EngineBench:
             "ttft_s_p50": _r(pct(ttft, 0.5)), "ttft_s_p99": _r(pct(ttft, 0.99)),
             "itl_s_p50": _r(pct(itl, 0.5)), "itl_s_p99": _r(pct(itl, 0.99)),
             "decode_step_s": _r((after["decode_s"] - before["decode_s"]) / steps if steps else None),
+            "prefill_tok_per_s": round(ptok / psec, 1) if psec else None,
             "decode_rows_per_step": round((after["decode_rows"] - before["decode_rows"]) / steps, 2) if steps else None,
             **mem,
         }

@@ -172,3 +172,13 @@ def test_capacity_scenario_runs_on_a_tiny_model():
     mixed = out["mixed_lengths"]
     assert mixed["output_tokens"] == 8 * 4 and 0 < mixed["kv_bytes_peak"] <= out["kv_budget_bytes"]
     assert out["kv_bytes_per_token"] > 0 and "ratio_median" in out["summary"]
+    run = out["base_20"]["paged"]
+    assert run["prefill_tok_per_s"] > 0 and run["ttft_s_p50_floor"] == round(10 * 8 / run["prefill_tok_per_s"], 3)
+
+
+def test_ttft_floor_prefills_the_shortest_prompts_first():
+    from bench.capacity import ttft_floor
+
+    assert ttft_floor([100, 10, 30, 20], 10.0) == 3.0  # the 2nd first token: prompts of 10 and 20 tokens
+    assert ttft_floor([100, 10, 30, 20], 10.0, q=1.0) == 16.0 and ttft_floor([5], 10.0) == 0.5
+    assert ttft_floor([10], None) is None and ttft_floor([], 10.0) is None
