@@ -92,6 +92,40 @@ def _engine_table(sc: dict[str, Any], repeats: int) -> list[str]:
     return out + [""]
 
 
+def _capacity_table(sc: dict[str, Any]) -> list[str]:
+    cap = sc.get("capacity")
+    if not cap:
+        return []
+    runs = [(k, v) for k, v in cap.items() if isinstance(v, dict) and "tok_per_s_ratio" in v]
+    out = ["## Capacity (paged KV cache)", "",
+           f"One KV budget, {_mb(cap.get('kv_budget_bytes'))} (what 16 rows of the longest sequence need), "
+           f"{cap.get('kv_bytes_per_token', 0):,} bytes per token. Each row runs the same requests "
+           f"({cap.get('prompt_tokens')} prompt tokens, {cap.get('max_tokens')} new) at 16 rows per step and at the "
+           f"default cap of {cap.get('default_max_batch_size')}, alternating. *TTFT floor* is what prefill compute "
+           "alone allows for the median first token when every request arrives at once (half the prompts at the "
+           "run's own prefill rate).", "",
+           "| streams | stance | tok/s at 16 rows | tok/s paged | ratio | TTFT p50 16 rows / paged | TTFT floor | "
+           "peak RSS 16 rows / paged | peak KV | preemptions |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, v in runs:
+        mix, _, n = key.rpartition("_")
+        a, b = v["rows16"], v["paged"]
+        out.append(f"| {n} | {ENGINE_ROWS.get(mix, mix)} | {a.get('output_tok_per_s', 0):.1f} | "
+                   f"**{b.get('output_tok_per_s', 0):.1f}** | {v['tok_per_s_ratio']:.2f} | "
+                   f"{_s(a.get('ttft_s_p50'))} / {_s(b.get('ttft_s_p50'))} | {_s(b.get('ttft_s_p50_floor'))} | "
+                   f"{_mb(a.get('peak_memory_bytes'))} / {_mb(b.get('peak_memory_bytes'))} | "
+                   f"{_mb(b.get('kv_bytes_peak'))} | {b.get('preemptions', 0)} |")
+    mixed = cap.get("mixed_lengths")
+    if mixed:
+        out += ["", f"Mixed lengths in the same budget: {mixed.get('long_requests')} prompts of "
+                    f"{mixed.get('long_prompt_tokens')} tokens and {mixed.get('short_requests')} short ones at once: "
+                    f"{mixed.get('output_tok_per_s', 0):.1f} tok/s, up to {mixed.get('decode_rows_peak')} rows in one "
+                    f"decode step, peak KV {_mb(mixed.get('kv_bytes_peak'))} "
+                    f"({mixed.get('kv_budget_fraction_peak', 0) * 100:.0f}% of the budget), "
+                    f"{mixed.get('preemptions', 0)} preemptions."]
+    return out + [""]
+
+
 def _other_rows(sc: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if "decode_step" in sc:
@@ -207,6 +241,7 @@ def render_report(result: dict[str, Any], *, command: str, date: dt.datetime | N
         lines.append(f"| run time | {result['total_s']:.0f} s |")
     lines.append("")
     lines += _engine_table(sc, st.get("repeats", 1))
+    lines += _capacity_table(sc)
     other = _other_rows(sc)
     if other:
         lines += ["## Other scenarios", "", "| scenario | result |", "|---|---|"]

@@ -65,6 +65,31 @@ def test_page_records_machine_command_date_and_medians(tmp_path):
     assert "session" not in page.lower() and "commit" not in page.lower()
 
 
+def test_capacity_runs_get_their_own_table():
+    from bench.report import render_report
+
+    def run(tps, ttft, rss):
+        return {"output_tok_per_s": tps, "ttft_s_p50": ttft, "ttft_s_p50_floor": 0.9, "peak_memory_bytes": rss,
+                "kv_bytes_peak": 3e7, "preemptions": 2}
+
+    result = fake_result()
+    result["scenarios"]["capacity"] = {
+        "kv_budget_bytes": 1.5e9, "kv_bytes_per_token": 46080, "prompt_tokens": 80, "max_tokens": 32,
+        "default_max_batch_size": 256,
+        "base_64": {"rows16": run(300.0, 2.8, 2.4e9), "paged": run(450.0, 1.9, 2.3e9), "tok_per_s_ratio": 1.5},
+        "mixed_lengths": {"long_requests": 4, "long_prompt_tokens": 1500, "short_requests": 60,
+                          "output_tok_per_s": 200.0, "decode_rows_peak": 64, "kv_bytes_peak": 6e8,
+                          "kv_budget_fraction_peak": 0.4, "preemptions": 0},
+        "summary": {"ratio_median": 1.5},
+    }
+    page = render_report(result, command="stanceserve bench --scenarios capacity", date=DATE, machine=MACHINE)
+    assert "## Capacity (paged KV cache)" in page and "default cap of 256" in page
+    assert ("| 64 | base model | 300.0 | **450.0** | 1.50 | 2.80 s / 1.90 s | 0.90 s | 2,400 MB / 2,300 MB | 30 MB | 2 |"
+            in page)
+    assert "4 prompts of 1500 tokens and 60 short ones at once" in page and "(40% of the budget)" in page
+    assert "## Capacity" not in render_report(fake_result(), command="x", date=DATE, machine=MACHINE)
+
+
 def test_missing_scenarios_are_left_out():
     from bench.report import render_report
 
