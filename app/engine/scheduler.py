@@ -16,9 +16,10 @@ Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
    cache has too few, the newest rows are preempted, to resume ahead of the
    queue with the same tokens);
 4. run one decode step for every running row;
-5. emit tokens, finish rows on EOS, stop string or ``max_tokens``; their
-   ending (:class:`~app.engine.outbox.Outbox`) releases their adapter slots
-   and KV blocks.
+5. choose and emit each row's token (:class:`~app.engine.token_step.TokenStep`),
+   finish rows on EOS, stop token or ``max_tokens``; their ending
+   (:class:`~app.engine.outbox.Outbox`) releases their adapter slots and KV
+   blocks.
 
 Fault isolation: anything that goes wrong for one row (its admission, a
 forward pass it is part of, non-finite logits, sampling, detokenisation) ends
@@ -32,8 +33,9 @@ Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
 rows of different stances and blends share every step. The model runs through
 the engine's own forward pass (:class:`~app.engine.forward.ForwardPass`) over its
 paged KV cache (:class:`~app.engine.kv_cache.PagedKVCache`). Not here: the
-admission policy and preemption (:mod:`app.engine.admission`), event delivery
-and row endings (:mod:`app.engine.outbox`), HTTP, tokenisation of chat
+admission policy and preemption (:mod:`app.engine.admission`), token choice
+(:mod:`app.engine.token_step`), event delivery and row endings
+(:mod:`app.engine.outbox`), HTTP, tokenisation of chat
 messages, adapter validation.
 """
 
@@ -58,9 +60,9 @@ from app.engine.kv_cache import PagedKVCache
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.outbox import Outbox
 from app.engine.prefix_cache import PrefixCache
-from app.engine.request import GenerationRequest, Listener, TokenEvent
-from app.engine.sampling import TokenChoice, choose_tokens
+from app.engine.request import GenerationRequest, Listener
 from app.engine.slots import SlotCache
+from app.engine.token_step import TokenStep
 from app.errors import NotReadyError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,8 @@ class Scheduler:
             cache, slots, self.outbox, self._waiting, self._cv, self.device,
             prefix_cache if prefix_cache is not None and prefix_cache.enabled else None,
         )
+        #: choosing, emitting and ending: one token per row of a step's logits
+        self.tokens = TokenStep(self.eos_token_ids, forward_pass.lm_head.out_features, self.outbox)
         self._batch = self._empty_batch()
         self._group: PrefillGroup | None = None  # newcomers being prefilled, chunk by chunk
         #: admitted rows (slots pinned) waiting to be prefilled as their own group: a failed group's rows
@@ -343,13 +347,6 @@ class Scheduler:
         if fresh:
             self._consume(fresh, first)
 
-    def _mask_job(self, seqs: list[Sequence], overlap: bool) -> MaskJob:
-        """Start computing the token masks of the constrained rows of ``seqs`` (see :class:`MaskJob`)."""
-        for s in seqs:
-            if s.matcher is None and s.req.params.grammar is not None:
-                s.matcher = s.req.params.grammar.matcher()
-        return MaskJob([s.matcher for s in seqs], self.forward_pass.lm_head.out_features).start(overlap)
-
     def _decode(self) -> None:
         """One decode step of every running row.
 
@@ -360,7 +357,7 @@ class Scheduler:
         """
         t0 = time.perf_counter()
         plan = self._batch.decode_plan()
-        masks = self._mask_job(list(self._batch.seqs), overlap=True)  # grammar masks beside the forward pass
+        masks = self.tokens.masks(list(self._batch.seqs), overlap=True)  # grammar masks beside the forward pass
         try:
             logits = self._forward(self._batch.seqs, plan, "decode")
         except Exception as e:  # noqa: BLE001 - isolate the faulty rows (see docstring)
@@ -394,58 +391,9 @@ class Scheduler:
         return bad
 
     def _consume(self, seqs: list[Sequence], logits: torch.Tensor, masks: MaskJob | None = None) -> None:
-        """Sample one token per row of ``logits`` and emit it; retire finished and failed rows.
-
-        Args:
-            seqs: rows of the batch; ``seqs[i]`` goes with logits row ``i``.
-            logits: ``[len(seqs), vocab]`` last-position logits.
-            masks: the constrained rows' token masks, when already started (decode); else computed here.
-        """
-        faults: dict[int, BaseException] = {}
-        for i, s in enumerate(seqs):
-            try:
-                self.outbox.inject("sampling", s.req)
-            except Exception as e:  # noqa: BLE001
-                faults[i] = e
-        bitmask, mask_faults = (masks or self._mask_job(seqs, overlap=False)).result()
-        for i, e in mask_faults.items():
-            faults.setdefault(i, e)
-        choices = choose_tokens(
-            logits, [s.req.params for s in seqs], [s.generator for s in seqs],
-            [s.req.prompt_ids for s in seqs], [s.out_ids for s in seqs], self.eos_token_ids, bitmask,
-        )
-        now = time.perf_counter()
-        gone = False
-        for i, (s, choice) in enumerate(zip(seqs, choices)):
-            fault = faults.get(i, choice if isinstance(choice, BaseException) else None)
-            if fault is None:
-                try:
-                    if s.matcher is not None:
-                        self.outbox.inject("grammar", s.req)
-                        s.matcher.consume(choice.token_id)
-                    self._on_token(s, choice, now)
-                except Exception as e:  # noqa: BLE001 - e.g. the detokenizer fails on this row's text
-                    fault = e
-            if fault is not None:
-                self.outbox.fail_row(s, fault)
-            gone = gone or s.finish_reason is not None
-        if gone:
+        """Choose and emit one token per row of ``logits`` (:meth:`TokenStep.consume`); drop ended rows."""
+        if self.tokens.consume(seqs, logits, masks):
             self._batch.keep([i for i, s in enumerate(self._batch.seqs) if s.finish_reason is None])
-
-    def _on_token(self, s: Sequence, choice: TokenChoice, now: float) -> None:
-        req, p = s.req, s.req.params
-        tok = choice.token_id
-        if s.first_token_at is None:
-            s.first_token_at = now
-        s.last_token_at = now
-        s.last_token = tok
-        s.out_ids.append(tok)
-        ends = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
-        self.outbox.emit(req, TokenEvent(tok, choice.logprob, choice.top_logprobs, now, ends))
-        if ends or (s.matcher is not None and s.matcher.stopped):
-            self.outbox.finish(s, "stop")
-        elif len(s.out_ids) >= p.max_tokens:
-            self.outbox.finish(s, "length")
 
     # ------------------------------------------------------------------ endings
     def _drop_cancelled(self) -> None:
