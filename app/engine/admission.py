@@ -1,12 +1,12 @@
 """Admission by free KV blocks, and the KV blocks of running rows: :class:`Admission`.
 
-Each step with no group prefilling, the scheduler asks :meth:`Admission.admit` for a new prefill group:
+Each step with no group prefilling, the scheduler asks :meth:`Admission.admit` for the next prefill group:
 preempted sequences first (oldest first), then waiting requests, while the batch has room (``max_batch_size``
 rows), the KV cache has free blocks for their prompts (past the blocks the prefix cache shares, keeping
 :attr:`~Admission.block_reserve` free while other rows run), their adapters fit in free slots (pinned at
 admission, unpinned when the row ends), and the group's prompts fit one prefill chunk (counting the tokens the
 prefix cache does not serve; a longer single prompt goes alone). The group's rows of one adapter or blend are
-moved next to its first row.
+placed next to its first row.
 
 Before each decode step, :meth:`Admission.reserve_decode_blocks` gives each decoding row the block its next
 position needs; when the cache has too few it preempts the newest rows (vLLM's recompute preemption): frees
@@ -180,8 +180,8 @@ class Admission:
         return need <= self.kv.pool.available(hit.blocks) - reserve
 
     def _place(self, seq: Sequence, ids: list[int], hit: Hit) -> int:
-        """Give ``seq`` its block table for prefilling ``ids``: the prefix cache's blocks of ``hit``, then new ones
-        (:meth:`_fits` said they are free). Returns its last new block, which the caller zeroes (-1: none)."""
+        """Give ``seq`` its block table for prefilling ``ids``: the prefix cache's blocks of ``hit``, then allocated
+        ones (:meth:`_fits` said they are free). Returns its last allocated block, which the caller zeroes (-1: none)."""
         shared = self.prefix.take(hit, ids) if self.prefix is not None else []
         new = self.kv.allocate(blocks_for(len(ids), self.kv.block_size) - len(shared), zero=0)
         assert new is not None, "admission checked the free blocks"

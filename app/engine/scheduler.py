@@ -2,7 +2,7 @@
 
 Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 
-1. drop cancelled rows; if no group is prefilling, take a new group from
+1. drop cancelled rows; if no group is prefilling, take the next group from
    :class:`~app.engine.admission.Admission`: preempted sequences, then waiting
    requests, while the batch has room (``max_batch_size`` rows), the KV cache
    has free blocks for their prompts, their adapters fit in free slots and
