@@ -12,7 +12,8 @@ admission to its end; its token ``t`` sits at position ``t % block_size`` of blo
 * :class:`Batch`: the decoding rows, one token each per step.
 
 This module only shapes plans; it does not run the model, sample, take blocks, pick adapters, or
-talk to clients (:mod:`app.engine.scheduler` does).
+talk to clients (:mod:`app.engine.scheduler`, :mod:`app.engine.admission`, :mod:`app.engine.token_step`
+and :mod:`app.engine.outbox` do).
 """
 
 from __future__ import annotations

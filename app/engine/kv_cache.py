@@ -28,7 +28,7 @@ so the last block of each allocation is zeroed when it is taken; the others are 
 the prefill before anything reads them.
 
 Not here: attention (:mod:`app.engine.forward`), which sequence holds which blocks and when
-(:mod:`app.engine.scheduler`, :mod:`app.engine.batch`), the content keys (:mod:`app.engine.prefix_cache`).
+(:mod:`app.engine.admission`, :mod:`app.engine.batch`), the content keys (:mod:`app.engine.prefix_cache`).
 """
 
 from __future__ import annotations

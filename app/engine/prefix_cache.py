@@ -16,7 +16,8 @@ the longest keyed chain of a prompt's full blocks (always leaving at least one p
 prefill, whose logits give the first output token) and :meth:`PrefixCache.take` puts them at the
 head of the new sequence's block table, one more reference each. A sequence writes only positions
 past its cached prefix, so a shared block is only ever read. Blocks nobody references stay keyed
-(evictable) until the pool needs them. Not here: deciding when to call these (:mod:`app.engine.scheduler`).
+(evictable) until the pool needs them. Not here: deciding when to call these (:mod:`app.engine.admission`,
+:mod:`app.engine.scheduler`).
 """
 
 from __future__ import annotations

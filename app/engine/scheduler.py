@@ -2,30 +2,28 @@
 
 Loop, one *step* at a time (continuous batching, Yu et al. 2022, "Orca"):
 
-1. drop cancelled rows; if no group is prefilling, admit preempted sequences,
-   then waiting requests, as a new group while the batch has room
-   (``max_batch_size`` rows), the KV cache has free blocks for their prompts
-   (past the blocks the prefix cache shares, keeping a small reserve while
-   other rows run), their adapters fit in free slots, and the group's prompts
-   fit one prefill chunk (``prefill_chunk_tokens``, counting the tokens the
-   prefix cache does not serve; a longer single prompt goes alone); the
-   group's rows of one adapter or blend are moved next to its first row;
+1. drop cancelled rows; if no group is prefilling, take the next group from
+   :class:`~app.engine.admission.Admission`: preempted sequences, then waiting
+   requests, while the batch has room (``max_batch_size`` rows), the KV cache
+   has free blocks for their prompts, their adapters fit in free slots and
+   their uncached prompt tokens fit one prefill chunk;
 2. prefill the group's next chunk of at most ``prefill_chunk_tokens`` packed
    prompt tokens (chunked prefill: a long prompt never stalls the running rows
    for more than one chunk per step); when its prompts are done, sample their
    first tokens and merge them into the running batch;
-3. give each decoding row the block its next position needs; when the cache
-   has too few, preempt the newest rows (vLLM's recompute preemption): free
-   their blocks and put them back at the head of the queue, to prefill their
-   prompt and generated tokens again when blocks are free (the client sees a
-   longer wait, never an error, and the same tokens);
+3. give each decoding row the block its next position needs (admission's
+   :meth:`~app.engine.admission.Admission.reserve_decode_blocks`: when the
+   cache has too few, the newest rows are preempted, to resume ahead of the
+   queue with the same tokens);
 4. run one decode step for every running row;
-5. emit tokens, finish rows on EOS, stop string or ``max_tokens``, release
-   their adapter slots and KV blocks.
+5. choose and emit each row's token (:class:`~app.engine.token_step.TokenStep`),
+   finish rows on EOS, stop token or ``max_tokens``; their ending
+   (:class:`~app.engine.outbox.Outbox`) releases their adapter slots and KV
+   blocks.
 
 Fault isolation: anything that goes wrong for one row (its admission, a
 forward pass it is part of, non-finite logits, sampling, detokenisation) ends
-that request alone with one :class:`ErrorEvent` and frees its slots; its
+that request alone with one :class:`~app.engine.request.ErrorEvent` and frees its slots; its
 neighbours go on and produce the tokens they would have produced without it. A
 batched forward that fails is retried without the faulty rows (found by
 running each row alone). A fault no row explains fails the running rows, never
@@ -34,14 +32,16 @@ the thread; ``fault_hook`` lets tests make a chosen row fail at a chosen stage.
 Each row routes its own LoRA terms (:class:`~app.engine.lora.LoRABatch`), so
 rows of different stances and blends share every step. The model runs through
 the engine's own forward pass (:class:`~app.engine.forward.ForwardPass`) over its
-paged KV cache (:class:`~app.engine.kv_cache.PagedKVCache`). Not here: HTTP,
-tokenisation of chat messages, adapter validation.
+paged KV cache (:class:`~app.engine.kv_cache.PagedKVCache`). Not here: the
+admission policy and preemption (:mod:`app.engine.admission`), token choice
+(:mod:`app.engine.token_step`), event delivery and row endings
+(:mod:`app.engine.outbox`), HTTP, tokenisation of chat
+messages, adapter validation.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
 import time
@@ -50,28 +50,20 @@ from typing import Any
 
 import torch
 
+from app.engine.admission import Admission
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
 from app.engine.forward import ForwardPass, Plan
 from app.engine.grammar import MaskJob
 from app.engine.graphs import DecodeGraphs
-from app.engine.kv_cache import PagedKVCache, blocks_for
+from app.engine.kv_cache import PagedKVCache
 from app.engine.lora import LoRABatch, MultiLoRA
-from app.engine.prefix_cache import Hit, PrefixCache, stance_key
-from app.engine.request import (
-    AdmittedEvent,
-    ErrorEvent,
-    Event,
-    FinishEvent,
-    GenerationRequest,
-    Listener,
-    PreemptedEvent,
-    RequestEvent,
-    TokenEvent,
-)
-from app.engine.sampling import TokenChoice, choose_tokens
-from app.engine.slots import NoFreeSlotError, SlotCache
-from app.errors import InternalError, InvalidRequestError, NotReadyError, QueueFullError, StanceServeError
+from app.engine.outbox import Outbox
+from app.engine.prefix_cache import PrefixCache
+from app.engine.request import GenerationRequest, Listener
+from app.engine.slots import SlotCache
+from app.engine.token_step import TokenStep
+from app.errors import NotReadyError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +106,6 @@ class Scheduler:
         self.config = config
         self.forward_pass = forward_pass
         self.kv = cache
-        self.prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self.lora = lora
         self.slots = slots
         self.graphs = graphs
@@ -122,24 +113,23 @@ class Scheduler:
         self.max_batch_size = config.max_batch_size
         self.max_waiting = config.max_waiting
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
-        self.listeners: list[Listener] = list(listeners or [])
         self.device = forward_pass.device
         self.dtype = forward_pass.dtype
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
+        #: each request's events and listeners, row endings, the test-only fault hook
+        self.outbox = Outbox(cache, slots, listeners)
+        #: admission by free KV blocks, the decoding rows' blocks, preemption (and the preempted rows)
+        self.admission = Admission(
+            cache, slots, self.outbox, self._waiting, self._cv, self.device,
+            prefix_cache if prefix_cache is not None and prefix_cache.enabled else None,
+        )
+        #: choosing, emitting and ending: one token per row of a step's logits
+        self.tokens = TokenStep(self.eos_token_ids, forward_pass.lm_head.out_features, self.outbox)
         self._batch = self._empty_batch()
         self._group: PrefillGroup | None = None  # newcomers being prefilled, chunk by chunk
         #: admitted rows (slots pinned) waiting to be prefilled as their own group: a failed group's rows
         self._pending: collections.deque[list[Sequence]] = collections.deque()
-        #: sequences preempted for KV blocks (slots still pinned, no blocks), oldest first: admitted before the queue
-        self._preempted: collections.deque[Sequence] = collections.deque()
-        #: sequences preempted so far (a counter; /metrics reads it)
-        self.preemptions = 0
-        self._order = itertools.count()
-        #: free blocks admission leaves for the running rows to grow into (vLLM's watermark: 1% of the cache)
-        self.block_reserve = max(1, cache.pool.capacity // 100)
-        #: tests only: ``fault_hook(stage, request)`` may raise to make that row fail at that stage
-        self.fault_hook: Callable[[str, GenerationRequest], None] | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -148,6 +138,43 @@ class Scheduler:
         self._control: collections.deque = collections.deque()
 
     # ------------------------------------------------------------------ public
+    @property
+    def listeners(self) -> list[Listener]:
+        """Called with ``(request, event)`` for every event of every request (append to subscribe)."""
+        return self.outbox.listeners
+
+    @property
+    def fault_hook(self) -> Callable[[str, GenerationRequest], None] | None:
+        """Tests only: ``fault_hook(stage, request)`` may raise to make that row fail at that stage."""
+        return self.outbox.fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: Callable[[str, GenerationRequest], None] | None) -> None:
+        self.outbox.fault_hook = hook
+
+    @property
+    def prefix(self) -> PrefixCache | None:
+        """The prefix cache admission and prefill use (``None``: off; set ``None`` to detach it)."""
+        return self.admission.prefix
+
+    @prefix.setter
+    def prefix(self, prefix_cache: PrefixCache | None) -> None:
+        self.admission.prefix = prefix_cache
+
+    @property
+    def preemptions(self) -> int:
+        """Sequences preempted so far (a counter; /metrics reads it)."""
+        return self.admission.preemptions
+
+    @property
+    def block_reserve(self) -> int:
+        """Free KV blocks admission leaves for the running rows to grow into."""
+        return self.admission.block_reserve
+
+    @property
+    def _preempted(self) -> collections.deque[Sequence]:
+        return self.admission.preempted
+
     @property
     def num_running(self) -> int:
         """Rows decoding plus rows being prefilled."""
@@ -165,7 +192,7 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; requests still queued or running get an :class:`ErrorEvent`."""
+        """Stop the engine thread; requests still queued or running get an :class:`~app.engine.request.ErrorEvent`."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
@@ -246,7 +273,7 @@ class Scheduler:
                     logger.exception("failing the running rows failed too")
                     self.kv.reset()
                     self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
-                    self._preempted = collections.deque()
+                    self.admission.preempted.clear()
         self._fail_all(NotReadyError("engine stopped"), waiting=True)
 
     def step(self) -> None:
@@ -257,179 +284,21 @@ class Scheduler:
             if self._pending:
                 self._group = PrefillGroup(self._pending.popleft())
             else:
-                newcomers = self._admit()
+                newcomers = self.admission.admit(self.num_running, self.max_batch_size, self.prefill_chunk_tokens)
                 if newcomers:
                     self._group = PrefillGroup(newcomers)
         if self._group is not None:
             self._prefill_chunk()
         if len(self._batch):
-            self._reserve_decode_blocks()
+            self.admission.reserve_decode_blocks(self._batch)
         if len(self._batch):
             self._decode()
-
-    # ------------------------------------------------------------------ admission
-    def _admit(self) -> list[Sequence]:
-        seqs: list[Sequence] = []
-        keys: list[bytes] = []  # each admitted row's stance key
-        fresh_blocks: list[int] = []  # each admitted row's last block, zeroed at once below
-        budget = self.prefill_chunk_tokens
-        while self.num_running + len(seqs) < self.max_batch_size:
-            if self._preempted:  # preempted sequences resume first, oldest first
-                seq = self._preempted[0]
-                ids = seq.prefill_ids()
-                hit = self._match(seq.prefix_key, ids)
-                if not self._fits(seqs, len(ids), hit, budget):
-                    break
-                self._preempted.popleft()
-                fresh_blocks.append(self._place(seq, ids, hit))
-                seqs.append(seq)
-                keys.append(seq.prefix_key)
-                continue
-            if not self._waiting:
-                break
-            with self._cv:
-                req = self._waiting[0]
-            if req.cancelled:
-                with self._cv:
-                    self._waiting.popleft()
-                self._finish_unstarted(req, req.cancel_reason)
-                continue
-            n = len(req.prompt_ids)
-            key = stance_key(req.stance)
-            # the prefill cost is the tokens left after the prefix cache: many requests sharing a cached system
-            # prompt fit one group, where counting whole prompts would prefill them one group each
-            hit = self._match(key, req.prompt_ids)
-            if not self._fits(seqs, n, hit, budget):
-                break
-            try:
-                self._inject("admission", req)
-                pairs = self._acquire(req)
-            except Exception as e:  # noqa: BLE001 - this request alone fails (e.g. its adapter cannot load)
-                with self._cv:
-                    self._waiting.popleft()
-                self._error(req, e)
-                continue
-            if pairs is None:
-                if len(self._batch) or seqs:
-                    break  # no free slot now: wait for running rows to finish
-                with self._cv:  # nothing running could free a slot: this request can never run
-                    self._waiting.popleft()
-                self._error(req, InvalidRequestError(
-                    f"the stance needs {len(req.stance.terms)} adapter slots; the server has {self.slots.capacity}",
-                    param="stances",
-                ))
-                continue
-            with self._cv:
-                self._waiting.popleft()
-            p = req.params
-            try:
-                seq = Sequence(req=req, slots=pairs, generator=p.make_generator(self.device), next_pos=n,
-                               order=next(self._order), prefix_key=key)
-            except Exception as e:  # noqa: BLE001 - e.g. a seed the generator refuses
-                self._release(pairs)
-                self._error(req, e)
-                continue
-            fresh_blocks.append(self._place(seq, req.prompt_ids, hit))
-            seq.prompt_cached = seq.cached
-            seqs.append(seq)
-            keys.append(key)
-            self._emit(req, AdmittedEvent(n, time.perf_counter(), seq.cached))
-        self.kv.zero([b for b in fresh_blocks if b >= 0])
-        # rows of one stance side by side, at the place of its first row (distinct stances keep their order): prefill
-        # then runs one slice per adapter slot over them, not a gather
-        first: dict[bytes, int] = {}
-        for i, k in enumerate(keys):
-            first.setdefault(k, i)
-        return [seqs[i] for i in sorted(range(len(seqs)), key=lambda i: first[keys[i]])]
-
-    def _match(self, key: bytes, ids: list[int]) -> Hit:
-        return self.prefix.match(key, ids) if self.prefix is not None else Hit([], [])
-
-    def _fits(self, seqs: list[Sequence], n: int, hit: Hit, budget: int) -> bool:
-        """Whether a sequence of ``n`` tokens to prefill (``hit`` served by the prefix cache) joins the group
-        ``seqs``: its uncached tokens fit the group's prefill budget (a first one always does) and the cache has
-        blocks for it, keeping :attr:`block_reserve` free while other rows run."""
-        bs = self.kv.block_size
-        todo = n - hit.tokens(bs)
-        if seqs and sum(s.prefill_len - s.cached for s in seqs) + todo > budget:
-            return False  # the group's prefill would exceed one chunk: leave it for the next group
-        need = blocks_for(n, bs) - len(hit.blocks)
-        reserve = self.block_reserve if (seqs or self.num_running) else 0
-        return need <= self.kv.pool.available(hit.blocks) - reserve
-
-    def _place(self, seq: Sequence, ids: list[int], hit: Hit) -> int:
-        """Give ``seq`` its block table for prefilling ``ids``: the prefix cache's blocks of ``hit``, then new ones
-        (:meth:`_fits` said they are free). Returns its last new block, which the caller zeroes (-1: none)."""
-        shared = self.prefix.take(hit, ids) if self.prefix is not None else []
-        new = self.kv.allocate(blocks_for(len(ids), self.kv.block_size) - len(shared), zero=0)
-        assert new is not None, "admission checked the free blocks"
-        seq.blocks = shared + new
-        seq.cached = seq.prefilled = len(shared) * self.kv.block_size
-        return new[-1] if new else -1
-
-    def _reserve_decode_blocks(self) -> None:
-        """Give every decoding row the block its next position needs, preempting the newest rows while the cache
-        has too few (:meth:`_preempt`)."""
-        bs = self.kv.block_size
-        while True:
-            needy = [s for s in self._batch.seqs if s.blocks_needed(bs)]
-            if not needy:
-                return
-            if len(needy) <= self.kv.free_blocks:
-                got = self.kv.allocate(len(needy), zero=len(needy))
-                assert got is not None
-                for s, b in zip(needy, got):
-                    s.blocks.append(b)
-                return
-            self._preempt(max(self._batch.seqs, key=lambda s: s.order))
-
-    def _preempt(self, s: Sequence) -> None:
-        """Take ``s`` out of the batch and free its blocks; it resumes ahead of the queue by prefilling its prompt
-        and generated tokens again. A sequence that alone needs more blocks than the cache holds fails instead."""
-        self._batch.keep([i for i, x in enumerate(self._batch.seqs) if x is not s])
-        if len(s.blocks) + 1 > self.kv.pool.capacity:
-            self._fail_row(s, InternalError(
-                f"the sequence needs more than the KV cache's {self.kv.pool.capacity} blocks "
-                f"(request id {s.req.request_id}); raise kv_cache_memory_bytes"
-            ))
-            return
-        if self.prefix is not None:  # its full blocks stay cached (evictable): a resume soon finds them
-            self.prefix.store(s.prefix_key, s.prefill_ids(), s.blocks)
-        self.kv.release(s.blocks)
-        s.blocks, s.prefilled, s.cached = [], 0, 0
-        self._preempted.appendleft(s)
-        self.preemptions += 1
-        self._notify(s.req, PreemptedEvent(s.next_pos))
-        logger.info("preempted request %s at %d tokens (KV cache full); it resumes when blocks are free",
-                    s.req.request_id, s.next_pos)
-
-    def _acquire(self, req: GenerationRequest) -> list[tuple[int, float]] | None:
-        """Pin every adapter of the request's stance; ``None`` (nothing pinned) when a slot is not free now.
-
-        Raises:
-            whatever loading an adapter into a slot raises (nothing stays pinned then).
-        """
-        taken: list[tuple[int, float]] = []
-        try:
-            for adapter, weight in req.stance.terms:
-                taken.append((self.slots.acquire(adapter), float(weight)))
-        except NoFreeSlotError:
-            self._release(taken)
-            return None
-        except BaseException:
-            self._release(taken)
-            raise
-        return taken
-
-    def _release(self, pairs: list[tuple[int, float]]) -> None:
-        for slot, _ in pairs:
-            self.slots.release(slot)
 
     # ------------------------------------------------------------------ model steps
     def _forward(self, seqs: list[Sequence], plan: Plan, stage: str) -> torch.Tensor:
         """Run ``plan`` (tokens of ``seqs``, in order) with each row's LoRA routing; one logits row per sequence."""
         for s in seqs:
-            self._inject(stage, s.req)
+            self.outbox.inject(stage, s.req)
         routing = LoRABatch.from_rows(
             [s.slots for s in seqs], device=self.device, dtype=self.dtype,
             segments=None if plan.decode else plan.segments,
@@ -456,7 +325,7 @@ class Scheduler:
             self._group = None
             g.restart()
             if len(g.seqs) == 1:
-                self._fail_row(g.seqs[0], e)
+                self.outbox.fail_row(g.seqs[0], e)
             else:
                 logger.warning("prefill of %d rows failed (%s); prefilling each alone", len(g.seqs), e)
                 self._pending.extendleft([s] for s in reversed(g.seqs))
@@ -478,13 +347,6 @@ class Scheduler:
         if fresh:
             self._consume(fresh, first)
 
-    def _mask_job(self, seqs: list[Sequence], overlap: bool) -> MaskJob:
-        """Start computing the token masks of the constrained rows of ``seqs`` (see :class:`MaskJob`)."""
-        for s in seqs:
-            if s.matcher is None and s.req.params.grammar is not None:
-                s.matcher = s.req.params.grammar.matcher()
-        return MaskJob([s.matcher for s in seqs], self.forward_pass.lm_head.out_features).start(overlap)
-
     def _decode(self) -> None:
         """One decode step of every running row.
 
@@ -495,7 +357,7 @@ class Scheduler:
         """
         t0 = time.perf_counter()
         plan = self._batch.decode_plan()
-        masks = self._mask_job(list(self._batch.seqs), overlap=True)  # grammar masks beside the forward pass
+        masks = self.tokens.masks(list(self._batch.seqs), overlap=True)  # grammar masks beside the forward pass
         try:
             logits = self._forward(self._batch.seqs, plan, "decode")
         except Exception as e:  # noqa: BLE001 - isolate the faulty rows (see docstring)
@@ -523,116 +385,29 @@ class Scheduler:
                 self._forward([s], self._batch.decode_plan([i]), "decode")
             except Exception as e:  # noqa: BLE001 - this row is at fault
                 bad.add(i)
-                self._fail_row(s, e)
+                self.outbox.fail_row(s, e)
         if bad:
             logger.warning("decode step failed (%s); %d of %d rows fail alone", error, len(bad), len(self._batch))
         return bad
 
     def _consume(self, seqs: list[Sequence], logits: torch.Tensor, masks: MaskJob | None = None) -> None:
-        """Sample one token per row of ``logits`` and emit it; retire finished and failed rows.
-
-        Args:
-            seqs: rows of the batch; ``seqs[i]`` goes with logits row ``i``.
-            logits: ``[len(seqs), vocab]`` last-position logits.
-            masks: the constrained rows' token masks, when already started (decode); else computed here.
-        """
-        faults: dict[int, BaseException] = {}
-        for i, s in enumerate(seqs):
-            try:
-                self._inject("sampling", s.req)
-            except Exception as e:  # noqa: BLE001
-                faults[i] = e
-        bitmask, mask_faults = (masks or self._mask_job(seqs, overlap=False)).result()
-        for i, e in mask_faults.items():
-            faults.setdefault(i, e)
-        choices = choose_tokens(
-            logits, [s.req.params for s in seqs], [s.generator for s in seqs],
-            [s.req.prompt_ids for s in seqs], [s.out_ids for s in seqs], self.eos_token_ids, bitmask,
-        )
-        now = time.perf_counter()
-        gone = False
-        for i, (s, choice) in enumerate(zip(seqs, choices)):
-            fault = faults.get(i, choice if isinstance(choice, BaseException) else None)
-            if fault is None:
-                try:
-                    if s.matcher is not None:
-                        self._inject("grammar", s.req)
-                        s.matcher.consume(choice.token_id)
-                    self._on_token(s, choice, now)
-                except Exception as e:  # noqa: BLE001 - e.g. the detokenizer fails on this row's text
-                    fault = e
-            if fault is not None:
-                self._fail_row(s, fault)
-            gone = gone or s.finish_reason is not None
-        if gone:
+        """Choose and emit one token per row of ``logits`` (:meth:`TokenStep.consume`); drop ended rows."""
+        if self.tokens.consume(seqs, logits, masks):
             self._batch.keep([i for i, s in enumerate(self._batch.seqs) if s.finish_reason is None])
 
-    def _on_token(self, s: Sequence, choice: TokenChoice, now: float) -> None:
-        req, p = s.req, s.req.params
-        tok = choice.token_id
-        if s.first_token_at is None:
-            s.first_token_at = now
-        s.last_token_at = now
-        s.last_token = tok
-        s.out_ids.append(tok)
-        ends = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
-        self._emit(req, TokenEvent(tok, choice.logprob, choice.top_logprobs, now, ends))
-        if ends or (s.matcher is not None and s.matcher.stopped):
-            self._finish(s, "stop")
-        elif len(s.out_ids) >= p.max_tokens:
-            self._finish(s, "length")
-
-    # ------------------------------------------------------------------ faults
-    def _inject(self, stage: str, req: GenerationRequest) -> None:
-        """Fault injection for tests: ``fault_hook(stage, request)`` may raise to fail that row at that stage.
-
-        Stages here: ``admission``, ``prefill``, ``decode``, ``sampling``, ``grammar`` (a constrained row's
-        matcher, after its token is chosen) (``detokenize`` is raised by the
-        consumer, :class:`~app.engine.engine.RequestStream`).
-        """
-        if self.fault_hook is not None:
-            self.fault_hook(stage, req)
-
-    def _fail_row(self, s: Sequence, error: BaseException) -> None:
-        """End one row with an error: release its slots; the caller drops it from the batch."""
-        if s.finish_reason is not None:
-            return
-        s.finish_reason = "error"
-        self._retire(s)
-        self._error(s.req, error)
-
     # ------------------------------------------------------------------ endings
-    def _retire(self, s: Sequence) -> None:
-        """Give back what a finished row holds: its adapter slots and its KV blocks."""
-        self._release(s.slots)
-        if s.blocks:
-            blocks, s.blocks = s.blocks, []
-            self.kv.release(blocks)
-
-    def _finish(self, s: Sequence, reason: str) -> None:
-        s.finish_reason = reason
-        self._retire(s)
-        req = s.req
-        ttft = None if s.first_token_at is None else s.first_token_at - req.arrival
-        mask_s = s.matcher.mask_s if s.matcher is not None else 0.0
-        self._emit(req, FinishEvent(reason, len(req.prompt_ids), len(s.out_ids), ttft, time.perf_counter(), "",
-                                    s.prompt_cached, mask_s))
-
-    def _finish_unstarted(self, req: GenerationRequest, reason: str) -> None:
-        self._emit(req, FinishEvent(reason, len(req.prompt_ids), 0, None, time.perf_counter()))
-
     def _drop_cancelled(self) -> None:
         # (rows still prefilling finish when their group joins the batch: at most one chunk later)
         keep = []
         for i, s in enumerate(self._batch.seqs):
             if s.req.cancelled:
-                self._finish(s, s.req.cancel_reason)
+                self.outbox.finish(s, s.req.cancel_reason)
             else:
                 keep.append(i)
         self._batch.keep(keep)
         for s in [s for s in self._preempted if s.req.cancelled]:
             self._preempted.remove(s)
-            self._finish(s, s.req.cancel_reason)
+            self.outbox.finish(s, s.req.cancel_reason)
 
     def _empty_batch(self) -> Batch:
         return Batch(self.kv)
@@ -642,35 +417,12 @@ class Scheduler:
         rows = self._batch.seqs + (self._group.seqs if self._group is not None else [])
         rows += [s for group in self._pending for s in group] + list(self._preempted)
         self._batch, self._group, self._pending = self._empty_batch(), None, collections.deque()
-        self._preempted = collections.deque()
+        self.admission.preempted.clear()
         for s in rows:
-            self._fail_row(s, error)
+            self.outbox.fail_row(s, error)
         if waiting:
             with self._cv:
                 queued = list(self._waiting)
                 self._waiting.clear()
             for req in queued:
-                self._error(req, error)
-
-    def _error(self, req: GenerationRequest, error: BaseException) -> None:
-        """Send ``req`` its one :class:`ErrorEvent`; an unexpected error becomes a logged ``internal_error``."""
-        if not isinstance(error, StanceServeError):
-            logger.error("request %s failed: %s: %s", req.request_id, type(error).__name__, error, exc_info=error)
-            error = InternalError(f"internal error while generating (request id {req.request_id})")
-        self._emit(req, ErrorEvent(error))
-
-    def _emit(self, req: GenerationRequest, ev: Event) -> None:
-        """Send one event to the request's consumer and to every listener; neither can stop the engine."""
-        try:
-            req.sink(ev)
-        except Exception:  # noqa: BLE001 - a dead consumer must not stop the engine
-            logger.exception("could not deliver an event of request %s", req.request_id)
-        self._notify(req, ev)
-
-    def _notify(self, req: GenerationRequest, ev: RequestEvent) -> None:
-        """Send one event to every listener only (a raising listener is logged and skipped)."""
-        for listener in self.listeners:
-            try:
-                listener(req, ev)
-            except Exception:  # noqa: BLE001
-                logger.exception("event listener %r failed", listener)
+                self.outbox.error(req, error)
