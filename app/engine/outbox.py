@@ -4,7 +4,8 @@ Every event the scheduler produces goes through one :class:`Outbox`: the request
 gets each event of that request, and every listener (metrics, tests) gets each event of every request, on the
 engine thread; neither a dead consumer nor a raising listener stops the engine. A row ends here too: finished
 (EOS, stop, length, cancelled) with one :class:`~app.engine.request.FinishEvent`, or failed with one
-:class:`~app.engine.request.ErrorEvent`, and in both cases it gives back its adapter slots and KV blocks. The
+:class:`~app.engine.request.ErrorEvent`, and in both cases it gives back its adapter slots and KV blocks (a row
+that decoded to its end first keys its full blocks in the prefix cache, generated tokens included). The
 test-only ``fault_hook`` lives here, so every stage that may fail a row injects its fault through one place.
 
 Not here: deciding when a row ends or fails (:mod:`app.engine.scheduler`), admission and preemption
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 from app.engine.batch import Sequence
 from app.engine.kv_cache import PagedKVCache
+from app.engine.prefix_cache import PrefixCache
 from app.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, Listener, RequestEvent
 from app.engine.slots import SlotCache
 from app.errors import InternalError, StanceServeError
@@ -35,11 +37,14 @@ class Outbox:
         listeners: called with ``(request, event)`` for every event of every request, on the engine thread; see
             :data:`~app.engine.request.Listener`. Copied once: append to :attr:`listeners` to
             subscribe later.
+        prefix: the prefix cache that keys the full blocks of rows that decoded to their end (``None``: off).
     """
 
-    def __init__(self, cache: PagedKVCache, slots: SlotCache, listeners: list[Listener] | None = None) -> None:
+    def __init__(self, cache: PagedKVCache, slots: SlotCache, listeners: list[Listener] | None = None,
+                 prefix: PrefixCache | None = None) -> None:
         self.kv = cache
         self.slots = slots
+        self.prefix = prefix
         self.listeners: list[Listener] = list(listeners or [])
         #: tests only: ``fault_hook(stage, request)`` may raise to make that row fail at that stage
         self.fault_hook: Callable[[str, GenerationRequest], None] | None = None
@@ -82,10 +87,17 @@ class Outbox:
             blocks, s.blocks = s.blocks, []
             self.kv.release(blocks)
 
-    def finish(self, s: Sequence, reason: str) -> None:
+    def finish(self, s: Sequence, reason: str, *, decoded: bool = False) -> None:
         """End one row with ``reason`` (``stop``, ``length`` or a cancel reason): retire it, send its
-        :class:`~app.engine.request.FinishEvent` (TTFT in seconds from arrival; ``None`` before a first token)."""
+        :class:`~app.engine.request.FinishEvent` (TTFT in seconds from arrival; ``None`` before a first token).
+
+        With ``decoded`` (the row decoded to its end, so the KV of every token but its last is written), its full
+        blocks, prompt and generated tokens alike, are keyed in the prefix cache before they go back: a next turn
+        that sends the conversation so far shares them instead of prefilling the answer again.
+        """
         s.finish_reason = reason
+        if decoded and self.prefix is not None and s.blocks:
+            self.prefix.store(s.prefix_key, s.prefill_ids(), s.blocks)
         self.retire(s)
         req = s.req
         ttft = None if s.first_token_at is None else s.first_token_at - req.arrival

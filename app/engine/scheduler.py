@@ -118,12 +118,10 @@ class Scheduler:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._cv = threading.Condition()
         #: each request's events and listeners, row endings, the test-only fault hook
-        self.outbox = Outbox(cache, slots, listeners)
+        prefix = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        self.outbox = Outbox(cache, slots, listeners, prefix)
         #: admission by free KV blocks, the decoding rows' blocks, preemption (and the preempted rows)
-        self.admission = Admission(
-            cache, slots, self.outbox, self._waiting, self._cv, self.device,
-            prefix_cache if prefix_cache is not None and prefix_cache.enabled else None,
-        )
+        self.admission = Admission(cache, slots, self.outbox, self._waiting, self._cv, self.device, prefix)
         #: choosing, emitting and ending: one token per row of a step's logits
         self.tokens = TokenStep(self.eos_token_ids, forward_pass.lm_head.out_features, self.outbox)
         self._batch = self._empty_batch()
@@ -154,12 +152,12 @@ class Scheduler:
 
     @property
     def prefix(self) -> PrefixCache | None:
-        """The prefix cache admission and prefill use (``None``: off; set ``None`` to detach it)."""
+        """The prefix cache admission, prefill and finished rows use (``None``: off; set ``None`` to detach it)."""
         return self.admission.prefix
 
     @prefix.setter
     def prefix(self, prefix_cache: PrefixCache | None) -> None:
-        self.admission.prefix = prefix_cache
+        self.admission.prefix = self.outbox.prefix = prefix_cache
 
     @property
     def preemptions(self) -> int:

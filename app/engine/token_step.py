@@ -97,6 +97,6 @@ class TokenStep:
         ends = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
         self.outbox.emit(req, TokenEvent(tok, choice.logprob, choice.top_logprobs, now, ends))
         if ends or (s.matcher is not None and s.matcher.stopped):
-            self.outbox.finish(s, "stop")
+            self.outbox.finish(s, "stop", decoded=True)
         elif len(s.out_ids) >= p.max_tokens:
-            self.outbox.finish(s, "length")
+            self.outbox.finish(s, "length", decoded=True)

@@ -23,7 +23,7 @@ from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.prefix_cache import PrefixCache, stance_key
 from app.engine.request import Stance
 from app.engine.sampling import SamplingParams
-from tests.factories import FakeStore, collect, make_engine, read_adapter, write_peft_adapter
+from tests.factories import FakeStore, collect, drain, make_engine, read_adapter, write_peft_adapter
 
 
 def prompt(n, seed):
@@ -158,3 +158,56 @@ def test_admission_counts_only_the_prompt_tokens_the_prefix_cache_leaves(tiny_mo
     assert [c for c, _ in warm] == [4 * BLOCK_SIZE] * 3 and warm_steps == 1
     assert cold_steps >= 3 * 5  # 69 tokens each in chunks of 16, one request per group
     assert [t for _, t in warm] == [t for _, t in cold]
+
+
+@pytest.mark.parametrize("stance", ["tiny", "a1"])
+def test_a_next_turn_shares_the_blocks_of_the_answer(tiny_model, tokenizer, arch, tmp_path, stance):
+    """A row that decoded to its end keys its full blocks, generated tokens included: a second turn sending the
+    conversation so far (the first prompt, the answer, a new message) prefills only past them, with the greedy
+    tokens of a cold prefill. Only the same stance shares them."""
+    dirs = {"a1": write_peft_adapter(tmp_path / "a1", arch, model=tiny_model, seed=1)}
+    first = prompt(BLOCK_SIZE + 4, 30)
+    answer_len = 3 * BLOCK_SIZE
+
+    def serve(prefix_bytes):
+        eng = make_engine(tiny_model, tokenizer, FakeStore(dirs), prefix_cache_memory_bytes=prefix_bytes)
+        try:
+            _, answer = asyncio.run(cached_and_tokens(eng, stance, first, answer_len))
+            second = first + answer + prompt(5, 31)
+            cached, toks = asyncio.run(cached_and_tokens(eng, stance, second, 8))
+            other = "a1" if stance == "tiny" else "tiny"
+            cached_other, _ = asyncio.run(cached_and_tokens(eng, other, second, 2))
+            return answer, cached, toks, cached_other
+        finally:
+            eng.stop()
+
+    warm, cold = serve(1 << 20), serve(0)
+    assert warm[0] == cold[0] and len(warm[0]) == answer_len
+    # the first turn wrote KV for its prompt and every answer token but the last: 67 tokens, 4 full blocks
+    assert warm[1] == (len(first) + answer_len - 1) // BLOCK_SIZE * BLOCK_SIZE == 4 * BLOCK_SIZE
+    assert warm[1] > len(first) // BLOCK_SIZE * BLOCK_SIZE  # more than the prompt's own blocks
+    assert cold[1] == 0 and warm[3] == 0  # no cache, or another stance: nothing shared
+    assert warm[2] == cold[2]  # the same greedy tokens as a cold prefill
+
+
+def test_a_failed_row_keys_none_of_its_generated_blocks(tiny_model, tokenizer):
+    first = prompt(BLOCK_SIZE + 4, 40)
+    eng = make_engine(tiny_model, tokenizer, FakeStore({}), prefix_cache_memory_bytes=1 << 20)
+    try:
+        seen = []
+
+        def hook(stage, req):
+            if stage == "sampling" and req.prompt_ids == first:
+                seen.append(1)
+                if len(seen) == 2 * BLOCK_SIZE:
+                    raise RuntimeError("injected")
+
+        eng.scheduler.fault_hook = hook
+        toks, _, _, errs = asyncio.run(drain(eng, first, SamplingParams(max_tokens=3 * BLOCK_SIZE, temperature=0.0),
+                                             eng.resolve_stance("tiny")))
+        assert len(errs) == 1 and len(toks) == 2 * BLOCK_SIZE - 1
+        eng.scheduler.fault_hook = None
+        cached, _ = asyncio.run(cached_and_tokens(eng, "tiny", first + toks + prompt(3, 41), 1))
+        assert cached == len(first) // BLOCK_SIZE * BLOCK_SIZE  # the prompt's blocks (keyed at prefill) only
+    finally:
+        eng.stop()
