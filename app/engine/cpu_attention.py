@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 #: the kernel's C++ source, shipped as package data
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
-#: compiler flags: gcc vectorises the head_dim loops for the build machine's vector width
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+#: compiler flags: gcc vectorises the head_dim loops for the build machine's vector width; sums may be reordered
+#: (tree reductions of the dot products), while NaN, infinities and errno-free math keep IEEE meaning
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math",
+          "-fno-signed-zeros", "-fassociative-math"]
 
 _lock = threading.Lock()
 _done = False

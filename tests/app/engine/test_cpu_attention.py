@@ -2,7 +2,7 @@
 
 The kernel against an fp64 reference computed row by row over each row's own positions (fp32 to 1e-5; bf16 no
 worse than twice SDPA's error), on block tables out of order, rows of 1 to 300 positions, grouped-query ratios
-1, 3 and 4 and head sizes 32, 64 and 80, with NaN in every cache position a row must not read. Then whole
+1, 3 and 4 and head sizes 32, 64, 80 (vector paths) and 24 (plain loops), with NaN in every cache position a row must not read. Then whole
 decode steps of the tiny models with the kernel on and off, and the fallback when the kernel cannot be built.
 The kernel tests skip (saying why) only where the kernel cannot be built on this host.
 """
@@ -83,7 +83,7 @@ def sdpa(q, k, v, tables, lengths, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 80])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 24])  # 24: not a multiple of 16 (the plain loops)
 @pytest.mark.parametrize("groups", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_matches_fp64_reference(kern, dtype, groups, head_dim):
