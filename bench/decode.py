@@ -90,8 +90,8 @@ def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: 
 
 def attention_kernels(engine: Any, rows: int, context: int, *, repeats: int = 20) -> dict[str, Any]:
     """Median seconds of one layer's decode attention for ``rows`` rows of ``context`` positions (random keys and
-    values on blocks handed out round-robin, one query token per row), through each path of
-    :meth:`~app.engine.forward.ForwardPass._decode_attention`: ``kernel`` (the C++ kernel reading the blocks in
+    values on blocks handed out round-robin, one query token per row, ``repeats`` calls per path interleaved),
+    through each path of :meth:`~app.engine.forward.ForwardPass._decode_attention`: ``kernel`` (the C++ kernel reading the blocks in
     place; ``None`` where it did not build), ``matmul`` (gather + two batched matmuls, fp32 scores) and ``sdpa``
     (gather + ``scaled_dot_product_attention``). The pass's own settings are restored afterwards.
 
@@ -108,15 +108,25 @@ def attention_kernels(engine: Any, rows: int, context: int, *, repeats: int = 20
     q = torch.randn(rows, dec.num_heads, dec.head_dim, generator=g).to(dec.dtype).to(dec.device)
     own = (dec.attention_kernel, dec.matmul_decode_attention)
     out: dict[str, Any] = {"rows": rows, "context_tokens": context}
+    paths = {"kernel": (True, True), "matmul": (False, True), "sdpa": (False, False)}
     try:
-        for name, kern, matmul in (("kernel", True, True), ("matmul", False, True), ("sdpa", False, False)):
-            dec.attention_kernel, dec.matmul_decode_attention = kern, matmul
-            if kern and dec.decode_kernel() is None:
-                out[f"{name}_s"] = None
-                continue
-            out[f"{name}_s"] = round(_timed(lambda: dec._decode_attention(q, group, 0, cache), dec.device, repeats), 7)
+        dec.attention_kernel = True
+        if dec.decode_kernel() is None:
+            out["kernel_s"] = None
+            del paths["kernel"]
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for rnd in range(repeats + 1):  # the paths interleaved call by call (a shared machine's speed drifts)
+            for name, (kern, matmul) in paths.items():
+                dec.attention_kernel, dec.matmul_decode_attention = kern, matmul
+                _sync(dec.device)
+                t0 = time.perf_counter()
+                dec._decode_attention(q, group, 0, cache)
+                _sync(dec.device)
+                if rnd:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
     finally:
         dec.attention_kernel, dec.matmul_decode_attention = own
+    out.update({f"{name}_s": round(statistics.median(t), 7) for name, t in times.items()})
     if out["kernel_s"]:
         out["kernel_speedup_vs_matmul"] = round(out["matmul_s"] / out["kernel_s"], 2)
     return out
