@@ -399,8 +399,9 @@ class ForwardPass:
         n = q.shape[0]
         fn = self.decode_kernel()
         if fn is not None:
-            return fn(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer], group.tables,
-                      group.positions, self.scaling)
+            # tables and positions may be views of static buffers (app.engine.graphs): the kernel reads them dense
+            return fn(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer], group.tables.contiguous(),
+                      group.positions.contiguous(), self.scaling)
         k, v = cache.gather(layer, group.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
         qg = q.view(n, kvh, g, hd)
         if self.matmul_decode_attention:
