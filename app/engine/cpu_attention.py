@@ -116,6 +116,8 @@ def kernel() -> Callable[..., torch.Tensor] | None:
                 logger.warning("CPU attention kernel unavailable, decode attention stays on PyTorch ops: %s: %s",
                                type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
             build_seconds = time.perf_counter() - t0
+            if _kernel is not None:
+                logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds, build_root())
             _done = True
     return _kernel
 
