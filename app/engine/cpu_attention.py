@@ -113,8 +113,9 @@ def kernel() -> Callable[..., torch.Tensor] | None:
                 _kernel = _build()
             except Exception as e:  # noqa: BLE001 - any failure means the PyTorch path
                 _kernel = None
+                why = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
                 logger.warning("CPU attention kernel unavailable, decode attention stays on PyTorch ops: %s: %s",
-                               type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+                               type(e).__name__, why[:600])
             build_seconds = time.perf_counter() - t0
             if _kernel is not None:
                 logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds, build_root())
