@@ -3,7 +3,8 @@
 The kernel against an fp64 reference computed row by row over each row's own positions (fp32 to 1e-5; bf16 no
 worse than twice SDPA's error), on block tables out of order, rows of 1 to 300 positions, grouped-query ratios
 1, 3 and 4 and head sizes 32, 64, 80 (vector paths) and 24 (plain loops), with NaN in every cache position a row must not read. Then whole
-decode steps of the tiny models with the kernel on and off, and the fallback when the kernel cannot be built.
+decode steps of the tiny models with the kernel on and off, the fallback when the kernel cannot be built, and
+the engine setting `cpu_attention_kernel`.
 The kernel tests skip (saying why) only where the kernel cannot be built on this host.
 """
 
@@ -193,3 +194,23 @@ def test_failed_build_leaves_the_pytorch_path(any_model, monkeypatch, caplog):  
     logits_on, toks_on, _ = decode_run(on)
     logits_off, toks_off, _ = decode_run(off)
     assert toks_on == toks_off and torch.equal(logits_on, logits_off)
+
+
+def test_engine_setting_turns_the_kernel_on_and_off(kern, tiny_model, tokenizer):
+    """``cpu_attention_kernel`` (default on) reaches the engine's forward pass; both settings decode the
+    Hugging Face model's greedy tokens."""
+    from app.engine.config import EngineConfig
+    from app.engine.sampling import SamplingParams
+    from tests.factories import FakeStore, make_engine, reference_greedy
+
+    assert EngineConfig().cpu_attention_kernel
+    prompts = [[1, 45, 80, 99], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+    refs = [reference_greedy(tiny_model, p, 10) for p in prompts]
+    for on in (True, False):
+        eng = make_engine(tiny_model, tokenizer, FakeStore({}), cpu_attention_kernel=on)
+        try:
+            assert eng.forward_pass.attention_kernel is on and (eng.forward_pass.decode_kernel() is not None) is on
+            outs = eng.generate_batch(prompts, eng.resolve_stance("tiny"), SamplingParams(max_tokens=10, temperature=0))
+        finally:
+            eng.stop()
+        assert [o.token_ids for o in outs] == refs
