@@ -2,10 +2,10 @@
 
 The kernel against an fp64 reference computed row by row over each row's own positions (fp32 to 1e-5; bf16 no
 worse than twice SDPA's error), on block tables out of order, rows of 1 to 300 positions, grouped-query ratios
-1, 3 and 4 and head sizes 32, 64, 80 (vector paths) and 24 (plain loops), with NaN in every cache position a row must not read. Then whole
-decode steps of the tiny models with the kernel on and off, the fallback when the kernel cannot be built, and
-the engine setting `cpu_attention_kernel`.
-The kernel tests skip (saying why) only where the kernel cannot be built on this host.
+1, 3 and 4 and head sizes 32, 64, 80 (vector paths) and 24 (plain loops), with NaN in every cache position a
+row must not read. Then whole decode steps of the tiny models with the kernel on and off, the fallback when the
+kernel cannot be built, and the engine setting ``cpu_attention_kernel``. The kernel tests skip (saying why) only
+where the kernel cannot be built on this host.
 """
 
 from __future__ import annotations
