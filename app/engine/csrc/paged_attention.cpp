@@ -10,9 +10,9 @@
 //   out        [n, kv_heads * G * head_dim], q's dtype
 //
 // Work is split over (row, kv head) pairs with at::parallel_for. Each task walks the row's blocks: it converts
-// one block of keys to fp32 (bf16 -> fp32 is a 16-bit shift), scores it against the G queries of its KV head,
-// applies a max-subtracted fp32 softmax over the row's positions, then sums the values weighted by the
-// probabilities, one block at a time, in fp32. Positions past positions[r] and table entries past the last
+// one block of keys to fp32 (bf16 -> fp32 is a 16-bit shift; fp32 blocks are read in place), scores it against
+// the G queries of its KV head, applies a max-subtracted fp32 softmax over the row's positions, then sums the
+// values weighted by the probabilities, one block at a time, in fp32. Positions past positions[r] and table entries past the last
 // block the row needs are never read, so whatever they hold (NaN included) cannot reach the output.
 //
 // Vectorisation: head_dim is handled as NV vectors of 16 floats (GCC/Clang vector extensions, which the
@@ -99,6 +99,14 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// A block's first n16 * 16 values as fp32: fp32 blocks are read in place, bf16 ones converted into buf.
+inline const float* block_as_float(const float* src, float*, int64_t) { return src; }
+
+inline const float* block_as_float(const c10::BFloat16* src, float* __restrict__ buf, int64_t n16) {
+  for (int64_t i = 0; i < n16; ++i) store16(buf + i * 16, load16(src + i * 16));
+  return buf;
+}
+
 inline void store(float* dst, float x) { *dst = x; }
 inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }  // round to nearest even
 
@@ -148,13 +156,12 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
         const int64_t b = table[blk];
         TORCH_CHECK(b >= 0 && b < num_blocks, "decode_attention: block id ", b, " out of range [0, ", num_blocks, ")");
         const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
-        const T* kb = kh + b * bs * D;
-        for (int64_t i = 0; i < valid * NV; ++i) store16(buf + i * 16, load16(kb + i * 16));
+        const float* kf = block_as_float(kh + b * bs * D, buf, valid * NV);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ qg = qf.data() + g * D;
           float* __restrict__ dst = scores.data() + g * max_len + blk * bs;
           for (int64_t t = 0; t < valid; ++t) {
-            const float* __restrict__ kt = buf + t * D;
+            const float* __restrict__ kt = kf + t * D;
             f32x16 s = load16(qg) * load16(kt);
             for (int64_t j = 1; j < NV; ++j) s += load16(qg + j * 16) * load16(kt + j * 16);
             dst[t] = hsum(s);
@@ -169,14 +176,13 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
       for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t b = table[blk];
         const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
-        const T* vb = vh + b * bs * D;
-        for (int64_t i = 0; i < valid * NV; ++i) store16(buf + i * 16, load16(vb + i * 16));
+        const float* vf = block_as_float(vh + b * bs * D, buf, valid * NV);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ w = scores.data() + g * max_len + blk * bs;
           float* __restrict__ a = acc.data() + g * D;
           for (int64_t j = 0; j < NV; ++j) {
             f32x16 s = load16(a + j * 16);
-            for (int64_t t = 0; t < valid; ++t) s += w[t] * load16(buf + t * D + j * 16);
+            for (int64_t t = 0; t < valid; ++t) s += w[t] * load16(vf + t * D + j * 16);
             store16(a + j * 16, s);
           }
         }
