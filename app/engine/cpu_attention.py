@@ -118,7 +118,8 @@ def kernel() -> Callable[..., torch.Tensor] | None:
                                type(e).__name__, why[:600])
             build_seconds = time.perf_counter() - t0
             if _kernel is not None:
-                logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds, build_root())
+                logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds,
+                            build_root())
             _done = True
     return _kernel
 

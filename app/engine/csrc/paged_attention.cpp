@@ -12,8 +12,9 @@
 // Work is split over (row, kv head) pairs with at::parallel_for. Each task walks the row's blocks: it converts
 // one block of keys to fp32 (bf16 -> fp32 is a 16-bit shift; fp32 blocks are read in place), scores it against
 // the G queries of its KV head, applies a max-subtracted fp32 softmax over the row's positions, then sums the
-// values weighted by the probabilities, one block at a time, in fp32. Positions past positions[r] and table entries past the last
-// block the row needs are never read, so whatever they hold (NaN included) cannot reach the output.
+// values weighted by the probabilities, one block at a time, in fp32. Positions past positions[r] and table
+// entries past the last block the row needs are never read, so whatever they hold (NaN included) cannot reach
+// the output.
 //
 // Vectorisation: head_dim is handled as NV vectors of 16 floats (GCC/Clang vector extensions, which the
 // compiler lowers to the widest registers -march=native offers: one AVX-512 register, two AVX2 ones...), NV a
