@@ -20,6 +20,8 @@
 // compiler lowers to the widest registers -march=native offers: one AVX-512 register, two AVX2 ones...), NV a
 // compile-time constant for head_dim 32, 64, 80, 96 and 128; the value sums keep each 16-float slice of the
 // output in a register across a block's positions. A head_dim that is not a multiple of 16 takes plain loops.
+// Blocks are scattered in memory, so each pass asks for the next block of its table (and each task for the
+// next task's first key block) to be prefetched while it computes on the current one.
 //
 // Not here: prefill (several queries per row), masks other than the causal bound, CUDA, dtypes other than
 // fp32 and bf16, sliding windows.
@@ -100,6 +102,14 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Ask for a block's n values (the next block a task reads: its id is in the table) to be brought into cache
+// while the current one is computed on; the hardware prefetchers do not cross from one block to another.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 // A block's first n16 * 16 values as fp32: fp32 blocks are read in place, bf16 ones converted into buf.
 inline const float* block_as_float(const float* src, float*, int64_t) { return src; }
 
@@ -151,12 +161,18 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
       const T* vh = vc + h * head_stride;
       const int64_t* table = tables + r * width;
       float* __restrict__ buf = kvf.data();
+      if (task + 1 < end) {  // the next task's first key block, fetched while this task runs
+        const int64_t r2 = (task + 1) / kv_heads, h2 = (task + 1) % kv_heads, b2 = tables[r2 * width];
+        if (b2 >= 0 && b2 < num_blocks) prefetch_block(kc + h2 * head_stride + b2 * bs * D, bs * D);
+      }
 
       // scores[g, p] = q_g . k_p (scaled), block by block
       for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t b = table[blk];
         TORCH_CHECK(b >= 0 && b < num_blocks, "decode_attention: block id ", b, " out of range [0, ", num_blocks, ")");
         const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
+        if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
+          prefetch_block(kh + table[blk + 1] * bs * D, bs * D);
         const float* kf = block_as_float(kh + b * bs * D, buf, valid * NV);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ qg = qf.data() + g * D;
@@ -170,6 +186,7 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
         }
       }
 
+      prefetch_block(vh + table[0] * bs * D, bs * D);  // the first value block, read after the softmax
       softmax_rows(scores.data(), inv.data(), G, len, max_len);
 
       // acc[g, :] = sum_p w[g, p] * v_p, each 16-float slice summed in a register over a block's positions
@@ -177,6 +194,8 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
       for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t b = table[blk];
         const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
+        if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
+          prefetch_block(vh + table[blk + 1] * bs * D, bs * D);
         const float* vf = block_as_float(vh + b * bs * D, buf, valid * NV);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ w = scores.data() + g * max_len + blk * bs;
