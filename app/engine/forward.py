@@ -303,7 +303,7 @@ class ForwardPass:
         self.matmul_decode_attention = self.device.type == "cpu"
         #: decode attention through the C++ kernel (:mod:`app.engine.cpu_attention`) where it applies and builds: it
         #: reads the blocks in place (no gather), 2-6x the matmul path per layer at 16-128 rows of 100-1000 positions
-        #: (SmolLM2-135M shapes, bf16, one thread; a 64-row decode step 1.24x), ``bench/decode.py`` times both
+        #: (SmolLM2-135M shapes, bf16, one thread; a 64-row decode step 1.3x), ``bench/decode.py`` times both
         self.attention_kernel = attention_kernel
         #: the linears run through oneDNN-prepacked weights
         self.prepacked = False
