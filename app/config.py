@@ -160,6 +160,11 @@ class Settings(BaseSettings):
         True, description="On CPU, reorder the linear weights once into oneDNN's blocked layout (as vLLM's CPU backend "
         "does): decode steps ~1.5x faster; the dense copies are freed, so weights are not held twice. No effect on CUDA.",
     )
+    cpu_attention_kernel: bool = Field(
+        True, description="On CPU, run decode attention (fp32, bf16) through a C++ kernel that reads the paged KV cache "
+        "in place, compiled at start-up (-march=native, cached under TORCH_EXTENSIONS_DIR or "
+        "~/.cache/stanceserve/torch_extensions); if it cannot be built (no compiler), PyTorch ops. No effect on CUDA.",
+    )
     cuda_graphs: bool = Field(
         True, description="On CUDA, capture decode steps as CUDA graphs (one per batch-size, context and blend-size "
         "bucket; the base model's at start-up) and replay them, so a step costs one launch instead of one per kernel. "

@@ -43,8 +43,10 @@ from app.model_loader import cpu_info
 from bench.capacity import capacity
 from bench.decode import (
     alternating_steps,
+    attention_kernels,
     compiled_step,
     decode_step,
+    kernel_steps,
     profile_step,
     shared_prefix,
     step_vs_roofline,
@@ -106,7 +108,7 @@ def _median_run(runs: list[dict]) -> dict:
 
 @app.command()
 def bench(
-    config: Annotated[str | None, typer.Option(help="qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b | phi-2 (with --dummy-weights); default: the embedded model")] = None,
+    config: Annotated[str | None, typer.Option(help="smollm2-135m | qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b | phi-2 (with --dummy-weights); default: the embedded model")] = None,
     dummy_weights: Annotated[bool, typer.Option(help="Build --config with random weights (required with --config).")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = _DEVICE,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = _DTYPE,
@@ -142,7 +144,8 @@ def bench(
         "model": bm.name, "weight_bytes": bm.weight_bytes, "machine": _machine(bm),
         "settings": {"requests": n, "prompt_len": prompt_len, "max_tokens": max_tokens, "rank": rank,
                      "repeats": repeats, "max_loras": max_loras, "prefill_chunk_tokens": prefill_chunk_tokens,
-                     "weight_prepack": EngineConfig().weight_prepack, "cuda_graphs": EngineConfig().cuda_graphs},
+                     "weight_prepack": EngineConfig().weight_prepack, "cuda_graphs": EngineConfig().cuda_graphs,
+                     "cpu_attention_kernel": EngineConfig().cpu_attention_kernel},
         "scenarios": {},
     }
     sc = result["scenarios"]
@@ -288,6 +291,9 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
             out[f"{k}_step_s_by_kernel"] = {kernel: alt[f"{k}:{kernel}"] for kernel in KERNELS}
             out[f"{k}_ratio_to_base_by_kernel"] = {kernel: round(alt["base"] / alt[f"{k}:{kernel}"], 3)
                                                    for kernel in KERNELS}
+        if eng.device.type == "cpu":  # decode attention: the C++ kernel vs the matmul path and SDPA, one layer
+            out["attention_paths"] = attention_kernels(eng, n, context)
+            out["attention_kernel_steps"] = kernel_steps(eng, n, context)
         out["profile_base"] = profile_step(eng, mixes["base"], context=context)
         out["profile_one_adapter"] = profile_step(eng, mixes["one_adapter"], context=context)
         out["profile_distinct_adapters"] = profile_step(eng, mixes["distinct_adapters"], context=context)

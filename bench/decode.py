@@ -13,6 +13,9 @@
   can say how close to base speed an adapter mix can come on a step bound by reading weights.
 * :func:`profile_step` gives the per-op split of one step (``torch.profiler``, self CPU/CUDA time per
   op, averaged over steps), so the bench shows where each remaining millisecond goes.
+* :func:`attention_kernels` times one layer's decode attention through the C++ CPU kernel
+  (:mod:`app.engine.cpu_attention`), the batched-matmul path and SDPA; :func:`kernel_steps` times whole decode
+  steps with the kernel on and off, interleaved.
 * :func:`shared_prefix` is the TTFT of concurrent requests sharing a long stance system prompt, with
   the prefix cache and without it.
 
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from app.engine.forward import ForwardPass, Plan
+from app.engine.forward import DecodeGroup, ForwardPass, Plan
 from app.engine.graphs import DecodeGraphs
 from app.engine.lora import LoRABatch
 
@@ -83,6 +86,80 @@ def decode_step(engine: Any, routes: list[list[tuple[int, float]]], *, context: 
         RuntimeError: with ``graphs``, the step could not be captured (the message says why).
     """
     return _timed(_step(engine, len(routes), context, routes, graphs), engine.forward_pass.device, repeats)
+
+
+def attention_kernels(engine: Any, rows: int, context: int, *, repeats: int = 20) -> dict[str, Any]:
+    """Median seconds of one layer's decode attention for ``rows`` rows of ``context`` positions (random keys and
+    values on blocks handed out round-robin, one query token per row, ``repeats`` calls per path interleaved),
+    through each path of :meth:`~app.engine.forward.ForwardPass._decode_attention`: ``kernel`` (the C++ kernel reading the blocks in
+    place; ``None`` where it did not build), ``matmul`` (gather + two batched matmuls, fp32 scores) and ``sdpa``
+    (gather + ``scaled_dot_product_attention``). The pass's own settings are restored afterwards.
+
+    Returns:
+        ``rows``, ``context_tokens``, ``{path}_s`` (seconds) and ``kernel_speedup_vs_matmul``.
+    """
+    dec = engine.forward_pass
+    cache, tables = dec.row_cache(rows, context)
+    g = torch.Generator().manual_seed(0)
+    for t in (cache.k[0], cache.v[0]):
+        t.copy_(torch.randn(t.shape, generator=g))
+    tab = torch.tensor(tables, device=dec.device)
+    group = DecodeGroup(None, tab, torch.full((rows,), context - 1, device=dec.device), cache.block_size)
+    q = torch.randn(rows, dec.num_heads, dec.head_dim, generator=g).to(dec.dtype).to(dec.device)
+    own = (dec.attention_kernel, dec.matmul_decode_attention)
+    out: dict[str, Any] = {"rows": rows, "context_tokens": context}
+    paths = {"kernel": (True, True), "matmul": (False, True), "sdpa": (False, False)}
+    try:
+        dec.attention_kernel = True
+        if dec.decode_kernel() is None:
+            out["kernel_s"] = None
+            del paths["kernel"]
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for rnd in range(repeats + 1):  # the paths interleaved call by call (a shared machine's speed drifts)
+            for name, (kern, matmul) in paths.items():
+                dec.attention_kernel, dec.matmul_decode_attention = kern, matmul
+                _sync(dec.device)
+                t0 = time.perf_counter()
+                dec._decode_attention(q, group, 0, cache)
+                _sync(dec.device)
+                if rnd:  # the first round warms up
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        dec.attention_kernel, dec.matmul_decode_attention = own
+    out.update({f"{name}_s": round(statistics.median(t), 7) for name, t in times.items()})
+    if out["kernel_s"]:
+        out["kernel_speedup_vs_matmul"] = round(out["matmul_s"] / out["kernel_s"], 2)
+    return out
+
+
+def kernel_steps(engine: Any, rows: int, context: int, *, rounds: int = 10) -> dict[str, Any]:
+    """Median seconds of a base decode step of ``rows`` rows at ``context`` tokens with the C++ attention kernel on
+    and off (``ForwardPass.attention_kernel``), the two interleaved step by step; the pass's setting is restored.
+
+    Returns:
+        ``rows``, ``context_tokens``, ``kernel_on_step_s``, ``kernel_off_step_s`` and ``speedup``.
+    """
+    dec = engine.forward_pass
+    fn = _step(engine, rows, context, [[] for _ in range(rows)])
+    own = dec.attention_kernel
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for on in (True, False):  # warm-up
+            dec.attention_kernel = on
+            fn()
+        for _ in range(rounds):
+            for on in (True, False):
+                dec.attention_kernel = on
+                _sync(dec.device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(dec.device)
+                times[on].append(time.perf_counter() - t0)
+    finally:
+        dec.attention_kernel = own
+    on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+    return {"rows": rows, "context_tokens": context, "kernel_on_step_s": round(on_s, 5),
+            "kernel_off_step_s": round(off_s, 5), "speedup": round(off_s / on_s, 3)}
 
 
 def alternating_steps(engine: Any, variants: dict[str, tuple[list[list[tuple[int, float]]], str | None]], *,

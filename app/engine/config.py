@@ -41,6 +41,7 @@ class EngineConfig:
             :func:`~app.engine.kv_cache.default_budget`).
         prefix_cache_memory_bytes: most bytes of KV blocks the prefix cache keeps keyed (0: off).
         weight_prepack: pack linear weights for oneDNN on CPU (:meth:`~app.engine.lora.FusedLinear.prepack`).
+        cpu_attention_kernel: on CPU, decode attention through the C++ kernel (:mod:`app.engine.cpu_attention`).
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs (:mod:`app.engine.graphs`).
 
     The field descriptions that the CLI and the docs show live on the settings fields of the same names.
@@ -57,6 +58,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = _default("kv_cache_memory_bytes")
     prefix_cache_memory_bytes: int = _default("prefix_cache_memory_bytes")
     weight_prepack: bool = _default("weight_prepack")
+    cpu_attention_kernel: bool = _default("cpu_attention_kernel")
     cuda_graphs: bool = _default("cuda_graphs")
 
     @classmethod

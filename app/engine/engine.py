@@ -107,7 +107,8 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.store = store
         self.forward_pass = ForwardPass(model, prepack=config.max_batch_size if config.weight_prepack else None,
-                               keep_dense=keep_model_callable)
+                               keep_dense=keep_model_callable, attention_kernel=config.cpu_attention_kernel)
+        self.forward_pass.warm_up()  # the kernel's build (once per machine) or load at start-up, not in a request
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
         for limit, what in ((positions, "positions"), (self.forward_pass.max_context, "sliding window")):

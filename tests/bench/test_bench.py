@@ -11,7 +11,7 @@ from bench.scenarios import EngineBench, blend, cold_load, many_adapters, pct, s
 from tests.factories import build_tiny_model, load_tokenizer
 
 #: Parameter counts published on each model card (approximate, in billions).
-PUBLISHED = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61, "phi-2": 2.78}
+PUBLISHED = {"smollm2-135m": 0.135, "qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.61, "phi-2": 2.78}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

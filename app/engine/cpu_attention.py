@@ -1,0 +1,129 @@
+"""The C++ CPU paged decode-attention kernel (``csrc/paged_attention.cpp``), built on first use.
+
+:func:`kernel` compiles the kernel once per process with :func:`torch.utils.cpp_extension.load` (``-O3
+-march=native``, OpenMP for ``at::parallel_for``) and returns its ``decode_attention`` function: one query token
+per row over a paged KV cache, the keys and values read in place through the rows' block tables (no gathered
+copy), fp32 softmax, fp32 or bf16 in and out. The built library is cached on disk under
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/stanceserve/torch_extensions``, in a folder named after a hash of the
+source, of torch's version and of this CPU's flags (``/proc/cpuinfo``), so a cache shared by machines with
+different CPUs never loads a binary built for another instruction set; ``cpp_extension``'s lock file keeps two
+processes from building the same folder at once. A build that fails (no compiler, no headers, anything raised)
+logs one warning and :func:`kernel` returns ``None`` from then on: the caller keeps its PyTorch path.
+
+:func:`warm_up` builds (or loads) it up front, so the engine pays the compile at start-up, not in a request.
+
+Not here: when the kernel is used (:class:`app.engine.forward.ForwardPass`), prefill attention, CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: the kernel's C++ source, shipped as package data
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+
+#: compiler flags: gcc vectorises the head_dim loops for the build machine's vector width; sums may be reordered
+#: (tree reductions of the dot products), while NaN, infinities and errno-free math keep IEEE meaning
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math",
+          "-fno-signed-zeros", "-fassociative-math"]
+
+_lock = threading.Lock()
+_done = False
+_kernel: Callable[..., torch.Tensor] | None = None
+#: seconds the last build or load took (``None``: none ran in this process)
+build_seconds: float | None = None
+
+
+def _cpu_flags() -> str:
+    """The ``flags`` line of ``/proc/cpuinfo`` (``""`` where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def extension_name(source: str) -> str:
+    """The extension's name: ``stanceserve_paged_attention_`` and 12 hex digits of a hash of ``source``, the
+    compiler flags, torch's version and this CPU's flags."""
+    h = hashlib.sha256()
+    for part in (source, " ".join(CFLAGS), torch.__version__, _cpu_flags()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"stanceserve_paged_attention_{h.hexdigest()[:12]}"
+
+
+def build_root() -> Path:
+    """Where built extensions go: ``$TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/stanceserve/torch_extensions``."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "stanceserve" / "torch_extensions"
+
+
+def _build() -> Callable[..., torch.Tensor]:
+    """Compile (or load the cached build of) the extension and return its ``decode_attention``.
+
+    Raises:
+        Exception: whatever the compiler, the loader or the file system raise.
+    """
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_text()
+    name = extension_name(source)
+    folder = build_root() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                build_directory=str(folder), verbose=False)
+    return module.decode_attention
+
+
+def kernel() -> Callable[..., torch.Tensor] | None:
+    """The kernel's ``decode_attention(q, k_cache, v_cache, tables, positions, scale) -> out``, or ``None``.
+
+    Its arguments: ``q`` ``[n, kv_heads, G, head_dim]`` contiguous fp32 or bf16; ``k_cache``, ``v_cache``
+    ``[kv_heads, num_blocks, block_size, head_dim]`` of ``q``'s dtype, contiguous; ``tables`` ``[n, W]`` int64
+    block ids; ``positions`` ``[n]`` int64 (row ``r`` attends keys ``0 .. positions[r]``, inclusive);
+    ``scale`` a float. It returns ``[n, kv_heads * G * head_dim]`` in ``q``'s dtype and raises ``RuntimeError``
+    on other shapes or dtypes, a position past its table or a block id outside the cache.
+
+    The first call builds or loads it (seconds to a minute; later calls return at once). ``None`` (after one
+    logged warning saying why) when that failed, for the rest of the process.
+    """
+    global _done, _kernel, build_seconds
+    if _done:
+        return _kernel
+    with _lock:
+        if not _done:
+            t0 = time.perf_counter()
+            try:
+                _kernel = _build()
+            except Exception as e:  # noqa: BLE001 - any failure means the PyTorch path
+                _kernel = None
+                why = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                logger.warning("CPU attention kernel unavailable, decode attention stays on PyTorch ops: %s: %s",
+                               type(e).__name__, why[:600])
+            build_seconds = time.perf_counter() - t0
+            if _kernel is not None:
+                logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds,
+                            build_root())
+            _done = True
+    return _kernel
+
+
+def warm_up() -> bool:
+    """Build or load the kernel now (call at start-up, before requests). Returns whether it is available."""
+    return kernel() is not None

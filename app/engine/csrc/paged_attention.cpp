@@ -1,0 +1,324 @@
+// Paged decode attention on CPU: one query token per row over a paged KV cache, read in place.
+//
+// decode_attention(q, k_cache, v_cache, tables, positions, scale) -> out
+//   q          [n, kv_heads, G, head_dim], fp32 or bf16, contiguous (G query heads share one KV head)
+//   k_cache    [kv_heads, num_blocks, block_size, head_dim], q's dtype, contiguous
+//   v_cache    as k_cache
+//   tables     [n, W] int64: row r's position p lives at offset p % block_size of block tables[r, p / block_size]
+//   positions  [n] int64: row r attends keys 0 .. positions[r] (inclusive)
+//   scale      score scale (1 / sqrt(head_dim) for most models)
+//   out        [n, kv_heads * G * head_dim], q's dtype
+//
+// Work is split over (row, kv head) pairs with at::parallel_for. Each task walks the row's blocks: it converts
+// one block of keys to fp32 (bf16 -> fp32 is a 16-bit shift; fp32 blocks are read in place), scores it against
+// the G queries of its KV head, applies a max-subtracted fp32 softmax over the row's positions, then sums the
+// values weighted by the probabilities, one block at a time, in fp32. Positions past positions[r] and table
+// entries past the last block the row needs are never read, so whatever they hold (NaN included) cannot reach
+// the output.
+//
+// Vectorisation: head_dim is handled as NV vectors of 16 floats (GCC/Clang vector extensions, which the
+// compiler lowers to the widest registers -march=native offers: one AVX-512 register, two AVX2 ones...), NV a
+// compile-time constant for head_dim 32, 64, 80, 96 and 128; the value sums keep each 16-float slice of the
+// output in a register across a block's positions. A head_dim that is not a multiple of 16 takes plain loops.
+// Blocks are scattered in memory, so each pass asks for the next block of its table (and each task for the
+// next task's first key block) to be prefetched while it computes on the current one.
+//
+// Not here: prefill (several queries per row), masks other than the causal bound, CUDA, dtypes other than
+// fp32 and bf16, sliding windows.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline float load_float(float x) { return x; }
+
+inline float load_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// 16 consecutive values as fp32 (unaligned loads)
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// the sum of the 16 lanes, as a tree (halves added as vectors first)
+inline float hsum(f32x16 v) {
+  f32x8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const f32x8 s = lo + hi;
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum) in plain arithmetic, so that the softmax loop vectorises:
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by Cephes' expf polynomial (about 2 ulp).
+// Below -87 it returns exp(-87) ~ 1.6e-38, which adds nothing next to the maximum's exp(0) = 1.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Ask for a block's n values (the next block a task reads: its id is in the table) to be brought into cache
+// while the current one is computed on; the hardware prefetchers do not cross from one block to another.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// A block's first n16 * 16 values as fp32: fp32 blocks are read in place, bf16 ones converted into buf.
+inline const float* block_as_float(const float* src, float*, int64_t) { return src; }
+
+inline const float* block_as_float(const c10::BFloat16* src, float* __restrict__ buf, int64_t n16) {
+  for (int64_t i = 0; i < n16; ++i) store16(buf + i * 16, load16(src + i * 16));
+  return buf;
+}
+
+inline void store(float* dst, float x) { *dst = x; }
+inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }  // round to nearest even
+
+// Max-subtracted softmax of each of the G rows of scores (len positions each, rows max_len apart), in place;
+// the probabilities are left unnormalised and inv[g] is 1 / their sum.
+inline void softmax_rows(float* __restrict__ scores, float* __restrict__ inv, int64_t G, int64_t len,
+                         int64_t max_len) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* __restrict__ sg = scores + g * max_len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t p = 0; p < len; ++p) m = std::max(m, sg[p]);
+    float sum = 0.0f;
+    for (int64_t p = 0; p < len; ++p) {
+      const float e = exp_nonpositive(sg[p] - m);
+      sg[p] = e;
+      sum += e;
+    }
+    inv[g] = 1.0f / sum;
+  }
+}
+
+// head_dim a multiple of 16: NV vectors of 16 (NV_CT > 0: known at compile time).
+template <typename T, int NV_CT>
+void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+             const int64_t* __restrict__ tables, const int64_t* __restrict__ positions, T* __restrict__ out, int64_t n,
+             int64_t kv_heads, int64_t G, int64_t head_dim, int64_t num_blocks, int64_t bs, int64_t width,
+             int64_t max_len, float scale) {
+  const int64_t NV = NV_CT > 0 ? NV_CT : head_dim / 16;
+  const int64_t D = NV * 16;
+  const int64_t head_stride = num_blocks * bs * D;  // elements between KV heads in a cache layer
+  at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    // per-chunk buffers, sized once: queries, one block of keys or values in fp32, scores, accumulators
+    std::vector<float> qf(G * D), kvf(bs * D), scores(G * max_len), acc(G * D), inv(G);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t len = positions[r] + 1;
+      const int64_t nb = (len + bs - 1) / bs;
+      const T* qrow = q + (r * kv_heads + h) * G * D;
+      for (int64_t i = 0; i < G * D; ++i) qf[i] = load_float(qrow[i]) * scale;
+      const T* kh = kc + h * head_stride;
+      const T* vh = vc + h * head_stride;
+      const int64_t* table = tables + r * width;
+      float* __restrict__ buf = kvf.data();
+      if (task + 1 < end) {  // the next task's first key block, fetched while this task runs
+        const int64_t r2 = (task + 1) / kv_heads, h2 = (task + 1) % kv_heads, b2 = tables[r2 * width];
+        if (b2 >= 0 && b2 < num_blocks) prefetch_block(kc + h2 * head_stride + b2 * bs * D, bs * D);
+      }
+
+      // scores[g, p] = q_g . k_p (scaled), block by block
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t b = table[blk];
+        TORCH_CHECK(b >= 0 && b < num_blocks, "decode_attention: block id ", b, " out of range [0, ", num_blocks, ")");
+        const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
+        if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
+          prefetch_block(kh + table[blk + 1] * bs * D, bs * D);
+        const float* kf = block_as_float(kh + b * bs * D, buf, valid * NV);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* __restrict__ qg = qf.data() + g * D;
+          float* __restrict__ dst = scores.data() + g * max_len + blk * bs;
+          for (int64_t t = 0; t < valid; ++t) {
+            const float* __restrict__ kt = kf + t * D;
+            f32x16 s = load16(qg) * load16(kt);
+            for (int64_t j = 1; j < NV; ++j) s += load16(qg + j * 16) * load16(kt + j * 16);
+            dst[t] = hsum(s);
+          }
+        }
+      }
+
+      prefetch_block(vh + table[0] * bs * D, bs * D);  // the first value block, read after the softmax
+      softmax_rows(scores.data(), inv.data(), G, len, max_len);
+
+      // acc[g, :] = sum_p w[g, p] * v_p, each 16-float slice summed in a register over a block's positions
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t b = table[blk];
+        const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
+        if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
+          prefetch_block(vh + table[blk + 1] * bs * D, bs * D);
+        const float* vf = block_as_float(vh + b * bs * D, buf, valid * NV);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* __restrict__ w = scores.data() + g * max_len + blk * bs;
+          float* __restrict__ a = acc.data() + g * D;
+          for (int64_t j = 0; j < NV; ++j) {
+            f32x16 s = load16(a + j * 16);
+            for (int64_t t = 0; t < valid; ++t) s += w[t] * load16(vf + t * D + j * 16);
+            store16(a + j * 16, s);
+          }
+        }
+      }
+      T* o = out + (r * kv_heads + h) * G * D;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) store(o + g * D + d, acc[g * D + d] * inv[g]);
+    }
+  });
+}
+
+// any head_dim: plain loops.
+template <typename T>
+void run_plain(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+               const int64_t* __restrict__ tables, const int64_t* __restrict__ positions, T* __restrict__ out,
+               int64_t n, int64_t kv_heads, int64_t G, int64_t D, int64_t num_blocks, int64_t bs, int64_t width,
+               int64_t max_len, float scale) {
+  const int64_t head_stride = num_blocks * bs * D;
+  at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), scores(G * max_len), acc(G * D), inv(G);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / kv_heads, h = task % kv_heads;
+      const int64_t len = positions[r] + 1;
+      const T* qrow = q + (r * kv_heads + h) * G * D;
+      for (int64_t i = 0; i < G * D; ++i) qf[i] = load_float(qrow[i]) * scale;
+      const T* kh = kc + h * head_stride;
+      const T* vh = vc + h * head_stride;
+      const int64_t* table = tables + r * width;
+      for (int64_t p = 0; p < len; ++p) {
+        const int64_t b = table[p / bs];
+        TORCH_CHECK(b >= 0 && b < num_blocks, "decode_attention: block id ", b, " out of range [0, ", num_blocks, ")");
+        const T* kt = kh + (b * bs + p % bs) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          float s = 0.0f;
+          for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * load_float(kt[d]);
+          scores[g * max_len + p] = s;
+        }
+      }
+      softmax_rows(scores.data(), inv.data(), G, len, max_len);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t p = 0; p < len; ++p) {
+        const T* vt = vh + (table[p / bs] * bs + p % bs) * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = scores[g * max_len + p];
+          for (int64_t d = 0; d < D; ++d) acc[g * D + d] += w * load_float(vt[d]);
+        }
+      }
+      T* o = out + (r * kv_heads + h) * G * D;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) store(o + g * D + d, acc[g * D + d] * inv[g]);
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
+              const at::Tensor& positions, at::Tensor& out, int64_t max_len, double scale) {
+  const int64_t n = q.size(0), kvh = q.size(1), G = q.size(2), D = q.size(3);
+  const int64_t nblocks = k.size(1), bs = k.size(2), width = tables.size(1);
+  auto args = [&](auto fn) {
+    fn(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), tables.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+       out.data_ptr<T>(), n, kvh, G, D, nblocks, bs, width, max_len, static_cast<float>(scale));
+  };
+  switch (D % 16 == 0 ? D : 0) {
+    case 32: args([](auto... a) { run_vec<T, 2>(a...); }); break;
+    case 64: args([](auto... a) { run_vec<T, 4>(a...); }); break;
+    case 80: args([](auto... a) { run_vec<T, 5>(a...); }); break;
+    case 96: args([](auto... a) { run_vec<T, 6>(a...); }); break;
+    case 128: args([](auto... a) { run_vec<T, 8>(a...); }); break;
+    case 0: args([](auto... a) { run_plain<T>(a...); }); break;
+    default: args([](auto... a) { run_vec<T, 0>(a...); }); break;
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& tables, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [n, kv_heads, G, head_dim], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "decode_attention: caches must both be [kv_heads, num_blocks, block_size, head_dim]");
+  TORCH_CHECK(k_cache.size(0) == q.size(1) && k_cache.size(3) == q.size(3),
+              "decode_attention: q ", q.sizes(), " does not match the cache ", k_cache.sizes());
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "decode_attention: q and the caches must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "decode_attention: fp32 or bf16 only, got ", q.scalar_type());
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "decode_attention: q and the caches must be contiguous");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+              "decode_attention: tables and positions must be int64");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && tables.is_contiguous(),
+              "decode_attention: tables must be a contiguous [n, W]");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == q.size(0) && positions.is_contiguous(),
+              "decode_attention: positions must be a contiguous [n]");
+  const int64_t n = q.size(0), bs = k_cache.size(2), width = tables.size(1);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  int64_t max_len = 1;
+  for (int64_t r = 0; r < n; ++r) {
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < width * bs, "decode_attention: row ", r, " position ", pos[r],
+                " is outside its table of ", width, " blocks of ", bs);
+    max_len = std::max(max_len, pos[r] + 1);
+  }
+  at::Tensor out = at::empty({n, q.size(1) * q.size(2) * q.size(3)}, q.options());
+  if (n == 0) return out;
+  if (q.scalar_type() == at::kFloat)
+    dispatch<float>(q, k_cache, v_cache, tables, positions, out, max_len, scale);
+  else
+    dispatch<c10::BFloat16>(q, k_cache, v_cache, tables, positions, out, max_len, scale);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "paged decode attention on CPU (see paged_attention.cpp)",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("tables"),
+        pybind11::arg("positions"), pybind11::arg("scale"));
+}

@@ -1,0 +1,216 @@
+"""The C++ CPU paged decode-attention kernel (:mod:`app.engine.cpu_attention`) and its use by the forward pass.
+
+The kernel against an fp64 reference computed row by row over each row's own positions (fp32 to 1e-5; bf16 no
+worse than twice SDPA's error), on block tables out of order, rows of 1 to 300 positions, grouped-query ratios
+1, 3 and 4 and head sizes 32, 64, 80 (vector paths) and 24 (plain loops), with NaN in every cache position a
+row must not read. Then whole decode steps of the tiny models with the kernel on and off, the fallback when the
+kernel cannot be built, and the engine setting ``cpu_attention_kernel``. The kernel tests skip (saying why) only
+where the kernel cannot be built on this host.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.engine import cpu_attention
+from app.engine.forward import ForwardPass, Plan
+from tests.app.engine.test_forward import any_model  # noqa: F401 - the fixture of every supported architecture
+
+BS = 16
+LENGTHS = [1, 15, 16, 17, 100, 300]
+
+
+@pytest.fixture(scope="module")
+def kern():
+    fn = cpu_attention.kernel()
+    if fn is None:
+        pytest.skip("the C++ attention kernel cannot be built on this host (see the logged warning)")
+    return fn
+
+
+def paged_case(dtype, kv_heads, groups, head_dim, lengths, seed=0):
+    """Random q and caches for rows of ``lengths`` positions on shuffled blocks, with NaN in every position the
+    rows must not read (past each row's length, unused blocks, the tables' padding entries)."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-n // BS) for n in lengths]
+    width = max(need) + 1  # one padding entry per row at least
+    num_blocks = 1 + sum(need) + 8
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    used, spare = perm[: sum(need)], perm[sum(need) :]
+    k = torch.randn(kv_heads, num_blocks, BS, head_dim, generator=gen) * 3
+    v = torch.randn(kv_heads, num_blocks, BS, head_dim, generator=gen)
+    tables, at = [], 0
+    for n, b in zip(lengths, need):
+        own = used[at : at + b]
+        at += b
+        tables.append(own + [spare[(i + len(tables)) % len(spare)] for i in range(width - b)])
+        last, off = own[-1], n - (b - 1) * BS
+        k[:, last, off:] = float("nan")
+        v[:, last, off:] = float("nan")
+    for b in spare + [0]:
+        k[:, b] = float("nan")
+        v[:, b] = float("nan")
+    q = torch.randn(len(lengths), kv_heads, groups, head_dim, generator=gen) * 3
+    return (q.to(dtype), k.to(dtype), v.to(dtype), torch.tensor(tables), torch.tensor([n - 1 for n in lengths]))
+
+
+def row_kv(cache, table, n):
+    """``[kv_heads, n, head_dim]``: a row's first ``n`` positions read through its table."""
+    return cache[:, table].flatten(1, 2)[:, :n]
+
+
+def reference(q, k, v, tables, lengths, scale):
+    """fp64 attention, row by row over each row's own positions: ``[n, kv_heads * G * head_dim]``."""
+    out = []
+    for r, n in enumerate(lengths):
+        kr, vr = row_kv(k, tables[r], n).double(), row_kv(v, tables[r], n).double()
+        p = torch.softmax(q[r].double() @ kr.transpose(-1, -2) * scale, -1)
+        out.append((p @ vr).reshape(-1))
+    return torch.stack(out)
+
+
+def sdpa(q, k, v, tables, lengths, scale):
+    """SDPA in ``q``'s dtype, row by row over each row's own positions."""
+    out = []
+    for r, n in enumerate(lengths):
+        o = F.scaled_dot_product_attention(q[r][None], row_kv(k, tables[r], n)[None], row_kv(v, tables[r], n)[None],
+                                           scale=scale)
+        out.append(o.reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 24])  # 24: not a multiple of 16 (the plain loops)
+@pytest.mark.parametrize("groups", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_matches_fp64_reference(kern, dtype, groups, head_dim):
+    q, k, v, tables, positions = paged_case(dtype, 2, groups, head_dim, LENGTHS)
+    scale = head_dim**-0.5
+    out = kern(q, k, v, tables, positions, scale)
+    assert out.shape == (len(LENGTHS), 2 * groups * head_dim) and out.dtype == dtype
+    assert torch.isfinite(out).all()  # no NaN from positions past a row's length or unused blocks
+    ref = reference(q, k, v, tables, LENGTHS, scale)
+    err = (out.double() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5, err
+    else:
+        sdpa_err = (sdpa(q, k, v, tables, LENGTHS, scale).double() - ref).abs().max().item()
+        assert err <= 2 * sdpa_err, (err, sdpa_err)
+
+
+def test_kernel_reads_only_each_rows_positions(kern):
+    """Changing a position past a row's length (or one just inside it) changes that row's output or not."""
+    q, k, v, tables, positions = paged_case(torch.float32, 1, 1, 32, [17, 40])
+    k = torch.nan_to_num(k, nan=0.0)
+    v = torch.nan_to_num(v, nan=0.0)
+    base = kern(q, k, v, tables, positions, 0.2)
+    last = int(tables[0, 1])  # row 0's second block: offset 0 is its position 16, its last
+    v2 = v.clone()
+    v2[:, last, 1] = 1e3  # position 17: past row 0
+    torch.testing.assert_close(kern(q, k, v2, tables, positions, 0.2)[0], base[0], atol=0, rtol=0)
+    v2[:, last, 0] = 1e3  # position 16: row 0's last
+    assert not torch.allclose(kern(q, k, v2, tables, positions, 0.2)[0], base[0])
+
+
+def test_kernel_rejects_positions_past_the_table_and_bad_block_ids(kern):
+    q, k, v, tables, positions = paged_case(torch.float32, 2, 1, 32, [5, 20])
+    with pytest.raises(RuntimeError, match="outside its table"):
+        kern(q, k, v, tables, torch.tensor([4, tables.shape[1] * BS]), 1.0)
+    bad = tables.clone()
+    bad[1, 0] = k.shape[1]
+    with pytest.raises(RuntimeError, match="out of range"):
+        kern(q, k, v, bad, positions, 1.0)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        kern(q.double(), k.double(), v.double(), tables, positions, 1.0)
+
+
+def test_extension_name_depends_on_cpu_flags_and_source(monkeypatch):
+    name = cpu_attention.extension_name("x")
+    assert name.startswith("stanceserve_paged_attention_") and cpu_attention.extension_name("y") != name
+    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "fpu sse2")
+    assert cpu_attention.extension_name("x") != name
+
+
+def decode_run(dec, steps=4):
+    """Prefill rows of very different lengths (so the plan splits them into decode groups), then greedy decode
+    ``steps`` tokens. Returns the per-step logits and tokens."""
+    lengths = [3, 70, 5, 2]
+    cache, tables = dec.row_cache(len(lengths), max(lengths) + steps + 1)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in lengths]
+    logits = dec.forward(Plan.build([(tables[i], p, 0) for i, p in enumerate(prompts)], dec.device), cache, None)
+    toks = logits.argmax(-1).tolist()
+    out_logits, out_toks = [], []
+    for s in range(steps):
+        plan = Plan.build([(tables[i], [toks[i]], lengths[i] + s) for i in range(len(lengths))], dec.device)
+        if s == 0:
+            assert plan.groups is not None and len(plan.groups) > 1
+        logits = dec.forward(plan, cache, None)
+        toks = logits.argmax(-1).tolist()
+        out_logits.append(logits.float())
+        out_toks.append(toks)
+    return torch.stack(out_logits), out_toks, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_decode_with_kernel_on_and_off(kern, any_model, dtype, monkeypatch):  # noqa: F811
+    on = ForwardPass(copy.deepcopy(any_model).to(dtype), attention_kernel=True)
+    off = ForwardPass(copy.deepcopy(any_model).to(dtype), attention_kernel=False)
+    assert on.warm_up() and not off.warm_up()
+    monkeypatch.setattr("app.engine.kv_cache.PagedKVCache.gather",
+                        lambda *a: pytest.fail("the kernel path gathered the cache"))
+    logits_on, toks_on, _ = decode_run(on)
+    monkeypatch.undo()
+    logits_off, toks_off, _ = decode_run(off)
+    if dtype == torch.float32:
+        assert toks_on == toks_off
+        torch.testing.assert_close(logits_on, logits_off, atol=1e-4, rtol=1e-4)
+    else:  # first step only: later greedy tokens may part on near-ties
+        torch.testing.assert_close(logits_on[0], logits_off[0], atol=2e-2, rtol=2e-2)
+
+
+def test_failed_build_leaves_the_pytorch_path(any_model, monkeypatch, caplog):  # noqa: F811
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(cpu_attention, "_done", False)
+    monkeypatch.setattr(cpu_attention, "_kernel", None)
+    monkeypatch.setattr(cpu_attention, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="app.engine.cpu_attention"):
+        assert cpu_attention.kernel() is None and cpu_attention.kernel() is None
+    assert calls == [1]  # one try per process
+    warnings = [r for r in caplog.records if "CPU attention kernel unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+    on = ForwardPass(copy.deepcopy(any_model), attention_kernel=True)
+    off = ForwardPass(copy.deepcopy(any_model), attention_kernel=False)
+    assert on.decode_kernel() is None and not on.warm_up()
+    logits_on, toks_on, _ = decode_run(on)
+    logits_off, toks_off, _ = decode_run(off)
+    assert toks_on == toks_off and torch.equal(logits_on, logits_off)
+
+
+def test_engine_setting_turns_the_kernel_on_and_off(kern, tiny_model, tokenizer):
+    """``cpu_attention_kernel`` (default on) reaches the engine's forward pass; both settings decode the
+    Hugging Face model's greedy tokens."""
+    from app.engine.config import EngineConfig
+    from app.engine.sampling import SamplingParams
+    from tests.factories import FakeStore, make_engine, reference_greedy
+
+    assert EngineConfig().cpu_attention_kernel
+    prompts = [[1, 45, 80, 99], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
+    refs = [reference_greedy(tiny_model, p, 10) for p in prompts]
+    for on in (True, False):
+        eng = make_engine(tiny_model, tokenizer, FakeStore({}), cpu_attention_kernel=on)
+        try:
+            assert eng.forward_pass.attention_kernel is on and (eng.forward_pass.decode_kernel() is not None) is on
+            outs = eng.generate_batch(prompts, eng.resolve_stance("tiny"), SamplingParams(max_tokens=10, temperature=0))
+        finally:
+            eng.stop()
+        assert [o.token_ids for o in outs] == refs
