@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The operating-system packages a stanceserve build needs: make, and python3 with venv (Python >= 3.11).
+# The operating-system packages a stanceserve build needs: make, python3 with venv (Python >= 3.11), and g++ and
+# ninja, which build the CPU decode-attention kernel on the first start (without them the engine logs a warning
+# and keeps its slower PyTorch attention).
 #
 # Run as root on a Debian or Ubuntu system. Each package is installed only when missing, so on a machine that
 # has them (a developer's, CI's: .ci/run runs this script) it changes nothing. The Docker image runs it in both
@@ -24,9 +26,11 @@ elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     need+=(python3-venv)
 fi
 command -v update-ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v ninja >/dev/null 2>&1 || need+=(ninja-build)
 
 if [ "${#need[@]}" -eq 0 ]; then
-    echo "system-deps: make, python3 (venv) and ca-certificates are present"
+    echo "system-deps: make, python3 (venv), ca-certificates, g++ and ninja are present"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
