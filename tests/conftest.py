@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import torch
 
-from tests.factories import build_tiny_model, load_tokenizer
+from tests.factories import EXTRA_ARCHS, build_extra_model, build_tiny_model, load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,3 +39,10 @@ def arch(request) -> str:
 @pytest.fixture
 def tiny_model(arch):
     return build_tiny_model(arch)
+
+
+@pytest.fixture(params=["llama", "qwen2", "phi", *EXTRA_ARCHS])
+def any_model(request):
+    """A tiny random model of every architecture the engine's forward pass serves."""
+    arch = request.param
+    return build_extra_model(arch) if arch in EXTRA_ARCHS else build_tiny_model(arch)

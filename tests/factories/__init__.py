@@ -2,7 +2,8 @@
 
 What it builds, by module:
 
-* :mod:`~tests.factories.models`: tiny random Llama / Qwen2 / Phi models from configs (:func:`build_tiny_model`,
+* :mod:`~tests.factories.models`: tiny random Llama / Qwen2 / Phi models from configs (:func:`build_tiny_model`; Qwen3 and
+  Mistral: :func:`build_extra_model`,
   the session-cached :func:`base_model` and its :func:`shapes`), the vendored stories260k test tokenizer
   (:func:`load_tokenizer`), a saved base-model folder (:func:`save_tiny_base`), and the ``LoadedModel`` factory
   for ``create_app(model_factory=...)`` (:func:`tiny_factory`).
@@ -57,10 +58,12 @@ from tests.factories.engine import (
 from tests.factories.http import AUTH, KEY, chat, make_client, metric, wait_ready
 from tests.factories.models import (
     BASE_MODEL,
+    EXTRA_ARCHS,
     REPO,
     STORIES_DIR,
     TARGETS,
     base_model,
+    build_extra_model,
     build_tiny_model,
     load_tokenizer,
     save_tiny_base,
@@ -83,7 +86,7 @@ from tests.factories.stores import FakeStore, new_store
 __all__ = [
     "APP_CLI", "AUTH", "block_bytes", "collect", "drain", "reference_greedy", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
     "STORIES_DIR", "TARGETS", "FakeStore", "Server", "adapter_bytes", "adapter_files", "adapter_version",
-    "base_model", "build_tiny_model", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
+    "base_model", "build_extra_model", "build_tiny_model", "EXTRA_ARCHS", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
     "free_port", "key", "load_tokenizer", "make_client", "make_engine", "decoder_logits", "metric", "mixed_batch_and_alone",
     "nested_json", "nested_obj", "new_store", "peft_logits", "preexec", "read_adapter", "run_server", "stop_process",
     "save_tiny_base", "shapes", "tar_bytes", "tiny_config", "tiny_factory", "wait_ready", "write_peft_adapter",

@@ -66,6 +66,21 @@ def build_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+#: architectures the forward pass serves beyond :func:`build_tiny_model`'s three (Qwen3's q/k norms, Mistral)
+EXTRA_ARCHS = ("qwen3", "mistral")
+
+
+def build_extra_model(arch: str):
+    """A tiny random Qwen3 (q/k norms, head_dim 16) or Mistral causal LM in eval mode, fp32, on CPU."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = Qwen3Config(head_dim=16, **common) if arch == "qwen3" else MistralConfig(**common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
 _MODELS: dict[str, torch.nn.Module] = {}
 
 

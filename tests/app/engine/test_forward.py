@@ -20,22 +20,6 @@ from tests.factories import build_tiny_model, decoder_logits
 ATOL = 1e-4
 
 
-def extra_model(arch: str):
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
-
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    cfg = Qwen3Config(head_dim=16, **common) if arch == "qwen3" else MistralConfig(**common)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-
-
-@pytest.fixture(params=["llama", "qwen2", "phi", "qwen3", "mistral"])
-def any_model(request):
-    arch = request.param
-    return build_tiny_model(arch) if arch in ("llama", "qwen2", "phi") else extra_model(arch)
-
-
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits
