@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -53,8 +54,6 @@ def _cpu_flags() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -80,7 +79,7 @@ def _build() -> Callable[..., torch.Tensor]:
     Raises:
         Exception: whatever the compiler, the loader or the file system raise.
     """
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # lazy: it imports setuptools, which only a build needs
 
     source = SOURCE.read_text()
     name = extension_name(source)
