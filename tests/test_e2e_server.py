@@ -159,20 +159,25 @@ def test_serve_upload_stances_blend_metrics(server, smol, adapters):
                 assert largest_gap_in_spacings(ref, smol, prompt, served_ids) <= BF16_ULPS, (m, prompt)
     assert blend_text not in {results[(m, PROMPTS[0])][0] for m in ("curious", "expert")}
 
-    # streaming through the official client gives the same text
+    # streaming through the official client gives the text of the same request not streamed, each run alone: in
+    # bf16 a row's rounding can depend on the rows it shares a step with (a one-adapter batch and a mixed one take
+    # different LoRA kernels), so the batched answer above is held to the reference's spacings, not to these bits
+    alone_text, alone_usage, _ = ask("curious", PROMPTS[1])
     stream = client.chat.completions.create(model="curious", messages=[{"role": "user", "content": PROMPTS[1]}],
                                             max_tokens=N_TOKENS, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == results[("curious", PROMPTS[1])][0]
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == alone_text
+    if served_dtype == torch.float32:
+        assert alone_text == results[("curious", PROMPTS[1])][0]
 
     after = httpx.get(f"{server}/metrics").text
     gen = {m: sum(results[(m, p)][1].completion_tokens for p in PROMPTS) for m in (base_name, "curious", "expert")}
     for label, m in (("base", base_name), ("curious", "curious"), ("expert", "expert")):
-        # the streamed request generated what its non-streamed twin did
-        extra = results[("curious", PROMPTS[1])][1].completion_tokens if label == "curious" else 0
+        # the lone request and its streamed twin, each alone_usage's tokens
+        extra = 2 * alone_usage.completion_tokens if label == "curious" else 0
         delta = metric(after, "stanceserve_generation_tokens_total", stance=label) - metric(before, "stanceserve_generation_tokens_total", stance=label)
         assert delta == gen[m] + extra
         n_req = metric(after, "stanceserve_requests_total", stance=label) - metric(before, "stanceserve_requests_total", stance=label)
-        assert n_req == len(PROMPTS) + (1 if label == "curious" else 0)
+        assert n_req == len(PROMPTS) + (2 if label == "curious" else 0)
         assert metric(after, "stanceserve_time_to_first_token_seconds_count", stance=label) >= len(PROMPTS)
     assert metric(after, "stanceserve_requests_total", stance="blend") == 1
     assert metric(after, "stanceserve_adapters_registered") == 2

@@ -5,7 +5,7 @@
 per row over a paged KV cache, the keys and values read in place through the rows' block tables (no gathered
 copy), fp32 softmax, fp32 or bf16 in and out. The built library is cached on disk under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/stanceserve/torch_extensions``, in a folder named after a hash of the
-source, of torch's version and of this CPU's flags (``/proc/cpuinfo``), so a cache shared by machines with
+source, of torch's version and of the host CPU's flags (``/proc/cpuinfo``), so a cache shared by machines with
 different CPUs never loads a binary built for another instruction set; ``cpp_extension``'s lock file keeps two
 processes from building the same folder at once. A build that fails (no compiler, no headers, anything raised)
 logs one warning and :func:`kernel` returns ``None`` from then on: the caller keeps its PyTorch path.
@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 #: the kernel's C++ source, shipped as package data
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
-#: compiler flags: gcc vectorises the head_dim loops for the build machine's vector width; sums may be reordered
-#: (tree reductions of the dot products), while NaN, infinities and errno-free math keep IEEE meaning
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math",
-          "-fno-signed-zeros", "-fassociative-math"]
+#: compiler flags: gcc vectorises the maps over head_dim and positions for the build machine's vector width. No
+#: ``-fassociative-math``: a reduction the compiler vectorises itself is peeled by the buffer's alignment, which
+#: makes a row's sums depend on the other rows of the call; the kernel writes its sums in one fixed order instead
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
 
 _lock = threading.Lock()
 _done = False
@@ -59,7 +59,7 @@ def _cpu_flags() -> str:
 
 def extension_name(source: str) -> str:
     """The extension's name: ``stanceserve_paged_attention_`` and 12 hex digits of a hash of ``source``, the
-    compiler flags, torch's version and this CPU's flags."""
+    compiler flags, torch's version and the host CPU's flags."""
     h = hashlib.sha256()
     for part in (source, " ".join(CFLAGS), torch.__version__, _cpu_flags()):
         h.update(part.encode())

@@ -174,8 +174,8 @@ class FusedLinear:
         oneDNN builds (and caches) one primitive per distinct row count, about 0.6 MB each on this
         project's CPU: prefill lengths alone grew a test process by 356 MB. So row counts are padded
         with zero rows to a bucket (:func:`packed_rows`), which bounds the shapes per weight to about
-        ``log2(batch_hint) + max prefill chunk / PACKED_ROW_BUCKET``. A decode step is bound by reading
-        the weights, so its padded rows cost little.
+        ``4 + batch_hint / DECODE_ROW_STEP + max prefill chunk / PACKED_ROW_BUCKET``, and never runs one row
+        alone (oneDNN's one-row kernel rounds long sums differently from its many-row one).
         """
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
@@ -305,11 +305,25 @@ BLOCK_B_ROWS = SMALL_ROWS
 PACKED_ROW_BUCKET = 64
 
 
+#: row buckets of packed matmuls up to the decode batch: powers of two up to this, then multiples of it
+DECODE_ROW_STEP = 16
+
+
 def packed_rows(n: int, batch_hint: int) -> int:
-    """The row bucket a packed matmul of ``n`` rows runs at: the next power of two up to ``batch_hint`` (then
-    ``batch_hint``), past it the next multiple of :data:`PACKED_ROW_BUCKET`."""
+    """The row bucket a packed matmul of ``n`` rows runs at.
+
+    Up to ``batch_hint`` (the decode batch; never past it): the next power of two from 2 up to
+    :data:`DECODE_ROW_STEP` rows, then the next multiple of it (48 rows run as 48, not 64: on CPU a decode step
+    of that many rows is bound by the matmuls' arithmetic, so padded rows cost time). Past ``batch_hint``
+    (prefill chunks): the next multiple of :data:`PACKED_ROW_BUCKET`.
+
+    Never one row (unless ``batch_hint`` is 1): oneDNN computes a one-row product with another kernel than a
+    product of several rows, whose sums round differently for long reductions (e.g. a 1536-wide down
+    projection), so a request alone would get other tokens than the same request among others.
+    """
     if n <= batch_hint:
-        return min(1 << max(0, n - 1).bit_length(), batch_hint)
+        b = max(2, 1 << max(0, n - 1).bit_length()) if n <= DECODE_ROW_STEP else -(-n // DECODE_ROW_STEP) * DECODE_ROW_STEP
+        return min(b, batch_hint)
     return -(-n // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
 
 

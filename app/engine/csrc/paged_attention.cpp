@@ -122,19 +122,21 @@ inline void store(float* dst, float x) { *dst = x; }
 inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }  // round to nearest even
 
 // Max-subtracted softmax of each of the G rows of scores (len positions each, rows max_len apart), in place;
-// the probabilities are left unnormalised and inv[g] is 1 / their sum.
+// the probabilities are left unnormalised and inv[g] is 1 / their sum. The sum runs in one fixed order (16-lane
+// vectors from position 0, their tree sum, then the tail in order), whatever the buffer's address or max_len: a
+// row's result never depends on the other rows of the call (batch invariance).
 inline void softmax_rows(float* __restrict__ scores, float* __restrict__ inv, int64_t G, int64_t len,
                          int64_t max_len) {
   for (int64_t g = 0; g < G; ++g) {
     float* __restrict__ sg = scores + g * max_len;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t p = 0; p < len; ++p) m = std::max(m, sg[p]);
-    float sum = 0.0f;
-    for (int64_t p = 0; p < len; ++p) {
-      const float e = exp_nonpositive(sg[p] - m);
-      sg[p] = e;
-      sum += e;
-    }
+    for (int64_t p = 0; p < len; ++p) sg[p] = exp_nonpositive(sg[p] - m);  // a map: vectorises, no reduction
+    const int64_t full = len / 16 * 16;
+    f32x16 acc16 = {};
+    for (int64_t p = 0; p < full; p += 16) acc16 += load16(sg + p);
+    float sum = hsum(acc16);
+    for (int64_t p = full; p < len; ++p) sum += sg[p];
     inv[g] = 1.0f / sum;
   }
 }

@@ -135,12 +135,32 @@ def test_unsupported_architecture_is_named():
 
 
 def test_packed_row_buckets_bound_the_shapes():
-    from app.engine.lora import PACKED_ROW_BUCKET, packed_rows
+    from app.engine.lora import DECODE_ROW_STEP, PACKED_ROW_BUCKET, packed_rows
 
-    assert [packed_rows(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
-    assert packed_rows(12, 12) == 12 and packed_rows(9, 12) == 12
+    assert [packed_rows(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [2, 2, 4, 8, 8, 16, 16]
+    assert packed_rows(1, 1) == 1 and packed_rows(12, 12) == 12 and packed_rows(9, 12) == 12
+    assert [packed_rows(n, 256) for n in (17, 48, 49, 250, 256)] == [32, 48, 64, 256, 256]
     assert packed_rows(17, 16) == PACKED_ROW_BUCKET and packed_rows(PACKED_ROW_BUCKET + 1, 16) == 2 * PACKED_ROW_BUCKET
-    assert len({packed_rows(n, 16) for n in range(1, 513)}) == 5 + 512 // PACKED_ROW_BUCKET
+    assert len({packed_rows(n, 16) for n in range(1, 513)}) == 4 + 512 // PACKED_ROW_BUCKET
+    assert len({packed_rows(n, 256) for n in range(1, 513)}) == 4 + (256 - DECODE_ROW_STEP) // DECODE_ROW_STEP + 256 // PACKED_ROW_BUCKET
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_alone_gets_the_bits_it_gets_among_others(dtype):
+    """A packed linear with a long reduction (1536 wide, as a down projection) gives each row the same bits
+    whether it runs alone or with 63 others: one-row products are padded to two rows, as oneDNN's one-row kernel
+    rounds such sums differently (without the padding some of these rows differ)."""
+    from app.engine.lora import FusedLinear, prepack_supported
+
+    if not prepack_supported(torch.device("cpu"), dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1536, 576, bias=False).to(dtype)
+    fused = FusedLinear("down", [("down", lin)])
+    assert fused.prepack(256)
+    x = torch.randn(64, 1536).to(dtype)
+    together = fused.base(x)
+    assert all(torch.equal(fused.base(x[r : r + 1])[0], together[r]) for r in range(64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
