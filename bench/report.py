@@ -103,7 +103,8 @@ def _capacity_table(sc: dict[str, Any]) -> list[str]:
            f"({cap.get('prompt_tokens')} prompt tokens, {cap.get('max_tokens')} new) at 16 rows per step and at the "
            f"default cap of {cap.get('default_max_batch_size')}, alternating. *TTFT floor* is what prefill compute "
            "alone allows for the median first token when every request arrives at once (half the prompts at the "
-           "run's own prefill rate).", "",
+           "run's own prefill rate). Peak RSS is the whole process's, so after other scenarios in the same run it also "
+           "holds what they allocated: run `--scenarios capacity` alone to compare it.", "",
            "| streams | stance | tok/s at 16 rows | tok/s paged | ratio | TTFT p50 16 rows / paged | TTFT floor | "
            "peak RSS 16 rows / paged | peak KV | preemptions |",
            "|---|---|---|---|---|---|---|---|---|---|"]
