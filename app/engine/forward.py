@@ -79,11 +79,12 @@ class DecodeGroup:
             self._mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
         return self._mask, int(self._mask.shape[-1])
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`mask` as an additive score bias ``[g, 1, 1, L]``: 0 where visible, ``-inf`` elsewhere."""
+    def bias(self) -> torch.Tensor:
+        """:meth:`mask` as an additive fp32 score bias ``[g, 1, 1, L]``: 0 where visible, ``-inf`` elsewhere (the
+        matmul decode attention keeps its scores in fp32 in every dtype)."""
         if self._bias is None:
             mask, _ = self.mask()
-            self._bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
         return self._bias
 
     def gather_index(self, kv_heads: int, num_blocks: int) -> torch.Tensor:
@@ -189,10 +190,16 @@ class Plan:
         """Each sequence's token range ``(start, end)`` in the pack."""
         return [(a, a + n) for _, a, n, _ in self.rows]
 
-    def decode_groups(self) -> list[DecodeGroup]:
-        """The decode rows' attention groups: :attr:`groups`, or one group of every row over :attr:`tables`."""
+    def decode_groups(self, split: bool = True) -> list[DecodeGroup]:
+        """The decode rows' attention groups: :attr:`groups`, or one group of every row over :attr:`tables`.
+
+        ``split=False``: that one group whatever :attr:`groups` holds, for attention that reads each row's own
+        positions only (the CPU kernel), where splitting rows by length saves nothing.
+        """
+        assert self.tables is not None, "not a decode plan"
+        if not split:
+            return [DecodeGroup(None, self.tables, self.positions, self.block_size)]
         if self.groups is None:
-            assert self.tables is not None, "not a decode plan"
             self.groups = [DecodeGroup(None, self.tables, self.positions, self.block_size)]
         return self.groups
 
@@ -411,7 +418,7 @@ class ForwardPass:
                 scores = torch.matmul(qg, k.transpose(-1, -2))  # [n, kv_heads, G, L]
             else:  # half types: fp32 scores (rounding them to bf16 costs ~10x SDPA's error), probabilities back
                 scores = torch.matmul(qg.float(), k.float().transpose(-1, -2))
-            scores.mul_(self.scaling).add_(group.bias(torch.float32))
+            scores.mul_(self.scaling).add_(group.bias())
             out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
         else:
             mask, _ = group.mask()
@@ -422,7 +429,7 @@ class ForwardPass:
         """Attention of the packed queries ``q`` ``[N, heads, head_dim]`` over their rows' blocks -> ``[N, heads * head_dim]``."""
         hd, kvh, g = self.head_dim, self.kv_heads, self.groups
         if plan.decode:
-            groups = plan.decode_groups()
+            groups = plan.decode_groups(split=self.decode_kernel() is None)
             if len(groups) == 1 and groups[0].rows is None:
                 return self._decode_attention(q, groups[0], layer, cache)
             out = q.new_empty(q.shape[0], self.num_heads * hd)
