@@ -48,12 +48,14 @@ from tests.factories.adapters import (
 from tests.factories.engine import (
     block_bytes,
     collect,
+    decode_attention_reference,
     decoder_logits,
     drain,
     make_engine,
     mixed_batch_and_alone,
     peft_logits,
     reference_greedy,
+    row_kv,
 )
 from tests.factories.http import AUTH, KEY, chat, make_client, metric, wait_ready
 from tests.factories.models import (
@@ -84,7 +86,7 @@ from tests.factories.servers import APP_CLI, Server, free_port, preexec, run_ser
 from tests.factories.stores import FakeStore, new_store
 
 __all__ = [
-    "APP_CLI", "AUTH", "block_bytes", "collect", "drain", "reference_greedy", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
+    "APP_CLI", "AUTH", "block_bytes", "collect", "decode_attention_reference", "drain", "row_kv", "reference_greedy", "BASE_MODEL", "CFG", "KEY", "MODEL", "Q0", "REFUSED_CONFIGS", "REFUSED_TENSORS", "REPO",
     "STORIES_DIR", "TARGETS", "FakeStore", "Server", "adapter_bytes", "adapter_files", "adapter_version",
     "base_model", "build_extra_model", "build_tiny_model", "EXTRA_ARCHS", "calm_and_bold", "chat", "chat_body", "edit_config", "edit_tensors",
     "free_port", "key", "load_tokenizer", "make_client", "make_engine", "decoder_logits", "metric", "mixed_batch_and_alone",

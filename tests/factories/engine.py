@@ -133,3 +133,20 @@ def mixed_batch_and_alone(base, d1, d2, input_ids, dtype=torch.float32):
         [read_adapter(d1, "a1"), read_adapter(d2, "a2")],
     )
     return torch.cat(out, dim=0), alone
+
+
+def row_kv(cache: torch.Tensor, table, n: int) -> torch.Tensor:
+    """``[kv_heads, n, head_dim]``: a row's first ``n`` positions of a cache layer ``[kv_heads, blocks, block_size,
+    head_dim]``, read through its block table."""
+    return cache[:, table].flatten(1, 2)[:, :n]
+
+
+def decode_attention_reference(q, k, v, tables, lengths, scale) -> torch.Tensor:
+    """fp64 decode attention, row by row over each row's own ``lengths[r]`` positions read through ``tables[r]``:
+    ``q`` ``[n, kv_heads, G, head_dim]``, ``k``/``v`` cache layers -> ``[n, kv_heads * G * head_dim]``."""
+    out = []
+    for r, n in enumerate(lengths):
+        kr, vr = row_kv(k, tables[r], n).double(), row_kv(v, tables[r], n).double()
+        p = torch.softmax(q[r].double() @ kr.transpose(-1, -2) * scale, -1)
+        out.append((p @ vr).reshape(-1))
+    return torch.stack(out)

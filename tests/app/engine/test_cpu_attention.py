@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from app.engine import cpu_attention
 from app.engine.forward import ForwardPass, Plan
+from tests.factories import decode_attention_reference, row_kv
 
 BS = 16
 LENGTHS = [1, 15, 16, 17, 100, 300]
@@ -63,21 +64,6 @@ def paged_case(dtype, kv_heads, groups, head_dim, lengths, seed=0):
     return (q.to(dtype), k.to(dtype), v.to(dtype), torch.tensor(tables), torch.tensor([n - 1 for n in lengths]))
 
 
-def row_kv(cache, table, n):
-    """``[kv_heads, n, head_dim]``: a row's first ``n`` positions read through its table."""
-    return cache[:, table].flatten(1, 2)[:, :n]
-
-
-def reference(q, k, v, tables, lengths, scale):
-    """fp64 attention, row by row over each row's own positions: ``[n, kv_heads * G * head_dim]``."""
-    out = []
-    for r, n in enumerate(lengths):
-        kr, vr = row_kv(k, tables[r], n).double(), row_kv(v, tables[r], n).double()
-        p = torch.softmax(q[r].double() @ kr.transpose(-1, -2) * scale, -1)
-        out.append((p @ vr).reshape(-1))
-    return torch.stack(out)
-
-
 def sdpa(q, k, v, tables, lengths, scale):
     """SDPA in ``q``'s dtype, row by row over each row's own positions."""
     out = []
@@ -97,7 +83,7 @@ def test_kernel_matches_fp64_reference(kern, dtype, groups, head_dim):
     out = kern(q, k, v, tables, positions, scale)
     assert out.shape == (len(LENGTHS), 2 * groups * head_dim) and out.dtype == dtype
     assert torch.isfinite(out).all()  # no NaN from positions past a row's length or unused blocks
-    ref = reference(q, k, v, tables, LENGTHS, scale)
+    ref = decode_attention_reference(q, k, v, tables, LENGTHS, scale)
     err = (out.double() - ref).abs().max().item()
     if dtype == torch.float32:
         assert err <= 1e-5, err

@@ -15,7 +15,7 @@ import torch
 
 from app.engine.forward import ForwardPass, Plan, UnsupportedModelError
 from app.engine.kv_cache import blocks_for
-from tests.factories import build_tiny_model, decoder_logits
+from tests.factories import build_tiny_model, decode_attention_reference, decoder_logits
 
 ATOL = 1e-4
 
@@ -194,14 +194,8 @@ def test_bf16_decode_attention_keeps_fp32_scores(any_model):
     lengths = [48, 40, 33, 17]
     group = DecodeGroup(None, torch.tensor(T), torch.tensor([n - 1 for n in lengths]), cache.block_size)
     q = (torch.randn(4, dec.num_heads, dec.head_dim, generator=gen) * 3).to(torch.bfloat16)
-    k, v = cache.gather(0, group.gather_index(dec.kv_heads, cache.num_blocks), 4)
-    g = dec.num_heads // dec.kv_heads
-    ref = []
-    for r, n in enumerate(lengths):  # fp64, row by row, each over its own positions only
-        qr = q[r].double().view(dec.kv_heads, g, -1)
-        p = torch.softmax(qr @ k[r, :, :n].double().transpose(-1, -2) * dec.scaling, -1)
-        ref.append((p @ v[r, :, :n].double()).reshape(-1))
-    ref = torch.stack(ref)
+    qg = q.view(4, dec.kv_heads, dec.num_heads // dec.kv_heads, dec.head_dim)
+    ref = decode_attention_reference(qg, cache.k[0], cache.v[0], T, lengths, dec.scaling)
     err = {}
     for matmul in (True, False):
         dec.matmul_decode_attention = matmul
