@@ -1,9 +1,11 @@
-"""The C++ CPU paged decode-attention kernel (``csrc/paged_attention.cpp``), built on first use.
+"""The C++ CPU paged-attention kernels (``csrc/paged_attention.cpp``), built on first use.
 
-:func:`kernel` compiles the kernel once per process with :func:`torch.utils.cpp_extension.load` (``-O3
--march=native``, OpenMP for ``at::parallel_for``) and returns its ``decode_attention`` function: one query token
+:func:`kernel` compiles them once per process with :func:`torch.utils.cpp_extension.load` (``-O3
+-march=native``, OpenMP for ``at::parallel_for``) and returns the ``decode_attention`` function: one query token
 per row over a paged KV cache, the keys and values read in place through the rows' block tables (no gathered
-copy), fp32 softmax, fp32 or bf16 in and out. The built library is cached on disk under
+copy), fp32 softmax, fp32 or bf16 in and out. :func:`prefill_kernel` returns ``prefill_attention`` from the same
+build: each row's new tokens attending causally over its blocks, every query computed exactly as
+``decode_attention`` computes a row at that position. The built library is cached on disk under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/stanceserve/torch_extensions``, in a folder named after a hash of the
 source, of torch's version and of the host CPU's flags (``/proc/cpuinfo``), so a cache shared by machines with
 different CPUs never loads a binary built for another instruction set; ``cpp_extension``'s lock file keeps two
@@ -12,7 +14,7 @@ logs one warning and :func:`kernel` returns ``None`` from then on: the caller ke
 
 :func:`warm_up` builds (or loads) it up front, so the engine pays the compile at start-up, not in a request.
 
-Not here: when the kernel is used (:class:`app.engine.forward.ForwardPass`), prefill attention, CUDA.
+Not here: when the kernels are used (:class:`app.engine.forward.ForwardPass`), CUDA.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +43,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno", "
 
 _lock = threading.Lock()
 _done = False
-_kernel: Callable[..., torch.Tensor] | None = None
+_module: Any = None
 #: seconds the last build or load took (``None``: none ran in this process)
 build_seconds: float | None = None
 
@@ -73,8 +76,9 @@ def build_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "stanceserve" / "torch_extensions"
 
 
-def _build() -> Callable[..., torch.Tensor]:
-    """Compile (or load the cached build of) the extension and return its ``decode_attention``.
+def _build() -> Any:
+    """Compile (or load the cached build of) the extension and return it (a module with ``decode_attention`` and
+    ``prefill_attention``).
 
     Raises:
         Exception: whatever the compiler, the loader or the file system raise.
@@ -87,7 +91,7 @@ def _build() -> Callable[..., torch.Tensor]:
     folder.mkdir(parents=True, exist_ok=True)
     module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                 build_directory=str(folder), verbose=False)
-    return module.decode_attention
+    return module
 
 
 def kernel() -> Callable[..., torch.Tensor] | None:
@@ -102,25 +106,47 @@ def kernel() -> Callable[..., torch.Tensor] | None:
     The first call builds or loads it (seconds to a minute; later calls return at once). ``None`` (after one
     logged warning saying why) when that failed, for the rest of the process.
     """
-    global _done, _kernel, build_seconds
+    module = _load()
+    return None if module is None else module.decode_attention
+
+
+def prefill_kernel() -> Callable[..., torch.Tensor] | None:
+    """The kernel's ``prefill_attention(q, k_cache, v_cache, tables, starts, counts, cached, scale) -> out``, or
+    ``None`` (as :func:`kernel`: the same build).
+
+    ``q`` ``[N, kv_heads, G, head_dim]`` holds the packed new tokens of ``R`` rows: row ``r``'s are
+    ``q[starts[r] : starts[r] + counts[r]]``, its token ``i`` at position ``cached[r] + i``, attending keys ``0 ..``
+    that position through ``tables[r]`` (``tables`` ``[R, W]``; ``starts``, ``counts``, ``cached`` ``[R]``, all int64
+    and contiguous). Returns ``[N, kv_heads * G * head_dim]`` in ``q``'s dtype (zeros for tokens of no row); each
+    token's output is bit for bit what ``decode_attention`` gives that token as a row of its own at that position.
+    Raises ``RuntimeError`` on other shapes or dtypes, a row past ``N`` or past its table, a block id outside the
+    cache.
+    """
+    module = _load()
+    return None if module is None else module.prefill_attention
+
+
+def _load() -> Any:
+    """The built extension, building or loading it on the first call; ``None`` when that failed."""
+    global _done, _module, build_seconds
     if _done:
-        return _kernel
+        return _module
     with _lock:
         if not _done:
             t0 = time.perf_counter()
             try:
-                _kernel = _build()
+                _module = _build()
             except Exception as e:  # noqa: BLE001 - any failure means the PyTorch path
-                _kernel = None
+                _module = None
                 why = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-                logger.warning("CPU attention kernel unavailable, decode attention stays on PyTorch ops: %s: %s",
+                logger.warning("CPU attention kernel unavailable, attention stays on PyTorch ops: %s: %s",
                                type(e).__name__, why[:600])
             build_seconds = time.perf_counter() - t0
-            if _kernel is not None:
+            if _module is not None:
                 logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds,
                             build_root())
             _done = True
-    return _kernel
+    return _module
 
 
 def warm_up() -> bool:

@@ -129,6 +129,7 @@ class Plan:
     all_logits: bool = False
     block_size: int = BLOCK_SIZE
     groups: list[DecodeGroup] | None = None
+    _prefill_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -184,6 +185,20 @@ class Plan:
         else:
             row_tables = [t(list(tb[: blocks_for(c + n, block_size)])) for tb, _, n, c in spans]
         return cls(t(ids), t(pos), t(kv_index), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
+
+    def prefill_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill only: ``(tables [R, W], starts [R], counts [R], cached [R])`` int64, the rows' block tables (padded
+        with the null block to the longest), first token indices in the pack, new tokens and cached lengths, as the
+        CPU prefill kernel takes them (:func:`app.engine.cpu_attention.prefill_kernel`); built once per plan."""
+        assert self.row_tables is not None, "not a prefill plan"
+        if self._prefill_args is None:
+            width = max(int(t.shape[0]) for t in self.row_tables)
+            tables = torch.full((len(self.rows), width), NULL_BLOCK, dtype=torch.long, device=self.ids.device)
+            for i, t in enumerate(self.row_tables):
+                tables[i, : t.shape[0]] = t
+            meta = torch.tensor([[a, n, c] for _, a, n, c in self.rows], dtype=torch.long, device=self.ids.device)
+            self._prefill_args = (tables, meta[:, 0].contiguous(), meta[:, 1].contiguous(), meta[:, 2].contiguous())
+        return self._prefill_args
 
     @property
     def segments(self) -> list[tuple[int, int]]:
@@ -328,6 +343,13 @@ class ForwardPass:
             return None
         return cpu_attention.kernel()
 
+    def prefill_kernel(self) -> Any:
+        """The C++ prefill-attention function this pass uses (:func:`app.engine.cpu_attention.prefill_kernel`), or
+        ``None``, under the same conditions as :meth:`decode_kernel`."""
+        if self.decode_kernel() is None:
+            return None
+        return cpu_attention.prefill_kernel()
+
     def warm_up(self) -> bool:
         """Build or load the decode-attention kernel now (at start-up, not in the first request) when this pass
         uses it. Returns whether decode attention runs through it."""
@@ -438,6 +460,11 @@ class ForwardPass:
                 out.index_copy_(0, group.rows, self._decode_attention(q.index_select(0, group.rows), group, layer, cache))
             return out
         assert plan.row_tables is not None
+        fn = self.prefill_kernel()
+        if fn is not None:
+            n = q.shape[0]
+            return fn(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer], *plan.prefill_args(),
+                      self.scaling)
         kc, vc = cache.k[layer], cache.v[layer]
         bs = cache.block_size
         out = q.new_empty(q.shape[0], self.num_heads * hd)

@@ -88,12 +88,13 @@ def peft_logits(base, adapter_dir, input_ids, attention_mask=None):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepack=4):
+def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepack=4, attention_kernel=False):
     """Every position's logits of ``rows`` run in ONE packed prefill through the engine's forward pass.
 
     Args:
         model: a Hugging Face causal LM (copied first, unless ``decoder`` is given).
         prepack: the ``ForwardPass``'s ``prepack`` (oneDNN-packed weights on CPU, as the engine runs; ``None``: dense).
+        attention_kernel: the ``ForwardPass``'s ``attention_kernel`` (the C++ CPU attention kernels).
         rows: ``(token ids, [(slot, weight), ...])`` per row; rows may differ in length.
         adapters: :class:`AdapterWeights` written into slots ``0, 1, ...``.
 
@@ -104,7 +105,7 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepa
     from app.engine.lora import LoRABatch, MultiLoRA
 
     if decoder is None:
-        decoder = ForwardPass(copy.deepcopy(model), prepack=prepack)
+        decoder = ForwardPass(copy.deepcopy(model), prepack=prepack, attention_kernel=attention_kernel)
         lora = MultiLoRA(decoder.linears, max_slots=max_slots)
         for slot, ad in enumerate(adapters):
             lora.write_slot(slot, ad)

@@ -1,9 +1,10 @@
-"""The C++ CPU paged decode-attention kernel (:mod:`app.engine.cpu_attention`) and its use by the forward pass.
+"""The C++ CPU paged-attention kernels (:mod:`app.engine.cpu_attention`) and their use by the forward pass.
 
-The kernel against an fp64 reference computed row by row over each row's own positions (fp32 to 1e-5; bf16 no
+The decode kernel against an fp64 reference computed row by row over each row's own positions (fp32 to 1e-5; bf16 no
 worse than twice SDPA's error), on block tables out of order, rows of 1 to 300 positions, grouped-query ratios
 1, 3 and 4 and head sizes 32, 64, 80 (vector paths) and 24 (plain loops), with NaN in every cache position a
-row must not read. Then whole decode steps of the tiny models with the kernel on and off, the fallback when the
+row must not read. The prefill kernel against the same reference per token, for rows starting mid-sequence,
+with each token's output independent of the other rows of the call and of where a chunk starts. Then whole decode steps of the tiny models with the kernel on and off, the fallback when the
 kernel cannot be built, and the engine setting ``cpu_attention_kernel``. The kernel tests skip (saying why) only
 where the kernel cannot be built on this host, and fail there instead with ``STANCESERVE_REQUIRE_CPU_KERNEL=1``
 (``.ci/run`` sets it).
@@ -118,6 +119,80 @@ def test_kernel_rejects_positions_past_the_table_and_bad_block_ids(kern):
         kern(q.double(), k.double(), v.double(), tables, positions, 1.0)
 
 
+PREFILL_ROWS = [(0, 80), (37, 5), (0, 1), (100, 33), (15, 17), (0, 300), (64, 16)]  # (cached, new tokens)
+
+
+@pytest.fixture(scope="module")
+def prefill_kern(kern):
+    return cpu_attention.prefill_kernel()
+
+
+def prefill_case(dtype, kv_heads, groups, head_dim, rows, seed=0):
+    """Caches as :func:`paged_case` for rows of ``cached + new`` positions, packed queries of every row's new tokens,
+    and the rows' (tables, starts, counts, cached); plus per token its row's table and its position (the reference's
+    one-row-per-token view)."""
+    lengths = [c + n for c, n in rows]
+    _, k, v, tables, _ = paged_case(dtype, kv_heads, groups, head_dim, lengths, seed)
+    total = sum(n for _, n in rows)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = (torch.randn(total, kv_heads, groups, head_dim, generator=gen) * 3).to(dtype)
+    starts, at = [], 0
+    for _, n in rows:
+        starts.append(at)
+        at += n
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    args = (tables, t(starts), t([n for _, n in rows]), t([c for c, _ in rows]))
+    token_tables = torch.stack([tables[r] for r, (_, n) in enumerate(rows) for _ in range(n)])
+    token_lengths = [c + i + 1 for c, n in rows for i in range(n)]
+    return q, k, v, args, token_tables, token_lengths
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 24])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_kernel_matches_fp64_reference(prefill_kern, dtype, groups, head_dim):
+    q, k, v, args, token_tables, token_lengths = prefill_case(dtype, 2, groups, head_dim, PREFILL_ROWS)
+    scale = head_dim**-0.5
+    out = prefill_kern(q, k, v, *args, scale)
+    assert out.shape == (q.shape[0], 2 * groups * head_dim) and out.dtype == dtype
+    assert torch.isfinite(out).all()  # no NaN from positions past a token's own or unused blocks
+    ref = decode_attention_reference(q, k, v, token_tables, token_lengths, scale)
+    err = (out.double() - ref).abs().max().item()
+    sdpa_err = (sdpa(q, k, v, token_tables, token_lengths, scale).double() - ref).abs().max().item()
+    if dtype == torch.float32:  # values are O(1): a few fp32 ulps over hundreds of positions (SDPA: 4-6e-6)
+        assert err <= 1.5e-5, (err, sdpa_err)
+    else:  # no worse than twice PyTorch's own attention in bf16
+        assert err <= 2 * sdpa_err, (err, sdpa_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_kernel_tokens_do_not_depend_on_the_rest_of_the_call(prefill_kern, dtype):
+    """A row's tokens get the same bits alone as among other rows, and a row prefilled in two chunks (the second
+    starting mid-tile, at cached + 7) gets the bits of one call: a token's output is its own arithmetic only."""
+    q, k, v, (tables, starts, counts, cached), *_ = prefill_case(dtype, 2, 3, 64, PREFILL_ROWS)
+    together = prefill_kern(q, k, v, tables, starts, counts, cached, 0.125)
+    for r in range(len(PREFILL_ROWS)):
+        a, n, c = int(starts[r]), int(counts[r]), int(cached[r])
+        one = lambda first, m: prefill_kern(  # noqa: E731
+            q[a + first : a + first + m].contiguous(), k, v, tables[r : r + 1].contiguous(), torch.tensor([0]),
+            torch.tensor([m]), torch.tensor([c + first]), 0.125)
+        assert torch.equal(one(0, n), together[a : a + n])
+        if n > 7:
+            assert torch.equal(torch.cat([one(0, 7), one(7, n - 7)]), together[a : a + n])
+
+
+def test_prefill_kernel_rejects_rows_outside_q_or_the_table(prefill_kern):
+    q, k, v, (tables, starts, counts, cached), *_ = prefill_case(torch.float32, 2, 1, 32, [(0, 5), (3, 20)])
+    with pytest.raises(RuntimeError, match="outside q"):
+        prefill_kern(q, k, v, tables, starts, counts + 1, cached, 1.0)
+    with pytest.raises(RuntimeError, match="outside its table"):
+        prefill_kern(q, k, v, tables, starts, counts, cached + tables.shape[1] * BS, 1.0)
+    bad = tables.clone()
+    bad[1, 0] = k.shape[1]
+    with pytest.raises(RuntimeError, match="out of range"):
+        prefill_kern(q, k, v, bad, starts, counts, cached, 1.0)
+
+
 def test_extension_name_depends_on_cpu_flags_and_source(monkeypatch):
     name = cpu_attention.extension_name("x")
     assert name.startswith("stanceserve_paged_attention_") and cpu_attention.extension_name("y") != name
@@ -153,6 +228,8 @@ def test_forward_decode_with_kernel_on_and_off(kern, any_model, dtype, monkeypat
     assert on.warm_up() and not off.warm_up()
     monkeypatch.setattr("app.engine.kv_cache.PagedKVCache.gather",
                         lambda *a: pytest.fail("the kernel path gathered the cache"))
+    monkeypatch.setattr("app.engine.forward.F.scaled_dot_product_attention",
+                        lambda *a, **k: pytest.fail("the kernel path ran SDPA"))
     logits_on, toks_on, _ = decode_run(on)
     monkeypatch.undo()
     logits_off, toks_off, _ = decode_run(off)
@@ -171,7 +248,7 @@ def test_failed_build_leaves_the_pytorch_path(any_model, monkeypatch, caplog):  
         raise OSError("no compiler here")
 
     monkeypatch.setattr(cpu_attention, "_done", False)
-    monkeypatch.setattr(cpu_attention, "_kernel", None)
+    monkeypatch.setattr(cpu_attention, "_module", None)
     monkeypatch.setattr(cpu_attention, "_build", broken)
     with caplog.at_level(logging.WARNING, logger="app.engine.cpu_attention"):
         assert cpu_attention.kernel() is None and cpu_attention.kernel() is None

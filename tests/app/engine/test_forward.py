@@ -2,7 +2,8 @@
 
 For every supported architecture (tiny random models: Llama with GQA and tied embeddings, Qwen2 with
 q/k/v biases, Phi with parallel blocks and partial rotary, Qwen3 with q/k norms, Mistral), rows of
-different lengths are prefilled in one packed pass, prefilled in chunks, and decoded token by token
+different lengths are prefilled in one packed pass, prefilled in chunks, and decoded token by token (attention
+through PyTorch and, on CPU, through the C++ kernels of :mod:`app.engine.cpu_attention`)
 on block tables handed out round-robin and across block boundaries, and every logit is compared with the Hugging Face model's own forward.
 """
 
@@ -25,19 +26,21 @@ def hf_logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch-attention", "cpu-kernel"])
 @pytest.mark.parametrize("prepack", [None, 4], ids=["dense", "prepacked"])
-def test_packed_prefill_matches_transformers(any_model, prepack):
+def test_packed_prefill_matches_transformers(any_model, prepack, kernel):
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 1, 12)]
-    out = decoder_logits(any_model, [(ids, []) for ids in rows], prepack=prepack)
+    rows = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (7, 1, 12, 40)]
+    out = decoder_logits(any_model, [(ids, []) for ids in rows], prepack=prepack, attention_kernel=kernel)
     for ids, got in zip(rows, out):
         torch.testing.assert_close(got, hf_logits(any_model, ids), atol=ATOL, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch-attention", "cpu-kernel"])
 @pytest.mark.parametrize("prepack", [None, 2], ids=["dense", "prepacked"])
-def test_chunked_prefill_and_decode_on_shuffled_rows_match_transformers(any_model, prepack):
+def test_chunked_prefill_and_decode_on_shuffled_rows_match_transformers(any_model, prepack, kernel):
     ref_model = any_model
-    dec = ForwardPass(copy.deepcopy(any_model), prepack=prepack)
+    dec = ForwardPass(copy.deepcopy(any_model), prepack=prepack, attention_kernel=kernel)
     assert dec.prepacked == (prepack is not None and dec.device.type == "cpu")
     cache, T = dec.row_cache(4, 64)
     g = torch.Generator().manual_seed(1)
