@@ -161,9 +161,10 @@ class Settings(BaseSettings):
         "does): decode steps ~1.5x faster; the dense copies are freed, so weights are not held twice. No effect on CUDA.",
     )
     cpu_attention_kernel: bool = Field(
-        True, description="On CPU, run decode attention (fp32, bf16) through a C++ kernel that reads the paged KV cache "
-        "in place, compiled at start-up (-march=native, cached under TORCH_EXTENSIONS_DIR or "
-        "~/.cache/stanceserve/torch_extensions); if it cannot be built (no compiler), PyTorch ops. No effect on CUDA.",
+        True, description="On CPU (fp32, bf16), run attention (decode and prefill) through C++ kernels that read the "
+        "paged KV cache in place, and the RMSNorms, residual adds, rotary embedding with its cache writes and the SiLU "
+        "gate through fused ones; compiled at start-up (-march=native, cached under TORCH_EXTENSIONS_DIR or "
+        "~/.cache/stanceserve/torch_extensions); if they cannot be built (no compiler), PyTorch ops. No effect on CUDA.",
     )
     cuda_graphs: bool = Field(
         True, description="On CUDA, capture decode steps as CUDA graphs (one per batch-size, context and blend-size "

@@ -14,7 +14,7 @@
 * :func:`profile_step` gives the per-op split of one step (``torch.profiler``, self CPU/CUDA time per
   op, averaged over steps), so the bench shows where each remaining millisecond goes.
 * :func:`attention_kernels` times one layer's decode attention through the C++ CPU kernel
-  (:mod:`app.engine.cpu_attention`), the batched-matmul path and SDPA; :func:`kernel_steps` times whole decode
+  (:mod:`app.engine.cpu_kernels`), the batched-matmul path and SDPA; :func:`kernel_steps` times whole decode
   steps with the kernel on and off, interleaved.
 * :func:`shared_prefix` is the TTFT of concurrent requests sharing a long stance system prompt, with
   the prefix cache and without it.
@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from app.engine.forward import DecodeGroup, ForwardPass, Plan
+from app.engine.forward import ForwardPass
 from app.engine.graphs import DecodeGraphs
 from app.engine.lora import LoRABatch
+from app.engine.plan import DecodeGroup, Plan
 
 
 def _sync(device: torch.device) -> None:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.forward import Plan
 from app.engine.grammar import RowMatcher
 from app.engine.kv_cache import PagedKVCache, blocks_for
+from app.engine.plan import Plan
 from app.engine.request import GenerationRequest
 
 

@@ -41,7 +41,8 @@ class EngineConfig:
             :func:`~app.engine.kv_cache.default_budget`).
         prefix_cache_memory_bytes: most bytes of KV blocks the prefix cache keeps keyed (0: off).
         weight_prepack: pack linear weights for oneDNN on CPU (:meth:`~app.engine.lora.FusedLinear.prepack`).
-        cpu_attention_kernel: on CPU, decode attention through the C++ kernel (:mod:`app.engine.cpu_attention`).
+        cpu_attention_kernel: on CPU, attention and the fused element-wise steps through the C++ kernels
+            (:mod:`app.engine.cpu_kernels`).
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs (:mod:`app.engine.graphs`).
 
     The field descriptions that the CLI and the docs show live on the settings fields of the same names.

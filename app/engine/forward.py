@@ -6,7 +6,8 @@ Phi-style blocks (Phi: one LayerNorm feeding attention and MLP in parallel, part
 rows of any length share every matmul, and nothing is padded. Projections are :class:`FusedLinear`
 (one matmul for q/k/v, one for gate/up, each with its fused LoRA slots). Rotary embeddings and norms
 are the Hugging Face model's own modules (so rope scaling variants and RMSNorm/LayerNorm details
-are theirs); attention is ``torch.nn.functional.scaled_dot_product_attention`` over each row's true
+are theirs, except where the fused CPU kernels below replace them); attention is
+``torch.nn.functional.scaled_dot_product_attention`` over each row's true
 length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through block tables:
 
 * decode (one token per row): one batched call over the rows' blocks gathered into
@@ -22,26 +23,32 @@ length in the paged :class:`~app.engine.kv_cache.PagedKVCache`, read through blo
   row's positions. On CPU the call is two batched matmuls and a softmax (fp32 scores) rather than SDPA
   (faster for one-token queries: :attr:`ForwardPass.matmul_decode_attention`). With
   :attr:`ForwardPass.attention_kernel`, on CPU in fp32 and bf16, decode attention is instead one call of the C++
-  kernel of :mod:`app.engine.cpu_attention`, which reads each row's blocks in place through its block table (no
+  kernel of :mod:`app.engine.cpu_kernels`, which reads each row's blocks in place through its block table (no
   gathered copy, no mask); where the kernel cannot be built, the matmul path above;
-* prefill: one call per row over its gathered blocks, causal from the row's cached length on (chunked
-  prefill and prefix reuse start mid-sequence).
+* prefill: with :attr:`ForwardPass.attention_kernel` on CPU, one call of the C++ prefill kernel over every row,
+  each row's new tokens attending causally over its blocks in place; otherwise one SDPA call per row over its
+  gathered blocks, causal from the row's cached length on (chunked prefill and prefix reuse start mid-sequence).
+
+With the same kernels (:meth:`ForwardPass.kernels`) the element-wise steps of a Llama-style block are fused on CPU:
+the residual add with the next RMSNorm, the rotary embedding of q and k with the k/v cache writes, the SiLU gate
+(Phi's LayerNorm blocks keep the Hugging Face modules).
 
 Checked against ``transformers``' logits for each supported architecture (tests/app/engine/test_forward.py).
-Not here: which tokens a step runs (:mod:`app.engine.batch`), sampling, adapters' provenance.
+Not here: what one pass computes (:class:`~app.engine.plan.Plan`, :mod:`app.engine.plan`), which tokens a step
+runs (:mod:`app.engine.batch`), sampling, adapters' provenance.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from app.engine import cpu_attention
-from app.engine.kv_cache import BLOCK_SIZE, NULL_BLOCK, PagedKVCache, blocks_for
+from app.engine import cpu_kernels
+from app.engine.kv_cache import BLOCK_SIZE, PagedKVCache, blocks_for
 from app.engine.lora import FusedLinear, LoRABatch
+from app.engine.plan import DecodeGroup, Plan
 
 #: ``config.model_type`` values this forward pass implements.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi")
@@ -49,174 +56,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi")
 
 class UnsupportedModelError(ValueError):
     """The model's architecture is not one :class:`ForwardPass` implements (the message lists those it does)."""
-
-
-@dataclass
-class DecodeGroup:
-    """Decode rows whose attention runs as one batched call over their blocks.
-
-    Attributes:
-        rows: ``[g]`` int64, the rows' indices in the plan (``None``: every row, in order).
-        tables: ``[g, blocks]`` int64, each row's block table up to the group's longest row, padded with the null
-            block; attention reads ``L = blocks * block_size`` positions of each row.
-        positions: ``[g]`` int64, each row's position (its last visible key).
-        block_size: positions per block.
-    """
-
-    rows: torch.Tensor | None
-    tables: torch.Tensor
-    positions: torch.Tensor
-    block_size: int
-    _mask: torch.Tensor | None = None
-    _bias: torch.Tensor | None = None
-    _index: torch.Tensor | None = None
-
-    def mask(self) -> tuple[torch.Tensor, int]:
-        """``([g, 1, 1, L] bool, L)``: key ``j`` of row ``b`` is visible iff ``j <= position_b``."""
-        if self._mask is None:
-            length = int(self.tables.shape[1]) * self.block_size
-            ar = torch.arange(length, device=self.positions.device)
-            self._mask = (ar[None, :] <= self.positions[:, None])[:, None, None, :]
-        return self._mask, int(self._mask.shape[-1])
-
-    def bias(self) -> torch.Tensor:
-        """:meth:`mask` as an additive fp32 score bias ``[g, 1, 1, L]``: 0 where visible, ``-inf`` elsewhere (the
-        matmul decode attention keeps its scores in fp32 in every dtype)."""
-        if self._bias is None:
-            mask, _ = self.mask()
-            self._bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-        return self._bias
-
-    def gather_index(self, kv_heads: int, num_blocks: int) -> torch.Tensor:
-        """``[g * kv_heads * blocks]`` int64: for row ``r``, KV head ``h`` and table entry ``i``, the block
-        ``h * num_blocks + tables[r, i]`` of a cache layer viewed as ``[kv_heads * num_blocks, block_size,
-        head_dim]``, in ``(r, h, i)`` order, so the gathered blocks view as ``[g, kv_heads, L, head_dim]``."""
-        if self._index is None:
-            heads = torch.arange(kv_heads, device=self.tables.device) * num_blocks
-            self._index = (self.tables[:, None, :] + heads[None, :, None]).reshape(-1)
-        return self._index
-
-
-@dataclass
-class Plan:
-    """What one forward pass computes: its packed tokens, where their KV goes and which logits come back.
-
-    Attributes:
-        ids, positions: ``[N]`` int64 token ids and positions of the packed tokens.
-        kv_index: ``[N]`` int64, where each token's key and value go: ``block * block_size + offset`` in the
-            :class:`~app.engine.kv_cache.PagedKVCache` (KV has blocks; only adapters have slots).
-        rows: per sequence, ``(block table, first token index in the pack, tokens, cached length before them)``.
-        decode: every sequence has one token (then token ``i`` is sequence ``i``).
-        logit_index: ``[M]`` int64, the packed tokens whose logits are returned.
-        tables: decode only: ``[rows, blocks]`` int64, each row's block table up to the longest row's length,
-            padded with the null block; attention reads ``blocks * block_size`` positions of every row, a mask
-            hiding each row's positions past its own (a fixed width gives a step static shapes:
-            :mod:`app.engine.graphs`).
-        row_tables: prefill only: per sequence, ``[blocks]`` int64, the blocks holding its first
-            ``cached + tokens`` positions.
-        block_size: positions per block.
-        groups: decode only: the rows split by length (:meth:`decode_groups`), or ``None``: one group.
-    """
-
-    ids: torch.Tensor
-    positions: torch.Tensor
-    kv_index: torch.Tensor
-    rows: list[tuple[list[int], int, int, int]]
-    decode: bool
-    logit_index: torch.Tensor
-    tables: torch.Tensor | None = None
-    row_tables: list[torch.Tensor] | None = None
-    all_logits: bool = False
-    block_size: int = BLOCK_SIZE
-    groups: list[DecodeGroup] | None = None
-    _prefill_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def build(
-        cls, rows: list[tuple[list[int], list[int], int]], device: torch.device, *, all_logits: bool = False,
-        block_size: int = BLOCK_SIZE,
-    ) -> Plan:
-        """A plan from ``(block table, new token ids, cached length)`` per sequence.
-
-        A sequence's new tokens take positions ``cached .. cached + len(ids) - 1``; its table must hold a block
-        for each of them. Logits come back for each sequence's last token (``[sequences, vocab]``), or with
-        ``all_logits`` for every token (``[N, vocab]``, for tests and scoring).
-
-        Raises:
-            ValueError: a table is too short for its sequence's positions.
-        """
-        ids: list[int] = []
-        pos: list[int] = []
-        kv_index: list[int] = []
-        spans = []
-        last = []
-        for table, toks, cached in rows:
-            end = cached + len(toks)
-            if blocks_for(end, block_size) > len(table):
-                raise ValueError(f"a block table of {len(table)} blocks cannot hold {end} positions")
-            spans.append((table, len(ids), len(toks), cached))
-            ids.extend(toks)
-            pos.extend(range(cached, end))
-            kv_index.extend(table[p // block_size] * block_size + p % block_size for p in range(cached, end))
-            last.append(len(ids) - 1)
-        decode = all(n == 1 for _, _, n, _ in spans)
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        index = t(list(range(len(ids)))) if all_logits else t(last)
-        tables = row_tables = groups = None
-        if decode:
-            widths = [blocks_for(c + 1, block_size) for *_, c in spans]
-            width = max(widths)
-
-            def padded(rows: list[int], w: int) -> torch.Tensor:
-                return t([list(spans[i][0][:w]) + [NULL_BLOCK] * (w - min(len(spans[i][0]), w)) for i in rows])
-
-            tables = padded(list(range(len(spans))), width)
-            # rows of very different lengths attend in groups of similar widths (powers of two of blocks), so short
-            # rows do not gather the longest row's length; only when that halves the positions read
-            by_width: dict[int, list[int]] = {}
-            for i, w in enumerate(widths):
-                by_width.setdefault(1 << (w - 1).bit_length(), []).append(i)
-            split = sum(len(r) * max(widths[i] for i in r) for r in by_width.values())
-            if len(by_width) > 1 and 2 * split <= len(spans) * width:
-                groups = [
-                    DecodeGroup(t(r), padded(r, max(widths[i] for i in r)), t([spans[i][3] for i in r]), block_size)
-                    for _, r in sorted(by_width.items())
-                ]
-        else:
-            row_tables = [t(list(tb[: blocks_for(c + n, block_size)])) for tb, _, n, c in spans]
-        return cls(t(ids), t(pos), t(kv_index), spans, decode, index, tables, row_tables, all_logits, block_size, groups)
-
-    def prefill_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prefill only: ``(tables [R, W], starts [R], counts [R], cached [R])`` int64, the rows' block tables (padded
-        with the null block to the longest), first token indices in the pack, new tokens and cached lengths, as the
-        CPU prefill kernel takes them (:func:`app.engine.cpu_attention.prefill_kernel`); built once per plan."""
-        assert self.row_tables is not None, "not a prefill plan"
-        if self._prefill_args is None:
-            width = max(int(t.shape[0]) for t in self.row_tables)
-            tables = torch.full((len(self.rows), width), NULL_BLOCK, dtype=torch.long, device=self.ids.device)
-            for i, t in enumerate(self.row_tables):
-                tables[i, : t.shape[0]] = t
-            meta = torch.tensor([[a, n, c] for _, a, n, c in self.rows], dtype=torch.long, device=self.ids.device)
-            self._prefill_args = (tables, meta[:, 0].contiguous(), meta[:, 1].contiguous(), meta[:, 2].contiguous())
-        return self._prefill_args
-
-    @property
-    def segments(self) -> list[tuple[int, int]]:
-        """Each sequence's token range ``(start, end)`` in the pack."""
-        return [(a, a + n) for _, a, n, _ in self.rows]
-
-    def decode_groups(self, split: bool = True) -> list[DecodeGroup]:
-        """The decode rows' attention groups: :attr:`groups`, or one group of every row over :attr:`tables`.
-
-        ``split=False``: that one group whatever :attr:`groups` holds, for attention that reads each row's own
-        positions only (the CPU kernel), where splitting rows by length saves nothing.
-        """
-        assert self.tables is not None, "not a decode plan"
-        if not split:
-            return [DecodeGroup(None, self.tables, self.positions, self.block_size)]
-        if self.groups is None:
-            self.groups = [DecodeGroup(None, self.tables, self.positions, self.block_size)]
-        return self.groups
 
 
 class DecoderLayer:
@@ -246,17 +85,39 @@ class DecoderLayer:
             self.act = mlp.activation_fn
             self.gated = False
         self.d_ff = self.down.in_features
+        #: the block's two norms as ``(weight, eps)`` for the fused CPU kernels, when both are RMSNorms (Llama,
+        #: Mistral, Qwen2, Qwen3); ``None``: the Hugging Face modules (Phi's LayerNorm)
+        self.rms = None
+        if not parallel:
+            a, b = rms_params(self.input_norm), rms_params(self.post_norm)
+            self.rms = (a, b) if a is not None and b is not None else None
+        #: the gated MLP's activation is SiLU (the fused CPU kernel applies)
+        self.silu = self.gated and isinstance(self.act, torch.nn.SiLU)
 
     def linears(self) -> list[FusedLinear]:
         return [self.qkv, self.o, self.gate_up, self.down]
 
-    def mlp(self, x: torch.Tensor, routing: LoRABatch | None) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, routing: LoRABatch | None, ext: Any = None) -> torch.Tensor:
+        """The MLP of ``x`` ``[N, d]``; ``ext``: the CPU kernels' module (its ``silu_mul`` when the activation is SiLU)."""
         h = self.gate_up(x, routing)
-        if self.gated:
+        if self.gated and ext is not None and self.silu:
+            h = ext.silu_mul(h)
+        elif self.gated:
             h = self.act(h[:, : self.d_ff]) * h[:, self.d_ff :]
         else:
             h = self.act(h)
         return self.down(h, routing)
+
+
+def rms_params(norm: Any) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` of a Hugging Face RMSNorm computing ``weight * x / sqrt(mean(x^2) + eps)`` (Llama's, and
+    the Mistral/Qwen2/Qwen3 copies of it), else ``None``."""
+    if norm is None or not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
+        return None
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        return None
+    return w.data, float(norm.variance_epsilon)
 
 
 class ForwardPass:
@@ -273,7 +134,7 @@ class ForwardPass:
         keep_dense: with ``prepack``, keep the dense weights too (the model stays callable, at the cost of
             holding the linear weights twice), for callers that still run the Hugging Face model.
         attention_kernel: on CPU in fp32 or bf16, run decode attention through the C++ kernel
-            (:func:`app.engine.cpu_attention.kernel`, built on first use: :meth:`warm_up`), falling back to the
+            (:func:`app.engine.cpu_kernels.kernel`, built on first use: :meth:`warm_up`), falling back to the
             matmul path when it cannot be built. The engine sets it from ``cpu_attention_kernel``.
 
     Attributes:
@@ -323,7 +184,7 @@ class ForwardPass:
         #: amortise: 1.8x in bf16 and 2-3x in fp32 at 64 rows of 112 positions, ``bench/decode.py`` times both). In
         #: half types the scores and the softmax are fp32, as in SDPA's kernel. On CUDA SDPA (fused kernels).
         self.matmul_decode_attention = self.device.type == "cpu"
-        #: decode attention through the C++ kernel (:mod:`app.engine.cpu_attention`) where it applies and builds: it
+        #: decode attention through the C++ kernel (:mod:`app.engine.cpu_kernels`) where it applies and builds: it
         #: reads the blocks in place (no gather), 2-6x the matmul path per layer at 16-128 rows of 100-1000 positions
         #: (SmolLM2-135M shapes, bf16, one thread; a 64-row decode step 1.3x), ``bench/decode.py`` times both
         self.attention_kernel = attention_kernel
@@ -335,20 +196,23 @@ class ForwardPass:
                 f.prepack(prepack, release=not (keep_dense or (f is self.lm_head and tied))) for f in self.linears.values()
             )
 
-    def decode_kernel(self) -> Any:
-        """The C++ decode-attention function this pass uses (:func:`app.engine.cpu_attention.kernel`), or ``None``:
-        :attr:`attention_kernel` off, not on CPU, a dtype other than fp32 and bf16, or a kernel that did not build.
-        The first call builds or loads the kernel."""
+    def kernels(self) -> Any:
+        """The C++ CPU kernels' module this pass uses (:func:`app.engine.cpu_kernels.extension`), or ``None``:
+        :attr:`attention_kernel` off, not on CPU, a dtype other than fp32 and bf16, or kernels that did not build.
+        The first call builds or loads them."""
         if not self.attention_kernel or self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
             return None
-        return cpu_attention.kernel()
+        return cpu_kernels.extension()
+
+    def decode_kernel(self) -> Any:
+        """The C++ decode-attention function this pass uses, or ``None`` (see :meth:`kernels`)."""
+        ext = self.kernels()
+        return None if ext is None else ext.decode_attention
 
     def prefill_kernel(self) -> Any:
-        """The C++ prefill-attention function this pass uses (:func:`app.engine.cpu_attention.prefill_kernel`), or
-        ``None``, under the same conditions as :meth:`decode_kernel`."""
-        if self.decode_kernel() is None:
-            return None
-        return cpu_attention.prefill_kernel()
+        """The C++ prefill-attention function this pass uses, or ``None`` (see :meth:`kernels`)."""
+        ext = self.kernels()
+        return None if ext is None else ext.prefill_attention
 
     def warm_up(self) -> bool:
         """Build or load the decode-attention kernel now (at start-up, not in the first request) when this pass
@@ -386,27 +250,45 @@ class ForwardPass:
         Returns:
             ``[len(plan.logit_index), vocab]`` logits of the selected tokens, in the model's dtype.
         """
+        ext = self.kernels()
         h = self.embed(plan.ids)  # [N, d]
         cos, sin = self.rotary(h, plan.positions[None])
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, rot]
+        cos, sin = cos[0], sin[0]  # [N, rot]
+        if ext is None:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, rot]
         hd, nh, kvh = self.head_dim, self.num_heads, self.kv_heads
+        pending: torch.Tensor | None = None  # the last MLP's output, added to h by the next norm (fused path)
         for layer in self.layers:
-            x = layer.input_norm(h)
+            fused = ext is not None and layer.rms is not None
+            if fused:
+                (w_in, eps_in), (w_post, eps_post) = layer.rms
+                x = ext.rms_norm(h, w_in, eps_in) if pending is None else ext.add_rms_norm_(h, pending, w_in, eps_in)
+                pending = None
+            else:
+                x = layer.input_norm(h)
             qkv = layer.qkv(x, routing)
             q = qkv[:, : nh * hd].view(-1, nh, hd)
             k = qkv[:, nh * hd : (nh + kvh) * hd].view(-1, kvh, hd)
             v = qkv[:, (nh + kvh) * hd :].view(-1, kvh, hd)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            cache.write(layer.index, plan.kv_index, k, v)
+            if ext is not None:  # rotate q and k, store k and v in the cache: one pass
+                q = ext.rope_store(q, k, v, cos, sin, cache.k[layer.index], cache.v[layer.index], plan.kv_index)
+            else:
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                cache.write(layer.index, plan.kv_index, k, v)
             a = layer.o(self._attention(q, layer.index, plan, cache), routing)
             if layer.parallel:
-                h = h + a + layer.mlp(x, routing)
+                h = h + a + layer.mlp(x, routing, ext)
+            elif fused:
+                pending = layer.mlp(ext.add_rms_norm_(h, a, w_post, eps_post), routing, ext)
             else:
                 h = h + a
-                h = h + layer.mlp(layer.post_norm(h), routing)
-        h = self.norm(h.index_select(0, plan.logit_index))
+                h = h + layer.mlp(layer.post_norm(h), routing, ext)
+        h = h.index_select(0, plan.logit_index)
+        if pending is not None:
+            h = h + pending.index_select(0, plan.logit_index)
+        h = self.norm(h)
         return self.lm_head(h, routing if plan.all_logits else routing_for_logits(routing, plan))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,10 @@ from typing import Any
 
 import torch
 
-from app.engine.forward import ForwardPass, Plan
+from app.engine.forward import ForwardPass
 from app.engine.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
+from app.engine.plan import Plan
 
 logger = logging.getLogger(__name__)
 

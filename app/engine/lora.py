@@ -302,7 +302,7 @@ class FusedLinear:
 BLOCK_B_ROWS = SMALL_ROWS
 
 #: packed matmuls of more rows than the decode batch are padded to a multiple of this many rows (see FusedLinear.base)
-PACKED_ROW_BUCKET = 64
+PACKED_ROW_BUCKET = 32
 
 
 #: row buckets of packed matmuls up to the decode batch: powers of two up to this, then multiples of it

@@ -53,12 +53,13 @@ import torch
 from app.engine.admission import Admission
 from app.engine.batch import Batch, PrefillGroup, Sequence
 from app.engine.config import EngineConfig
-from app.engine.forward import ForwardPass, Plan
+from app.engine.forward import ForwardPass
 from app.engine.grammar import MaskJob
 from app.engine.graphs import DecodeGraphs
 from app.engine.kv_cache import PagedKVCache
 from app.engine.lora import LoRABatch, MultiLoRA
 from app.engine.outbox import Outbox
+from app.engine.plan import Plan
 from app.engine.prefix_cache import PrefixCache
 from app.engine.request import GenerationRequest, Listener
 from app.engine.slots import SlotCache

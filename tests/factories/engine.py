@@ -101,8 +101,9 @@ def decoder_logits(model, rows, adapters=(), *, max_slots=4, decoder=None, prepa
     Returns:
         a list of ``[1, T_row, vocab]`` logits, one per row.
     """
-    from app.engine.forward import ForwardPass, Plan
+    from app.engine.forward import ForwardPass
     from app.engine.lora import LoRABatch, MultiLoRA
+    from app.engine.plan import Plan
 
     if decoder is None:
         decoder = ForwardPass(copy.deepcopy(model), prepack=prepack, attention_kernel=attention_kernel)

@@ -38,7 +38,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -48,6 +47,7 @@
 #include <type_traits>
 #include <vector>
 
+namespace stanceserve {
 namespace {
 
 typedef float f32x16 __attribute__((vector_size(64)));
@@ -511,6 +511,8 @@ void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   }
 }
 
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& tables, const at::Tensor& positions, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
@@ -627,13 +629,4 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "paged decode attention on CPU (see paged_attention.cpp)",
-        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("tables"),
-        pybind11::arg("positions"), pybind11::arg("scale"));
-  m.def("prefill_attention", &prefill_attention, "paged causal prefill attention on CPU (see paged_attention.cpp)",
-        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("tables"),
-        pybind11::arg("starts"), pybind11::arg("counts"), pybind11::arg("cached"), pybind11::arg("scale"));
-}
+}  // namespace stanceserve

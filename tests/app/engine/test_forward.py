@@ -3,7 +3,7 @@
 For every supported architecture (tiny random models: Llama with GQA and tied embeddings, Qwen2 with
 q/k/v biases, Phi with parallel blocks and partial rotary, Qwen3 with q/k norms, Mistral), rows of
 different lengths are prefilled in one packed pass, prefilled in chunks, and decoded token by token (attention
-through PyTorch and, on CPU, through the C++ kernels of :mod:`app.engine.cpu_attention`)
+through PyTorch and, on CPU, through the C++ kernels of :mod:`app.engine.cpu_kernels`)
 on block tables handed out round-robin and across block boundaries, and every logit is compared with the Hugging Face model's own forward.
 """
 
@@ -14,8 +14,9 @@ import copy
 import pytest
 import torch
 
-from app.engine.forward import ForwardPass, Plan, UnsupportedModelError
+from app.engine.forward import ForwardPass, UnsupportedModelError
 from app.engine.kv_cache import blocks_for
+from app.engine.plan import Plan
 from tests.factories import build_tiny_model, decode_attention_reference, decoder_logits
 
 ATOL = 1e-4
@@ -187,7 +188,7 @@ def test_matmul_decode_attention_equals_sdpa(any_model, dtype):
 def test_bf16_decode_attention_keeps_fp32_scores(any_model):
     """In bf16 the matmul decode attention is as accurate as SDPA's fused kernel against an fp64 reference, at
     score magnitudes where rounding the scores to bf16 would cost ~10x the error (so its scores stay fp32)."""
-    from app.engine.forward import DecodeGroup
+    from app.engine.plan import DecodeGroup
 
     dec = ForwardPass(copy.deepcopy(any_model).to(torch.bfloat16))
     cache, T = dec.row_cache(4, 48)

@@ -14,9 +14,10 @@ import copy
 import pytest
 import torch
 
-from app.engine.forward import ForwardPass, Plan
+from app.engine.forward import ForwardPass
 from app.engine.graphs import DecodeGraphs, bucket_of, buckets
 from app.engine.lora import LoRABatch, MultiLoRA
+from app.engine.plan import Plan
 from app.engine.sampling import SamplingParams
 from tests.factories import (
     FakeStore,

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from app.engine.forward import ForwardPass, Plan
+from app.engine.forward import ForwardPass
 from app.engine.lora import LoRABatch, MultiLoRA
+from app.engine.plan import Plan
 from app.engine.slots import NoFreeSlotError, SlotCache
 from tests.factories import (
     TARGETS,

@@ -17,9 +17,10 @@ import time
 import pytest
 import torch
 
-from app.engine.forward import ForwardPass, Plan
+from app.engine.forward import ForwardPass
 from app.engine.kv_cache import BLOCK_SIZE, blocks_for
 from app.engine.lora import LoRABatch, MultiLoRA
+from app.engine.plan import Plan
 from app.engine.prefix_cache import PrefixCache, stance_key
 from app.engine.request import Stance
 from app.engine.sampling import SamplingParams

@@ -1,16 +1,22 @@
-"""The C++ CPU paged-attention kernels (``csrc/paged_attention.cpp``), built on first use.
+"""The engine's C++ CPU kernels (``csrc/*.cpp``), built once per machine on first use.
 
-:func:`kernel` compiles them once per process with :func:`torch.utils.cpp_extension.load` (``-O3
--march=native``, OpenMP for ``at::parallel_for``) and returns the ``decode_attention`` function: one query token
-per row over a paged KV cache, the keys and values read in place through the rows' block tables (no gathered
-copy), fp32 softmax, fp32 or bf16 in and out. :func:`prefill_kernel` returns ``prefill_attention`` from the same
-build: each row's new tokens attending causally over its blocks, every query computed exactly as
-``decode_attention`` computes a row at that position. The built library is cached on disk under
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/stanceserve/torch_extensions``, in a folder named after a hash of the
-source, of torch's version and of the host CPU's flags (``/proc/cpuinfo``), so a cache shared by machines with
-different CPUs never loads a binary built for another instruction set; ``cpp_extension``'s lock file keeps two
-processes from building the same folder at once. A build that fails (no compiler, no headers, anything raised)
-logs one warning and :func:`kernel` returns ``None`` from then on: the caller keeps its PyTorch path.
+:func:`extension` compiles them with :func:`torch.utils.cpp_extension.load` (``-O3 -march=native``, OpenMP for
+``at::parallel_for``) and returns the built module, whose functions are:
+
+* ``decode_attention`` (:func:`kernel`): one query token per row over the paged KV cache, the keys and values
+  read in place through the rows' block tables (no gathered copy), fp32 softmax;
+* ``prefill_attention`` (:func:`prefill_kernel`): each row's new tokens attending causally over its blocks, in
+  place, in tiles of queries;
+* ``rms_norm``, ``add_rms_norm_`` (the residual add and the next norm in one pass), ``silu_mul`` (the gated
+  MLP's activation) and ``rope_store`` (rotary embedding of q and k, k and v stored into the cache), whose
+  contracts are in ``csrc/fused_ops.cpp``.
+
+All take fp32 or bf16 and compute in fp32. The built library is cached on disk under ``$TORCH_EXTENSIONS_DIR``
+or ``~/.cache/stanceserve/torch_extensions``, in a folder named after a hash of the sources, of torch's version
+and of the host CPU's flags (``/proc/cpuinfo``), so a cache shared by machines with different CPUs never loads a
+binary built for another instruction set; ``cpp_extension``'s lock file keeps two processes from building the
+same folder at once. A build that fails (no compiler, no headers, anything raised) logs one warning and
+:func:`extension` returns ``None`` from then on: the caller keeps its PyTorch path.
 
 :func:`warm_up` builds (or loads) it up front, so the engine pays the compile at start-up, not in a request.
 
@@ -33,8 +39,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: the kernel's C++ source, shipped as package data
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+#: the kernels' C++ sources, shipped as package data
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp", "bindings.cpp")]
 
 #: compiler flags: gcc vectorises the maps over head_dim and positions for the build machine's vector width. No
 #: ``-fassociative-math``: a reduction the compiler vectorises itself is peeled by the buffer's alignment, which
@@ -61,13 +67,13 @@ def _cpu_flags() -> str:
 
 
 def extension_name(source: str) -> str:
-    """The extension's name: ``stanceserve_paged_attention_`` and 12 hex digits of a hash of ``source``, the
-    compiler flags, torch's version and the host CPU's flags."""
+    """The extension's name: ``stanceserve_cpu_kernels_`` and 12 hex digits of a hash of ``source`` (the sources'
+    text), the compiler flags, torch's version and the host CPU's flags."""
     h = hashlib.sha256()
     for part in (source, " ".join(CFLAGS), torch.__version__, _cpu_flags()):
         h.update(part.encode())
         h.update(b"\0")
-    return f"stanceserve_paged_attention_{h.hexdigest()[:12]}"
+    return f"stanceserve_cpu_kernels_{h.hexdigest()[:12]}"
 
 
 def build_root() -> Path:
@@ -85,11 +91,10 @@ def _build() -> Any:
     """
     from torch.utils import cpp_extension  # lazy: it imports setuptools, which only a build needs
 
-    source = SOURCE.read_text()
-    name = extension_name(source)
+    name = extension_name("\0".join(p.read_text() for p in SOURCES))
     folder = build_root() / name
     folder.mkdir(parents=True, exist_ok=True)
-    module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    module = cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                 build_directory=str(folder), verbose=False)
     return module
 
@@ -106,7 +111,7 @@ def kernel() -> Callable[..., torch.Tensor] | None:
     The first call builds or loads it (seconds to a minute; later calls return at once). ``None`` (after one
     logged warning saying why) when that failed, for the rest of the process.
     """
-    module = _load()
+    module = extension()
     return None if module is None else module.decode_attention
 
 
@@ -122,12 +127,14 @@ def prefill_kernel() -> Callable[..., torch.Tensor] | None:
     Raises ``RuntimeError`` on other shapes or dtypes, a row past ``N`` or past its table, a block id outside the
     cache.
     """
-    module = _load()
+    module = extension()
     return None if module is None else module.prefill_attention
 
 
-def _load() -> Any:
-    """The built extension, building or loading it on the first call; ``None`` when that failed."""
+def extension() -> Any:
+    """The built module (see the module docstring), building or loading it on the first call (seconds to a minute;
+    later calls return at once); ``None`` (after one logged warning saying why) when that failed, for the rest of
+    the process."""
     global _done, _module, build_seconds
     if _done:
         return _module
@@ -139,16 +146,16 @@ def _load() -> Any:
             except Exception as e:  # noqa: BLE001 - any failure means the PyTorch path
                 _module = None
                 why = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
-                logger.warning("CPU attention kernel unavailable, attention stays on PyTorch ops: %s: %s",
+                logger.warning("CPU kernels unavailable, the engine stays on PyTorch ops: %s: %s",
                                type(e).__name__, why[:600])
             build_seconds = time.perf_counter() - t0
             if _module is not None:
-                logger.info("CPU attention kernel ready in %.1f s (built or loaded from %s)", build_seconds,
+                logger.info("CPU kernels ready in %.1f s (built or loaded from %s)", build_seconds,
                             build_root())
             _done = True
     return _module
 
 
 def warm_up() -> bool:
-    """Build or load the kernel now (call at start-up, before requests). Returns whether it is available."""
-    return kernel() is not None
+    """Build or load the kernels now (call at start-up, before requests). Returns whether they are available."""
+    return extension() is not None

@@ -20,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.engine import cpu_attention
-from app.engine.forward import ForwardPass, Plan
+from app.engine import cpu_kernels
+from app.engine.forward import ForwardPass
+from app.engine.plan import Plan
 from tests.factories import decode_attention_reference, row_kv
 
 BS = 16
@@ -30,7 +31,7 @@ LENGTHS = [1, 15, 16, 17, 100, 300]
 
 @pytest.fixture(scope="module")
 def kern():
-    fn = cpu_attention.kernel()
+    fn = cpu_kernels.kernel()
     if fn is None:
         if os.environ.get("STANCESERVE_REQUIRE_CPU_KERNEL") == "1":
             pytest.fail("the C++ attention kernel did not build and STANCESERVE_REQUIRE_CPU_KERNEL=1: install g++ "
@@ -124,7 +125,7 @@ PREFILL_ROWS = [(0, 80), (37, 5), (0, 1), (100, 33), (15, 17), (0, 300), (64, 16
 
 @pytest.fixture(scope="module")
 def prefill_kern(kern):
-    return cpu_attention.prefill_kernel()
+    return cpu_kernels.prefill_kernel()
 
 
 def prefill_case(dtype, kv_heads, groups, head_dim, rows, seed=0):
@@ -194,10 +195,10 @@ def test_prefill_kernel_rejects_rows_outside_q_or_the_table(prefill_kern):
 
 
 def test_extension_name_depends_on_cpu_flags_and_source(monkeypatch):
-    name = cpu_attention.extension_name("x")
-    assert name.startswith("stanceserve_paged_attention_") and cpu_attention.extension_name("y") != name
-    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "fpu sse2")
-    assert cpu_attention.extension_name("x") != name
+    name = cpu_kernels.extension_name("x")
+    assert name.startswith("stanceserve_cpu_kernels_") and cpu_kernels.extension_name("y") != name
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "fpu sse2")
+    assert cpu_kernels.extension_name("x") != name
 
 
 def decode_run(dec, steps=4):
@@ -247,13 +248,13 @@ def test_failed_build_leaves_the_pytorch_path(any_model, monkeypatch, caplog):  
         calls.append(1)
         raise OSError("no compiler here")
 
-    monkeypatch.setattr(cpu_attention, "_done", False)
-    monkeypatch.setattr(cpu_attention, "_module", None)
-    monkeypatch.setattr(cpu_attention, "_build", broken)
-    with caplog.at_level(logging.WARNING, logger="app.engine.cpu_attention"):
-        assert cpu_attention.kernel() is None and cpu_attention.kernel() is None
+    monkeypatch.setattr(cpu_kernels, "_done", False)
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="app.engine.cpu_kernels"):
+        assert cpu_kernels.kernel() is None and cpu_kernels.kernel() is None
     assert calls == [1]  # one try per process
-    warnings = [r for r in caplog.records if "CPU attention kernel unavailable" in r.getMessage()]
+    warnings = [r for r in caplog.records if "CPU kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     on = ForwardPass(copy.deepcopy(any_model), attention_kernel=True)
     off = ForwardPass(copy.deepcopy(any_model), attention_kernel=False)
@@ -281,3 +282,84 @@ def test_engine_setting_turns_the_kernel_on_and_off(kern, tiny_model, tokenizer)
         finally:
             eng.stop()
         assert [o.token_ids for o in outs] == refs
+
+
+# ---------------------------------------------------------------- fused element-wise kernels
+
+
+@pytest.fixture(scope="module")
+def ext(kern):
+    return cpu_kernels.extension()
+
+
+def close(got, want, dtype):
+    """fp32: to a few ulps; bf16: within one bf16 rounding of the reference (PyTorch's eager bf16 ops round after
+    every op, the kernels once)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_and_add_rms_norm_match_the_hugging_face_module(ext, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(72, eps=1e-5)
+    norm.weight.data = torch.randn(72, generator=gen)
+    norm = norm.to(dtype)
+    h = (torch.randn(33, 72, generator=gen) * 4).to(dtype)
+    a = torch.randn(33, 72, generator=gen).to(dtype)
+    close(ext.rms_norm(h, norm.weight, 1e-5), norm(h), dtype)
+    h2 = h.clone()
+    out = ext.add_rms_norm_(h2, a, norm.weight, 1e-5)
+    assert torch.equal(h2, h + a)  # the residual add rounds as PyTorch's add does
+    close(out, norm(h + a), dtype)
+    # a row's output is its own: rows alone give the bits they give together
+    for r in (0, 17, 32):
+        assert torch.equal(ext.rms_norm(h[r : r + 1].contiguous(), norm.weight, 1e-5), ext.rms_norm(h, norm.weight, 1e-5)[r : r + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_mul_matches_pytorch(ext, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(19, 2 * 40, generator=gen) * 6).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)  # far tails and zeros: no overflow, no NaN
+    got = ext.silu_mul(x)
+    assert torch.isfinite(got).all()
+    close(got, F.silu(x[:, :40].float()) * x[:, 40:].float(), dtype)
+    with pytest.raises(RuntimeError, match=r"\[N, 2F\]"):
+        ext.silu_mul(x[:, :79])
+
+
+@pytest.mark.parametrize("rot", [32, 16], ids=["full-rotary", "partial-rotary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rope_store_rotates_and_stores_as_the_pytorch_path(ext, dtype, rot):
+    """The kernel's q, and the k and v it writes into the cache, against ForwardPass._rope and PagedKVCache.write,
+    q/k/v being views of one fused projection as in the forward pass."""
+    from app.engine.kv_cache import PagedKVCache
+
+    gen = torch.Generator().manual_seed(2)
+    n, nh, kvh, d = 21, 6, 2, 32
+    qkv = torch.randn(n, (nh + 2 * kvh) * d, generator=gen).to(dtype)
+    q = qkv[:, : nh * d].view(n, nh, d)
+    k = qkv[:, nh * d : (nh + kvh) * d].view(n, kvh, d)
+    v = qkv[:, (nh + kvh) * d :].view(n, kvh, d)
+    ang = torch.rand(n, rot // 2, generator=gen) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    index = torch.randperm(5 * BS, generator=gen)[:n] + BS  # never the null block
+    fast, slow = (PagedKVCache(1, kvh, d, 6, dtype, torch.device("cpu")) for _ in range(2))
+    qr = ext.rope_store(q, k, v, cos, sin, fast.k[0], fast.v[0], index)
+
+    class Rope:
+        rotary_dim, head_dim = rot, d
+
+    rope = lambda x: ForwardPass._rope(Rope, x, cos[:, None], sin[:, None])  # noqa: E731
+    slow.write(0, index, rope(k), v)
+    close(qr, rope(q), dtype)
+    written = lambda c: c[0].view(kvh, -1, d)[:, index]  # noqa: E731 - the positions the tokens own
+    close(written(fast.k), written(slow.k), dtype)
+    assert torch.equal(written(fast.v), written(slow.v))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.rope_store(q, k, v, cos, sin, fast.k[0], fast.v[0], index + 6 * BS)
