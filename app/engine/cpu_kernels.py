@@ -9,7 +9,9 @@
   place, in tiles of queries;
 * ``rms_norm``, ``add_rms_norm_`` (the residual add and the next norm in one pass), ``silu_mul`` (the gated
   MLP's activation) and ``rope_store`` (rotary embedding of q and k, k and v stored into the cache), whose
-  contracts are in ``csrc/fused_ops.cpp``.
+  contracts are in ``csrc/fused_ops.cpp``;
+* ``lora_rows_``: a step's LoRA terms (decode or prefill), each token's in one fixed order of its own, whatever
+  the step's other rows (``csrc/lora_rows.cpp``).
 
 All take fp32 or bf16 and compute in fp32. The built library is cached on disk under ``$TORCH_EXTENSIONS_DIR``
 or ``~/.cache/stanceserve/torch_extensions``, in a folder named after a hash of the sources, of torch's version
@@ -40,7 +42,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 #: the kernels' C++ sources, shipped as package data
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp", "bindings.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("paged_attention.cpp", "fused_ops.cpp", "lora_rows.cpp", "bindings.cpp")]
+#: the headers they include (hashed with them into the build's name)
+HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]
 
 #: compiler flags: gcc vectorises the maps over head_dim and positions for the build machine's vector width. No
 #: ``-fassociative-math``: a reduction the compiler vectorises itself is peeled by the buffer's alignment, which
@@ -91,7 +96,7 @@ def _build() -> Any:
     """
     from torch.utils import cpp_extension  # lazy: it imports setuptools, which only a build needs
 
-    name = extension_name("\0".join(p.read_text() for p in SOURCES))
+    name = extension_name("\0".join(p.read_text() for p in SOURCES + HEADERS))
     folder = build_root() / name
     folder.mkdir(parents=True, exist_ok=True)
     module = cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],

@@ -142,6 +142,9 @@ class Engine:
         #: KV blocks of prompt prefixes per stance (``prefix_cache_memory_bytes``; 0 turns it off)
         self.prefix_cache = PrefixCache(self.kv_cache)
         self.lora = MultiLoRA(self.forward_pass.linears, max_slots=config.max_loras)
+        if self.forward_pass.kernels() is not None:  # decode LoRA terms row by row in C++: batch-invariant
+            for f in self.forward_pass.linears.values():
+                f.decode_kernel = "cpu"
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
         #: ``model`` + ``stances`` -> :class:`Stance` (the one set of rules; named blends are the catalog's)

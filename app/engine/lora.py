@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.lora_kernels import KERNELS, SMALL_ROWS, decode_kernel_for, serial_threads
+from app.engine.lora_kernels import KERNELS, ROW_INVARIANT, SMALL_ROWS, decode_kernel_for, serial_threads
 from app.engine.lora_routing import LoRABatch  # the routing's home; importable from here as before
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
 
@@ -87,8 +87,9 @@ class FusedLinear:
         paths: the parts' module paths; offsets: their first output column; sizes: their ``d_out``.
         At: LoRA ``A`` slots (``None`` until :meth:`enable`); Bt: one ``B`` slot view per part; Bg: the group
             tensors they view; groups: ``(first part, count, d_out)`` per group. See the module docstring.
-        decode_kernel: how decode steps gather each row's slots: ``"embedding_bag"`` or ``"bgmv"``
-            (:mod:`app.engine.lora_kernels`; chosen per device and dtype, settable).
+        decode_kernel: how decode steps gather each row's slots: ``"embedding_bag"``, ``"bgmv"`` or ``"cpu"``
+            (:mod:`app.engine.lora_kernels`; chosen per device and dtype, ``"cpu"`` set by the engine where the C++
+            CPU kernels run; settable).
 
     Call: ``x`` ``[N, d_in]`` (packed tokens) and a :class:`LoRABatch` (or ``None``) -> ``[N, D_out]``.
     """
@@ -238,6 +239,9 @@ class FusedLinear:
         y = self.base(x)
         if routing is None or self.At is None:
             return y
+        if self.decode_kernel in ROW_INVARIANT:
+            KERNELS[self.decode_kernel](self, x, y, routing)  # every step, prefill too: a row's bits are its own
+            return y
         with serial_threads(x):  # small products: one thread beats a fork/join (app.engine.lora_kernels)
             if routing.uniform_slot is not None:
                 slot = routing.uniform_slot
@@ -251,6 +255,14 @@ class FusedLinear:
             else:
                 self._prefill(x, y, routing)
         return y
+
+    def part_groups(self) -> tuple[list[int], list[int], list[int]]:
+        """Per part: its group (an index into :attr:`Bg`), its index in that group and its first output column."""
+        group_of, index_in = [], []
+        for g, (_, count, _) in enumerate(self.groups):
+            group_of += [g] * count
+            index_in += list(range(count))
+        return group_of, index_in, list(self.offsets)
 
     def _one_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(At[slot] [d_in, P * R], B [P * R, D_out])`` for the one-slot path: ``y += (x @ At[slot]) @ B``.

@@ -9,6 +9,10 @@ for every part ``p`` of a :class:`~app.engine.lora.FusedLinear`,
 * ``"embedding_bag"`` (:func:`embedding_bag_decode`): the slot tensors viewed as embedding tables, one
   weighted ``embedding_bag`` for ``A`` and one per part group for ``B``: each row's ``A``/``B`` rows are
   reduced where they lie, never copied.
+* ``"cpu"`` (:func:`cpu_rows`): a C++ kernel (:mod:`app.engine.cpu_kernels`) computing each token's terms
+  in one fixed order in fp32, so a row's bits never depend on the other rows of its step; where it applies (on
+  CPU, the kernels built) the engine sets it on every layer, and it then takes every step, prefill included,
+  one adapter for all rows included (:data:`ROW_INVARIANT`).
 * ``"bgmv"`` (:func:`bgmv_decode`): the BGMV pattern written with stock ops (Punica, Chen et al. 2023,
   arXiv:2310.18547): ``index_select`` copies each term's ``A`` and ``B`` slot into a batch, then ``torch.bmm``.
   It copies every row's factors first, which an ``embedding_bag`` never does, but ``bmm`` is a tuned
@@ -36,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from app.engine import cpu_kernels
 
 if TYPE_CHECKING:
     from app.engine.lora import FusedLinear
@@ -132,11 +138,33 @@ def _weighted(xa: torch.Tensor, routing: LoRABatch) -> torch.Tensor:
     return xa
 
 
+def cpu_rows(layer: FusedLinear, x: torch.Tensor, y: torch.Tensor, routing: LoRABatch) -> None:
+    """Add the LoRA terms of a step into ``y`` through the C++ CPU kernel (``lora_rows_`` of
+    :mod:`app.engine.cpu_kernels`), decode or prefill: each token's terms in one fixed order of its own, in fp32,
+    rounded once into ``y``, so a token's bits do not depend on the step's other rows, their adapters or how its
+    prompt was chunked. Same arguments and result as :func:`embedding_bag_decode` (and, with
+    ``routing.segments``, as :meth:`~app.engine.lora.FusedLinear._prefill`); the layer routes every step here,
+    one adapter for all rows included.
+
+    Raises:
+        RuntimeError: the kernels are not built (the engine sets this kernel only once they are).
+    """
+    ext = cpu_kernels.extension()
+    if ext is None:
+        raise RuntimeError("the CPU kernels are not available")
+    ext.lora_rows_(x, y, layer.At, layer.Bg, *layer.part_groups(), routing.idx, routing.weights,
+                   routing.segment_bounds)
+
+
 #: the decode kernels by name
 KERNELS: dict[str, Callable[[FusedLinear, torch.Tensor, torch.Tensor, LoRABatch], None]] = {
     "embedding_bag": embedding_bag_decode,
     "bgmv": bgmv_decode,
+    "cpu": cpu_rows,
 }
+
+#: kernels that take every step, prefill and decode, one adapter for all rows included (batch-invariant by design)
+ROW_INVARIANT = frozenset({"cpu"})
 
 #: the kernel a layer uses, by (device type, dtype); ``(device type, None)`` covers that device's other dtypes.
 #: Measured with ``stanceserve bench --scenarios step --dtype float32|bfloat16`` (see the module docstring).

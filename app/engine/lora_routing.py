@@ -79,6 +79,14 @@ class LoRABatch:
         return hit
 
     @cached_property
+    def segment_bounds(self) -> torch.Tensor:
+        """``[rows, 2]`` int64 ``(start, end)`` of each row's tokens (:attr:`segments`), or an empty tensor in decode
+        (token ``i`` is row ``i``): the C++ LoRA kernel's argument (:func:`app.engine.lora_kernels.cpu_rows`)."""
+        if self.segments is None:
+            return torch.empty(0, dtype=torch.long)
+        return torch.tensor(self.segments, dtype=torch.long).reshape(-1, 2)
+
+    @cached_property
     def slot_groups(self) -> list[tuple[int, slice | torch.Tensor, Any]]:
         """Prefill: each slot with the packed tokens that use it, and their weights (computed once per batch).
 

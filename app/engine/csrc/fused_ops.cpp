@@ -30,52 +30,24 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace stanceserve {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-
-inline float to_f(float x) { return x; }
-inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
-inline void put(float* p, float x) { *p = x; }
-inline void put(c10::BFloat16* p, float x) { *p = c10::BFloat16(x); }
 // x rounded to T and back (identity for fp32)
 inline float round_to(float x, const float*) { return x; }
 inline float round_to(float x, const c10::BFloat16*) { return static_cast<float>(c10::BFloat16(x)); }
-
-// exp(x) for x <= 0, as in paged_attention.cpp (Cephes' expf polynomial, about 2 ulp)
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // sum of squares of n floats in one fixed order: 16 lanes from index 0, their tree sum, then the tail in order
 inline float sum_squares(const float* __restrict__ x, int64_t n) {
   const int64_t full = n / 16 * 16;
   f32x16 acc = {};
   for (int64_t i = 0; i < full; i += 16) {
-    f32x16 v;
-    std::memcpy(&v, x + i, sizeof(v));
+    const f32x16 v = load16(x + i);
     acc += v * v;
   }
-  f32x8 lo, hi;
-  std::memcpy(&lo, &acc, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&acc) + sizeof(lo), sizeof(hi));
-  const f32x8 s = lo + hi;
-  float sum = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+  float sum = hsum(acc);
   for (int64_t i = full; i < n; ++i) sum += x[i] * x[i];
   return sum;
 }
@@ -87,22 +59,22 @@ void norm_rows(T* h, const T* a, const T* w, T* out, int64_t n, int64_t d, int64
                int64_t out_stride, float eps) {
   at::parallel_for(0, n, grain(d), [&](int64_t begin, int64_t end) {
     std::vector<float> xf(d), wf(d);
-    for (int64_t j = 0; j < d; ++j) wf[j] = to_f(w[j]);
+    for (int64_t j = 0; j < d; ++j) wf[j] = load_float(w[j]);
     for (int64_t r = begin; r < end; ++r) {
       T* hr = h + r * h_stride;
       if (a != nullptr) {
         const T* ar = a + r * a_stride;
         for (int64_t j = 0; j < d; ++j) {
-          const float s = to_f(hr[j]) + to_f(ar[j]);
-          put(hr + j, s);
+          const float s = load_float(hr[j]) + load_float(ar[j]);
+          store(hr + j, s);
           xf[j] = round_to(s, static_cast<const T*>(nullptr));
         }
       } else {
-        for (int64_t j = 0; j < d; ++j) xf[j] = to_f(hr[j]);
+        for (int64_t j = 0; j < d; ++j) xf[j] = load_float(hr[j]);
       }
       const float inv = 1.0f / std::sqrt(sum_squares(xf.data(), d) / static_cast<float>(d) + eps);
       T* o = out + r * out_stride;
-      for (int64_t j = 0; j < d; ++j) put(o + j, wf[j] * round_to(xf[j] * inv, static_cast<const T*>(nullptr)));
+      for (int64_t j = 0; j < d; ++j) store(o + j, wf[j] * round_to(xf[j] * inv, static_cast<const T*>(nullptr)));
     }
   });
 }
@@ -151,10 +123,10 @@ void silu_mul_rows(const T* x, T* out, int64_t n, int64_t f, int64_t x_stride) {
       const T* u = g + f;
       T* o = out + r * f;
       for (int64_t j = 0; j < f; ++j) {
-        const float v = to_f(g[j]);
+        const float v = load_float(g[j]);
         const float e = exp_nonpositive(-std::fabs(v));  // sigmoid from exp(-|v|): never overflows
         const float sig = v >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-        put(o + j, v * sig * to_f(u[j]));
+        store(o + j, v * sig * load_float(u[j]));
       }
     }
   });
@@ -167,9 +139,9 @@ void rope_rows(const T* q, const T* k, const T* v, const T* cos, const T* sin, T
   const int64_t half = R / 2;
   auto rotate = [&](const T* x, T* o, const T* c, const T* s) {
     for (int64_t j = 0; j < half; ++j) {
-      const float x1 = to_f(x[j]), x2 = to_f(x[j + half]);
-      put(o + j, x1 * to_f(c[j]) - x2 * to_f(s[j]));
-      put(o + j + half, x2 * to_f(c[j + half]) + x1 * to_f(s[j + half]));
+      const float x1 = load_float(x[j]), x2 = load_float(x[j + half]);
+      store(o + j, x1 * load_float(c[j]) - x2 * load_float(s[j]));
+      store(o + j + half, x2 * load_float(c[j + half]) + x1 * load_float(s[j + half]));
     }
     for (int64_t j = R; j < D; ++j) o[j] = x[j];
   };

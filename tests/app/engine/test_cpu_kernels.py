@@ -363,3 +363,39 @@ def test_rope_store_rotates_and_stores_as_the_pytorch_path(ext, dtype, rot):
     assert torch.equal(written(fast.v), written(slow.v))
     with pytest.raises(RuntimeError, match="outside the cache"):
         ext.rope_store(q, k, v, cos, sin, fast.k[0], fast.v[0], index + 6 * BS)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_engine_answers_do_not_depend_on_the_other_requests(kern, tiny_model, tokenizer, arch, tmp_path):
+    """bf16 engine with the C++ kernels: each request's tokens and their logprobs (to the last bit) are the same
+    alone and among requests of other adapters, a blend and the base model, and among requests all on its adapter."""
+    from app.engine.engine import Engine
+    from app.engine.sampling import SamplingParams
+    from tests.factories import FakeStore, write_peft_adapter
+
+    dirs = {n: write_peft_adapter(tmp_path / n, arch, model=tiny_model, seed=i, rank=8, alpha=16)
+            for i, n in enumerate(("a1", "a2"))}
+    eng = Engine(copy.deepcopy(tiny_model).to(torch.bfloat16), tokenizer, "tiny", {10_000}, store=FakeStore(dirs),
+                 max_loras=4)
+    eng.start()
+    try:
+        assert eng.forward_pass.kernels() is not None
+        assert {f.decode_kernel for f in eng.forward_pass.linears.values()} == {"cpu"}
+        g = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 4, 12)]
+        names = [("a1", None), ("a2", None), ("tiny", {"a1": 0.6, "a2": -0.3}), ("tiny", None), ("a1", None),
+                 ("a2", None)]
+        stances = [eng.resolve_stance(m, s) for m, s in names]
+        params = SamplingParams(max_tokens=12, temperature=0, logprobs=0)
+
+        def answers(idx, sts):
+            done = eng.generate_batch([prompts[i] for i in idx], sts, params)
+            return [[(t.token_id, t.logprob) for t in c.tokens] for c in done]
+
+        together = answers(range(6), stances)
+        for i in range(6):
+            assert answers([i], [stances[i]])[0] == together[i], i
+        all_a1 = answers(range(6), [stances[0]] * 6)  # every row on a1: the step other kernels send down the dense path
+        assert all_a1[0] == together[0] and all_a1[4] == together[4]
+    finally:
+        eng.stop()

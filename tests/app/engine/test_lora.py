@@ -84,11 +84,28 @@ def count_kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kernel", ["embedding_bag", "bgmv"])
+@pytest.fixture(scope="module")
+def cpu_kernels_built():
+    """The C++ CPU kernels (the ``"cpu"`` decode kernel needs them): skip where they cannot be built, fail there
+    with ``STANCESERVE_REQUIRE_CPU_KERNEL=1`` (CI)."""
+    import os
+
+    from app.engine import cpu_kernels
+
+    if cpu_kernels.extension() is None:
+        if os.environ.get("STANCESERVE_REQUIRE_CPU_KERNEL") == "1":
+            pytest.fail("the C++ CPU kernels did not build and STANCESERVE_REQUIRE_CPU_KERNEL=1")
+        pytest.skip("the C++ CPU kernels cannot be built on this host")
+
+
+@pytest.mark.parametrize("kernel", ["embedding_bag", "bgmv", "cpu"])
 @pytest.mark.parametrize("mix", ["blend", "plain"])
-def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters, mix, kernel, monkeypatch):
+def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters, mix, kernel, monkeypatch,
+                                                            request):
     """One-token-per-row steps through each decode kernel over rows of two adapters, a blend (or a third plain
     adapter row: every term then has weight 1, the fast case that skips the weight multiply) and the base."""
+    if kernel == "cpu":
+        request.getfixturevalue("cpu_kernels_built")
     d1, d2 = two_adapters
     a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
@@ -116,7 +133,8 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
     for i in range(4):
         torch.testing.assert_close(out[i], ref[i], atol=1e-4, rtol=1e-4)
     enabled = sum(f.enabled for f in dec.linears.values())
-    assert calls == {k: enabled if k == kernel else 0 for k in calls}  # the step went through the chosen kernel
+    steps = 2 if kernel == "cpu" else 1  # the C++ kernel takes the prefill too
+    assert calls == {k: steps * enabled if k == kernel else 0 for k in calls}  # the steps went through the chosen kernel
 
 
 def decode_step_logits(dec, prompts, routes, nxt=7):
@@ -387,3 +405,57 @@ def test_fp16_padding_terms_never_carry_another_adapters_overflow(tiny_model, ar
     alone = step([[]], [0])
     assert torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed[0], alone[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_decode_kernel_gives_a_row_its_bits_whatever_the_other_rows(cpu_kernels_built, tiny_model, arch,
+                                                                        two_adapters, dtype):
+    """With the C++ kernels (attention, fused steps and the ``"cpu"`` LoRA kernel) a decode row's logits are the same
+    bits alone, among rows of other adapters, blends and the base model, and among rows all on its own adapter (the
+    step the other kernels send down the dense path). The rows' KV is prefilled once, together; each decode step
+    then rewrites only its rows' next position."""
+    d1, d2 = two_adapters
+    dec = ForwardPass(copy.deepcopy(tiny_model).to(dtype), prepack=16, attention_kernel=True)
+    lora = MultiLoRA(dec.linears, max_slots=4)
+    lora.write_slot(0, read_adapter(d1, "a1"))
+    lora.write_slot(1, read_adapter(d2, "a2"))
+    for f in dec.linears.values():
+        f.decode_kernel = "cpu"
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 9, 3, 6, 5, 5)]
+    routes = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, -0.25)], [], [(0, 1.0)], [(0, 1.0)]]
+    cache, T = dec.row_cache(len(prompts), 16)
+    plan = Plan.build([(T[i], p, 0) for i, p in enumerate(prompts)], dec.device)
+    dec.forward(plan, cache, LoRABatch.from_rows(routes, device=dec.device, dtype=dec.dtype, segments=plan.segments))
+
+    def step(rows):
+        plan = Plan.build([(T[i], [7], len(prompts[i])) for i in rows], dec.device)
+        return dec.forward(plan, cache, LoRABatch.from_rows([routes[i] for i in rows], device=dec.device,
+                                                            dtype=dec.dtype))
+
+    together = step(range(len(prompts)))
+    for i in range(4):
+        assert torch.equal(step([i])[0], together[i]), i
+    uniform = step([0, 4, 5])  # every row slot 0 at weight 1
+    for j, i in enumerate((0, 4, 5)):
+        assert torch.equal(uniform[j], together[i])
+
+
+def test_cpu_kernel_prefill_matches_peft_per_row(cpu_kernels_built, tiny_model, arch, two_adapters):
+    """Prefill through the C++ LoRA kernel (rows of 1 to 11 tokens: whole and partial tiles of 4) over rows of two
+    adapters, a blend and the base model, each against peft (or the hand-merged blend) alone."""
+    d1, d2 = two_adapters
+    a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
+    dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
+    for f in dec.linears.values():
+        f.decode_kernel = "cpu"
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (11, 1, 6, 8)]
+    routes = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, -0.25)], []]
+    out = decoder_logits(None, list(zip(ids, routes)), decoder=dec)
+    refs = [peft_logits(tiny_model, d1, torch.tensor([ids[0]])), peft_logits(tiny_model, d2, torch.tensor([ids[1]])),
+            hand_merged_logits(tiny_model, [a1, a2], (0.5, -0.25), torch.tensor([ids[2]])),
+            tiny_model(input_ids=torch.tensor([ids[3]])).logits.detach()]
+    assert not torch.allclose(refs[0], tiny_model(input_ids=torch.tensor([ids[0]])).logits, atol=1e-3)
+    for got, ref in zip(out, refs):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
