@@ -38,7 +38,7 @@ from rich.console import Console
 
 from app.config import Settings
 from app.engine import EngineConfig, Stance
-from app.engine.lora_kernels import KERNELS
+from app.engine.lora_kernels import KERNELS, ROW_INVARIANT
 from app.model_loader import cpu_info
 from bench.capacity import capacity
 from bench.decode import (
@@ -280,17 +280,19 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
         out["base_step_vs_roofline"] = paired["ratio"]
         # base, one adapter and each gather kernel on the mixes that gather, their steps interleaved
         gathered = ("distinct_adapters", "blend3")
+        # the C++ kernel only where the engine runs the CPU kernels (elsewhere it cannot run)
+        kernels = [k for k in KERNELS if k not in ROW_INVARIANT or eng.forward_pass.kernels() is not None]
         variants = {"base": (mixes["base"], None), "one_adapter": (mixes["one_adapter"], None)}
-        variants.update({f"{k}:{kernel}": (mixes[k], kernel) for k in gathered for kernel in KERNELS})
+        variants.update({f"{k}:{kernel}": (mixes[k], kernel) for k in gathered for kernel in kernels})
         alt = alternating_steps(eng, variants, context=context)
         out["decode_kernel"] = next(iter(eng.forward_pass.linears.values())).decode_kernel
         out["alternating_base_step_s"] = alt["base"]
         out["alternating_one_adapter_step_s"] = alt["one_adapter"]
         out["one_adapter_alternating_ratio_to_base"] = round(alt["base"] / alt["one_adapter"], 3)
         for k in gathered:
-            out[f"{k}_step_s_by_kernel"] = {kernel: alt[f"{k}:{kernel}"] for kernel in KERNELS}
+            out[f"{k}_step_s_by_kernel"] = {kernel: alt[f"{k}:{kernel}"] for kernel in kernels}
             out[f"{k}_ratio_to_base_by_kernel"] = {kernel: round(alt["base"] / alt[f"{k}:{kernel}"], 3)
-                                                   for kernel in KERNELS}
+                                                   for kernel in kernels}
         if eng.device.type == "cpu":  # decode attention: the C++ kernel vs the matmul path and SDPA, one layer
             out["attention_paths"] = attention_kernels(eng, n, context)
             out["attention_kernel_steps"] = kernel_steps(eng, n, context)

@@ -142,7 +142,7 @@ def _other_rows(sc: dict[str, Any]) -> list[tuple[str, str]]:
         for k in ("distinct_adapters", "blend3"):
             by = d.get(f"{k}_step_s_by_kernel")
             if by:
-                rows.append((f"{ENGINE_ROWS[k]}: decode step by LoRA gather kernel (engine: {d.get('decode_kernel')})",
+                rows.append((f"{ENGINE_ROWS[k]}: decode step by LoRA kernel (engine: {d.get('decode_kernel')})",
                              ", ".join(f"{kernel} {_s(t, 'ms')}" for kernel, t in by.items())))
         if d.get("base_step_vs_roofline") is not None:
             rows.append(("base decode step vs its matmuls alone (roofline)",

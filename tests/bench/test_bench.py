@@ -124,13 +124,15 @@ def test_step_scenario_counts_the_weight_bytes_each_mix_reads():
     assert 1.0 > out["one_adapter_weight_bytes"]["bytes_bound_ratio"] > out["distinct_adapters_weight_bytes"]["bytes_bound_ratio"]
     assert out["base_step_ratio_to_base"] == 1.0 and out["distinct_adapters_step_ratio_to_base"] > 0
     assert out["matmul_roofline_s"] > 0 and out["profile_base"][-1]["op"] == "(all ops)"
-    assert out["profile_one_adapter"][-1]["op"] == "(all ops)" and out["decode_kernel"] == "embedding_bag"
+    own = "cpu" if eb.engine.forward_pass.kernels() is not None else "embedding_bag"  # the C++ kernel where it builds
+    assert out["profile_one_adapter"][-1]["op"] == "(all ops)" and out["decode_kernel"] == own
     assert out["one_adapter_alternating_ratio_to_base"] == pytest.approx(
         out["alternating_base_step_s"] / out["alternating_one_adapter_step_s"], rel=0.05)
-    for k in ("distinct_adapters", "blend3"):  # both gather kernels timed, the engine's own kernel restored after
-        assert set(out[f"{k}_step_s_by_kernel"]) == {"embedding_bag", "bgmv"}
+    timed = {"embedding_bag", "bgmv"} | ({"cpu"} if own == "cpu" else set())
+    for k in ("distinct_adapters", "blend3"):  # every kernel that runs here timed, the engine's own restored after
+        assert set(out[f"{k}_step_s_by_kernel"]) == timed
         assert all(t > 0 for t in out[f"{k}_step_s_by_kernel"].values())
-    assert {f.decode_kernel for f in eb.engine.forward_pass.linears.values()} == {"embedding_bag"}
+    assert {f.decode_kernel for f in eb.engine.forward_pass.linears.values()} == {own}
     # the roofline ratio pairs a step and a roofline timed in alternating rounds (times rounded to microseconds:
     # the tiny model's roofline is tens of them)
     assert out["base_step_vs_roofline"] == pytest.approx(out["base_step_paired_s"] / out["matmul_roofline_s"], rel=0.05)
