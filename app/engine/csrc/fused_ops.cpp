@@ -105,13 +105,11 @@ at::Tensor norm_impl(const at::Tensor& h, const at::Tensor* a, const at::Tensor&
   }
   at::Tensor out = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) return out;
-  if (h.scalar_type() == at::kFloat)
-    norm_rows<float>(h.data_ptr<float>(), a ? a->data_ptr<float>() : nullptr, weight.data_ptr<float>(),
-                     out.data_ptr<float>(), n, d, h_stride, a_stride, d, static_cast<float>(eps));
-  else
-    norm_rows<c10::BFloat16>(h.data_ptr<c10::BFloat16>(), a ? a->data_ptr<c10::BFloat16>() : nullptr,
-                             weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), n, d, h_stride,
-                             a_stride, d, static_cast<float>(eps));
+  by_dtype(h.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    norm_rows<T>(h.data_ptr<T>(), a ? a->data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(), n, d,
+                 h_stride, a_stride, d, static_cast<float>(eps));
+  });
   return out;
 }
 
@@ -175,10 +173,10 @@ at::Tensor silu_mul(const at::Tensor& x) {
   const int64_t n = x.size(0), f = x.size(1) / 2;
   at::Tensor out = at::empty({n, f}, x.options());
   if (n == 0) return out;
-  if (x.scalar_type() == at::kFloat)
-    silu_mul_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), n, f, x.stride(0));
-  else
-    silu_mul_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), n, f, x.stride(0));
+  by_dtype(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    silu_mul_rows<T>(x.data_ptr<T>(), out.data_ptr<T>(), n, f, x.stride(0));
+  });
   return out;
 }
 
@@ -215,10 +213,7 @@ at::Tensor rope_store(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                  k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), idx, out.data_ptr<T>(), n, nh, kvh, D, cos.size(1),
                  q.stride(0), k.stride(0), v.stride(0), cos.stride(0), slots);
   };
-  if (q.scalar_type() == at::kFloat)
-    run(static_cast<float*>(nullptr));
-  else
-    run(static_cast<c10::BFloat16*>(nullptr));
+  by_dtype(q.scalar_type(), run);
   return out;
 }
 

@@ -208,10 +208,7 @@ void lora_rows_(const at::Tensor& x, at::Tensor& y, const at::Tensor& At, const 
       default: run<0, T>(x, y, At, Bg, group_of_part, index_in_group, offsets, idx, weights, tiles); break;
     }
   };
-  if (x.scalar_type() == at::kFloat)
-    go(static_cast<float*>(nullptr));
-  else
-    go(static_cast<c10::BFloat16*>(nullptr));
+  by_dtype(x.scalar_type(), go);
 }
 
 }  // namespace stanceserve

@@ -191,6 +191,37 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
   });
 }
 
+// One query's attention in plain loops (any head_dim): the G query heads of KV head h at positions 0 .. len - 1
+// of the row's table, into o [G * D]. qf, scores (G * max_len), acc and inv are the caller's buffers.
+template <typename T>
+void plain_query(const T* __restrict__ qrow, const T* __restrict__ kh, const T* __restrict__ vh,
+                 const int64_t* __restrict__ table, int64_t len, int64_t G, int64_t D, int64_t num_blocks, int64_t bs,
+                 int64_t max_len, float scale, float* qf, float* scores, float* acc, float* inv, T* o,
+                 const char* what) {
+  for (int64_t i = 0; i < G * D; ++i) qf[i] = load_float(qrow[i]) * scale;
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t b = table[p / bs];
+    TORCH_CHECK(b >= 0 && b < num_blocks, what, ": block id ", b, " out of range [0, ", num_blocks, ")");
+    const T* kt = kh + (b * bs + p % bs) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * load_float(kt[d]);
+      scores[g * max_len + p] = s;
+    }
+  }
+  softmax_rows(scores, inv, G, len, max_len);
+  std::fill(acc, acc + G * D, 0.0f);
+  for (int64_t p = 0; p < len; ++p) {
+    const T* vt = vh + (table[p / bs] * bs + p % bs) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = scores[g * max_len + p];
+      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += w * load_float(vt[d]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) store(o + g * D + d, acc[g * D + d] * inv[g]);
+}
+
 // any head_dim: plain loops.
 template <typename T>
 void run_plain(const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
@@ -202,34 +233,9 @@ void run_plain(const T* __restrict__ q, const T* __restrict__ kc, const T* __res
     std::vector<float> qf(G * D), scores(G * max_len), acc(G * D), inv(G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / kv_heads, h = task % kv_heads;
-      const int64_t len = positions[r] + 1;
-      const T* qrow = q + (r * kv_heads + h) * G * D;
-      for (int64_t i = 0; i < G * D; ++i) qf[i] = load_float(qrow[i]) * scale;
-      const T* kh = kc + h * head_stride;
-      const T* vh = vc + h * head_stride;
-      const int64_t* table = tables + r * width;
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t b = table[p / bs];
-        TORCH_CHECK(b >= 0 && b < num_blocks, "decode_attention: block id ", b, " out of range [0, ", num_blocks, ")");
-        const T* kt = kh + (b * bs + p % bs) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          float s = 0.0f;
-          for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * load_float(kt[d]);
-          scores[g * max_len + p] = s;
-        }
-      }
-      softmax_rows(scores.data(), inv.data(), G, len, max_len);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t p = 0; p < len; ++p) {
-        const T* vt = vh + (table[p / bs] * bs + p % bs) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = scores[g * max_len + p];
-          for (int64_t d = 0; d < D; ++d) acc[g * D + d] += w * load_float(vt[d]);
-        }
-      }
-      T* o = out + (r * kv_heads + h) * G * D;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d) store(o + g * D + d, acc[g * D + d] * inv[g]);
+      plain_query(q + (r * kv_heads + h) * G * D, kc + h * head_stride, vc + h * head_stride, tables + r * width,
+                  positions[r] + 1, G, D, num_blocks, bs, max_len, scale, qf.data(), scores.data(), acc.data(),
+                  inv.data(), out + (r * kv_heads + h) * G * D, "decode_attention");
     }
   });
 }
@@ -385,44 +391,19 @@ void prefill_plain(const T* __restrict__ q, const T* __restrict__ kc, const T* _
                    const int64_t* __restrict__ cached, const std::vector<PrefillTask>& tasks,
                    const std::vector<std::vector<int64_t>>& buckets, T* __restrict__ out, int64_t kv_heads, int64_t G,
                    int64_t D, int64_t num_blocks, int64_t bs, int64_t width, int64_t max_len, float scale) {
+  const int64_t head_stride = num_blocks * bs * D;
   at::parallel_for(0, static_cast<int64_t>(buckets.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), scores(G * max_len), acc(G * D), inv(G);
     for (int64_t bk = begin; bk < end; ++bk) {
       for (const int64_t ti : buckets[bk]) {
         const PrefillTask& task = tasks[ti];
         for (int64_t i = 0; i < task.count; ++i) {
-          // one query: the decode loops over a one-row view (its query, its table, its position)
           const int64_t tok = starts[task.row] + task.first + i;
           const int64_t pos = cached[task.row] + task.first + i;
-          const int64_t hd = task.head;
-          std::vector<float> qf(G * D), scores(G * max_len), acc(G * D), inv(G);
-          const T* qrow = q + (tok * kv_heads + hd) * G * D;
-          for (int64_t j = 0; j < G * D; ++j) qf[j] = load_float(qrow[j]) * scale;
-          const int64_t head_stride = num_blocks * bs * D;
-          const T* kh = kc + hd * head_stride;
-          const T* vh = vc + hd * head_stride;
-          const int64_t* table = tables + task.row * width;
-          const int64_t len = pos + 1;
-          for (int64_t p = 0; p < len; ++p) {
-            const int64_t b = table[p / bs];
-            TORCH_CHECK(b >= 0 && b < num_blocks, "prefill_attention: block id ", b, " out of range [0, ", num_blocks, ")");
-            const T* kt = kh + (b * bs + p % bs) * D;
-            for (int64_t g = 0; g < G; ++g) {
-              float s = 0.0f;
-              for (int64_t d = 0; d < D; ++d) s += qf[g * D + d] * load_float(kt[d]);
-              scores[g * max_len + p] = s;
-            }
-          }
-          softmax_rows(scores.data(), inv.data(), G, len, max_len);
-          for (int64_t p = 0; p < len; ++p) {
-            const T* vt = vh + (table[p / bs] * bs + p % bs) * D;
-            for (int64_t g = 0; g < G; ++g) {
-              const float w = scores[g * max_len + p];
-              for (int64_t d = 0; d < D; ++d) acc[g * D + d] += w * load_float(vt[d]);
-            }
-          }
-          T* o = out + (tok * kv_heads + hd) * G * D;
-          for (int64_t g = 0; g < G; ++g)
-            for (int64_t d = 0; d < D; ++d) store(o + g * D + d, acc[g * D + d] * inv[g]);
+          plain_query(q + (tok * kv_heads + task.head) * G * D, kc + task.head * head_stride,
+                      vc + task.head * head_stride, tables + task.row * width, pos + 1, G, D, num_blocks, bs, max_len,
+                      scale, qf.data(), scores.data(), acc.data(), inv.data(), out + (tok * kv_heads + task.head) * G * D,
+                      "prefill_attention");
         }
       }
     }
@@ -449,23 +430,29 @@ void dispatch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   }
 }
 
+// The checks decode_attention and prefill_attention share: q [*, kv_heads, G, head_dim] and the two caches,
+// CPU, one dtype (fp32 or bf16), contiguous, their shapes agreeing.
+void check_q_and_caches(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const char* what) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(), what,
+              ": CPU tensors only");
+  TORCH_CHECK(q.dim() == 4, what, ": q must be [n, kv_heads, G, head_dim], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), what,
+              ": caches must both be [kv_heads, num_blocks, block_size, head_dim]");
+  TORCH_CHECK(k_cache.size(0) == q.size(1) && k_cache.size(3) == q.size(3), what, ": q ", q.sizes(),
+              " does not match the cache ", k_cache.sizes());
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), what,
+              ": q and the caches must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, what, ": fp32 or bf16 only, got ",
+              q.scalar_type());
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), what,
+              ": q and the caches must be contiguous");
+}
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& tables, const at::Tensor& positions, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "decode_attention: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4, "decode_attention: q must be [n, kv_heads, G, head_dim], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "decode_attention: caches must both be [kv_heads, num_blocks, block_size, head_dim]");
-  TORCH_CHECK(k_cache.size(0) == q.size(1) && k_cache.size(3) == q.size(3),
-              "decode_attention: q ", q.sizes(), " does not match the cache ", k_cache.sizes());
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "decode_attention: q and the caches must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "decode_attention: fp32 or bf16 only, got ", q.scalar_type());
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "decode_attention: q and the caches must be contiguous");
+  check_q_and_caches(q, k_cache, v_cache, "decode_attention");
   TORCH_CHECK(tables.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
               "decode_attention: tables and positions must be int64");
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && tables.is_contiguous(),
@@ -482,10 +469,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   at::Tensor out = at::empty({n, q.size(1) * q.size(2) * q.size(3)}, q.options());
   if (n == 0) return out;
-  if (q.scalar_type() == at::kFloat)
-    dispatch<float>(q, k_cache, v_cache, tables, positions, out, max_len, scale);
-  else
-    dispatch<c10::BFloat16>(q, k_cache, v_cache, tables, positions, out, max_len, scale);
+  by_dtype(q.scalar_type(), [&](auto* tag) {
+    dispatch<std::remove_pointer_t<decltype(tag)>>(q, k_cache, v_cache, tables, positions, out, max_len, scale);
+  });
   return out;
 }
 
@@ -493,19 +479,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& tables, const at::Tensor& starts, const at::Tensor& counts,
                              const at::Tensor& cached, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
-              "prefill_attention: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4, "prefill_attention: q must be [N, kv_heads, G, head_dim], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "prefill_attention: caches must both be [kv_heads, num_blocks, block_size, head_dim]");
-  TORCH_CHECK(k_cache.size(0) == q.size(1) && k_cache.size(3) == q.size(3),
-              "prefill_attention: q ", q.sizes(), " does not match the cache ", k_cache.sizes());
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "prefill_attention: q and the caches must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "prefill_attention: fp32 or bf16 only, got ", q.scalar_type());
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "prefill_attention: q and the caches must be contiguous");
+  check_q_and_caches(q, k_cache, v_cache, "prefill_attention");
   for (const at::Tensor* t : {&tables, &starts, &counts, &cached})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
                 "prefill_attention: tables, starts, counts and cached must be contiguous int64");
@@ -560,10 +534,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
       default: args([](auto&&... a) { prefill_vec<T, 0>(a...); }); break;
     }
   };
-  if (q.scalar_type() == at::kFloat)
-    run(static_cast<float*>(nullptr));
-  else
-    run(static_cast<c10::BFloat16*>(nullptr));
+  by_dtype(q.scalar_type(), run);
   return out;
 }
 

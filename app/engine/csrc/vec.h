@@ -4,6 +4,7 @@
 
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -76,6 +77,15 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// f(static_cast<T*>(nullptr)) with T float for fp32 and c10::BFloat16 otherwise (callers check the dtype first)
+template <typename F>
+inline void by_dtype(c10::ScalarType dtype, F&& f) {
+  if (dtype == c10::kFloat)
+    f(static_cast<float*>(nullptr));
+  else
+    f(static_cast<c10::BFloat16*>(nullptr));
 }
 
 }  // namespace
