@@ -61,7 +61,7 @@ class UnsupportedModelError(ValueError):
 class DecoderLayer:
     """One transformer block's weights and modules (norms from the Hugging Face layer)."""
 
-    def __init__(self, index: int, layer: Any, prefix: str, parallel: bool) -> None:
+    def __init__(self, index: int, layer: Any, prefix: str, parallel: bool, hidden_act: str | None = None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.index = index
         self.parallel = parallel
@@ -91,8 +91,8 @@ class DecoderLayer:
         if not parallel:
             a, b = rms_params(self.input_norm), rms_params(self.post_norm)
             self.rms = (a, b) if a is not None and b is not None else None
-        #: the gated MLP's activation is SiLU (the fused CPU kernel applies)
-        self.silu = self.gated and isinstance(self.act, torch.nn.SiLU)
+        #: the gated MLP's activation is SiLU (the fused CPU kernel applies): the config's ``hidden_act``, or the module
+        self.silu = self.gated and (hidden_act in ("silu", "swish") or isinstance(self.act, torch.nn.SiLU))
 
     def linears(self) -> list[FusedLinear]:
         return [self.qkv, self.o, self.gate_up, self.down]
@@ -163,7 +163,8 @@ class ForwardPass:
         self.rotary = body.rotary_emb
         self.norm = getattr(body, "norm", None) or body.final_layernorm
         parallel = mt == "phi"
-        self.layers = [DecoderLayer(i, layer, f"model.layers.{i}", parallel) for i, layer in enumerate(body.layers)]
+        act = getattr(cfg, "hidden_act", None)
+        self.layers = [DecoderLayer(i, layer, f"model.layers.{i}", parallel, act) for i, layer in enumerate(body.layers)]
         self.lm_head = FusedLinear("lm_head", [("lm_head", model.lm_head)])
         attn = body.layers[0].self_attn
         self.num_layers = len(self.layers)

@@ -231,6 +231,9 @@ def test_forward_decode_with_kernel_on_and_off(kern, any_model, dtype, monkeypat
                         lambda *a: pytest.fail("the kernel path gathered the cache"))
     monkeypatch.setattr("app.engine.forward.F.scaled_dot_product_attention",
                         lambda *a, **k: pytest.fail("the kernel path ran SDPA"))
+    # the gated MLPs' SiLU (Hugging Face's own activation module) goes through the fused kernel
+    assert all(layer.silu for layer in on.layers) == (any_model.config.model_type != "phi")
+    monkeypatch.setattr("torch.nn.functional.silu", lambda *a, **k: pytest.fail("the kernel path ran F.silu"))
     logits_on, toks_on, _ = decode_run(on)
     monkeypatch.undo()
     logits_off, toks_off, _ = decode_run(off)
