@@ -59,6 +59,30 @@ inline float hsum(f32x16 v) {
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
+typedef float f32x4 __attribute__((vector_size(16)));
+
+// hsum of four vectors at once: out[i] = hsum(s_i), the very additions of hsum in the same order (so the same bits),
+// done on packed lanes: about half the instructions of four hsum calls
+inline void hsum4(f32x16 s0, f32x16 s1, f32x16 s2, f32x16 s3, float* out) {
+  auto fold = [](f32x16 v) {  // lanes l and l + 8 added: hsum's first step
+    f32x8 lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return lo + hi;
+  };
+  const f32x8 h0 = fold(s0), h1 = fold(s1), h2 = fold(s2), h3 = fold(s3);
+  // (l, l + 4) pairs: [h0[0]+h0[4] .. h0[3]+h0[7], h1[0]+h1[4] ..]
+  const f32x8 u01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const f32x8 u23 = __builtin_shufflevector(h2, h3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(h2, h3, 4, 5, 6, 7, 12, 13, 14, 15);
+  // (a0 + a1), (a2 + a3) of each vector
+  const f32x8 w = __builtin_shufflevector(u01, u23, 0, 2, 4, 6, 8, 10, 12, 14) +
+                  __builtin_shufflevector(u01, u23, 1, 3, 5, 7, 9, 11, 13, 15);
+  const f32x4 r = __builtin_shufflevector(w, w, 0, 2, 4, 6) + __builtin_shufflevector(w, w, 1, 3, 5, 7);
+  std::memcpy(out, &r, sizeof(r));
+}
+
 // exp(x) for x <= 0 (scores minus their maximum) in plain arithmetic, so that the softmax loop vectorises:
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by Cephes' expf polynomial (about 2 ulp).
 // Below -87 it returns exp(-87) ~ 1.6e-38, which adds nothing next to the maximum's exp(0) = 1.
