@@ -1,7 +1,7 @@
-"""The LoRA terms of a decode step with one adapter (or blend) per row: two interchangeable gather kernels,
-the table choosing one per device and dtype, and the thread count small LoRA products run at on CPU.
+"""The LoRA terms of a decode step with one adapter (or blend) per row: interchangeable kernels, the table
+choosing one per device and dtype, and the thread count small LoRA products run at on CPU.
 
-A decode step routes row ``b`` (one token) through its ``K`` (slot, weight) terms. Both kernels compute,
+A decode step routes row ``b`` (one token) through its ``K`` (slot, weight) terms. Every kernel computes,
 for every part ``p`` of a :class:`~app.engine.lora.FusedLinear`,
 
     y[b, part p] += sum_k  w[b, k] * (x[b] @ At[s_bk][:, p's rank columns]) @ Bt[p][s_bk]
@@ -20,17 +20,19 @@ for every part ``p`` of a :class:`~app.engine.lora.FusedLinear`,
 
 :data:`DECODE_KERNELS` says which one a layer uses by default, per device type and dtype: a table, not a
 measurement at start-up (timings taken while a busy host serves would pick at random). ``stanceserve bench
---scenarios step`` times both kernels on the running host (``*_step_s_by_kernel``), so an entry changes
-with the numbers that justify it; on CPU, in float32 and bfloat16, ``embedding_bag`` was the faster one
-(``bmm`` does not make up for copying every row's slots), and CUDA keeps it until the bench says otherwise.
+--scenarios step`` times every kernel that runs on the host (``*_step_s_by_kernel``), so an entry changes
+with the numbers that justify it; on CPU, in float32 and bfloat16, ``embedding_bag`` was the faster of the two
+gather kernels (``bmm`` does not make up for copying every row's slots) and is what runs where the C++ kernels
+cannot be built; where they are, the ``"cpu"`` kernel is faster than both (the benchmarks page) and the engine
+sets it. CUDA keeps ``embedding_bag`` until the bench says otherwise.
 
 On CPU, LoRA products of few rows (:data:`SMALL_ROWS`) run on the calling thread alone
 (:class:`serial_threads`): a ``[16, 576] @ [576, 48]`` product is a few microseconds of work, less than
 what splitting it over threads costs, and each parallel region waits for its slowest thread, which on a
 busy host may be descheduled. The base model's own matmuls keep every thread.
 
-Not here: the layers and slot tensors (:mod:`app.engine.lora`), the prefill path (one matmul pair per slot,
-:meth:`~app.engine.lora.FusedLinear._prefill`).
+Not here: the layers and slot tensors (:mod:`app.engine.lora`), the prefill path of the other kernels (one
+matmul pair per slot, :meth:`~app.engine.lora.FusedLinear._prefill`).
 """
 
 from __future__ import annotations
