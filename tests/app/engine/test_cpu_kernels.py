@@ -194,6 +194,21 @@ def test_prefill_kernel_rejects_rows_outside_q_or_the_table(prefill_kern):
         prefill_kern(q, k, v, bad, starts, counts, cached, 1.0)
 
 
+def test_every_kernel_source_is_built_hashed_and_shipped():
+    """Every file of ``csrc/`` is compiled or hashed into the build's name (a header edit must rebuild), and
+    pyproject's package-data globs ship it in the wheel."""
+    import tomllib
+    from pathlib import Path
+
+    files = {p for p in (Path(cpu_kernels.__file__).parent / "csrc").iterdir() if p.is_file()}
+    assert files and files == set(cpu_kernels.SOURCES) | set(cpu_kernels.HEADERS)
+    assert all(p.suffix == ".cpp" for p in cpu_kernels.SOURCES) and all(p.suffix == ".h" for p in cpu_kernels.HEADERS)
+    root = Path(cpu_kernels.__file__).parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app.engine"]
+    for p in files:
+        assert any(p.relative_to(p.parents[1]).match(g) for g in globs), f"{p.name} is not package data"
+
+
 def test_extension_name_depends_on_cpu_flags_and_source(monkeypatch):
     name = cpu_kernels.extension_name("x")
     assert name.startswith("stanceserve_cpu_kernels_") and cpu_kernels.extension_name("y") != name
