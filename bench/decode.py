@@ -112,7 +112,7 @@ def attention_kernels(engine: Any, rows: int, context: int, *, repeats: int = 20
     paths = {"kernel": (True, True), "matmul": (False, True), "sdpa": (False, False)}
     try:
         dec.attention_kernel = True
-        if dec.decode_kernel() is None:
+        if dec.kernels() is None:
             out["kernel_s"] = None
             del paths["kernel"]
         times: dict[str, list[float]] = {name: [] for name in paths}
@@ -121,7 +121,7 @@ def attention_kernels(engine: Any, rows: int, context: int, *, repeats: int = 20
                 dec.attention_kernel, dec.matmul_decode_attention = kern, matmul
                 _sync(dec.device)
                 t0 = time.perf_counter()
-                dec._decode_attention(q, group, 0, cache)
+                dec._decode_attention(q, group, 0, cache, dec.kernels())
                 _sync(dec.device)
                 if rnd:  # the first round warms up
                     times[name].append(time.perf_counter() - t0)

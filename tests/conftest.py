@@ -1,4 +1,5 @@
-"""Shared fixtures: the test tokenizer and tiny random models of each supported architecture.
+"""Shared fixtures: the test tokenizer, tiny random models of each supported architecture and the built C++ CPU
+kernels.
 
 Fixtures only; what they hand out is built by :mod:`tests.factories`. Nothing is downloaded (the
 tokenizer is vendored in ``tests/fixtures/stories260k``; see :mod:`tests.factories.models`).
@@ -24,6 +25,22 @@ _XDG_DATA_HOME = tempfile.mkdtemp(prefix="stanceserve-tests-xdg-")
 os.environ["XDG_DATA_HOME"] = _XDG_DATA_HOME
 atexit.register(shutil.rmtree, _XDG_DATA_HOME, ignore_errors=True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def cpu_ext():
+    """The built C++ CPU kernels' module (:func:`app.engine.cpu_kernels.extension`). Skips (saying why) where they
+    cannot be built on this host, and fails there instead with ``STANCESERVE_REQUIRE_CPU_KERNEL=1`` (``.ci/run``
+    sets it)."""
+    from app.engine import cpu_kernels  # lazy: only kernel tests need the engine package
+
+    ext = cpu_kernels.extension()
+    if ext is None:
+        if os.environ.get("STANCESERVE_REQUIRE_CPU_KERNEL") == "1":
+            pytest.fail("the C++ CPU kernels did not build and STANCESERVE_REQUIRE_CPU_KERNEL=1: install g++ "
+                        "and ninja (deploy/docker/system-deps.sh)")
+        pytest.skip("the C++ CPU kernels cannot be built on this host (see the logged warning)")
+    return ext
 
 
 @pytest.fixture(scope="session")

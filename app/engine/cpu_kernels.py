@@ -3,10 +3,10 @@
 :func:`extension` compiles them with :func:`torch.utils.cpp_extension.load` (``-O3 -march=native``, OpenMP for
 ``at::parallel_for``) and returns the built module, whose functions are:
 
-* ``decode_attention`` (:func:`kernel`): one query token per row over the paged KV cache, the keys and values
-  read in place through the rows' block tables (no gathered copy), fp32 softmax;
-* ``prefill_attention`` (:func:`prefill_kernel`): each row's new tokens attending causally over its blocks, in
-  place, in tiles of queries;
+* ``decode_attention``: one query token per row over the paged KV cache, the keys and values read in place
+  through the rows' block tables (no gathered copy), fp32 softmax; and ``prefill_attention``: each row's new
+  tokens attending causally over its blocks, in place, in tiles of queries (contracts in
+  ``csrc/paged_attention.cpp``);
 * ``rms_norm``, ``add_rms_norm_`` (the residual add and the next norm in one pass), ``silu_mul`` (the gated
   MLP's activation) and ``rope_store`` (rotary embedding of q and k, k and v stored into the cache), whose
   contracts are in ``csrc/fused_ops.cpp``;
@@ -33,7 +33,6 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,38 +101,6 @@ def _build() -> Any:
     module = cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                 build_directory=str(folder), verbose=False)
     return module
-
-
-def kernel() -> Callable[..., torch.Tensor] | None:
-    """The kernel's ``decode_attention(q, k_cache, v_cache, tables, positions, scale) -> out``, or ``None``.
-
-    Its arguments: ``q`` ``[n, kv_heads, G, head_dim]`` contiguous fp32 or bf16; ``k_cache``, ``v_cache``
-    ``[kv_heads, num_blocks, block_size, head_dim]`` of ``q``'s dtype, contiguous; ``tables`` ``[n, W]`` int64
-    block ids; ``positions`` ``[n]`` int64 (row ``r`` attends keys ``0 .. positions[r]``, inclusive);
-    ``scale`` a float. It returns ``[n, kv_heads * G * head_dim]`` in ``q``'s dtype and raises ``RuntimeError``
-    on other shapes or dtypes, a position past its table or a block id outside the cache.
-
-    The first call builds or loads it (seconds to a minute; later calls return at once). ``None`` (after one
-    logged warning saying why) when that failed, for the rest of the process.
-    """
-    module = extension()
-    return None if module is None else module.decode_attention
-
-
-def prefill_kernel() -> Callable[..., torch.Tensor] | None:
-    """The kernel's ``prefill_attention(q, k_cache, v_cache, tables, starts, counts, cached, scale) -> out``, or
-    ``None`` (as :func:`kernel`: the same build).
-
-    ``q`` ``[N, kv_heads, G, head_dim]`` holds the packed new tokens of ``R`` rows: row ``r``'s are
-    ``q[starts[r] : starts[r] + counts[r]]``, its token ``i`` at position ``cached[r] + i``, attending keys ``0 ..``
-    that position through ``tables[r]`` (``tables`` ``[R, W]``; ``starts``, ``counts``, ``cached`` ``[R]``, all int64
-    and contiguous). Returns ``[N, kv_heads * G * head_dim]`` in ``q``'s dtype (zeros for tokens of no row); each
-    token's output is bit for bit what ``decode_attention`` gives that token as a row of its own at that position.
-    Raises ``RuntimeError`` on other shapes or dtypes, a row past ``N`` or past its table, a block id outside the
-    cache.
-    """
-    module = extension()
-    return None if module is None else module.prefill_attention
 
 
 def extension() -> Any:

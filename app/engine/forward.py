@@ -205,20 +205,10 @@ class ForwardPass:
             return None
         return cpu_kernels.extension()
 
-    def decode_kernel(self) -> Any:
-        """The C++ decode-attention function this pass uses, or ``None`` (see :meth:`kernels`)."""
-        ext = self.kernels()
-        return None if ext is None else ext.decode_attention
-
-    def prefill_kernel(self) -> Any:
-        """The C++ prefill-attention function this pass uses, or ``None`` (see :meth:`kernels`)."""
-        ext = self.kernels()
-        return None if ext is None else ext.prefill_attention
-
     def warm_up(self) -> bool:
-        """Build or load the decode-attention kernel now (at start-up, not in the first request) when this pass
-        uses it. Returns whether decode attention runs through it."""
-        return self.decode_kernel() is not None
+        """Build or load the CPU kernels now (at start-up, not in the first request) when this pass uses them.
+        Returns whether it runs through them."""
+        return self.kernels() is not None
 
     def new_cache(self, blocks: int, *, block_size: int = BLOCK_SIZE, max_cached: int = 0) -> PagedKVCache:
         """A :class:`PagedKVCache` for this model of ``blocks`` blocks (the null block included)."""
@@ -278,7 +268,7 @@ class ForwardPass:
             else:
                 q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
                 cache.write(layer.index, plan.kv_index, k, v)
-            a = layer.o(self._attention(q, layer.index, plan, cache), routing)
+            a = layer.o(self._attention(q, layer.index, plan, cache, ext), routing)
             if layer.parallel:
                 h = h + a + layer.mlp(x, routing, ext)
             elif fused:
@@ -307,14 +297,15 @@ class ForwardPass:
             return out
         return torch.cat((out, x[..., r:]), dim=-1)
 
-    def _decode_attention(self, q: torch.Tensor, group: DecodeGroup, layer: int, cache: PagedKVCache) -> torch.Tensor:
-        """Attention of one token per row of ``group`` (``q``: ``[g, heads, head_dim]``) -> ``[g, heads * head_dim]``."""
+    def _decode_attention(self, q: torch.Tensor, group: DecodeGroup, layer: int, cache: PagedKVCache,
+                          ext: Any) -> torch.Tensor:
+        """Attention of one token per row of ``group`` (``q``: ``[g, heads, head_dim]``) -> ``[g, heads * head_dim]``;
+        ``ext``: the CPU kernels' module (:meth:`kernels`) or ``None`` (PyTorch ops)."""
         hd, kvh, g = self.head_dim, self.kv_heads, self.groups
         n = q.shape[0]
-        fn = self.decode_kernel()
-        if fn is not None:
+        if ext is not None:
             # tables and positions may be views of static buffers (app.engine.graphs): the kernel reads them dense
-            return fn(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer], group.tables.contiguous(),
+            return ext.decode_attention(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer], group.tables.contiguous(),
                       group.positions.contiguous(), self.scaling)
         k, v = cache.gather(layer, group.gather_index(kvh, cache.num_blocks), n)  # [n, kv_heads, L, hd]
         qg = q.view(n, kvh, g, hd)
@@ -330,24 +321,24 @@ class ForwardPass:
             out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scaling)
         return out.reshape(n, kvh * g * hd)
 
-    def _attention(self, q: torch.Tensor, layer: int, plan: Plan, cache: PagedKVCache) -> torch.Tensor:
-        """Attention of the packed queries ``q`` ``[N, heads, head_dim]`` over their rows' blocks -> ``[N, heads * head_dim]``."""
+    def _attention(self, q: torch.Tensor, layer: int, plan: Plan, cache: PagedKVCache, ext: Any) -> torch.Tensor:
+        """Attention of the packed queries ``q`` ``[N, heads, head_dim]`` over their rows' blocks -> ``[N, heads * head_dim]``;
+        ``ext``: the CPU kernels' module (:meth:`kernels`) or ``None`` (PyTorch ops)."""
         hd, kvh, g = self.head_dim, self.kv_heads, self.groups
         if plan.decode:
-            groups = plan.decode_groups(split=self.decode_kernel() is None)
+            groups = plan.decode_groups(split=ext is None)
             if len(groups) == 1 and groups[0].rows is None:
-                return self._decode_attention(q, groups[0], layer, cache)
+                return self._decode_attention(q, groups[0], layer, cache, ext)
             out = q.new_empty(q.shape[0], self.num_heads * hd)
             for group in groups:
                 assert group.rows is not None
-                out.index_copy_(0, group.rows, self._decode_attention(q.index_select(0, group.rows), group, layer, cache))
+                out.index_copy_(0, group.rows, self._decode_attention(q.index_select(0, group.rows), group, layer, cache, ext))
             return out
         assert plan.row_tables is not None
-        fn = self.prefill_kernel()
-        if fn is not None:
+        if ext is not None:
             n = q.shape[0]
-            return fn(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer], *plan.prefill_args(),
-                      self.scaling)
+            return ext.prefill_attention(q.reshape(n, kvh, g, hd).contiguous(), cache.k[layer], cache.v[layer],
+                                         *plan.prefill_args(), self.scaling)
         kc, vc = cache.k[layer], cache.v[layer]
         bs = cache.block_size
         out = q.new_empty(q.shape[0], self.num_heads * hd)

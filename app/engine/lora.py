@@ -112,6 +112,13 @@ class FusedLinear:
                 self.groups[-1] = (first, count + 1, n)
             else:
                 self.groups.append((i, 1, n))
+        #: per part: its group (an index into ``Bg``), its index in that group and its first output column, as the
+        #: C++ LoRA kernel takes them (:func:`app.engine.lora_kernels.cpu_rows`)
+        self.part_groups: tuple[list[int], list[int], list[int]] = (
+            [g for g, (_, count, _) in enumerate(self.groups) for _ in range(count)],
+            [j for _, count, _ in self.groups for j in range(count)],
+            list(self.offsets),
+        )
         self.out_features = sum(self.sizes)
         if len(linears) == 1:
             self.weight = linears[0].weight.data
@@ -255,14 +262,6 @@ class FusedLinear:
             else:
                 self._prefill(x, y, routing)
         return y
-
-    def part_groups(self) -> tuple[list[int], list[int], list[int]]:
-        """Per part: its group (an index into :attr:`Bg`), its index in that group and its first output column."""
-        group_of, index_in = [], []
-        for g, (_, count, _) in enumerate(self.groups):
-            group_of += [g] * count
-            index_in += list(range(count))
-        return group_of, index_in, list(self.offsets)
 
     def _one_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(At[slot] [d_in, P * R], B [P * R, D_out])`` for the one-slot path: ``y += (x @ At[slot]) @ B``.

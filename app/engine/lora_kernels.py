@@ -154,7 +154,7 @@ def cpu_rows(layer: FusedLinear, x: torch.Tensor, y: torch.Tensor, routing: LoRA
     ext = cpu_kernels.extension()
     if ext is None:
         raise RuntimeError("the CPU kernels are not available")
-    ext.lora_rows_(x, y, layer.At, layer.Bg, *layer.part_groups(), routing.idx, routing.weights,
+    ext.lora_rows_(x, y, layer.At, layer.Bg, *layer.part_groups, routing.idx, routing.weights,
                    routing.segment_bounds)
 
 

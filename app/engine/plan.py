@@ -133,7 +133,7 @@ class Plan:
             width = max(widths)
 
             def padded(rows: list[int], w: int) -> torch.Tensor:
-                return t([list(spans[i][0][:w]) + [NULL_BLOCK] * (w - min(len(spans[i][0]), w)) for i in rows])
+                return padded_tables([spans[i][0] for i in rows], w, device)
 
             tables = padded(list(range(len(spans))), width)
             # rows of very different lengths attend in groups of similar widths (powers of two of blocks), so short
@@ -154,13 +154,12 @@ class Plan:
     def prefill_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill only: ``(tables [R, W], starts [R], counts [R], cached [R])`` int64, the rows' block tables (padded
         with the null block to the longest), first token indices in the pack, new tokens and cached lengths, as the
-        CPU prefill kernel takes them (:func:`app.engine.cpu_kernels.prefill_kernel`); built once per plan."""
+        CPU prefill kernel takes them (``prefill_attention``, :mod:`app.engine.cpu_kernels`); built once per plan."""
         assert self.row_tables is not None, "not a prefill plan"
         if self._prefill_args is None:
             width = max(int(t.shape[0]) for t in self.row_tables)
-            tables = torch.full((len(self.rows), width), NULL_BLOCK, dtype=torch.long, device=self.ids.device)
-            for i, t in enumerate(self.row_tables):
-                tables[i, : t.shape[0]] = t
+            tables = padded_tables([tb[: blocks_for(c + n, self.block_size)] for tb, _, n, c in self.rows], width,
+                                   self.ids.device)
             meta = torch.tensor([[a, n, c] for _, a, n, c in self.rows], dtype=torch.long, device=self.ids.device)
             self._prefill_args = (tables, meta[:, 0].contiguous(), meta[:, 1].contiguous(), meta[:, 2].contiguous())
         return self._prefill_args
@@ -182,3 +181,9 @@ class Plan:
         if self.groups is None:
             self.groups = [DecodeGroup(None, self.tables, self.positions, self.block_size)]
         return self.groups
+
+
+def padded_tables(tables: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
+    """``[len(tables), width]`` int64: each block table cut or padded with the null block to ``width`` entries."""
+    return torch.tensor([list(tb[:width]) + [NULL_BLOCK] * (width - min(len(tb), width)) for tb in tables],
+                        dtype=torch.long, device=device)

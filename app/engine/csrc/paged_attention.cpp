@@ -60,6 +60,15 @@ inline void prefetch_block(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
+// While block blk of a table is computed on, prefetch the block after it (block_elems values from head, the KV
+// head's first block), if there is one in range.
+template <typename T>
+inline void prefetch_next(const T* head, const int64_t* table, int64_t blk, int64_t nb, int64_t num_blocks,
+                          int64_t block_elems) {
+  if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
+    prefetch_block(head + table[blk + 1] * block_elems, block_elems);
+}
+
 // A block's first n16 * 16 values as fp32: fp32 blocks are read in place, bf16 ones converted into buf.
 inline const float* block_as_float(const float* src, float*, int64_t) { return src; }
 
@@ -152,8 +161,7 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
         const int64_t b = table[blk];
         TORCH_CHECK(b >= 0 && b < num_blocks, "decode_attention: block id ", b, " out of range [0, ", num_blocks, ")");
         const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
-        if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
-          prefetch_block(kh + table[blk + 1] * bs * D, bs * D);
+        prefetch_next(kh, table, blk, nb, num_blocks, bs * D);
         const float* kf = block_as_float(kh + b * bs * D, buf, valid * NV);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ qg = qf.data() + g * D;
@@ -189,8 +197,7 @@ void run_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __restr
       for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t b = table[blk];
         const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
-        if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
-          prefetch_block(vh + table[blk + 1] * bs * D, bs * D);
+        prefetch_next(vh, table, blk, nb, num_blocks, bs * D);
         const float* vf = block_as_float(vh + b * bs * D, buf, valid * NV);
         for (int64_t g = 0; g < G; ++g) {
           const float* __restrict__ w = scores.data() + g * max_len + blk * bs;
@@ -256,11 +263,12 @@ void run_plain(const T* __restrict__ q, const T* __restrict__ kc, const T* __res
 
 // Prefill: each row's new tokens attend causally to its positions 0 .. their own, over its blocks (the row's earlier
 // positions included: chunked prefill and prefix reuse start mid-sequence). Work is split into (row, kv head, tile
-// of QT queries) tasks; a tile converts each key and value block to fp32 once for all its queries. Every query's
-// arithmetic is the decode kernel's, in the same order (the same scaled query, dot products, fixed-order softmax
-// and block-by-block value sums), so a token's attention output is bit for bit what decode_attention gives that
-// token at its position, whatever the other tokens of its tile, row or call. Tasks are dealt to the threads
-// longest first (each to the least loaded thread), since a tile's cost grows with its last position.
+// of QT queries) tasks; a tile converts each key and value block to fp32 once for all its queries. With blocks of
+// 16 the keys are transposed so that 16 scores are one vector (each a sum over head_dim in two chains, even and odd
+// d); other block sizes take the decode kernel's dot products. Softmax and value sums are the decode kernel's.
+// Every query's arithmetic is its own, in a fixed order, so a token's output is the same bits whatever the other
+// tokens of its tile, row or call. Tasks are dealt to the threads longest first (each to the least loaded
+// thread), since a tile's cost grows with its last position.
 constexpr int64_t QT = 16;
 
 struct PrefillTask {
@@ -302,8 +310,7 @@ void prefill_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __r
           const int64_t b = table[blk];
           TORCH_CHECK(b >= 0 && b < num_blocks, "prefill_attention: block id ", b, " out of range [0, ", num_blocks, ")");
           const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
-          if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
-            prefetch_block(kh + table[blk + 1] * bs * D, bs * D);
+          prefetch_next(kh, table, blk, nb, num_blocks, bs * D);
           const int64_t i_lo = std::max<int64_t>(0, blk * bs - first_pos);  // earlier queries see none of it
           if (transposed) {
             // the block's keys as fp32 columns, kt[d * 16 + t] (zeros past the valid ones), so 16 keys' scores are
@@ -376,8 +383,7 @@ void prefill_vec(const T* __restrict__ q, const T* __restrict__ kc, const T* __r
         for (int64_t blk = 0; blk < nb; ++blk) {
           const int64_t b = table[blk];
           const int64_t valid = std::min<int64_t>(bs, len - blk * bs);
-          if (blk + 1 < nb && table[blk + 1] >= 0 && table[blk + 1] < num_blocks)
-            prefetch_block(vh + table[blk + 1] * bs * D, bs * D);
+          prefetch_next(vh, table, blk, nb, num_blocks, bs * D);
           const float* vf = block_as_float(vh + b * bs * D, buf, valid * NV);
           for (int64_t i = std::max<int64_t>(0, blk * bs - first_pos); i < nq; ++i) {
             const int64_t own = std::min<int64_t>(valid, first_pos + i + 1 - blk * bs);

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 
 import pytest
 import torch
@@ -30,14 +29,8 @@ LENGTHS = [1, 15, 16, 17, 100, 300]
 
 
 @pytest.fixture(scope="module")
-def kern():
-    fn = cpu_kernels.kernel()
-    if fn is None:
-        if os.environ.get("STANCESERVE_REQUIRE_CPU_KERNEL") == "1":
-            pytest.fail("the C++ attention kernel did not build and STANCESERVE_REQUIRE_CPU_KERNEL=1: install g++ "
-                        "and ninja (deploy/docker/system-deps.sh)")
-        pytest.skip("the C++ attention kernel cannot be built on this host (see the logged warning)")
-    return fn
+def kern(cpu_ext):
+    return cpu_ext.decode_attention
 
 
 def paged_case(dtype, kv_heads, groups, head_dim, lengths, seed=0):
@@ -124,8 +117,8 @@ PREFILL_ROWS = [(0, 80), (37, 5), (0, 1), (100, 33), (15, 17), (0, 300), (64, 16
 
 
 @pytest.fixture(scope="module")
-def prefill_kern(kern):
-    return cpu_kernels.prefill_kernel()
+def prefill_kern(cpu_ext):
+    return cpu_ext.prefill_attention
 
 
 def prefill_case(dtype, kv_heads, groups, head_dim, rows, seed=0):
@@ -270,13 +263,13 @@ def test_failed_build_leaves_the_pytorch_path(any_model, monkeypatch, caplog):  
     monkeypatch.setattr(cpu_kernels, "_module", None)
     monkeypatch.setattr(cpu_kernels, "_build", broken)
     with caplog.at_level(logging.WARNING, logger="app.engine.cpu_kernels"):
-        assert cpu_kernels.kernel() is None and cpu_kernels.kernel() is None
+        assert cpu_kernels.extension() is None and cpu_kernels.extension() is None
     assert calls == [1]  # one try per process
     warnings = [r for r in caplog.records if "CPU kernels unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     on = ForwardPass(copy.deepcopy(any_model), attention_kernel=True)
     off = ForwardPass(copy.deepcopy(any_model), attention_kernel=False)
-    assert on.decode_kernel() is None and not on.warm_up()
+    assert on.kernels() is None and not on.warm_up()
     logits_on, toks_on, _ = decode_run(on)
     logits_off, toks_off, _ = decode_run(off)
     assert toks_on == toks_off and torch.equal(logits_on, logits_off)
@@ -295,7 +288,7 @@ def test_engine_setting_turns_the_kernel_on_and_off(kern, tiny_model, tokenizer)
     for on in (True, False):
         eng = make_engine(tiny_model, tokenizer, FakeStore({}), cpu_attention_kernel=on)
         try:
-            assert eng.forward_pass.attention_kernel is on and (eng.forward_pass.decode_kernel() is not None) is on
+            assert eng.forward_pass.attention_kernel is on and (eng.forward_pass.kernels() is not None) is on
             outs = eng.generate_batch(prompts, eng.resolve_stance("tiny"), SamplingParams(max_tokens=10, temperature=0))
         finally:
             eng.stop()
@@ -306,8 +299,8 @@ def test_engine_setting_turns_the_kernel_on_and_off(kern, tiny_model, tokenizer)
 
 
 @pytest.fixture(scope="module")
-def ext(kern):
-    return cpu_kernels.extension()
+def ext(cpu_ext):
+    return cpu_ext
 
 
 def close(got, want, dtype):

@@ -203,5 +203,5 @@ def test_bf16_decode_attention_keeps_fp32_scores(any_model):
     err = {}
     for matmul in (True, False):
         dec.matmul_decode_attention = matmul
-        err[matmul] = (dec._decode_attention(q, group, 0, cache).double() - ref).abs().max().item()
+        err[matmul] = (dec._decode_attention(q, group, 0, cache, None).double() - ref).abs().max().item()
     assert err[True] <= 2 * err[False] + 1e-3, err

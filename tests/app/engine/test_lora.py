@@ -84,20 +84,6 @@ def count_kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def cpu_kernels_built():
-    """The C++ CPU kernels (the ``"cpu"`` decode kernel needs them): skip where they cannot be built, fail there
-    with ``STANCESERVE_REQUIRE_CPU_KERNEL=1`` (CI)."""
-    import os
-
-    from app.engine import cpu_kernels
-
-    if cpu_kernels.extension() is None:
-        if os.environ.get("STANCESERVE_REQUIRE_CPU_KERNEL") == "1":
-            pytest.fail("the C++ CPU kernels did not build and STANCESERVE_REQUIRE_CPU_KERNEL=1")
-        pytest.skip("the C++ CPU kernels cannot be built on this host")
-
-
 @pytest.mark.parametrize("kernel", ["embedding_bag", "bgmv", "cpu"])
 @pytest.mark.parametrize("mix", ["blend", "plain"])
 def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, two_adapters, mix, kernel, monkeypatch,
@@ -105,7 +91,7 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
     """One-token-per-row steps through each decode kernel over rows of two adapters, a blend (or a third plain
     adapter row: every term then has weight 1, the fast case that skips the weight multiply) and the base."""
     if kernel == "cpu":
-        request.getfixturevalue("cpu_kernels_built")
+        request.getfixturevalue("cpu_ext")
     d1, d2 = two_adapters
     a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
@@ -408,7 +394,7 @@ def test_fp16_padding_terms_never_carry_another_adapters_overflow(tiny_model, ar
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cpu_decode_kernel_gives_a_row_its_bits_whatever_the_other_rows(cpu_kernels_built, tiny_model, arch,
+def test_cpu_decode_kernel_gives_a_row_its_bits_whatever_the_other_rows(cpu_ext, tiny_model, arch,
                                                                         two_adapters, dtype):
     """With the C++ kernels (attention, fused steps and the ``"cpu"`` LoRA kernel) a decode row's logits are the same
     bits alone, among rows of other adapters, blends and the base model, and among rows all on its own adapter (the
@@ -441,7 +427,7 @@ def test_cpu_decode_kernel_gives_a_row_its_bits_whatever_the_other_rows(cpu_kern
         assert torch.equal(uniform[j], together[i])
 
 
-def test_cpu_kernel_prefill_matches_peft_per_row(cpu_kernels_built, tiny_model, arch, two_adapters):
+def test_cpu_kernel_prefill_matches_peft_per_row(cpu_ext, tiny_model, arch, two_adapters):
     """Prefill through the C++ LoRA kernel (rows of 1 to 11 tokens: whole and partial tiles of 4) over rows of two
     adapters, a blend and the base model, each against peft (or the hand-merged blend) alone."""
     d1, d2 = two_adapters
