@@ -2,12 +2,15 @@
 
 :func:`capacity` runs one engine whose KV budget is what 16 rows of ``max_model_len`` tokens took before the
 cache was paged, and alternates, run by run, its scheduler's row cap between 16 (the former default) and the
-service's ``max_batch_size`` default, at 16, 64 and 128 concurrent streams, for the base model and one
-adapter. Then a mixed-length load in the same budget: 4 requests of 1,500 prompt tokens and 60 short ones at
-once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS, prefill
+service's ``max_batch_size`` default, at 16, 64 and 128 concurrent streams of random prompts, for the base model
+and one adapter; then 64 streams of chat prompts (:func:`chat_prompts`: short questions under the model's chat
+template, which share its system prompt, as the requests of a chat service do). Then a mixed-length load in the
+same budget: 4 requests of 1,500 prompt tokens and 60 short ones at once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS, prefill
 tok/s) plus the peak KV bytes the sequences held (the block pool's peak), the most rows one decode step
 ran, the preemptions, and the TTFT p50 floor: the time prefill compute alone needs for half the prompts at the run's
-own prefill rate (:func:`ttft_floor`), which no scheduling beats when every request arrives at once. Nothing here asserts a target; ``stanceserve bench --scenarios capacity`` prints it.
+own prefill rate (:func:`ttft_floor`), which no scheduling beats when every request arrives at once and shares no
+prefix (random prompts only: chat prompts share blocks through the prefix cache). Nothing here asserts a target;
+``stanceserve bench --scenarios capacity`` prints it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from app.engine import EngineConfig, Stance
 from app.engine.kv_cache import token_bytes
+from bench.http_load import PROMPTS
 from bench.scenarios import EngineBench, sampled_peak, stance
 
 #: the row cap the service had before the KV cache was paged
@@ -51,7 +55,17 @@ def ttft_floor(prompt_tokens: list[int], prefill_tok_per_s: float | None, q: flo
     return round(sum(sorted(prompt_tokens)[:k]) / prefill_tok_per_s, 3)
 
 
-def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list[int]] | None = None) -> dict:
+def chat_prompts(bench: EngineBench, n: int) -> list[list[int]]:
+    """``n`` chat requests' prompt ids: the load test's short questions (:data:`bench.http_load.PROMPTS`), cycled,
+    each one user message under the model's chat template with the assistant turn opened, through the engine's own
+    :meth:`~app.engine.Engine.chat_prompt_ids` (what ``/v1/chat/completions`` prefills). With SmolLM2 that is 36-39
+    tokens, of which the template's default system prompt and turn markers (the first 24) are the same in every
+    prompt, and each question comes back every ``len(PROMPTS)`` (8) requests."""
+    return [bench.engine.chat_prompt_ids([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(n)]
+
+
+def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list[int]] | None = None, *,
+         floor: bool = True) -> dict:
     sch = bench.engine.scheduler
     sch.max_batch_size = cap
     before = sch.preemptions
@@ -61,24 +75,26 @@ def _run(bench: EngineBench, stances: list[Stance], cap: int, prompts: list[list
     r["preemptions"] = sch.preemptions - before
     r["max_batch_size"] = cap
     lengths = [len(p) for p in prompts] if prompts else [bench.prompt_len] * len(stances)
-    r["ttft_s_p50_floor"] = ttft_floor(lengths, r.get("prefill_tok_per_s"))
+    r["ttft_s_p50_floor"] = ttft_floor(lengths, r.get("prefill_tok_per_s")) if floor else None
     return r
 
 
 def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128), prompt_len: int = 80,
              max_tokens: int = 32, repeats: int = 1, max_model_len: int = 2048, long_prompts: int = 4,
-             long_len: int = 1500, short_requests: int = 60, prefill_chunk_tokens: int | None = None) -> dict[str, Any]:
+             long_len: int = 1500, short_requests: int = 60, chat_streams: tuple[int, ...] = (64,),
+             prefill_chunk_tokens: int | None = None) -> dict[str, Any]:
     """The capacity runs (see the module docstring).
 
     Args:
         bm: the model; adapter: the one adapter (:class:`~app.registry.adapter.AdapterWeights`).
-        streams: concurrent requests per run.
+        streams: concurrent requests per run of random prompts; chat_streams: the same, of chat prompts.
         repeats: rounds; each round runs every (streams, mix) pair at both caps, alternating, and the median
             round is reported per cap.
 
     Returns:
         ``kv_budget_bytes`` (16 rows of ``max_model_len``), ``kv_bytes_per_token``, per ``{mix}_{streams}``
-        the ``rows16`` and ``paged`` medians and their tok/s ratio, and ``mixed_lengths``.
+        (random prompts) and ``chat_{mix}_{streams}`` the ``rows16`` and ``paged`` medians, their tok/s ratio,
+        ``prompts`` (``"random"`` or ``"chat"``), ``stance`` and ``streams``; and ``mixed_lengths``.
     """
 
     default_rows = EngineConfig().max_batch_size
@@ -97,20 +113,26 @@ def capacity(bm: Any, adapter: Any, *, streams: tuple[int, ...] = (16, 64, 128),
         mixes = {"base": Stance.base(), "one_adapter": stance(adapter)}
         for st in mixes.values():  # warm-up: the adapter's slot, kernels at both caps
             _run(bench, [st] * 8, FORMER_ROWS)
-        runs: dict[tuple[str, int, str], list[dict]] = {}
+        chat = chat_prompts(bench, max(chat_streams, default=0))
+        workloads = [("random", "", n, None) for n in streams] + [("chat", "chat_", n, chat[:n]) for n in chat_streams]
+        runs: dict[tuple[str, str, str], list[dict]] = {}
         for _ in range(repeats):
-            for n in streams:
+            for kind, prefix, n, prompts in workloads:
                 for name, st in mixes.items():
                     for cap_name, cap in (("rows16", FORMER_ROWS), ("paged", default_rows)):
-                        runs.setdefault((name, n, cap_name), []).append(_run(bench, [st] * n, cap))
-        for n in streams:
+                        runs.setdefault((f"{prefix}{name}_{n}", kind, cap_name), []).append(
+                            _run(bench, [st] * n, cap, prompts, floor=kind == "random"))
+        for kind, prefix, n, _ in workloads:
             for name in mixes:
-                row: dict[str, Any] = {}
+                key = f"{prefix}{name}_{n}"
+                row: dict[str, Any] = {"prompts": kind, "stance": name, "streams": n}
                 for cap_name in ("rows16", "paged"):
-                    rs = sorted(runs[(name, n, cap_name)], key=lambda r: r["output_tok_per_s"])
+                    rs = sorted(runs[(key, kind, cap_name)], key=lambda r: r["output_tok_per_s"])
                     row[cap_name] = dict(rs[len(rs) // 2], output_tok_per_s_all=[r["output_tok_per_s"] for r in rs])
                 row["tok_per_s_ratio"] = round(row["paged"]["output_tok_per_s"] / row["rows16"]["output_tok_per_s"], 3)
-                out[f"{name}_{n}"] = row
+                out[key] = row
+        if chat:
+            out["chat_prompt_tokens"] = sorted({len(p) for p in chat})
         rng = bench._rng
         hi = min(bm.vocab_size, 30000)
         prompts = [[rng.randrange(100, hi) for _ in range(long_len)] for _ in range(long_prompts)]

@@ -22,6 +22,8 @@ from typing import Any
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "neon", "asimd")
 
 #: Engine scenarios, in the order of the table, with their row label.
+#: the heading of the engine scenarios' table, the one the README's headline copies
+THROUGHPUT_HEADING = "## Throughput and latency"
 ENGINE_ROWS = {
     "base": "base model",
     "one_adapter": "one adapter",
@@ -79,7 +81,7 @@ def _engine_table(sc: dict[str, Any], repeats: int) -> list[str]:
     if not rows:
         return []
     base = sc.get("base", {}).get("output_tok_per_s")
-    out = [f"## Throughput and latency (median of {repeats} interleaved runs)", "",
+    out = [f"{THROUGHPUT_HEADING} (median of {repeats} interleaved runs)", "",
            "| scenario | output tok/s | ratio to base | TTFT p50 | inter-token p50 | decode step | peak memory |",
            "|---|---|---|---|---|---|---|"]
     for k in rows:
@@ -97,21 +99,29 @@ def _capacity_table(sc: dict[str, Any]) -> list[str]:
     if not cap:
         return []
     runs = [(k, v) for k, v in cap.items() if isinstance(v, dict) and "tok_per_s_ratio" in v]
+    chat = cap.get("chat_prompt_tokens")
+    chat_note = (f" *Chat* prompts are short questions under the model's chat template ({min(chat)}-{max(chat)} "
+                 "tokens, the template's system prompt shared by all, each question sent by every eighth request), "
+                 "so the prefix cache serves their common blocks, as it does for a chat service's requests; the "
+                 "TTFT floor is given for random prompts only." if chat else "")
     out = ["## Capacity (paged KV cache)", "",
            f"One KV budget, {_mb(cap.get('kv_budget_bytes'))} (what 16 rows of the longest sequence need), "
            f"{cap.get('kv_bytes_per_token', 0):,} bytes per token. Each row runs the same requests "
-           f"({cap.get('prompt_tokens')} prompt tokens, {cap.get('max_tokens')} new) at 16 rows per step and at the "
-           f"default cap of {cap.get('default_max_batch_size')}, alternating. *TTFT floor* is what prefill compute "
-           "alone allows for the median first token when every request arrives at once (half the prompts at the "
-           "run's own prefill rate). Peak RSS is the whole process's, so after other scenarios in the same run it also "
-           "holds what they allocated: run `--scenarios capacity` alone to compare it.", "",
-           "| streams | stance | tok/s at 16 rows | tok/s paged | ratio | TTFT p50 16 rows / paged | TTFT floor | "
-           "peak RSS 16 rows / paged | peak KV | preemptions |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"(*random*: {cap.get('prompt_tokens')} random prompt tokens; {cap.get('max_tokens')} new tokens) at 16 "
+           f"rows per step and at the default cap of {cap.get('default_max_batch_size')}, alternating.{chat_note} "
+           "*TTFT floor* is what prefill compute alone allows for the median first token when every request arrives "
+           "at once (half the prompts at the run's own prefill rate). Peak RSS is the whole process's, so after other "
+           "scenarios in the same run it also holds what they allocated: run `--scenarios capacity` alone to compare "
+           "it.", "",
+           "| streams | prompts | stance | tok/s at 16 rows | tok/s paged | ratio | TTFT p50 16 rows / paged | "
+           "TTFT floor | peak RSS 16 rows / paged | peak KV | preemptions |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in runs:
         mix, _, n = key.rpartition("_")
+        mix, n = v.get("stance", mix), v.get("streams", n)
         a, b = v["rows16"], v["paged"]
-        out.append(f"| {n} | {ENGINE_ROWS.get(mix, mix)} | {a.get('output_tok_per_s', 0):.1f} | "
+        out.append(f"| {n} | {v.get('prompts', 'random')} | {ENGINE_ROWS.get(mix, mix)} | "
+                   f"{a.get('output_tok_per_s', 0):.1f} | "
                    f"**{b.get('output_tok_per_s', 0):.1f}** | {v['tok_per_s_ratio']:.2f} | "
                    f"{_s(a.get('ttft_s_p50'))} / {_s(b.get('ttft_s_p50'))} | {_s(b.get('ttft_s_p50_floor'))} | "
                    f"{_mb(a.get('peak_memory_bytes'))} / {_mb(b.get('peak_memory_bytes'))} | "
@@ -276,7 +286,7 @@ def headline(page: str, link: str = "docs/benchmarks.md") -> str:
         ValueError: the page has no command, date, machine or throughput table.
     """
     rows = dict(re.findall(r"^\| (command|date|machine|model) \| (.*) \|$", page, re.MULTILINE))
-    table = re.search(r"^## Throughput and latency[^\n]*\n\n((?:\|[^\n]*\|\n?)+)", page, re.MULTILINE)
+    table = re.search(rf"^{THROUGHPUT_HEADING}[^\n]*\n\n((?:\|[^\n]*\|\n?)+)", page, re.MULTILINE)
     if not table or not {"command", "date", "machine", "model"} <= set(rows):
         raise ValueError("not a benchmarks page written by bench.report")
     cells = [[c.strip() for c in line.strip().strip("|").split("|")][:4] for line in table.group(1).strip().splitlines()]
@@ -300,11 +310,12 @@ def update_headline(readme: str, page: str) -> str:
 def write_report(path: Path, result: dict[str, Any], *, command: str, date: dt.datetime | None = None,
                  machine: dict[str, Any] | None = None, readme: Path | None = None) -> Path:
     """Write :func:`render_report` to ``path`` (parents created), and the headline into ``readme`` when it has
-    the :data:`HEADLINE_BEGIN` block; returns ``path``."""
+    the :data:`HEADLINE_BEGIN` block and the page a throughput table (a run of other scenarios alone leaves the
+    README as it is); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     page = render_report(result, command=command, date=date, machine=machine)
     path.write_text(page, encoding="utf-8")
-    if readme is not None and readme.is_file():
+    if readme is not None and readme.is_file() and THROUGHPUT_HEADING in page:
         text = readme.read_text(encoding="utf-8")
         if HEADLINE_BEGIN in text:
             readme.write_text(update_headline(text, page), encoding="utf-8")

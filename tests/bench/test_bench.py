@@ -160,16 +160,22 @@ def test_structured_scenario_and_grammar_libraries_on_a_tiny_model():
 
 
 def test_capacity_scenario_runs_on_a_tiny_model():
-    """Streams at the former 16-row cap and at the default one, then long and short prompts together in one budget."""
+    """Streams of random and of chat prompts at the former 16-row cap and at the default one, then long and short
+    prompts together in one budget."""
     from bench.capacity import capacity
 
     model = build_tiny_model("llama")
     bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
     out = capacity(bm, random_adapter(model, "llama", "a0", rank=4, seed=0), streams=(4, 20), prompt_len=8,
-                   max_tokens=4, max_model_len=128, long_prompts=2, long_len=100, short_requests=6)
-    for key in ("base_4", "one_adapter_20"):
+                   max_tokens=4, max_model_len=128, long_prompts=2, long_len=100, short_requests=6, chat_streams=(18,))
+    for key in ("base_4", "one_adapter_20", "chat_base_18", "chat_one_adapter_18"):
         row = out[key]
         assert row["rows16"]["output_tokens"] == row["paged"]["output_tokens"] > 0 and row["tok_per_s_ratio"] > 0
+    chat = out["chat_one_adapter_18"]
+    assert (chat["prompts"], chat["stance"], chat["streams"]) == ("chat", "one_adapter", 18)
+    assert chat["paged"]["ttft_s_p50_floor"] is None and out["base_20"]["prompts"] == "random"
+    assert chat["rows16"]["decode_rows_peak"] <= 16 and chat["paged"]["max_batch_size"] > 16
+    assert out["chat_prompt_tokens"] and min(out["chat_prompt_tokens"]) > 8  # the template's turn markers at least
     assert out["base_20"]["rows16"]["decode_rows_peak"] <= 16 and out["base_20"]["paged"]["max_batch_size"] > 16
     mixed = out["mixed_lengths"]
     assert mixed["output_tokens"] == 8 * 4 and 0 < mixed["kv_bytes_peak"] <= out["kv_budget_bytes"]
@@ -184,3 +190,21 @@ def test_ttft_floor_prefills_the_shortest_prompts_first():
     assert ttft_floor([100, 10, 30, 20], 10.0) == 3.0  # the 2nd first token: prompts of 10 and 20 tokens
     assert ttft_floor([100, 10, 30, 20], 10.0, q=1.0) == 16.0 and ttft_floor([5], 10.0) == 0.5
     assert ttft_floor([10], None) is None and ttft_floor([], 10.0) is None
+
+
+def test_capacity_targets_are_judged_per_workload():
+    """Each workload's rows are held to the stated bounds; a missed bound reads False, a missing row is left out."""
+    from bench.cli import _capacity_targets
+
+    s = {"capacity_base_64_vs_16_rows": 1.35, "capacity_base_64_ttft_s_p50": 2.0,
+         "capacity_chat_base_64_vs_16_rows": 1.8, "capacity_chat_base_64_ttft_s_p50": 0.4,
+         "capacity_chat_one_adapter_64_peak_rss_vs_16_rows": 1.03, "capacity_chat_one_adapter_16_vs_16_rows": 0.95}
+    t = _capacity_targets(s)
+    assert t == {
+        "base 64 streams (random prompts) >= 1.4x tok/s of 16 rows": False,
+        "base 64 streams (random prompts) TTFT p50 <= 1.0 s": False,
+        "base 64 streams (chat prompts) >= 1.4x tok/s of 16 rows": True,
+        "base 64 streams (chat prompts) TTFT p50 <= 1.0 s": True,
+        "one_adapter 16 streams (chat prompts) >= 0.95x tok/s of 16 rows": True,
+        "one_adapter 64 streams (chat prompts) peak RSS <= 16 rows' (2% noise)": False,
+    }

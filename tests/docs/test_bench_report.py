@@ -77,6 +77,10 @@ def test_capacity_runs_get_their_own_table():
         "kv_budget_bytes": 1.5e9, "kv_bytes_per_token": 46080, "prompt_tokens": 80, "max_tokens": 32,
         "default_max_batch_size": 256,
         "base_64": {"rows16": run(300.0, 2.8, 2.4e9), "paged": run(450.0, 1.9, 2.3e9), "tok_per_s_ratio": 1.5},
+        "chat_one_adapter_64": {"prompts": "chat", "stance": "one_adapter", "streams": 64,
+                                "rows16": run(250.0, 4.1, 2.4e9), "paged": dict(run(450.0, 0.4, 2.3e9), ttft_s_p50_floor=None),
+                                "tok_per_s_ratio": 1.8},
+        "chat_prompt_tokens": [36, 39],
         "mixed_lengths": {"long_requests": 4, "long_prompt_tokens": 1500, "short_requests": 60,
                           "output_tok_per_s": 200.0, "decode_rows_peak": 64, "kv_bytes_peak": 6e8,
                           "kv_budget_fraction_peak": 0.4, "preemptions": 0},
@@ -84,8 +88,11 @@ def test_capacity_runs_get_their_own_table():
     }
     page = render_report(result, command="stanceserve bench --scenarios capacity", date=DATE, machine=MACHINE)
     assert "## Capacity (paged KV cache)" in page and "default cap of 256" in page
-    assert ("| 64 | base model | 300.0 | **450.0** | 1.50 | 2.80 s / 1.90 s | 0.90 s | 2,400 MB / 2,300 MB | 30 MB | 2 |"
+    assert ("| 64 | random | base model | 300.0 | **450.0** | 1.50 | 2.80 s / 1.90 s | 0.90 s | 2,400 MB / 2,300 MB | "
+            "30 MB | 2 |" in page)
+    assert ("| 64 | chat | one adapter | 250.0 | **450.0** | 1.80 | 4.10 s / 0.40 s | - | 2,400 MB / 2,300 MB | 30 MB | 2 |"
             in page)
+    assert "chat template (36-39 tokens" in page
     assert "4 prompts of 1500 tokens and 60 short ones at once" in page and "(40% of the budget)" in page
     assert "## Capacity" not in render_report(fake_result(), command="x", date=DATE, machine=MACHINE)
 
@@ -112,6 +119,18 @@ def test_readme_headline_follows_the_page(tmp_path):
         update_headline("no markers", page)
     with pytest.raises(ValueError):
         headline("# not a report")
+
+
+def test_a_page_without_the_throughput_table_leaves_the_readme_alone(tmp_path):
+    """``--scenarios prefix --report P`` writes P and no headline (there is no throughput table to copy)."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{HEADLINE_BEGIN}\nold\n{HEADLINE_END}\n")
+    result = fake_result()
+    result["scenarios"] = {"shared_prefix": result["scenarios"]["shared_prefix"]}
+    page = write_report(tmp_path / "prefix.md", result, command="stanceserve bench --scenarios prefix", date=DATE,
+                        machine=MACHINE, readme=readme).read_text()
+    assert "## Throughput" not in page and "1.00 s / 4.00 s (0.25x)" in page
+    assert "\nold\n" in readme.read_text()
 
 
 def test_bench_command_has_the_report_option_and_records_its_command_line(monkeypatch):
