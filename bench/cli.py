@@ -310,7 +310,9 @@ def _step_scenario(eb: Any, adapters: list, n: int, context: int) -> dict[str, A
 
 
 def _capacity_targets(s: dict[str, Any]) -> dict[str, bool]:
-    """The capacity targets met or missed, per workload (random prompts, chat prompts) and stance, from the summary."""
+    """The capacity targets met or missed, per workload (random prompts, chat prompts) and stance, from the summary.
+
+    None for 16 streams: at 16 streams both row caps run the same schedule, so their ratio is the run's noise."""
     out: dict[str, bool] = {}
     for prefix, label in (("", "random"), ("chat_", "chat")):
         for m in ("base", "one_adapter"):
@@ -318,7 +320,6 @@ def _capacity_targets(s: dict[str, Any]) -> dict[str, bool]:
             checks = {
                 f"{m} 64 streams ({label} prompts) >= 1.4x tok/s of 16 rows": (f"{k}_64_vs_16_rows", 1.4, True),
                 f"{m} 64 streams ({label} prompts) TTFT p50 <= 1.0 s": (f"{k}_64_ttft_s_p50", 1.0, False),
-                f"{m} 16 streams ({label} prompts) >= 0.95x tok/s of 16 rows": (f"{k}_16_vs_16_rows", 0.95, True),
                 f"{m} 64 streams ({label} prompts) peak RSS <= 16 rows' (2% noise)": (f"{k}_64_peak_rss_vs_16_rows", 1.02, False),
             }
             for name, (key, bound, at_least) in checks.items():

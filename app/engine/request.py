@@ -152,7 +152,8 @@ class PreemptedEvent:
     Given to listeners only: the request's own stream goes on as if nothing happened.
 
     Attributes:
-        tokens: the sequence's length when it was preempted (prompt and generated tokens), in tokens.
+        tokens: the KV positions the sequence held when it was preempted, in tokens: its prompt and generated
+            tokens but the newest (whose KV the next decode step would have written).
         at: ``time.perf_counter()`` of the preemption, in seconds.
     """
 

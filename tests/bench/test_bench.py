@@ -193,7 +193,8 @@ def test_ttft_floor_prefills_the_shortest_prompts_first():
 
 
 def test_capacity_targets_are_judged_per_workload():
-    """Each workload's rows are held to the stated bounds; a missed bound reads False, a missing row is left out."""
+    """Each workload's rows are held to the stated bounds; a missed bound reads False, a missing row is left out, and
+    16 streams (the same schedule at both caps) are not judged."""
     from bench.cli import _capacity_targets
 
     s = {"capacity_base_64_vs_16_rows": 1.35, "capacity_base_64_ttft_s_p50": 2.0,
@@ -205,6 +206,5 @@ def test_capacity_targets_are_judged_per_workload():
         "base 64 streams (random prompts) TTFT p50 <= 1.0 s": False,
         "base 64 streams (chat prompts) >= 1.4x tok/s of 16 rows": True,
         "base 64 streams (chat prompts) TTFT p50 <= 1.0 s": True,
-        "one_adapter 16 streams (chat prompts) >= 0.95x tok/s of 16 rows": True,
         "one_adapter 64 streams (chat prompts) peak RSS <= 16 rows' (2% noise)": False,
     }

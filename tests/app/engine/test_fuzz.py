@@ -20,8 +20,10 @@ Invariants checked after every example:
 * no leaks: afterwards nothing runs, waits or prefills, the KV cache is empty, every slot pin is released,
   and the slots are partitioned between free and resident ones; the engine thread is still alive.
 
-Three engines (module-scoped), with few adapter slots (1, 2 or 3: eviction and waiting for a slot happen)
-and at most 4 rows per batch (admission queuing happens); two prefill in chunks (5 and 16 tokens).
+Four engines (module-scoped), with few adapter slots (1, 2 or 3: eviction and waiting for a slot happen)
+and at most 4 rows per batch (admission queuing happens); three prefill in chunks (5 and 16 tokens), and one has
+a KV cache of 5 blocks, too few for 4 rows, so rows are preempted mid-decode and resumed (their tokens must still
+equal their tokens alone) and wait for blocks at admission.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,11 +40,11 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from app.engine.engine import Engine
-from app.engine.request import AdmittedEvent, ErrorEvent, FinishEvent, Stance, TokenEvent
+from app.engine.request import AdmittedEvent, ErrorEvent, FinishEvent, PreemptedEvent, Stance, TokenEvent
 from app.engine.sampling import SamplingParams
 from app.errors import GenerationError, InternalError, InvalidRequestError, StanceServeError
 from app.registry.adapter import AdapterWeights, LoRAModuleWeights
-from tests.factories import FakeStore, build_tiny_model, make_engine, write_peft_adapter
+from tests.factories import FakeStore, block_bytes, build_tiny_model, make_engine, write_peft_adapter
 
 ADAPTERS = ("a1", "a2", "a3")
 STAGES = ("admission", "prefill", "decode", "sampling", "detokenize")
@@ -54,11 +57,16 @@ PROMPTS = (
     (1, 7, 8, 9, 10, 11),
     (1, 30, 31, 32, 33, 34, 35, 36, 37),
     (1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18),
+    (1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72),
+    (1, 90, 3, 91, 4, 92, 5, 93, 6, 94, 7, 95, 8, 96, 9),
 )
 WEIGHTS = (-1.0, -0.5, 0.3, 0.7, 1.3)
 MAX_TOKENS = 8
-#: (prefill_chunk_tokens, max_loras) of the engines under test
-CONFIGS = {"chunk512-2slots": (512, 2), "chunk5-3slots": (5, 3), "chunk16-1slot": (16, 1)}
+#: (prefill_chunk_tokens, max_loras, KV blocks or None for the default budget) of the engines under test; with
+#: 5 blocks of 16 tokens, 4 rows of up to 2 blocks each (15 prompt + 8 new tokens) do not fit: the newest are
+#: preempted and resumed
+CONFIGS = {"chunk512-2slots": (512, 2, None), "chunk5-3slots": (5, 3, None), "chunk16-1slot": (16, 1, None),
+           "chunk512-2slots-5blocks": (512, 2, 5)}
 
 _ids = itertools.count()
 
@@ -175,6 +183,9 @@ def rows(draw) -> Row:
 class Setup:
     eng: Engine
     capacity: int
+    #: seconds the engine thread sleeps as each example's rows open, so that those without a delay are admitted
+    #: together (and grow into the cache's last blocks in the same steps); 0: no hold
+    hold_s: float = 0.0
     #: (prompt, stance, sampling) -> (tokens, text, finish reason, completion tokens) of the row run alone
     alone: dict = field(default_factory=dict)
     #: request id -> every event the engine sent for it (recorded by a listener, on the engine thread)
@@ -208,10 +219,13 @@ def adapter_store(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
 def setup(request, adapter_store, tokenizer):
-    chunk, slots = CONFIGS[request.param]
+    chunk, slots, blocks = CONFIGS[request.param]
     model, store = adapter_store
-    eng = make_engine(model, tokenizer, store, max_loras=slots, max_batch_size=4, prefill_chunk_tokens=chunk)
-    s = Setup(eng, slots)
+    kv = {} if blocks is None else {"max_model_len": 32, "kv_cache_memory_bytes": (blocks + 1) * block_bytes(model)}
+    eng = make_engine(model, tokenizer, store, max_loras=slots, max_batch_size=4, prefill_chunk_tokens=chunk, **kv)
+    if blocks is not None:
+        assert eng.kv_cache.pool.capacity == blocks
+    s = Setup(eng, slots, hold_s=0.0 if blocks is None else 0.02)
     eng.scheduler.listeners.append(s.listen)
     yield s
     eng.stop()
@@ -309,7 +323,13 @@ async def run_rows(s: Setup, rows_: list[Row], request_ids: list[str], timeout: 
                 stream.cancel()
         return events
 
+    hold = None
+    if s.hold_s:
+        hold = threading.Thread(target=eng.scheduler.call, args=(lambda: time.sleep(s.hold_s),))
+        hold.start()
     done = await asyncio.wait_for(asyncio.gather(*(one(r, i) for r, i in zip(rows_, request_ids))), timeout)
+    if hold is not None:
+        hold.join()
     for _ in range(3000):  # the engine thread retires rows just after sending their last event, and tells the
         # listeners just after the consumer: wait for both (a missing terminal event fails the checks)
         ended = all(isinstance(s.sent.get(rid, [None])[-1], (FinishEvent, ErrorEvent)) for rid in request_ids)
@@ -376,12 +396,19 @@ def check_stream(row: Row, out: Outcome, where: str) -> None:
     *body, last = out.events
     assert all(isinstance(e, TokenEvent) for e in body), where
     assert isinstance(last, (FinishEvent, ErrorEvent)), where
-    # the engine: at most one admission, before any token, then tokens, then exactly one terminal event, last
+    # the engine: at most one admission, before any token, then tokens (preemptions between them, each after a
+    # token, at the KV positions the row held: its prompt and tokens but the newest), then exactly one terminal
+    # event, last
     assert out.sent, where
     *sent_body, sent_last = out.sent
     admitted = [k for k, e in enumerate(sent_body) if isinstance(e, AdmittedEvent)]
     assert admitted in ([], [0]), where
-    assert all(isinstance(e, TokenEvent) for e in sent_body[len(admitted):]), where
+    after = sent_body[len(admitted):]
+    assert all(isinstance(e, (TokenEvent, PreemptedEvent)) for e in after), where
+    for k, e in enumerate(after):
+        if isinstance(e, PreemptedEvent):
+            n = sum(isinstance(x, TokenEvent) for x in after[:k])
+            assert n >= 1 and e.tokens == len(row.prompt) + n - 1, where
     assert isinstance(sent_last, (FinishEvent, ErrorEvent)), where
     sent_tokens = [e for e in sent_body if isinstance(e, TokenEvent)]
     if sent_tokens:
@@ -490,6 +517,14 @@ EXAMPLES = [
      Row(PROMPTS[4], ("blend", (("a1", 0.3), ("a2", 0.7), ("a3", -1.0))), _greedy(4)),
      Row(PROMPTS[5], ("adapter", "a3"), _greedy(), bad=("hook", "admission", 0)),
      Row(PROMPTS[6], ("adapter", "a1"), _greedy(), bad=("hook", "detokenize", 3))],
+    # long prompts together: in the 5-block cache they grow into their second blocks in the same steps, so rows
+    # are preempted mid-decode and resumed, next to a fault, a cancellation, seeded sampling and logprobs
+    [Row(PROMPTS[9], ("base",), _greedy(8)),
+     Row(PROMPTS[8], ("adapter", "a1"), _greedy(8, seed=2, temperature=1.0, top_k=50)),
+     Row(PROMPTS[9], ("blend", (("a1", 0.7), ("a2", -0.5))), _greedy(8), cancel_after=6),
+     Row(PROMPTS[8], ("base",), _greedy(8), bad=("hook", "decode", 4)),
+     Row(PROMPTS[7], ("adapter", "a2"), _greedy(8)),
+     Row(PROMPTS[9], ("base",), _greedy(8, logprobs=2))],
 ]
 
 
@@ -498,6 +533,19 @@ EXAMPLES = [
 @example(batch=EXAMPLES[0])
 @example(batch=EXAMPLES[1])
 @example(batch=EXAMPLES[2])
+@example(batch=EXAMPLES[3])
 def test_fuzz_mixed_rows(setup, batch):
     """Random good, bad and cancelled rows together: see the module docstring for the invariants."""
     check_example(setup, batch)
+
+
+@pytest.mark.parametrize("setup", ["chunk512-2slots-5blocks"], indirect=True)
+def test_rows_preempted_among_faults_and_cancellations_keep_their_tokens(setup):
+    """The long-prompt example in the 5-block cache preempts rows (so the invariants above hold across
+    preemption), and afterwards every block is free."""
+    before = setup.eng.scheduler.preemptions
+    check_example(setup, EXAMPLES[3])
+    assert setup.eng.scheduler.preemptions > before
+    pool = setup.eng.kv_cache.pool
+    pool.check()
+    assert pool.in_use == 0
