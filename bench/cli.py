@@ -8,8 +8,9 @@ while others decode; one decode step alone against the roofline of its matmuls,
 with a per-op profile, the one-adapter step against the base step interleaved step by step, and the
 distinct-adapter and blend steps through each LoRA gather kernel (``step``); TTFT with a shared 500-token stance system
 prompt, prefix cache on and off (``prefix``); only when named, concurrent streams of random and of chat prompts against the
-former 16-row cap and a mixed-length load in a 16-row KV budget (``capacity``, :mod:`bench.capacity`), and constrained decoding
-(``structured``, ``grammars``: :mod:`bench.structured`). Then a ``summary`` with the ratios the performance targets
+former 16-row cap and a mixed-length load in a 16-row KV budget (``capacity``, :mod:`bench.capacity`), constrained decoding
+(``structured``, ``grammars``: :mod:`bench.structured`), and the HTTP service end to end under streamed chat
+completions (``service``, :mod:`bench.service`). Then a ``summary`` with the ratios the performance targets
 are stated in. On CUDA it also prints the memory-bandwidth bound of a decode step (weight bytes / ``--hbm-gbps``)
 and the achieved fraction of it. ``--report PAGE`` also writes the benchmarks page (:mod:`bench.report`).
 
@@ -65,6 +66,7 @@ from bench.scenarios import (
     peft_model,
     stance,
 )
+from bench.service import service_scenario
 from bench.structured import grammar_libraries, structured_scenario
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,8 @@ logger = logging.getLogger(__name__)
 ALL = ["engine", "step", "prefix", "baselines", "cold", "many", "busy"]
 #: scenarios run only when named (``compile`` spends minutes compiling; ``soak`` runs 1,000 requests;
 #: ``capacity`` runs 16, 64 and 128 streams of random prompts and 64 of chat prompts at two row caps, then 4 long
-#: and 60 short prompts)
-EXTRA = ["compile", "soak", "parity", "capacity", "structured", "grammars"]
+#: and 60 short prompts; ``service`` starts the HTTP service in a child process)
+EXTRA = ["compile", "soak", "parity", "capacity", "structured", "grammars", "service"]
 
 app = typer.Typer(name="bench", add_completion=False, pretty_exceptions_show_locals=False)
 console = Console(stderr=True)  # progress
@@ -127,6 +129,7 @@ def bench(
     hbm_gbps: Annotated[float | None, typer.Option(help="GPU memory bandwidth, GB/s (default: H100 3350, H200 4800).")] = None,
     capacity_streams: Annotated[str, typer.Option(help="Concurrent streams of random prompts in the capacity scenario, comma-separated.")] = "16,64,128",
     capacity_chat_streams: Annotated[str, typer.Option(help="Concurrent streams of chat prompts in the capacity scenario, comma-separated (empty: none).")] = "64",
+    service_streams: Annotated[int, typer.Option(help="Concurrent streamed chat completions per mix in the service scenario.")] = 64,
     out: Annotated[Path, typer.Option(help="Also write the JSON here.")] = Path("bench-results.json"),
     report: Annotated[Path | None, typer.Option(help="Also write the benchmarks page (Markdown: machine, command, date, medians) here, e.g. docs/benchmarks.md; the headline table of ./README.md follows it.")] = None,
 ) -> None:
@@ -152,7 +155,7 @@ def bench(
     }
     sc = result["scenarios"]
     work = Path(tempfile.mkdtemp(prefix="stanceserve-bench-"))
-    needs_eb = bool(set(wanted) - {"capacity", "parity", "compile", "many"})
+    needs_eb = bool(set(wanted) - {"capacity", "parity", "compile", "many", "service"})
     eb = EngineBench(bm, prompt_len=prompt_len, max_tokens=max_tokens, max_loras=max_loras, max_batch_size=n,
                      prefill_chunk_tokens=prefill_chunk_tokens) if needs_eb else None
     try:
@@ -226,6 +229,13 @@ def bench(
                                   chat_streams=tuple(int(x) for x in capacity_chat_streams.split(",") if x.strip()),
                                   prompt_len=prompt_len, max_tokens=max_tokens, repeats=repeats,
                                   prefill_chunk_tokens=prefill_chunk_tokens)
+    if "service" in wanted:
+        if config:
+            sc["service"] = {"skipped": "the service loads real models only (the embedded one or a path), not --dummy-weights"}
+        else:
+            console.print(f"[dim]service: {service_streams} streamed chat completions per mix over HTTP[/dim]")
+            sc["service"] = service_scenario(bm, adapters, streams=service_streams, max_tokens=max_tokens, rank=rank,
+                                             repeats=repeats, workdir=work)
     if "many" in wanted:
         console.print(f"[dim]{many_adapters} registered adapters, {max_loras} slots[/dim]")
         sc["many_adapters"] = many(bm, work, n_adapters=many_adapters, slots=max_loras, requests=many_requests,
@@ -374,6 +384,11 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
                     s[f"{k}_peak_rss_vs_16_rows"] = round(rss[0] / rss[1], 3)
     if "mixed_lengths" in cap:
         s["capacity_mixed_lengths_ran_together"] = cap["summary"]["mixed_lengths_ran_together"]
+    svc = sc.get("service", {})
+    for mix in ("base", "one_adapter", "distinct_adapters", "blend3"):
+        if mix in svc:
+            s[f"service_{mix}_tok_per_s"] = svc[mix]["output_tok_per_s"]
+            s[f"service_{mix}_ttft_s_p50"] = svc[mix]["ttft_s_p50"]
     s["targets_met"] = {
         k: ok for k, ok in {
             "distinct >= 0.85x one adapter": s.get("distinct_vs_one_adapter", 0) >= 0.85 if "distinct_vs_one_adapter" in s else None,
@@ -389,6 +404,8 @@ def _summary(sc: dict, bm: Any, hbm_gbps: float | None) -> dict[str, Any]:
             "decode step <= 1.2x matmul roofline": s["decode_step_vs_roofline"] <= 1.2 if "decode_step_vs_roofline" in s else None,
             "shared-prefix TTFT <= 0.3x without": s["shared_prefix_ttft_ratio"] <= 0.3 if "shared_prefix_ttft_ratio" in s else None,
             **_capacity_targets(s),
+            **{f"{m} over HTTP, {svc['streams']} streams: TTFT p50 <= 1.0 s": s[f"service_{m}_ttft_s_p50"] <= 1.0
+               for m in ("base", "one_adapter") if f"service_{m}_ttft_s_p50" in s and svc.get("streams") == 64},
         }.items() if ok is not None
     }
     if hbm_gbps:

@@ -138,6 +138,31 @@ def _capacity_table(sc: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _service_table(sc: dict[str, Any], repeats: int) -> list[str]:
+    svc = sc.get("service")
+    if not svc or "base" not in svc:
+        return []
+    base = svc["base"].get("output_tok_per_s") or 0
+    out = ["## Service over HTTP", "",
+           f"{svc.get('streams')} concurrent streamed chat completions per stance mix (the load test's questions under "
+           f"the model's chat template, {svc.get('max_tokens')} new tokens each, greedy) against `stanceserve serve`, "
+           f"which the benchmark starts on loopback with {svc.get('adapters')} rank-{svc.get('rank')} adapters in its "
+           f"store. Times are the client's; the round with the median tok/s of {repeats} interleaved rounds. Peak "
+           f"memory of the service (PSS, over every round): {_mb(svc.get('peak_pss_bytes'))}.", "",
+           "| stance mix | output tok/s | ratio to base | TTFT p50 / p99 | inter-token p50 / p99 |",
+           "|---|---|---|---|---|"]
+    labels = {**ENGINE_ROWS, "distinct_adapters": f"{svc.get('adapters')} distinct adapters, taken in turn"}
+    for k in ("base", "one_adapter", "distinct_adapters", "blend3"):
+        r = svc.get(k)
+        if not r:
+            continue
+        tps = r.get("output_tok_per_s") or 0
+        ratio = f"{tps / base:.2f}" if base else "-"
+        out.append(f"| {labels[k]} | **{tps:.1f}** | {ratio} | {_s(r.get('ttft_s_p50'))} / "
+                   f"{_s(r.get('ttft_s_p99'))} | {_s(r.get('itl_s_p50'), 'ms')} / {_s(r.get('itl_s_p99'), 'ms')} |")
+    return out + [""]
+
+
 def _other_rows(sc: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if "decode_step" in sc:
@@ -254,6 +279,7 @@ def render_report(result: dict[str, Any], *, command: str, date: dt.datetime | N
     lines.append("")
     lines += _engine_table(sc, st.get("repeats", 1))
     lines += _capacity_table(sc)
+    lines += _service_table(sc, st.get("repeats", 1))
     other = _other_rows(sc)
     if other:
         lines += ["## Other scenarios", "", "| scenario | result |", "|---|---|"]
@@ -262,7 +288,7 @@ def render_report(result: dict[str, Any], *, command: str, date: dt.datetime | N
         "## What the scenarios measure",
         "",
         "`stanceserve bench` runs the engine in process on random rank-R adapters over all seven projections, so "
-        "no HTTP or tokenisation cost is included. *Output tok/s* counts generated tokens of all concurrent "
+        "no HTTP or tokenisation cost is included, except in *Service over HTTP*. *Output tok/s* counts generated tokens of all concurrent "
         "requests per second of wall time; *TTFT* is arrival to first token; *decode step* is the time of one "
         "batched decode step. *Distinct adapters* gives every request its own adapter, *3-adapter blends* every "
         "request a blend of three. `--scenarios` picks a subset; `stanceserve bench --help` lists them all.",

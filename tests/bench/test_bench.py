@@ -208,3 +208,33 @@ def test_capacity_targets_are_judged_per_workload():
         "base 64 streams (chat prompts) TTFT p50 <= 1.0 s": True,
         "one_adapter 64 streams (chat prompts) peak RSS <= 16 rows' (2% noise)": False,
     }
+
+
+def test_service_scenario_streams_each_mix_over_http(tmp_path):
+    """The service of this checkout, started on loopback over a store of random adapters, streams every mix."""
+    from bench.service import MIXES, service_scenario
+    from tests.factories import save_tiny_base
+
+    model = build_tiny_model("llama")
+    folder = save_tiny_base(tmp_path / "base")
+    bm = BenchModel(model, load_tokenizer(), "tiny", "llama", torch.device("cpu"), torch.float32, set(), 512, 0)
+    adapters = [random_adapter(model, "llama", f"a{i}", rank=4, seed=i) for i in range(3)]
+    out = service_scenario(bm, adapters, model=str(folder), streams=5, max_tokens=3, rank=4, repeats=2,
+                           workdir=tmp_path / "work")
+    for mix in MIXES:
+        r = out[mix]
+        assert r["requests"] == 5 and r["output_tokens"] == 15 and len(r["output_tok_per_s_all"]) == 2
+        assert 0 < r["ttft_s_p50"] <= r["ttft_s_p99"] and r["itl_s_p50"] > 0
+    assert out["peak_pss_bytes"] > 10_000_000 and out["adapters"] == 3
+    assert set(out["summary"]) == {"one_adapter_vs_base", "distinct_adapters_vs_base", "blend3_vs_base",
+                                   "median_tok_per_s"}
+
+
+def test_a_service_that_cannot_start_is_reported_with_its_log(tmp_path):
+    from bench.service import running_service
+
+    with pytest.raises(RuntimeError, match="could not load its model .*does not exist") as e:
+        with running_service(str(tmp_path / "no-such-model"), tmp_path / "store", dtype=torch.float32, device="cpu",
+                             log=tmp_path / "service.log"):
+            pass
+    assert str(tmp_path / "service.log") in str(e.value) and (tmp_path / "service.log").stat().st_size > 0

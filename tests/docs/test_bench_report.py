@@ -97,6 +97,25 @@ def test_capacity_runs_get_their_own_table():
     assert "## Capacity" not in render_report(fake_result(), command="x", date=DATE, machine=MACHINE)
 
 
+def test_the_service_runs_get_their_own_table():
+    from bench.report import render_report
+
+    def run(tps, ttft):
+        return {"output_tok_per_s": tps, "ttft_s_p50": ttft, "ttft_s_p99": 2 * ttft, "itl_s_p50": 0.05,
+                "itl_s_p99": 0.2}
+
+    result = fake_result()
+    result["scenarios"]["service"] = {"streams": 64, "max_tokens": 32, "adapters": 16, "rank": 16,
+                                      "peak_pss_bytes": 1.7e9, "base": run(400.0, 0.6),
+                                      "distinct_adapters": run(300.0, 0.8)}
+    page = render_report(result, command="stanceserve bench --scenarios service", date=DATE, machine=MACHINE)
+    assert "## Service over HTTP" in page and "with 16 rank-16 adapters" in page and "(PSS, over every round): 1,700 MB" in page
+    assert "| base model | **400.0** | 1.00 | 0.60 s / 1.20 s | 50.0 ms / 200.0 ms |" in page
+    assert "| 16 distinct adapters, taken in turn | **300.0** | 0.75 | 0.80 s / 1.60 s |" in page
+    assert "one adapter |" not in page.split("## Service over HTTP")[1].split("##")[0]  # a mix not run: no row
+    assert "## Service" not in render_report(fake_result(), command="x", date=DATE, machine=MACHINE)
+
+
 def test_missing_scenarios_are_left_out():
     from bench.report import render_report
 
