@@ -224,7 +224,7 @@ def test_service_scenario_streams_each_mix_over_http(tmp_path):
     for mix in MIXES:
         r = out[mix]
         assert r["requests"] == 5 and r["output_tokens"] == 15 and len(r["output_tok_per_s_all"]) == 2
-        assert 0 < r["ttft_s_p50"] <= r["ttft_s_p99"] and r["itl_s_p50"] > 0
+        assert 0 < r["ttft_s_p50"] <= r["ttft_s_p99"] and 0 <= r["itl_s_p50"] <= r["itl_s_p99"]  # chunks may come together
     assert out["peak_pss_bytes"] > 10_000_000 and out["adapters"] == 3
     assert set(out["summary"]) == {"one_adapter_vs_base", "distinct_adapters_vs_base", "blend3_vs_base",
                                    "median_tok_per_s"}
