@@ -5,12 +5,13 @@ cache was paged, and alternates, run by run, its scheduler's row cap between 16 
 service's ``max_batch_size`` default, at 16, 64 and 128 concurrent streams of random prompts, for the base model
 and one adapter; then 64 streams of chat prompts (:func:`chat_prompts`: short questions under the model's chat
 template, which share its system prompt, as the requests of a chat service do). Then a mixed-length load in the
-same budget: 4 requests of 1,500 prompt tokens and 60 short ones at once. For each run it reports what :meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS, prefill
-tok/s) plus the peak KV bytes the sequences held (the block pool's peak), the most rows one decode step
-ran, the preemptions, and the TTFT p50 floor: the time prefill compute alone needs for half the prompts at the run's
-own prefill rate (:func:`ttft_floor`), which no scheduling beats when every request arrives at once and shares no
-prefix (random prompts only: chat prompts share blocks through the prefix cache). Nothing here asserts a target;
-``stanceserve bench --scenarios capacity`` prints it.
+same budget: 4 requests of 1,500 prompt tokens and 60 short ones at once. For each run it reports what
+:meth:`~bench.scenarios.EngineBench.run` does (tok/s, TTFT, peak RSS, prefill tok/s) plus the peak KV bytes the
+sequences held (the block pool's peak), the most rows one decode step ran, the preemptions, and the TTFT p50
+floor: the time prefill compute alone needs for half the prompts at the run's own prefill rate (:func:`ttft_floor`),
+which no scheduling beats when every request arrives at once and shares no prefix (random prompts only: chat
+prompts share blocks through the prefix cache). Nothing here asserts a target; ``stanceserve bench --scenarios
+capacity`` prints it.
 """
 
 from __future__ import annotations

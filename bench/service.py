@@ -87,7 +87,8 @@ def running_service(model: str | None, adapters_dir: Path, *, dtype: torch.dtype
                                                       os.environ.get("PYTHONPATH")) if p))
     if model is not None:
         env["STANCESERVE_MODEL"] = model
-    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve",
+           "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -101,7 +102,8 @@ def running_service(model: str | None, adapters_dir: Path, *, dtype: torch.dtype
                 if r.status_code == 200:
                     break
                 if "failed to load" in r.text:
-                    raise RuntimeError(f"the service could not load its model ({r.json()['error']['message']}); see {log}")
+                    why = r.json()["error"]["message"]
+                    raise RuntimeError(f"the service could not load its model ({why}); see {log}")
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
@@ -140,11 +142,13 @@ async def _round(url: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
     return {"requests": len(bodies), "output_tokens": tokens, "wall_s": round(wall, 3),
             "output_tok_per_s": round(tokens / wall, 2),
             "ttft_s_p50": round(pct(ttft, 0.5), 4), "ttft_s_p99": round(pct(ttft, 0.99), 4),
-            "itl_s_p50": round(pct(itl, 0.5), 4) if itl else None, "itl_s_p99": round(pct(itl, 0.99), 4) if itl else None}
+            "itl_s_p50": round(pct(itl, 0.5), 4) if itl else None,
+            "itl_s_p99": round(pct(itl, 0.99), 4) if itl else None}
 
 
 def service_scenario(bm: Any, adapters: list[Any], *, model: str | None = None, streams: int = 64,
-                     max_tokens: int = 32, rank: int = 16, repeats: int = 1, workdir: Path | None = None) -> dict[str, Any]:
+                     max_tokens: int = 32, rank: int = 16, repeats: int = 1,
+                     workdir: Path | None = None) -> dict[str, Any]:
     """The service under ``streams`` concurrent chat streams per mix (see the module docstring).
 
     Args:
@@ -190,6 +194,7 @@ def service_scenario(bm: Any, adapters: list[Any], *, model: str | None = None, 
         ordered = sorted(rs, key=lambda r: r["output_tok_per_s"])
         out[mix] = dict(ordered[len(ordered) // 2], output_tok_per_s_all=[r["output_tok_per_s"] for r in rs])
     base_tps = out["base"]["output_tok_per_s"]
-    out["summary"] = {f"{m}_vs_base": round(out[m]["output_tok_per_s"] / base_tps, 3) for m in MIXES[1:]} if base_tps else {}
+    out["summary"] = ({f"{m}_vs_base": round(out[m]["output_tok_per_s"] / base_tps, 3) for m in MIXES[1:]}
+                      if base_tps else {})
     out["summary"]["median_tok_per_s"] = statistics.median(out[m]["output_tok_per_s"] for m in MIXES)
     return out
