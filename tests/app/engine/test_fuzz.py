@@ -21,9 +21,9 @@ Invariants checked after every example:
   and the slots are partitioned between free and resident ones; the engine thread is still alive.
 
 Four engines (module-scoped), with few adapter slots (1, 2 or 3: eviction and waiting for a slot happen)
-and at most 4 rows per batch (admission queuing happens); three prefill in chunks (5 and 16 tokens), and one has
-a KV cache of 5 blocks, too few for 4 rows, so rows are preempted mid-decode and resumed (their tokens must still
-equal their tokens alone) and wait for blocks at admission.
+and at most 4 rows per batch (admission queuing happens); two prefill in chunks (5 and 16 tokens), and one has
+a KV cache of 4 blocks, too few for the rows it admits to grow, so rows are preempted mid-decode and resumed (their
+tokens must still equal their tokens alone) and wait for blocks at admission.
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ PROMPTS = (
 )
 WEIGHTS = (-1.0, -0.5, 0.3, 0.7, 1.3)
 MAX_TOKENS = 8
-#: (prefill_chunk_tokens, max_loras, KV blocks or None for the default budget) of the engines under test; with
-#: 5 blocks of 16 tokens, 4 rows of up to 2 blocks each (15 prompt + 8 new tokens) do not fit: the newest are
-#: preempted and resumed
+#: (prefill_chunk_tokens, max_loras, KV blocks or None for the default budget) of the engines under test; in
+#: 4 blocks of 16 tokens, admission takes 3 one-block rows (one block kept free), and when two of them grow into a
+#: second block in the same step (15 prompt + 8 new tokens take 2) the newest is preempted and resumed
 CONFIGS = {"chunk512-2slots": (512, 2, None), "chunk5-3slots": (5, 3, None), "chunk16-1slot": (16, 1, None),
-           "chunk512-2slots-5blocks": (512, 2, 5)}
+           "chunk512-2slots-4blocks": (512, 2, 4)}
 
 _ids = itertools.count()
 
@@ -150,10 +150,17 @@ def samplings(draw, *, allow_stop: bool = True) -> tuple:
     return tuple(sorted(p.items()))
 
 
+#: prompts of 14 and 15 tokens: a row grows into its second 16-token block within its first 2 or 3 tokens
+LONG_PROMPTS = PROMPTS[8:]
+
+
 @st.composite
-def rows(draw) -> Row:
-    pool = st.sampled_from(PROMPTS)  # mostly from a pool, so outputs alone are mostly cached
-    prompt = draw(st.one_of(pool, pool, st.lists(st.integers(3, 511), max_size=11).map(lambda t: (1, *t))))
+def rows(draw, prompts: tuple = PROMPTS, random_len: tuple[int, int] = (0, 11)) -> Row:
+    """A row whose prompt is one of ``prompts`` (mostly: their outputs alone are cached) or BOS and
+    ``random_len`` (least, most) random ids."""
+    pool = st.sampled_from(prompts)
+    lo, hi = random_len
+    prompt = draw(st.one_of(pool, pool, st.lists(st.integers(3, 511), min_size=lo, max_size=hi).map(lambda t: (1, *t))))
     kind = draw(st.sampled_from(["good"] * 6 + ["hook"] * 2 + ["huge", "seed", "broken"]))
     bad = None
     stance = draw(stances)
@@ -517,7 +524,7 @@ EXAMPLES = [
      Row(PROMPTS[4], ("blend", (("a1", 0.3), ("a2", 0.7), ("a3", -1.0))), _greedy(4)),
      Row(PROMPTS[5], ("adapter", "a3"), _greedy(), bad=("hook", "admission", 0)),
      Row(PROMPTS[6], ("adapter", "a1"), _greedy(), bad=("hook", "detokenize", 3))],
-    # long prompts together: in the 5-block cache they grow into their second blocks in the same steps, so rows
+    # long prompts together: in the 4-block cache they grow into their second blocks in the same steps, so rows
     # are preempted mid-decode and resumed, next to a fault, a cancellation, seeded sampling and logprobs
     [Row(PROMPTS[9], ("base",), _greedy(8)),
      Row(PROMPTS[8], ("adapter", "a1"), _greedy(8, seed=2, temperature=1.0, top_k=50)),
@@ -539,9 +546,18 @@ def test_fuzz_mixed_rows(setup, batch):
     check_example(setup, batch)
 
 
-@pytest.mark.parametrize("setup", ["chunk512-2slots-5blocks"], indirect=True)
+@pytest.mark.parametrize("setup", ["chunk512-2slots-4blocks"], indirect=True)
+@FUZZ_SETTINGS
+@given(batch=st.lists(rows(prompts=LONG_PROMPTS, random_len=(13, 14)), min_size=3, max_size=8))
+def test_fuzz_rows_that_outgrow_the_cache(setup, batch):
+    """Random rows of long prompts in the 4-block cache, where rows admitted together outgrow it and are
+    preempted: the same invariants."""
+    check_example(setup, batch)
+
+
+@pytest.mark.parametrize("setup", ["chunk512-2slots-4blocks"], indirect=True)
 def test_rows_preempted_among_faults_and_cancellations_keep_their_tokens(setup):
-    """The long-prompt example in the 5-block cache preempts rows (so the invariants above hold across
+    """The long-prompt example in the 4-block cache preempts rows (so the invariants above hold across
     preemption), and afterwards every block is free."""
     before = setup.eng.scheduler.preemptions
     check_example(setup, EXAMPLES[3])
