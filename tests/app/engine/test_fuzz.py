@@ -17,8 +17,9 @@ Invariants checked after every example:
   every request gets at most one ``AdmittedEvent`` before its tokens, then exactly one terminal event, last,
   whose usage counts match; an error the consumer sees is the engine's own unless the consumer raised it
   (detokenisation), and then the engine ended the row without an error;
-* no leaks: afterwards nothing runs, waits or prefills, the KV cache is empty, every slot pin is released,
-  and the slots are partitioned between free and resident ones; the engine thread is still alive.
+* no leaks: afterwards nothing runs, waits or prefills, no KV block is referenced (the prefix cache may keep
+  unreferenced ones), every slot pin is released, and the slots are partitioned between free and resident ones;
+  the engine thread is still alive.
 
 Four engines (module-scoped), with few adapter slots (1, 2 or 3: eviction and waiting for a slot happen)
 and at most 4 rows per batch (admission queuing happens); two prefill in chunks (5 and 16 tokens), and one has
@@ -355,8 +356,9 @@ def assert_no_leaks(s: Setup) -> None:
     assert sched.alive, "the engine thread died"
     assert sched.num_running == 0 and sched.num_waiting == 0, (sched.num_running, sched.num_waiting)
     assert sched._group is None and not sched._pending and len(sched._batch) == 0
-    kv = sum(layer.keys.numel() for layer in getattr(sched._batch.cache, "layers", []) if layer.keys is not None)
-    assert kv == 0, f"{kv} KV cache elements still held by an empty batch"
+    pool = eng.kv_cache.pool
+    pool.check()  # every block free, evictable (a cached prefix) or referenced, once
+    assert pool.in_use == 0, f"{pool.in_use} KV blocks still referenced with no row running"
     assert all(n == 0 for n in slots._refs.values()), f"slot pins leaked: {slots._refs}"
     resident = list(slots._slot_of.values())
     assert len(resident) == len(set(resident)) and not set(resident) & set(slots._free), (resident, slots._free)
