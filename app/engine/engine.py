@@ -108,7 +108,10 @@ class Engine:
         self.store = store
         self.forward_pass = ForwardPass(model, prepack=config.max_batch_size if config.weight_prepack else None,
                                keep_dense=keep_model_callable, attention_kernel=config.cpu_attention_kernel)
-        self.forward_pass.warm_up()  # the kernel's build (once per machine) or load at start-up, not in a request
+        # the kernels' build (once per machine) or load at start-up, not in a request; where they run, every step's
+        # LoRA terms go row by row through the C++ kernel too: batch-invariant
+        if self.forward_pass.warm_up():
+            self.forward_pass.set_lora_kernel("cpu")
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         max_model_len = config.max_model_len
         for limit, what in ((positions, "positions"), (self.forward_pass.max_context, "sliding window")):
@@ -142,9 +145,6 @@ class Engine:
         #: KV blocks of prompt prefixes per stance (``prefix_cache_memory_bytes``; 0 turns it off)
         self.prefix_cache = PrefixCache(self.kv_cache)
         self.lora = MultiLoRA(self.forward_pass.linears, max_slots=config.max_loras)
-        if self.forward_pass.kernels() is not None:  # decode LoRA terms row by row in C++: batch-invariant
-            for f in self.forward_pass.linears.values():
-                f.decode_kernel = "cpu"
         self.slots = SlotCache(self.lora, on_load=self._on_slot_load, on_event=self._on_slot_event)
         self.weights = WeightCache(store.load_weights if store is not None else _no_store, config.max_cpu_loras)
         #: ``model`` + ``stances`` -> :class:`Stance` (the one set of rules; named blends are the catalog's)

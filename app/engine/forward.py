@@ -210,6 +210,12 @@ class ForwardPass:
         Returns whether it runs through them."""
         return self.kernels() is not None
 
+    def set_lora_kernel(self, name: str) -> None:
+        """Route every linear's LoRA terms through kernel ``name`` (a key of
+        :data:`app.engine.lora_kernels.KERNELS`, e.g. ``"cpu"``)."""
+        for f in self.linears.values():
+            f.decode_kernel = name
+
     def new_cache(self, blocks: int, *, block_size: int = BLOCK_SIZE, max_cached: int = 0) -> PagedKVCache:
         """A :class:`PagedKVCache` for this model of ``blocks`` blocks (the null block included)."""
         return PagedKVCache(self.num_layers, self.kv_heads, self.head_dim, blocks, self.dtype, self.device,

@@ -89,7 +89,7 @@ class FusedLinear:
             tensors they view; groups: ``(first part, count, d_out)`` per group. See the module docstring.
         decode_kernel: how decode steps gather each row's slots: ``"embedding_bag"``, ``"bgmv"`` or ``"cpu"``
             (:mod:`app.engine.lora_kernels`; chosen per device and dtype, ``"cpu"`` set by the engine where the C++
-            CPU kernels run; settable).
+            CPU kernels run; settable, for every layer by :meth:`~app.engine.forward.ForwardPass.set_lora_kernel`).
 
     Call: ``x`` ``[N, d_in]`` (packed tokens) and a :class:`LoRABatch` (or ``None``) -> ``[N, D_out]``.
     """

@@ -95,8 +95,7 @@ def test_decode_path_matches_peft_for_mixed_rows_and_blends(tiny_model, arch, tw
     d1, d2 = two_adapters
     a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
-    for f in dec.linears.values():
-        f.decode_kernel = kernel
+    dec.set_lora_kernel(kernel)
     calls = count_kernel_calls(monkeypatch)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (4, 6, 3, 5)]
@@ -405,8 +404,7 @@ def test_cpu_decode_kernel_gives_a_row_its_bits_whatever_the_other_rows(cpu_ext,
     lora = MultiLoRA(dec.linears, max_slots=4)
     lora.write_slot(0, read_adapter(d1, "a1"))
     lora.write_slot(1, read_adapter(d2, "a2"))
-    for f in dec.linears.values():
-        f.decode_kernel = "cpu"
+    dec.set_lora_kernel("cpu")
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 9, 3, 6, 5, 5)]
     routes = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, -0.25)], [], [(0, 1.0)], [(0, 1.0)]]
@@ -433,8 +431,7 @@ def test_cpu_kernel_prefill_matches_peft_per_row(cpu_ext, tiny_model, arch, two_
     d1, d2 = two_adapters
     a1, a2 = read_adapter(d1, "a1"), read_adapter(d2, "a2")
     dec, _ = lora_decoder(tiny_model, {0: a1, 1: a2})
-    for f in dec.linears.values():
-        f.decode_kernel = "cpu"
+    dec.set_lora_kernel("cpu")
     g = torch.Generator().manual_seed(5)
     ids = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (11, 1, 6, 8)]
     routes = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, -0.25)], []]
