@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench.http_load import PROMPTS, one, pct
+from bench.http_load import PROMPTS, measure
 from bench.models import save_peft_folder
 from bench.scenarios import sampled_peak
 
@@ -131,21 +131,6 @@ def _body(mix: str, i: int, base: str, names: list[str], max_tokens: int) -> dic
     return body
 
 
-async def _round(url: str, bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=600) as client:
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(one(client, url, b) for b in bodies))
-        wall = time.perf_counter() - t0
-    tokens = sum(b["max_tokens"] for b in bodies)  # ignore_eos: every request makes max_tokens tokens
-    ttft = [r["ttft"] for r in res]
-    itl = [x for r in res for x in r["itl"]]
-    return {"requests": len(bodies), "output_tokens": tokens, "wall_s": round(wall, 3),
-            "output_tok_per_s": round(tokens / wall, 2),
-            "ttft_s_p50": round(pct(ttft, 0.5), 4), "ttft_s_p99": round(pct(ttft, 0.99), 4),
-            "itl_s_p50": round(pct(itl, 0.5), 4) if itl else None,
-            "itl_s_p99": round(pct(itl, 0.99), 4) if itl else None}
-
-
 def service_scenario(bm: Any, adapters: list[Any], *, model: str | None = None, streams: int = 64,
                      max_tokens: int = 32, rank: int = 16, repeats: int = 1,
                      workdir: Path | None = None) -> dict[str, Any]:
@@ -182,12 +167,12 @@ def service_scenario(bm: Any, adapters: list[Any], *, model: str | None = None, 
             raise RuntimeError(f"the service did not register adapters {sorted(missing)}; see {work / 'service.log'}")
         with sampled_peak(lambda: _pss(pid), 0.05) as pss:
             for mix in MIXES:  # warm-up: every adapter read from the store, the kernels at small batches
-                asyncio.run(_round(url, [_body(mix, i, base, names, 2) for i in range(max(4, len(names)))]))
+                asyncio.run(measure(url, [_body(mix, i, base, names, 2) for i in range(max(4, len(names)))]))
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MIXES}
             for _ in range(repeats):
                 for mix in MIXES:
                     bodies = [_body(mix, i, base, names, max_tokens) for i in range(streams)]
-                    runs[mix].append(asyncio.run(_round(url, bodies)))
+                    runs[mix].append(asyncio.run(measure(url, bodies)))
     out: dict[str, Any] = {"streams": streams, "max_tokens": max_tokens, "adapters": len(names), "rank": rank,
                            "peak_pss_bytes": pss[0] or None}
     for mix, rs in runs.items():
