@@ -50,12 +50,17 @@ inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline void store(float* dst, float x) { *dst = x; }
 inline void store(c10::BFloat16* dst, float x) { *dst = c10::BFloat16(x); }  // round to nearest even
 
-// the sum of the 16 lanes, as a tree (halves added as vectors first)
-inline float hsum(f32x16 v) {
+// lanes l and l + 8 added (the first step of hsum)
+inline f32x8 fold_halves(f32x16 v) {
   f32x8 lo, hi;
   std::memcpy(&lo, &v, sizeof(lo));
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const f32x8 s = lo + hi;
+  return lo + hi;
+}
+
+// the sum of the 16 lanes, as a tree (halves added as vectors first)
+inline float hsum(f32x16 v) {
+  const f32x8 s = fold_halves(v);
   return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
 }
 
@@ -64,13 +69,7 @@ typedef float f32x4 __attribute__((vector_size(16)));
 // hsum of four vectors at once: out[i] = hsum(s_i), the very additions of hsum in the same order (so the same bits),
 // done on packed lanes: about half the instructions of four hsum calls
 inline void hsum4(f32x16 s0, f32x16 s1, f32x16 s2, f32x16 s3, float* out) {
-  auto fold = [](f32x16 v) {  // lanes l and l + 8 added: hsum's first step
-    f32x8 lo, hi;
-    std::memcpy(&lo, &v, sizeof(lo));
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-    return lo + hi;
-  };
-  const f32x8 h0 = fold(s0), h1 = fold(s1), h2 = fold(s2), h3 = fold(s3);
+  const f32x8 h0 = fold_halves(s0), h1 = fold_halves(s1), h2 = fold_halves(s2), h3 = fold_halves(s3);
   // (l, l + 4) pairs: [h0[0]+h0[4] .. h0[3]+h0[7], h1[0]+h1[4] ..]
   const f32x8 u01 = __builtin_shufflevector(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11) +
                     __builtin_shufflevector(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15);
